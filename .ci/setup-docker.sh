@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Installs and starts what the integration tests need on a Debian host:
+# docker.io (dockerd), busybox-static and mmdebstrap, then builds the local
+# test images (no registry is reachable, so nothing can be pulled).
+# Idempotent: reuses a running daemon and images that already exist.
+set -euo pipefail
+
+log() { printf '[setup-docker] %s\n' "$*" >&2; }
+
+BUSYBOX_IMAGE="${LLEM_TEST_BUSYBOX_IMAGE:-llem-test/busybox:latest}"
+PYTHON_IMAGE="${LLEM_TEST_PYTHON_IMAGE:-llem-test/python:bookworm}"
+SOCKET=/var/run/docker.sock
+
+need=()
+command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
+[ -x /bin/busybox ] && /bin/busybox --list >/dev/null 2>&1 && dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
+command -v mmdebstrap >/dev/null 2>&1 || need+=(mmdebstrap)
+if [ ${#need[@]} -gt 0 ]; then
+  log "installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+daemon_up() { timeout 5 docker -H "unix://$SOCKET" version >/dev/null 2>&1; }
+
+if ! daemon_up; then
+  # A previous daemon may have left its pid file and socket behind.
+  for pidfile in /var/run/docker.pid /var/run/docker/containerd/containerd.pid; do
+    if [ -f "$pidfile" ] && ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+      log "removing stale $pidfile"; rm -f "$pidfile"
+    fi
+  done
+  if [ -S "$SOCKET" ] && ! pgrep -x dockerd >/dev/null; then
+    log "removing stale $SOCKET"; rm -f "$SOCKET"
+  fi
+  if ! pgrep -x dockerd >/dev/null; then
+    log "starting dockerd (log: /var/log/llem-dockerd.log)"
+    nohup dockerd >/var/log/llem-dockerd.log 2>&1 &
+  fi
+  for _ in $(seq 1 120); do
+    daemon_up && break
+    sleep 0.5
+  done
+  if ! daemon_up; then
+    log "dockerd did not answer within 60 s; last log lines:"
+    tail -n 30 /var/log/llem-dockerd.log >&2 || true
+    exit 1
+  fi
+fi
+log "daemon up: $(docker version --format '{{.Server.Version}} (API {{.Server.APIVersion}})')"
+
+work="$(mktemp -d /tmp/llem-images.XXXXXX)"
+trap 'rm -rf "$work"' EXIT
+
+if ! docker image inspect "$BUSYBOX_IMAGE" >/dev/null 2>&1; then
+  log "building $BUSYBOX_IMAGE from busybox-static"
+  mkdir -p "$work/bb/bin" "$work/bb/tmp" "$work/bb/etc"
+  cp /bin/busybox "$work/bb/bin/busybox"
+  for applet in $(/bin/busybox --list); do
+    [ "$applet" = busybox ] || ln -s busybox "$work/bb/bin/$applet"
+  done
+  chmod 1777 "$work/bb/tmp"
+  printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' >"$work/bb/etc/passwd"
+  printf 'root:x:0:\nnogroup:x:65534:\n' >"$work/bb/etc/group"
+  tar -C "$work/bb" -c . | docker import \
+    --change 'ENV PATH=/bin' --change 'CMD ["/bin/sh"]' - "$BUSYBOX_IMAGE" >/dev/null
+fi
+
+if ! docker image inspect "$PYTHON_IMAGE" >/dev/null 2>&1; then
+  log "building $PYTHON_IMAGE with mmdebstrap (about a minute)"
+  mmdebstrap --quiet --variant=apt --include=python3,python3-numpy \
+    bookworm "$work/rootfs.tar"
+  docker import \
+    --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    --change 'ENV LANG=C.UTF-8' \
+    --change 'CMD ["python3"]' "$work/rootfs.tar" "$PYTHON_IMAGE" >/dev/null
+fi
+log "images ready: $BUSYBOX_IMAGE $PYTHON_IMAGE"

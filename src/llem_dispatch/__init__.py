@@ -1,0 +1,58 @@
+"""llem-dispatch: run GPU experiment sweeps, one ephemeral container per experiment.
+
+The public surface; everything else is private and may change.
+"""
+
+from llem_dispatch.errors import (
+    ConfigError,
+    DockerContainerError,
+    DockerError,
+    DockerGPUAccessError,
+    DockerHangError,
+    DockerImagePullError,
+    DockerOOMError,
+    DockerPermissionError,
+    DockerTimeoutError,
+    DockerUnavailableError,
+    GpuRequestError,
+    LlemError,
+    ResultError,
+    capture_stderr_snippet,
+    translate_docker_error,
+)
+from llem_dispatch.models import (
+    ExperimentFailure,
+    ExperimentResult,
+    RunnerMetadata,
+    compute_config_hash,
+)
+from llem_dispatch.runners import DockerRunner, Outcome, RunInfo, Runner, RunObserver
+
+__all__ = [
+    "ConfigError",
+    "DockerContainerError",
+    "DockerError",
+    "DockerGPUAccessError",
+    "DockerHangError",
+    "DockerImagePullError",
+    "DockerOOMError",
+    "DockerPermissionError",
+    "DockerRunner",
+    "DockerTimeoutError",
+    "DockerUnavailableError",
+    "ExperimentFailure",
+    "ExperimentResult",
+    "GpuRequestError",
+    "LlemError",
+    "Outcome",
+    "ResultError",
+    "RunInfo",
+    "RunObserver",
+    "Runner",
+    "RunnerMetadata",
+    "capture_stderr_snippet",
+    "compute_config_hash",
+    "translate_docker_error",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,231 @@
+"""The per-experiment exchange directory: config in, result or error payload out.
+
+Owns the host side of the container protocol's files: creating the dir,
+writing the config and secrets, reading results without trusting the
+container (no symlinks followed, size capped), and cleanup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from llem_dispatch.errors import ResultError
+from llem_dispatch.models import canonical_json
+
+__all__ = ["CONTAINER_EXCHANGE_DIR", "DEFAULT_MAX_RESULT_BYTES", "ExchangeDir", "ReadOutcome"]
+
+CONTAINER_EXCHANGE_DIR = "/run/llem"
+SECRETS_FILENAME = ".llem-secrets.json"
+LOG_FILENAME = "container.log"
+DEFAULT_MAX_RESULT_BYTES = 64 * 1024 * 1024
+ERROR_KEYS = frozenset({"type", "message", "traceback", "config_hash"})
+
+log = structlog.get_logger("llem_dispatch.exchange")
+
+
+@dataclass(frozen=True, slots=True)
+class ReadOutcome:
+    """What the experiment left behind: a result, an error payload, or neither."""
+
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+
+def is_error_payload(data: object) -> bool:
+    """True for `{"type", "message", "traceback"?}`: the protocol's error shape."""
+    return (
+        isinstance(data, dict)
+        and {"type", "message"} <= data.keys()
+        and data.keys() <= ERROR_KEYS
+        and isinstance(data.get("type"), str)
+    )
+
+
+class ExchangeDir:
+    """One experiment's exchange directory on the host (mode 0700)."""
+
+    def __init__(self, path: Path, config_hash: str) -> None:
+        self.path = path
+        self.config_hash = config_hash
+
+    @classmethod
+    def create(cls, config_hash: str, *, base_dir: str | Path | None = None) -> ExchangeDir:
+        """Make a fresh `llem-*` dir (mkdtemp: 0700, owned by us)."""
+        path = Path(tempfile.mkdtemp(prefix="llem-", dir=base_dir))
+        return cls(path, config_hash)
+
+    @property
+    def config_name(self) -> str:
+        return f"{self.config_hash}_config.json"
+
+    @property
+    def result_name(self) -> str:
+        return f"{self.config_hash}_result.json"
+
+    @property
+    def error_name(self) -> str:
+        return f"{self.config_hash}_error.json"
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / LOG_FILENAME
+
+    @property
+    def secrets_path(self) -> Path:
+        return self.path / SECRETS_FILENAME
+
+    def env(self, root: str) -> dict[str, str]:
+        """The protocol's environment, with paths as seen from `root` (container or host)."""
+        env = {
+            "LLEM_CONFIG_PATH": f"{root}/{self.config_name}",
+            "LLEM_RESULT_PATH": f"{root}/{self.result_name}",
+            "LLEM_ERROR_PATH": f"{root}/{self.error_name}",
+            "LLEM_EXCHANGE_DIR": root,
+            "LLEM_CONFIG_HASH": self.config_hash,
+        }
+        if self.secrets_path.exists():
+            env["LLEM_SECRETS_PATH"] = f"{root}/{SECRETS_FILENAME}"
+        return env
+
+    def write_config(self, config: Mapping[str, Any]) -> Path:
+        """Write the config as canonical JSON."""
+        target = self.path / self.config_name
+        _atomic_write(target, canonical_json(config).encode("utf-8"), mode=0o644)
+        return target
+
+    def write_secrets(self, secrets: Mapping[str, str]) -> None:
+        """Write secrets as a 0600 file: never passed as container Env."""
+        if secrets:
+            _atomic_write(self.secrets_path, json.dumps(dict(secrets)).encode(), mode=0o600)
+
+    def remove_secrets(self) -> None:
+        """Delete the secrets file; called after every run, success or not."""
+        with contextlib.suppress(FileNotFoundError):
+            self.secrets_path.unlink()
+
+    def chown(self, uid: int, gid: int) -> None:
+        """Hand the dir to the container's user (only possible, and only needed, as root)."""
+        for entry in (self.path, *self.path.iterdir()):
+            if entry.name != SECRETS_FILENAME:
+                os.chown(entry, uid, gid, follow_symlinks=False)
+        if self.secrets_path.exists():
+            os.chown(self.secrets_path, uid, gid, follow_symlinks=False)
+
+    def read_outcome(self, *, max_bytes: int = DEFAULT_MAX_RESULT_BYTES) -> ReadOutcome:
+        """Read the error payload if present, else the result; both are optional here."""
+        error = self._read_json(self.error_name, max_bytes)
+        if error is not None:
+            if not is_error_payload(error):
+                error = {"type": "MalformedErrorPayload", "message": repr(error)[:2000]}
+            return ReadOutcome(error=error)
+        result = self._read_json(self.result_name, max_bytes)
+        if result is None:
+            return ReadOutcome()
+        if is_error_payload(result):
+            return ReadOutcome(error=result)
+        if not isinstance(result, dict):
+            raise ResultError(
+                f"result file {self.result_name} holds a JSON {type(result).__name__}, "
+                "not an object",
+                fix_suggestion="Write one JSON object ({...}) to $LLEM_RESULT_PATH.",
+                config_hash=self.config_hash,
+                exchange_dir=self.path,
+            )
+        return ReadOutcome(result=result)
+
+    def _read_json(self, name: str, max_bytes: int) -> Any:
+        """Read `name` inside the dir; never follow a link, never read unbounded."""
+        path = self.path / name
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(path, flags)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ResultError(
+                    f"{name} is a symbolic link; the host never follows links out of the "
+                    "exchange dir",
+                    fix_suggestion="Write the result as a regular file, not a link.",
+                    config_hash=self.config_hash,
+                    exchange_dir=self.path,
+                ) from exc
+            raise ResultError(
+                f"cannot open {name}: {exc.strerror}",
+                config_hash=self.config_hash,
+                exchange_dir=self.path,
+            ) from exc
+        with os.fdopen(fd, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ResultError(
+                    f"{name} is not a regular file",
+                    fix_suggestion="Write the result as a regular file.",
+                    config_hash=self.config_hash,
+                    exchange_dir=self.path,
+                )
+            if info.st_size > max_bytes:
+                raise ResultError(
+                    f"{name} is {info.st_size} bytes, over the {max_bytes}-byte cap",
+                    fix_suggestion="Keep bulky outputs out of the result JSON (write them "
+                    "to files), or raise max_result_bytes.",
+                    config_hash=self.config_hash,
+                    exchange_dir=self.path,
+                )
+            raw = handle.read(max_bytes + 1)
+        if len(raw) > max_bytes:
+            raise ResultError(
+                f"{name} grew past the {max_bytes}-byte cap while being read",
+                config_hash=self.config_hash,
+                exchange_dir=self.path,
+            )
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ResultError(
+                f"{name} is not valid JSON ({exc}); it may be truncated or half-written",
+                config_hash=self.config_hash,
+                exchange_dir=self.path,
+            ) from exc
+
+    def remove(self) -> None:
+        """Delete the dir; a failure is a warning and never masks the run's outcome."""
+        try:
+            shutil.rmtree(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("exchange_dir_cleanup_failed", exchange_dir=str(self.path), error=str(exc))
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+def _atomic_write(target: Path, data: bytes, *, mode: int) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

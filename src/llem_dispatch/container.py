@@ -1,0 +1,121 @@
+"""Container side of the llem-dispatch protocol, for any image with python3.
+
+Stdlib only, and standalone: the runners can mount this one file read-only into
+an image that lacks llem-dispatch. Usage::
+
+    python -m llem_dispatch.container pkg.module:function
+    python3 /opt/llem/llem_container.py pkg.module:function
+
+It reads the config from $LLEM_CONFIG_PATH, loads secrets from
+$LLEM_SECRETS_PATH into the environment, calls `function(config)`, and writes
+its return value (a JSON-able dict, or an object with `model_dump()`) to
+$LLEM_RESULT_PATH atomically. On any exception it writes
+{"type", "message", "traceback"} to $LLEM_ERROR_PATH and exits 1.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import tempfile
+import traceback
+from typing import Any
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _atomic_write_json(path: str, data: Any) -> None:
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, allow_nan=False)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _load_target(spec: str) -> Any:
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"target must look like 'package.module:function', got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{spec} is not callable")
+    return obj
+
+
+def _to_jsonable(value: Any) -> Any:
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    return value
+
+
+def _load_secrets() -> None:
+    path = os.environ.get("LLEM_SECRETS_PATH")
+    if path and os.path.exists(path):
+        with open(path, encoding="utf-8") as handle:
+            for key, value in json.load(handle).items():
+                os.environ.setdefault(str(key), str(value))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `module:function` under the protocol; return the process exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0] in {"-h", "--help"}:
+        print(__doc__, file=sys.stderr)
+        return EXIT_USAGE
+    config_path = os.environ.get("LLEM_CONFIG_PATH")
+    result_path = os.environ.get("LLEM_RESULT_PATH")
+    if not config_path or not result_path:
+        print(
+            "llem-container: LLEM_CONFIG_PATH and LLEM_RESULT_PATH must be set "
+            "(run this under llem-dispatch)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    error_path = os.environ.get("LLEM_ERROR_PATH") or result_path.replace(
+        "_result.json", "_error.json"
+    )
+    try:
+        _load_secrets()
+        with open(config_path, encoding="utf-8") as handle:
+            config = json.load(handle)
+        function = _load_target(args[0])
+        result = _to_jsonable(function(config))
+        if not isinstance(result, dict):
+            raise TypeError(
+                f"{args[0]} returned {type(result).__name__}; it must return a dict "
+                "(or a pydantic model)"
+            )
+        _atomic_write_json(result_path, result)
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes the payload
+        payload = {
+            "type": type(exc).__name__,
+            "message": str(exc),
+            "traceback": traceback.format_exc(),
+        }
+        traceback.print_exc()
+        try:
+            _atomic_write_json(error_path, payload)
+        except OSError as write_exc:
+            print(f"llem-container: could not write {error_path}: {write_exc}", file=sys.stderr)
+        if isinstance(exc, KeyboardInterrupt):
+            return 130
+        return EXIT_FAILURE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,593 @@
+"""DockerRunner: one ephemeral container per experiment, through the Engine API (aiodocker).
+
+Owns the container's whole life: create, start, follow logs, wait (bounded),
+collect files, remove. aiodocker's and aiohttp's errors are translated to
+llem-dispatch's own classes here, once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import secrets as _secrets_mod
+import time
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import aiodocker
+import aiohttp
+import anyio
+import structlog
+from pydantic import BaseModel
+
+from llem_dispatch import _labels
+from llem_dispatch._exchange import (
+    CONTAINER_EXCHANGE_DIR,
+    DEFAULT_MAX_RESULT_BYTES,
+    ExchangeDir,
+)
+from llem_dispatch._logcapture import LogCapture
+from llem_dispatch.errors import (
+    DockerContainerError,
+    DockerError,
+    DockerGPUAccessError,
+    DockerHangError,
+    DockerImagePullError,
+    DockerOOMError,
+    DockerPermissionError,
+    DockerTimeoutError,
+    DockerUnavailableError,
+    LlemError,
+)
+from llem_dispatch.models import (
+    ExperimentFailure,
+    RunnerMetadata,
+    compute_config_hash,
+    config_to_dict,
+)
+from llem_dispatch.runners._base import (
+    DEFAULT_SECRET_ENV,
+    Outcome,
+    RunInfo,
+    RunObserver,
+    collect_secrets,
+    finish_success,
+    make_failure,
+    utcnow,
+)
+
+__all__ = ["HELPER_CONTAINER_PATH", "DockerRunner", "docker_url", "parse_size"]
+
+HELPER_CONTAINER_PATH = "/opt/llem/llem_container.py"
+KILL_WAIT_S = 15.0
+CLEANUP_TIMEOUT_S = 20.0
+LOG_DRAIN_S = 5.0
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.I)
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+log = structlog.get_logger("llem_dispatch.docker")
+
+
+def parse_size(value: int | str) -> int:
+    """'8g' / '512m' / 1024 -> bytes (binary units, as `docker run --shm-size`)."""
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"size must be positive, got {value}")
+        return value
+    match = _SIZE_RE.match(value)
+    if not match:
+        raise ValueError(f"cannot parse size {value!r}; use e.g. '8g', '512m' or bytes")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def docker_url() -> str:
+    """The daemon address: DOCKER_HOST, else the standard local socket."""
+    return os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+
+def _helper_source() -> Path:
+    return Path(str(resources.files("llem_dispatch") / "container.py"))
+
+
+def translate_api_error(exc: BaseException, *, image: str, phase: str, **context: Any) -> LlemError:
+    """Map an aiodocker/aiohttp exception to our most specific class."""
+    if isinstance(exc, LlemError):
+        return exc
+    if isinstance(exc, aiodocker.DockerError) and exc.status == 900:
+        # aiodocker's wrapper for "could not connect"; the OS error is in the chain.
+        return _connection_error(exc, phase, context)
+    if isinstance(exc, aiodocker.DockerError):
+        status, message = exc.status, str(exc.message)
+        if status == 404 and ("no such image" in message.lower() or phase in {"create", "image"}):
+            return DockerImagePullError(
+                f"image {image!r} is not present on the Docker host ({message})",
+                fix_suggestion=f"Build it (`docker build -t {image} .`, or give the study a "
+                f"`build:` context) or pull it (`docker pull {image}`) on a host that can "
+                "reach its registry.",
+                **context,
+            )
+        if "could not select device driver" in message or "nvidia-container" in message:
+            return DockerGPUAccessError(
+                f"the daemon cannot give GPUs to containers: {message}", **context
+            )
+        error = DockerError(f"Docker API error at {phase} (HTTP {status}): {message}", **context)
+        error.transient = status >= 500
+        return error
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ClientOSError | OSError):
+        return _connection_error(exc, phase, context)
+    if isinstance(exc, aiohttp.ClientError | ConnectionError):
+        return DockerUnavailableError(
+            f"Docker daemon unavailable: connection lost during {phase} ({exc!r})", **context
+        )
+    return DockerError(f"unexpected error during {phase}: {exc!r}", **context)
+
+
+def _connection_error(exc: BaseException, phase: str, context: dict[str, Any]) -> LlemError:
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(chain) < 10:
+        chain.append(current)
+        current = getattr(current, "os_error", None) or current.__cause__
+    if (
+        any(isinstance(e, PermissionError) for e in chain)
+        or "permission denied" in str(exc).lower()
+    ):
+        return DockerPermissionError(f"permission denied on the Docker socket ({exc})", **context)
+    return DockerUnavailableError(
+        f"Docker daemon unavailable at {docker_url()} during {phase}: {exc}", **context
+    )
+
+
+class DockerRunner:
+    """Runs each experiment in its own ephemeral container on the local Docker Engine.
+
+    Args:
+        image: the image to run (never pulled implicitly: build or pull it first).
+        timeout: seconds from start before the container is killed (`DockerTimeoutError`).
+        source: how the runner was chosen (recorded in every result).
+        result_model: pydantic model to validate results with; default `ExperimentResult`.
+        command: argv to run instead of the image's CMD.
+        function: `module:function` run through the mounted stdlib helper
+            (any image with python3); exclusive with `command`.
+        env: extra environment for the container (never put secrets here).
+        shm_size: /dev/shm size (vLLM needs several GiB).
+        gpu_passthrough: False on hosts without the NVIDIA toolkit: ids are still
+            assigned and exported as env, but no device request is made.
+        secret_env: host variables passed as a 0600 file, never as container Env.
+        silence_timeout: kill with `DockerHangError` after this many seconds without output.
+        network: Docker network mode ('none' for isolated, faster starts).
+        user: 'uid:gid' to run as; cap_add: capabilities kept (all others dropped).
+    """
+
+    runner_type = "docker"
+
+    def __init__(
+        self,
+        image: str,
+        *,
+        timeout: float | None = None,
+        source: str = "explicit",
+        result_model: type[BaseModel] | None = None,
+        command: Sequence[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        shm_size: int | str = "8g",
+        function: str | None = None,
+        gpu_passthrough: bool = True,
+        secret_env: Sequence[str] = DEFAULT_SECRET_ENV,
+        silence_timeout: float | None = None,
+        network: str | None = None,
+        user: str | None = None,
+        cap_add: Sequence[str] = (),
+        mem_limit: int | str | None = None,
+        labels: Mapping[str, str] | None = None,
+        exchange_base: str | Path | None = None,
+        max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
+        docker_host: str | None = None,
+    ) -> None:
+        if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if silence_timeout is not None and silence_timeout <= 0:
+            raise ValueError(f"silence_timeout must be positive, got {silence_timeout!r}")
+        if command is not None and function is not None:
+            raise ValueError("give either command= or function=, not both")
+        if function is not None and ":" not in function:
+            raise ValueError(f"function must look like 'module:function', got {function!r}")
+        if not image or any(ch.isspace() for ch in image):
+            raise ValueError(f"invalid image reference {image!r}")
+        self.image = image
+        self.timeout = timeout
+        self.source = source
+        self.result_model = result_model
+        self.command = list(command) if command is not None else None
+        self.function = function
+        self.env = dict(env or {})
+        for key in self.env:
+            if key.upper() in {n.upper() for n in secret_env}:
+                raise ValueError(
+                    f"env {key} is a secret: it would be visible in docker "
+                    "inspect; set it on the host instead (passed as a file)"
+                )
+        self.shm_size = parse_size(shm_size)
+        self.gpu_passthrough = gpu_passthrough
+        self.secret_env = tuple(secret_env)
+        self.silence_timeout = silence_timeout
+        self.network = network
+        self.user = user
+        self.cap_add = list(cap_add)
+        self.mem_limit = parse_size(mem_limit) if mem_limit is not None else None
+        self.labels = dict(labels or {})
+        self.exchange_base = exchange_base
+        self.max_result_bytes = max_result_bytes
+        self._docker_host = docker_host
+        self._docker: aiodocker.Docker | None = None
+        self._digest: str | None = None
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the API client; idempotent."""
+        self._closed = True
+        if self._docker is not None:
+            docker, self._docker = self._docker, None
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await docker.close()
+
+    def _client(self) -> aiodocker.Docker:
+        if self._closed:
+            raise RuntimeError("DockerRunner is closed")
+        if self._docker is None:
+            self._docker = aiodocker.Docker(url=self._docker_host or docker_url())
+        return self._docker
+
+    # -- image -------------------------------------------------------------------
+
+    async def image_digest(self) -> str:
+        """The image's repo digest (or id when it has none); looked up once."""
+        if self._digest is None:
+            try:
+                info = await self._client().images.inspect(self.image)
+            except Exception as exc:
+                raise translate_api_error(exc, image=self.image, phase="image") from exc
+            repo_digests = info.get("RepoDigests") or []
+            self._digest = str(repo_digests[0] if repo_digests else info["Id"])
+        return self._digest
+
+    # -- container spec ------------------------------------------------------------
+
+    def container_spec(
+        self, exchange: ExchangeDir, gpu_ids: Sequence[str], *, config_hash: str
+    ) -> dict[str, Any]:
+        """The Engine API create body for one experiment (also shown by --dry-run)."""
+        env = {**self.env, **exchange.env(CONTAINER_EXCHANGE_DIR)}
+        env["LLEM_GPU_IDS"] = ",".join(gpu_ids)
+        if gpu_ids:
+            env["NVIDIA_VISIBLE_DEVICES"] = ",".join(gpu_ids)
+            # Inside the container the runtime renumbers the devices from 0.
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(len(gpu_ids)))
+        else:
+            # CUDA images default to NVIDIA_VISIBLE_DEVICES=all: never share by accident.
+            env["NVIDIA_VISIBLE_DEVICES"] = "void"
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        mounts: list[dict[str, Any]] = [
+            {
+                "Type": "bind",
+                "Source": str(exchange.path),
+                "Target": CONTAINER_EXCHANGE_DIR,
+                "ReadOnly": False,
+            },
+        ]
+        if self.function is not None:
+            mounts.append(
+                {
+                    "Type": "bind",
+                    "Source": str(_helper_source()),
+                    "Target": HELPER_CONTAINER_PATH,
+                    "ReadOnly": True,
+                }
+            )
+        host_config: dict[str, Any] = {
+            "Mounts": mounts,
+            "ShmSize": self.shm_size,
+            "SecurityOpt": ["no-new-privileges"],
+            "CapDrop": ["ALL"],
+            "Init": False,
+        }
+        if self.cap_add:
+            host_config["CapAdd"] = self.cap_add
+        if self.network is not None:
+            host_config["NetworkMode"] = self.network
+        if self.mem_limit is not None:
+            host_config["Memory"] = self.mem_limit
+            host_config["MemorySwap"] = self.mem_limit
+        if gpu_ids and self.gpu_passthrough:
+            host_config["DeviceRequests"] = [
+                {"Driver": "nvidia", "DeviceIDs": list(gpu_ids), "Capabilities": [["gpu"]]}
+            ]
+        labels = {
+            **self.labels,
+            **_labels.base_labels(),
+            _labels.LABEL_CONFIG_HASH: config_hash,
+            _labels.LABEL_EXCHANGE_DIR: str(exchange.path),
+        }
+        spec: dict[str, Any] = {
+            "Image": self.image,
+            "Env": [f"{k}={v}" for k, v in sorted(env.items())],
+            "Labels": labels,
+            "HostConfig": host_config,
+            "AttachStdout": False,
+            "AttachStderr": False,
+            "Tty": False,
+        }
+        if self.function is not None:
+            spec["Cmd"] = ["python3", HELPER_CONTAINER_PATH, self.function]
+        elif self.command is not None:
+            spec["Cmd"] = self.command
+        if self.user is not None:
+            spec["User"] = self.user
+        return spec
+
+    # -- run -----------------------------------------------------------------------
+
+    async def run(
+        self,
+        config: BaseModel | Mapping[str, Any],
+        *,
+        gpus: Sequence[str] | None = None,
+        observer: RunObserver | None = None,
+    ) -> Outcome:
+        """Run one experiment; return its validated result or `ExperimentFailure`.
+
+        Raises `DockerError` subclasses for infrastructure failures and `ResultError`
+        for unusable result files. Cancelling the caller kills and removes the container.
+        """
+        data = config_to_dict(config)
+        config_hash = compute_config_hash(data)
+        gpu_ids = tuple(str(g) for g in gpus or ())
+        digest = await self.image_digest()
+        exchange = ExchangeDir.create(config_hash, base_dir=self.exchange_base)
+        info = RunInfo(
+            config_hash=config_hash,
+            gpu_ids=gpu_ids,
+            exchange_dir=str(exchange.path),
+            log_path=str(exchange.log_path),
+            runner_type=self.runner_type,
+            image=self.image,
+            image_digest=digest,
+        )
+        bound = log.bind(config_hash=config_hash, image=self.image, gpus=list(gpu_ids))
+        context: dict[str, Any] = {
+            "config_hash": config_hash,
+            "exchange_dir": exchange.path,
+            "log_path": exchange.log_path,
+        }
+        container: Any = None
+        capture: LogCapture | None = None
+        succeeded = False
+        try:
+            exchange.write_config(data)
+            exchange.write_secrets(collect_secrets(self.secret_env))
+            if self.user is not None and os.geteuid() == 0:
+                uid, _, gid = self.user.partition(":")
+                if uid.isdigit():
+                    exchange.chown(int(uid), int(gid) if gid.isdigit() else int(uid))
+            spec = self.container_spec(exchange, gpu_ids, config_hash=config_hash)
+            name = f"llem-{config_hash}-{_secrets_mod.token_hex(3)}"
+            try:
+                container = await self._client().containers.create(spec, name=name)
+            except Exception as exc:
+                raise translate_api_error(exc, image=self.image, phase="create", **context) from exc
+            info.container_id = container.id
+            context["container_id"] = container.id
+            bound = bound.bind(container_id=container.id[:12])
+            capture = LogCapture(exchange.log_path)
+            outcome = await self._supervise(container, capture, info, observer, context, bound)
+            if isinstance(outcome, LlemError):
+                raise outcome
+            result = self._collect(outcome, data, exchange, info, capture, context, bound)
+            succeeded = not isinstance(result, ExperimentFailure)
+            return result
+        except BaseException as exc:
+            succeeded = False
+            if isinstance(exc, LlemError | anyio.get_cancelled_exc_class()):
+                bound.warning(
+                    "run_failed", error=type(exc).__name__, exchange_dir=str(exchange.path)
+                )
+            raise
+        finally:
+            exchange.remove_secrets()
+            if capture is not None:
+                capture.close()
+            if container is not None:
+                await self._remove(container, bound)
+            if succeeded:
+                exchange.remove()
+
+    async def _supervise(
+        self,
+        container: Any,
+        capture: LogCapture,
+        info: RunInfo,
+        observer: RunObserver | None,
+        context: dict[str, Any],
+        bound: Any,
+    ) -> dict[str, Any] | LlemError:
+        """Start, follow logs, wait with timeout and silence watchdog; return the State."""
+        killed_for: Literal["timeout", "hang"] | None = None
+        hang_flag = anyio.Event()
+        try:
+            await container.start()
+        except Exception as exc:
+            raise translate_api_error(exc, image=self.image, phase="start", **context) from exc
+        info.started_at = utcnow()
+        capture.touch()
+        bound.info("container_started")
+        if observer is not None:
+            observer.on_started(info)
+        drained = (anyio.Event(), anyio.Event())
+        async with anyio.create_task_group() as followers:
+            followers.start_soon(self._follow, container, capture, "stdout", drained[0])
+            followers.start_soon(self._follow, container, capture, "stderr", drained[1])
+            with anyio.CancelScope() as wait_scope:
+                if self.timeout is not None:
+                    wait_scope.deadline = anyio.current_time() + self.timeout
+                async with anyio.create_task_group() as watch:
+                    if self.silence_timeout is not None:
+                        watch.start_soon(
+                            self._watch_silence,
+                            capture,
+                            self.silence_timeout,
+                            wait_scope,
+                            hang_flag,
+                        )
+                    try:
+                        await container.wait()
+                    except Exception as exc:
+                        raise translate_api_error(
+                            exc, image=self.image, phase="wait", **context
+                        ) from exc
+                    watch.cancel_scope.cancel()
+            if wait_scope.cancelled_caught:
+                killed_for = "hang" if hang_flag.is_set() else "timeout"
+                bound.warning("container_killed", reason=killed_for)
+                await self._kill(container)
+                try:
+                    with anyio.fail_after(KILL_WAIT_S):
+                        await container.wait()
+                except TimeoutError as exc:
+                    raise DockerError(
+                        f"container did not exit within {KILL_WAIT_S}s of SIGKILL", **context
+                    ) from exc
+            info.exited_at = utcnow()
+            if observer is not None:
+                observer.on_exited(info)
+            # The log streams end by themselves once the container has exited.
+            with anyio.move_on_after(LOG_DRAIN_S):
+                for event in drained:
+                    await event.wait()
+            followers.cancel_scope.cancel()
+        try:
+            state = (await container.show())["State"]
+        except Exception as exc:
+            raise translate_api_error(exc, image=self.image, phase="inspect", **context) from exc
+        info.exit_code = int(state.get("ExitCode", -1))
+        context["exit_code"] = info.exit_code
+        context["stderr_snippet"] = capture.tail("stderr") or capture.tail("stdout")
+        bound.info(
+            "container_exited", exit_code=info.exit_code, oom_killed=bool(state.get("OOMKilled"))
+        )
+        if killed_for == "hang":
+            return DockerHangError(
+                f"no output for {self.silence_timeout}s: killed as hung", **context
+            )
+        if killed_for == "timeout":
+            return DockerTimeoutError(f"timed out after {self.timeout}s and was killed", **context)
+        if state.get("OOMKilled") or info.exit_code == 137:
+            return DockerOOMError(
+                "container was killed by the OOM killer"
+                + (" (State.OOMKilled)" if state.get("OOMKilled") else " (exit 137, not by us)"),
+                **context,
+            )
+        return dict(state)
+
+    def _collect(
+        self,
+        state: dict[str, Any],
+        data: dict[str, Any],
+        exchange: ExchangeDir,
+        info: RunInfo,
+        capture: LogCapture,
+        context: dict[str, Any],
+        bound: Any,
+    ) -> Outcome:
+        read = exchange.read_outcome(max_bytes=self.max_result_bytes)
+        if read.error is not None:
+            bound.warning(
+                "experiment_failed",
+                error_type=read.error.get("type"),
+                exchange_dir=str(exchange.path),
+            )
+            return make_failure(read.error, exchange, info)
+        if info.exit_code != 0:
+            raise DockerContainerError(f"container exited with code {info.exit_code}", **context)
+        if read.result is None:
+            raise DockerContainerError(
+                f"container exited 0 but wrote no result at {exchange.path / exchange.result_name}"
+                f" (in the container: {CONTAINER_EXCHANGE_DIR}/{exchange.result_name})",
+                fix_suggestion="Write the result JSON to $LLEM_RESULT_PATH before exiting.",
+                **context,
+            )
+        metadata = RunnerMetadata(
+            runner_type=self.runner_type,
+            runner_image=self.image,
+            image_digest=info.image_digest,
+            runner_source=self.source,
+            container_id=info.container_id,
+            gpu_ids=list(info.gpu_ids),
+            exit_code=info.exit_code,
+        )
+        return finish_success(read.result, data, exchange, metadata, self.result_model)
+
+    @staticmethod
+    async def _watch_silence(
+        capture: LogCapture, limit: float, scope: anyio.CancelScope, fired: anyio.Event
+    ) -> None:
+        """Cancel the wait when the experiment has printed nothing for `limit` seconds."""
+        while True:
+            idle = time.monotonic() - capture.last_output
+            if idle >= limit:
+                fired.set()
+                scope.cancel()
+                return
+            await anyio.sleep(min(1.0, limit - idle + 0.05))
+
+    async def _follow(
+        self, container: Any, capture: LogCapture, stream: str, done: anyio.Event
+    ) -> None:
+        try:
+            async for chunk in container.log(
+                stdout=stream == "stdout", stderr=stream == "stderr", follow=True
+            ):
+                capture.feed(stream, chunk)
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
+            log.debug("log_follow_ended", stream=stream, error=repr(exc))
+        finally:
+            done.set()
+
+    async def _kill(self, container: Any) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
+            try:
+                await container.kill(signal="SIGKILL")
+            except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
+                log.debug("kill_failed", error=repr(exc))
+
+    async def _remove(self, container: Any, bound: Any) -> None:
+        """Force-remove the container; shielded from cancellation and bounded."""
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(CLEANUP_TIMEOUT_S) as scope:
+                try:
+                    await container.delete(force=True, v=True)
+                    return
+                except aiodocker.DockerError as exc:
+                    if exc.status == 404:
+                        return
+                    bound.warning("container_remove_failed", error=str(exc))
+                except (aiohttp.ClientError, OSError) as exc:
+                    bound.warning("container_remove_failed", error=repr(exc))
+            if scope.cancelled_caught:
+                bound.warning("container_remove_timed_out")

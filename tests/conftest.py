@@ -1,0 +1,112 @@
+"""Shared fixtures: the real Docker daemon (or a clear skip), test images, label cleanup."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+BUSYBOX_IMAGE = os.environ.get("LLEM_TEST_BUSYBOX_IMAGE", "llem-test/busybox:latest")
+PYTHON_IMAGE = os.environ.get("LLEM_TEST_PYTHON_IMAGE", "llem-test/python:bookworm")
+TEST_LABEL = "llem.test"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _docker_problem() -> str | None:
+    """None when the daemon answers and the test images exist, else why not."""
+    try:
+        proc = subprocess.run(
+            ["docker", "version", "--format", "{{.Server.Version}}"],
+            capture_output=True,
+            text=True,
+            timeout=15,
+            check=False,
+        )
+    except (FileNotFoundError, subprocess.TimeoutExpired) as exc:
+        return f"docker CLI unusable: {exc}"
+    if proc.returncode != 0:
+        return f"Docker daemon not reachable: {proc.stderr.strip()[:200]}"
+    for image in (BUSYBOX_IMAGE, PYTHON_IMAGE):
+        probe = subprocess.run(
+            ["docker", "image", "inspect", image], capture_output=True, timeout=15, check=False
+        )
+        if probe.returncode != 0:
+            return f"test image {image} missing (build it with `bash .ci/setup-docker.sh`)"
+    return None
+
+
+_PROBLEM: str | bool | None = False
+
+
+def docker_problem() -> str | None:
+    global _PROBLEM  # noqa: PLW0603 - probed once per session
+    if _PROBLEM is False:
+        _PROBLEM = _docker_problem()
+    assert _PROBLEM is not True
+    return _PROBLEM
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    needs_docker = [item for item in items if item.get_closest_marker("docker")]
+    if not needs_docker:
+        return
+    problem = docker_problem()
+    if problem is None:
+        return
+    if os.environ.get("LLEM_REQUIRE_DOCKER") == "1":
+        # In CI a missing daemon must fail the run, never skip it.
+        for item in needs_docker:
+            item.add_marker(pytest.mark.usefixtures("_docker_required_but_missing"))
+        return
+    skip = pytest.mark.skip(
+        reason=f"{problem}. Integration tests need a real Docker Engine: "
+        "run `bash .ci/setup-docker.sh` (Debian, root) or start dockerd."
+    )
+    for item in needs_docker:
+        item.add_marker(skip)
+
+
+@pytest.fixture
+def _docker_required_but_missing() -> None:
+    pytest.fail(f"LLEM_REQUIRE_DOCKER=1 but {docker_problem()}")
+
+
+def _labelled_containers(label: str) -> list[str]:
+    proc = subprocess.run(
+        ["docker", "ps", "-aq", "--filter", f"label={label}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    return proc.stdout.split()
+
+
+@pytest.fixture
+def test_labels(request: pytest.FixtureRequest) -> dict[str, str]:
+    """Labels for every container a test creates; cleanup and leak checks use them."""
+    return {TEST_LABEL: "1", "llem.test.node": request.node.nodeid[-60:]}
+
+
+@pytest.fixture
+def no_leaked_containers(test_labels: dict[str, str]) -> Iterator[None]:
+    """Fail the test if any container of ours is left; force-remove them either way."""
+    label = f"llem.test.node={test_labels['llem.test.node']}"
+    yield
+    leaked = _labelled_containers(label)
+    if leaked:
+        subprocess.run(
+            ["docker", "rm", "-f", *leaked], capture_output=True, timeout=60, check=False
+        )
+        pytest.fail(f"containers left behind: {leaked}")
+
+
+@pytest.fixture
+def exchange_base(tmp_path: Path) -> Path:
+    """Exchange dirs go under the test's tmp_path so nothing is left in /tmp."""
+    base = tmp_path / "exchange"
+    base.mkdir()
+    return base
