@@ -26,7 +26,7 @@ from llem_dispatch.models import (
     RunnerMetadata,
     compute_config_hash,
 )
-from llem_dispatch.runners import DockerRunner, Outcome, RunInfo, Runner, RunObserver
+from llem_dispatch.runners import DockerRunner, LocalRunner, Outcome, RunInfo, Runner, RunObserver
 
 __all__ = [
     "ConfigError",
@@ -44,6 +44,7 @@ __all__ = [
     "ExperimentResult",
     "GpuRequestError",
     "LlemError",
+    "LocalRunner",
     "Outcome",
     "ResultError",
     "RunInfo",

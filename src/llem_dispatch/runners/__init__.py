@@ -2,5 +2,6 @@
 
 from llem_dispatch.runners._base import Outcome, RunInfo, Runner, RunObserver
 from llem_dispatch.runners.docker import DockerRunner
+from llem_dispatch.runners.local import LocalRunner
 
-__all__ = ["DockerRunner", "Outcome", "RunInfo", "RunObserver", "Runner"]
+__all__ = ["DockerRunner", "LocalRunner", "Outcome", "RunInfo", "RunObserver", "Runner"]

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from llem_dispatch._exchange import ExchangeDir
 from llem_dispatch._logging import register_secret
-from llem_dispatch.errors import ResultError
+from llem_dispatch.errors import DockerContainerError, ResultError
 from llem_dispatch.models import ExperimentFailure, ExperimentResult, RunnerMetadata
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "RunInfo",
     "RunObserver",
     "Runner",
+    "collect_outcome",
     "collect_secrets",
     "finish_success",
     "make_failure",
@@ -157,3 +158,39 @@ def finish_success(
         # model_copy works for frozen models too.
         result = result.model_copy(update={"effective_config": merged})
     return result
+
+
+def collect_outcome(
+    data: dict[str, Any],
+    exchange: ExchangeDir,
+    info: RunInfo,
+    metadata: RunnerMetadata,
+    result_model: type[BaseModel] | None,
+    context: dict[str, Any],
+    bound: Any,
+    *,
+    max_result_bytes: int,
+    location: str,
+) -> Outcome:
+    """After a clean exit: the error payload, else the result, else a clear error.
+
+    `location` is the exchange dir as the experiment saw it, for error messages.
+    """
+    read = exchange.read_outcome(max_bytes=max_result_bytes)
+    if read.error is not None:
+        bound.warning(
+            "experiment_failed", error_type=read.error.get("type"), exchange_dir=str(exchange.path)
+        )
+        return make_failure(read.error, exchange, info)
+    if info.exit_code != 0:
+        raise DockerContainerError(
+            f"{info.runner_type} run exited with code {info.exit_code}", **context
+        )
+    if read.result is None:
+        raise DockerContainerError(
+            f"exited 0 but wrote no result at {exchange.path / exchange.result_name}"
+            f" ({location}/{exchange.result_name} as the experiment sees it)",
+            fix_suggestion="Write the result JSON to $LLEM_RESULT_PATH before exiting.",
+            **context,
+        )
+    return finish_success(read.result, data, exchange, metadata, result_model)

@@ -32,7 +32,6 @@ from llem_dispatch._exchange import (
 )
 from llem_dispatch._logcapture import LogCapture
 from llem_dispatch.errors import (
-    DockerContainerError,
     DockerError,
     DockerGPUAccessError,
     DockerHangError,
@@ -54,9 +53,8 @@ from llem_dispatch.runners._base import (
     Outcome,
     RunInfo,
     RunObserver,
+    collect_outcome,
     collect_secrets,
-    finish_success,
-    make_failure,
     utcnow,
 )
 
@@ -399,7 +397,26 @@ class DockerRunner:
             outcome = await self._supervise(container, capture, info, observer, context, bound)
             if isinstance(outcome, LlemError):
                 raise outcome
-            result = self._collect(outcome, data, exchange, info, capture, context, bound)
+            metadata = RunnerMetadata(
+                runner_type=self.runner_type,
+                runner_image=self.image,
+                image_digest=info.image_digest,
+                runner_source=self.source,
+                container_id=info.container_id,
+                gpu_ids=list(info.gpu_ids),
+                exit_code=info.exit_code,
+            )
+            result = collect_outcome(
+                data,
+                exchange,
+                info,
+                metadata,
+                self.result_model,
+                context,
+                bound,
+                max_result_bytes=self.max_result_bytes,
+                location=CONTAINER_EXCHANGE_DIR,
+            )
             succeeded = not isinstance(result, ExperimentFailure)
             return result
         except BaseException as exc:
@@ -504,44 +521,6 @@ class DockerRunner:
                 **context,
             )
         return dict(state)
-
-    def _collect(
-        self,
-        state: dict[str, Any],
-        data: dict[str, Any],
-        exchange: ExchangeDir,
-        info: RunInfo,
-        capture: LogCapture,
-        context: dict[str, Any],
-        bound: Any,
-    ) -> Outcome:
-        read = exchange.read_outcome(max_bytes=self.max_result_bytes)
-        if read.error is not None:
-            bound.warning(
-                "experiment_failed",
-                error_type=read.error.get("type"),
-                exchange_dir=str(exchange.path),
-            )
-            return make_failure(read.error, exchange, info)
-        if info.exit_code != 0:
-            raise DockerContainerError(f"container exited with code {info.exit_code}", **context)
-        if read.result is None:
-            raise DockerContainerError(
-                f"container exited 0 but wrote no result at {exchange.path / exchange.result_name}"
-                f" (in the container: {CONTAINER_EXCHANGE_DIR}/{exchange.result_name})",
-                fix_suggestion="Write the result JSON to $LLEM_RESULT_PATH before exiting.",
-                **context,
-            )
-        metadata = RunnerMetadata(
-            runner_type=self.runner_type,
-            runner_image=self.image,
-            image_digest=info.image_digest,
-            runner_source=self.source,
-            container_id=info.container_id,
-            gpu_ids=list(info.gpu_ids),
-            exit_code=info.exit_code,
-        )
-        return finish_success(read.result, data, exchange, metadata, self.result_model)
 
     @staticmethod
     async def _watch_silence(

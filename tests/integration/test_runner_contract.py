@@ -1,0 +1,175 @@
+"""Behaviour both runners share, run against each: the real daemon and a real subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llem_dispatch import (
+    DockerContainerError,
+    DockerHangError,
+    DockerRunner,
+    DockerTimeoutError,
+    ExperimentFailure,
+    ExperimentResult,
+    LocalRunner,
+    ResultError,
+    Runner,
+)
+from tests.conftest import BUSYBOX_IMAGE, PYTHON_IMAGE
+from tests.integration.test_docker_runner import Recorder
+
+pytestmark = pytest.mark.usefixtures("no_leaked_containers")
+
+MakeRunner = Callable[..., Runner]
+
+
+@pytest.fixture(params=["docker", "local"])
+async def make(
+    request: pytest.FixtureRequest, test_labels: dict[str, str], exchange_base: Path
+) -> AsyncIterator[MakeRunner]:
+    kind = request.param
+    if kind == "docker":
+        request.applymarker(pytest.mark.docker)
+        from tests.conftest import docker_problem
+
+        problem = docker_problem()
+        if problem and os.environ.get("LLEM_REQUIRE_DOCKER") != "1":
+            pytest.skip(problem)
+        elif problem:
+            pytest.fail(f"LLEM_REQUIRE_DOCKER=1 but {problem}")
+    made: list[Runner] = []
+
+    def factory(script: str | None = None, *, function: str | None = None, **kwargs: Any) -> Runner:
+        command = ["sh", "-c", script] if script is not None else None
+        runner: Runner
+        if kind == "docker":
+            runner = DockerRunner(
+                PYTHON_IMAGE if function else BUSYBOX_IMAGE,
+                command=command,
+                function=function,
+                labels=test_labels,
+                exchange_base=exchange_base,
+                shm_size="64m",
+                **kwargs,
+            )
+        else:
+            runner = LocalRunner(command, function=function, exchange_base=exchange_base, **kwargs)
+        made.append(runner)
+        return runner
+
+    yield factory
+    for runner in made:
+        await runner.aclose()
+
+
+def kept(base: Path) -> list[Path]:
+    return sorted(p for p in base.iterdir() if p.name.startswith("llem-"))
+
+
+async def test_round_trip_and_cleanup(make: MakeRunner, exchange_base: Path) -> None:
+    script = (
+        'cfg=$(cat "$LLEM_CONFIG_PATH"); printf \'{"cfg": %s, "gpus": "%s"}\' "$cfg" '
+        '"$LLEM_GPU_IDS" > "$LLEM_EXCHANGE_DIR/t"; mv "$LLEM_EXCHANGE_DIR/t" '
+        '"$LLEM_RESULT_PATH"'
+    )
+    runner = make(script)
+    result = await runner.run({"a": [1, 2]}, gpus=["1"] if runner.runner_type == "local" else None)
+    assert isinstance(result, ExperimentResult)
+    assert result.data["cfg"] == {"a": [1, 2]}
+    assert result.runner.runner_type == runner.runner_type
+    assert kept(exchange_base) == []
+
+
+async def test_error_payload(make: MakeRunner, exchange_base: Path) -> None:
+    script = (
+        'echo progress; printf \'{"type": "KeyError", "message": "m"}\' > '
+        '"$LLEM_EXCHANGE_DIR/${LLEM_CONFIG_HASH}_error.json"; exit 1'
+    )
+    outcome = await make(script).run({"b": 1})
+    assert isinstance(outcome, ExperimentFailure)
+    assert outcome.type == "KeyError"
+    assert kept(exchange_base) == [Path(str(outcome.exchange_dir))]
+    assert "progress" in Path(str(outcome.log_path)).read_text()
+
+
+async def test_nonzero_exit(make: MakeRunner) -> None:
+    with pytest.raises(DockerContainerError) as info:
+        await make("echo oops >&2; exit 7").run({"c": 1})
+    assert info.value.exit_code == 7
+    assert info.value.stderr_snippet == "oops"
+
+
+async def test_no_result(make: MakeRunner) -> None:
+    with pytest.raises(DockerContainerError, match="wrote no result"):
+        await make("true").run({"d": 1})
+
+
+async def test_timeout_even_if_sigterm_ignored(make: MakeRunner) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(DockerTimeoutError) as info:
+        await make("trap '' TERM; sleep 600", timeout=1.5).run({"e": 1})
+    assert not isinstance(info.value, DockerHangError)
+    assert time.monotonic() - t0 < 5
+
+
+async def test_silence_limit_raises_hang_error(make: MakeRunner) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(DockerHangError) as info:
+        await make("echo start; sleep 600", silence_timeout=1.0, timeout=60).run({"f": 1})
+    assert isinstance(info.value, DockerTimeoutError)
+    assert time.monotonic() - t0 < 6
+    assert "no output for 1.0s" in info.value.message
+
+
+async def test_chatty_process_is_not_a_hang(make: MakeRunner) -> None:
+    script = 'for i in 1 2 3 4 5 6; do echo tick; sleep 0.3; done; echo "{}" > "$LLEM_RESULT_PATH"'
+    result = await make(script, silence_timeout=1.0).run({"g": 1})
+    assert isinstance(result, ExperimentResult)
+
+
+async def test_cancellation_leaves_nothing_running(make: MakeRunner) -> None:
+    recorder = Recorder()
+    runner = make("sleep 600")
+    task = asyncio.create_task(runner.run({"h": 1}, observer=recorder))
+    await asyncio.wait_for(recorder.started_event.wait(), timeout=30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, timeout=30)
+    info = recorder.started[0]
+    if info.process_id is not None:
+        with pytest.raises(ProcessLookupError):
+            os.kill(info.process_id, 0)
+
+
+async def test_background_writer_after_exit_is_never_read(make: MakeRunner) -> None:
+    # The main process exits 0 at once; a background child would write later. The
+    # host reads only after exit (and the child dies with its group/container).
+    script = '(sleep 2; echo "{\\"late\\": true}" > "$LLEM_RESULT_PATH") & exit 0'
+    with pytest.raises(DockerContainerError, match="wrote no result"):
+        await make(script).run({"i": 1})
+
+
+async def test_half_written_result_is_rejected(make: MakeRunner) -> None:
+    script = 'printf \'{"throughput": [1, 2, 3\' > "$LLEM_RESULT_PATH"'
+    with pytest.raises(ResultError, match="truncated or half-written") as info:
+        await make(script).run({"j": 1})
+    assert info.value.exchange_dir is not None
+    assert Path(info.value.exchange_dir).is_dir()
+
+
+async def test_symlinked_result_is_never_followed(make: MakeRunner) -> None:
+    with pytest.raises(ResultError, match="symbolic link"):
+        await make('ln -s /etc/shadow "$LLEM_RESULT_PATH"').run({"k": 1})
+
+
+async def test_python_helper_function(make: MakeRunner) -> None:
+    result = await make(function="builtins:dict").run({"echo": "x"})
+    assert isinstance(result, ExperimentResult)
+    assert result.data == {"echo": "x"}
