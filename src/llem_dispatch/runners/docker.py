@@ -7,10 +7,12 @@ llem-dispatch's own classes here, once.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import secrets as _secrets_mod
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from importlib import resources
@@ -58,7 +60,10 @@ from llem_dispatch.runners._base import (
     utcnow,
 )
 
-__all__ = ["HELPER_CONTAINER_PATH", "DockerRunner", "docker_url", "parse_size"]
+__all__ = ["FORCE_KILL", "HELPER_CONTAINER_PATH", "DockerRunner", "docker_url", "parse_size"]
+
+#: Set (e.g. by a second Ctrl-C) to skip the stop grace period when cancelling.
+FORCE_KILL = threading.Event()
 
 HELPER_CONTAINER_PATH = "/opt/llem/llem_container.py"
 KILL_WAIT_S = 15.0
@@ -185,6 +190,7 @@ class DockerRunner:
         exchange_base: str | Path | None = None,
         max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
         docker_host: str | None = None,
+        stop_grace_s: float = 10.0,
     ) -> None:
         if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
@@ -221,6 +227,7 @@ class DockerRunner:
         self.exchange_base = exchange_base
         self.max_result_bytes = max_result_bytes
         self._docker_host = docker_host
+        self.stop_grace_s = stop_grace_s
         self._docker: aiodocker.Docker | None = None
         self._digest: str | None = None
         self._closed = False
@@ -547,6 +554,33 @@ class DockerRunner:
             log.debug("log_follow_ended", stream=stream, error=repr(exc))
         finally:
             done.set()
+
+    async def _stop(self, container: Any, bound: Any) -> None:
+        """On cancellation: SIGTERM, SIGKILL after the grace period (at once if forced)."""
+        grace = 0 if FORCE_KILL.is_set() else self.stop_grace_s
+        with anyio.CancelScope(shield=True), anyio.move_on_after(grace + CLEANUP_TIMEOUT_S):
+            try:
+                if grace > 0:
+                    bound.info("container_stopping", grace_s=grace)
+                    # Docker sends SIGTERM, then SIGKILL once `t` seconds have passed.
+                    with anyio.move_on_after(grace + 5):
+                        async with anyio.create_task_group() as tg:
+                            tg.start_soon(self._kill_when_forced, container, tg.cancel_scope)
+                            await container.stop(t=math.ceil(grace))
+                            tg.cancel_scope.cancel()
+                else:
+                    await container.kill(signal="SIGKILL")
+            except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
+                bound.debug("stop_failed", error=repr(exc))
+
+    @staticmethod
+    async def _kill_when_forced(container: Any, scope: anyio.CancelScope) -> None:
+        # FORCE_KILL is a threading.Event set from a signal handler: poll it.
+        while not FORCE_KILL.is_set():  # noqa: ASYNC110
+            await anyio.sleep(0.1)
+        with contextlib.suppress(aiodocker.DockerError, aiohttp.ClientError, OSError):
+            await container.kill(signal="SIGKILL")
+        scope.cancel()
 
     async def _kill(self, container: Any) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):

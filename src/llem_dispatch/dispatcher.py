@@ -1,0 +1,435 @@
+"""The Dispatcher: GPUs, concurrency, retries and events around a Runner.
+
+Policy lives here; a Runner only runs one experiment. Every run ends as a
+`RunRecord`, whatever happened, so one failure never cancels the others.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import anyio
+import structlog
+from pydantic import BaseModel, ConfigDict, Field
+
+from llem_dispatch.errors import (
+    DockerOOMError,
+    DockerTimeoutError,
+    LlemError,
+)
+from llem_dispatch.gpu import GpuLease, GpuPool
+from llem_dispatch.models import ExperimentFailure, compute_config_hash, config_to_dict
+from llem_dispatch.runners._base import Outcome, RunInfo, Runner, utcnow
+
+__all__ = [
+    "Dispatcher",
+    "ErrorInfo",
+    "Event",
+    "ExperimentFailed",
+    "ExperimentFinished",
+    "ExperimentQueued",
+    "ExperimentRetried",
+    "ExperimentStarted",
+    "RetryPolicy",
+    "RunRecord",
+    "RunStatus",
+]
+
+log = structlog.get_logger("llem_dispatch.dispatcher")
+
+RunStatus = Literal["succeeded", "failed", "error", "cancelled"]
+
+
+class ErrorInfo(BaseModel):
+    """An infrastructure error, as recorded (the exception itself is not serialisable)."""
+
+    type: str
+    message: str
+    fix_suggestion: str | None = None
+    stderr_snippet: str | None = None
+    exit_code: int | None = None
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> ErrorInfo:
+        if isinstance(exc, LlemError):
+            return cls(
+                type=type(exc).__name__,
+                message=exc.message,
+                fix_suggestion=exc.fix_suggestion,
+                stderr_snippet=getattr(exc, "stderr_snippet", None) or None,
+                exit_code=getattr(exc, "exit_code", None),
+            )
+        return cls(type=type(exc).__name__, message=str(exc) or repr(exc))
+
+
+class RunRecord(BaseModel):
+    """Everything known about one experiment's run: outcome, where, when, how often."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    config_hash: str
+    config: dict[str, Any]
+    status: RunStatus
+    result: dict[str, Any] | None = None
+    failure: ExperimentFailure | None = None
+    error: ErrorInfo | None = None
+    gpu_ids: list[str] = Field(default_factory=list)
+    runner_type: str | None = None
+    image: str | None = None
+    image_digest: str | None = None
+    container_id: str | None = None
+    process_id: int | None = None
+    exchange_dir: str | None = None
+    log_path: str | None = None
+    queued_at: datetime
+    started_at: datetime | None = None
+    exited_at: datetime | None = None
+    ended_at: datetime | None = None
+    attempts: int = 0
+    handoff_gap_s: float | None = Field(
+        default=None,
+        description="Seconds from the last release of these GPUs to this run's start.",
+    )
+    tags: dict[str, Any] = Field(default_factory=dict)
+    outcome: Any = Field(default=None, exclude=True, repr=False)
+    exception: Any = Field(default=None, exclude=True, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "succeeded"
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.started_at and self.ended_at:
+            return (self.ended_at - self.started_at).total_seconds()
+        return None
+
+
+# -- events -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentQueued:
+    config_hash: str
+    gpus: int
+    tags: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentStarted:
+    config_hash: str
+    gpu_ids: tuple[str, ...]
+    attempt: int
+    container_id: str | None
+    process_id: int | None
+    tags: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentRetried:
+    config_hash: str
+    attempt: int
+    delay_s: float
+    error: str
+    tags: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentFinished:
+    record: RunRecord
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentFailed:
+    record: RunRecord
+
+
+Event = (
+    ExperimentQueued | ExperimentStarted | ExperimentRetried | ExperimentFinished | ExperimentFailed
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Retries for transient infrastructure errors only (daemon down, HTTP 5xx).
+
+    Experiment failures are never retried; OOM and timeouts only when asked.
+    The delay is capped exponential backoff with full jitter, and all waiting for
+    one experiment is bounded by `max_wait_s`.
+    """
+
+    max_attempts: int = 5
+    base_delay_s: float = 0.5
+    max_delay_s: float = 30.0
+    max_wait_s: float = 600.0
+    jitter: bool = True
+    retry_timeouts: bool = False
+    retry_oom: bool = False
+
+    def should_retry(self, exc: BaseException) -> bool:
+        if isinstance(exc, DockerTimeoutError):
+            return self.retry_timeouts
+        if isinstance(exc, DockerOOMError):
+            return self.retry_oom
+        return bool(getattr(exc, "transient", False))
+
+    def delay(self, attempt: int) -> float:
+        ceiling = min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1))
+        return random.uniform(0, ceiling) if self.jitter else ceiling  # noqa: S311
+
+
+NO_RETRIES = RetryPolicy(max_attempts=1)
+
+
+class _Observer:
+    """Tracks one attempt for the record; frees the GPUs the moment the run exits."""
+
+    def __init__(
+        self, dispatcher: Dispatcher, lease: GpuLease, record: RunRecord, attempt: int
+    ) -> None:
+        self._dispatcher = dispatcher
+        self._lease = lease
+        self._record = record
+        self._attempt = attempt
+        self.started_mono: float | None = None
+
+    def on_started(self, info: RunInfo) -> None:
+        self.started_mono = anyio.current_time()
+        record = self._record
+        record.started_at = info.started_at
+        record.container_id = info.container_id
+        record.process_id = info.process_id
+        record.exchange_dir = info.exchange_dir
+        record.log_path = info.log_path
+        record.image = info.image
+        record.image_digest = info.image_digest
+        self._dispatcher.emit(
+            ExperimentStarted(
+                record.config_hash,
+                tuple(self._lease),
+                self._attempt,
+                info.container_id,
+                info.process_id,
+                record.tags,
+            )
+        )
+
+    def on_exited(self, info: RunInfo) -> None:
+        self._record.exited_at = info.exited_at
+        self._lease.release()
+
+
+class Dispatcher:
+    """Runs experiments through a Runner with GPUs from a pool, concurrently.
+
+    Use as `async with Dispatcher(runner, pool=pool) as d:`; `await d.run(config,
+    gpus=k)` returns a `RunRecord`; `d.map(configs, gpus=k)` yields records as
+    they finish. Closing the dispatcher closes its runner.
+    """
+
+    def __init__(
+        self,
+        runner: Runner,
+        *,
+        pool: GpuPool | None = None,
+        max_concurrency: int | None = None,
+        retries: RetryPolicy | int | None = None,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> None:
+        if max_concurrency is not None and max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        self.runner = runner
+        self.pool = pool if pool is not None else GpuPool([])
+        if retries is None:
+            retries = RetryPolicy()
+        elif isinstance(retries, int):
+            retries = RetryPolicy(max_attempts=retries + 1)
+        self.retries = retries
+        self.max_concurrency = max_concurrency
+        self._limiter = anyio.CapacityLimiter(max_concurrency or math.inf)
+        self._subscribers: list[Callable[[Event], None]] = []
+        if on_event is not None:
+            self._subscribers.append(on_event)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the runner (idempotent)."""
+        await self.runner.aclose()
+
+    # -- events -----------------------------------------------------------------------
+
+    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+        """Call `callback` for every event; returns a function that unsubscribes."""
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback)
+
+    def emit(self, event: Event) -> None:
+        for callback in list(self._subscribers):
+            try:
+                callback(event)
+            except Exception as exc:  # noqa: BLE001 - a broken display never stops a run
+                log.warning("event_subscriber_failed", error=repr(exc))
+
+    # -- running ----------------------------------------------------------------------
+
+    async def run(
+        self,
+        config: BaseModel | Mapping[str, Any],
+        *,
+        gpus: int = 0,
+        tags: Mapping[str, Any] | None = None,
+    ) -> RunRecord:
+        """Run one experiment on `gpus` GPUs; always returns a record.
+
+        Raises only for a request that can never be met (`GpuRequestError`), bad
+        configs (`ConfigError`) and cancellation.
+        """
+        data = config_to_dict(config)
+        config_hash = compute_config_hash(data)
+        self.pool.check_request(gpus)
+        record = RunRecord(
+            config_hash=config_hash,
+            config=data,
+            status="error",
+            queued_at=utcnow(),
+            tags=dict(tags or {}),
+            runner_type=getattr(self.runner, "runner_type", None),
+        )
+        bound = log.bind(config_hash=config_hash, **record.tags)
+        self.emit(ExperimentQueued(config_hash, gpus, record.tags))
+        first_try = anyio.current_time()
+        async with self._limiter:
+            while True:
+                record.attempts += 1
+                try:
+                    outcome = await self._attempt(data, gpus, record)
+                except LlemError as exc:
+                    waited = anyio.current_time() - first_try
+                    if (
+                        self.retries.should_retry(exc)
+                        and record.attempts < self.retries.max_attempts
+                        and waited < self.retries.max_wait_s
+                    ):
+                        delay = min(
+                            self.retries.delay(record.attempts),
+                            max(0.0, self.retries.max_wait_s - waited),
+                        )
+                        bound.warning(
+                            "retrying",
+                            attempt=record.attempts,
+                            delay_s=round(delay, 2),
+                            error=type(exc).__name__,
+                            message=exc.message,
+                        )
+                        self.emit(
+                            ExperimentRetried(
+                                config_hash, record.attempts, delay, type(exc).__name__, record.tags
+                            )
+                        )
+                        await anyio.sleep(delay)
+                        continue
+                    self._finish_error(record, exc)
+                    break
+                except anyio.get_cancelled_exc_class():
+                    record.status = "cancelled"
+                    record.ended_at = utcnow()
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a bug in one run must not stop a sweep
+                    bound.exception("unexpected_error")
+                    self._finish_error(record, exc)
+                    break
+                else:
+                    self._finish_outcome(record, outcome)
+                    break
+        record.ended_at = utcnow()
+        self.emit(ExperimentFinished(record) if record.ok else ExperimentFailed(record))
+        return record
+
+    async def _attempt(self, data: dict[str, Any], gpus: int, record: RunRecord) -> Outcome:
+        async with self.pool.acquire(gpus) as lease:
+            record.gpu_ids = list(lease)
+            released = [self.pool.last_released(i) for i in lease]
+            observer = _Observer(self, lease, record, record.attempts)
+            try:
+                return await self.runner.run(data, gpus=tuple(lease), observer=observer)
+            finally:
+                known = [t for t in released if t is not None]
+                if known and observer.started_mono is not None:
+                    # From the GPUs' last release to this run's start on them.
+                    record.handoff_gap_s = max(0.0, observer.started_mono - max(known))
+
+    def _finish_outcome(self, record: RunRecord, outcome: Outcome) -> None:
+        record.outcome = outcome
+        if isinstance(outcome, ExperimentFailure):
+            record.status = "failed"
+            record.failure = outcome
+            record.exchange_dir = outcome.exchange_dir
+            record.log_path = outcome.log_path
+            return
+        record.status = "succeeded"
+        record.result = outcome.model_dump(mode="json")
+        runner_meta = getattr(outcome, "runner", None)
+        if runner_meta is not None:
+            record.image_digest = runner_meta.image_digest or record.image_digest
+        record.exchange_dir = None
+        record.log_path = None
+
+    def _finish_error(self, record: RunRecord, exc: BaseException) -> None:
+        record.status = "error"
+        record.error = ErrorInfo.from_exception(exc)
+        record.exception = exc
+        if isinstance(exc, LlemError):
+            record.exchange_dir = exc.exchange_dir or record.exchange_dir
+            record.container_id = getattr(exc, "container_id", None) or record.container_id
+            record.log_path = getattr(exc, "log_path", None) or record.log_path
+
+    async def map(
+        self,
+        configs: Iterable[BaseModel | Mapping[str, Any]],
+        *,
+        gpus: int = 0,
+    ) -> AsyncIterator[RunRecord]:
+        """Run every config; yield records as they finish (not in input order).
+
+        Wrap in `contextlib.aclosing(...)` when you may stop iterating early: closing
+        the iterator cancels the runs still in flight and removes their containers.
+        """
+        items = list(configs)
+        self.pool.check_request(gpus)
+        send, receive = anyio.create_memory_object_stream[RunRecord](len(items) or 1)
+        # Bound the tasks alive at once: 10k configs must not mean 10k waiting tasks.
+        window = anyio.Semaphore(max(1, 2 * (self.max_concurrency or max(self.pool.size, 8))))
+
+        async def one(config: BaseModel | Mapping[str, Any]) -> None:
+            try:
+                send.send_nowait(await self.run(config, gpus=gpus))
+            finally:
+                window.release()
+
+        async with anyio.create_task_group() as tg, receive:
+
+            async def feed() -> None:
+                async with send, anyio.create_task_group() as runs:
+                    for config in items:
+                        await window.acquire()
+                        runs.start_soon(one, config)
+
+            tg.start_soon(feed)
+            async for record in receive:
+                yield record

@@ -1,0 +1,533 @@
+"""The GPU pool: which device ids exist, and who may use which of them when.
+
+Hands each experiment k distinct ids, keeps a cooldown gap per GPU, and queues
+requests FIFO with bounded backfill so multi-GPU jobs never starve.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Literal, Self, TypedDict, Unpack
+
+import anyio
+import anyio.lowlevel
+import structlog
+
+from llem_dispatch.errors import ConfigError, GpuRequestError
+
+__all__ = [
+    "GpuHolding",
+    "GpuLease",
+    "GpuPool",
+    "GpuPoolOptions",
+    "nvml_used_memory_mb",
+]
+
+log = structlog.get_logger("llem_dispatch.gpu")
+
+MemoryProbe = Callable[[str], float | None]
+
+_NEVER = -math.inf
+
+
+class GpuLease(tuple[str, ...]):
+    """The device ids handed to one experiment: a tuple of str ids that can be released.
+
+    `release()` returns the ids to the pool at once (their cooldown starts then),
+    so a run can free its GPUs the moment its process exits, before logs are
+    collected; leaving `GpuPool.acquire`'s block releases whatever is still held.
+    """
+
+    _on_release: Callable[[GpuLease], None] | None
+    _released: bool
+
+    def __new__(
+        cls, ids: Iterable[str] = (), *, on_release: Callable[[GpuLease], None] | None = None
+    ) -> Self:
+        lease = super().__new__(cls, ids)
+        lease._on_release = on_release
+        lease._released = False
+        return lease
+
+    @property
+    def released(self) -> bool:
+        """Whether the ids have gone back to the pool."""
+        return self._released
+
+    def release(self) -> None:
+        """Give the ids back to the pool now; later calls do nothing."""
+        if self._released:
+            return
+        self._released = True
+        if self._on_release is not None:
+            self._on_release(self)
+
+    def __repr__(self) -> str:
+        return f"GpuLease({', '.join(map(repr, self))})"
+
+
+@dataclass(frozen=True, slots=True)
+class GpuHolding:
+    """Who holds one busy id, for progress displays."""
+
+    lease_ids: tuple[str, ...]
+    since: float
+    holder: str | None = None
+
+
+class GpuPoolOptions(TypedDict, total=False):
+    """Keyword options of `GpuPool`, as `detect` and `virtual_devices` pass them on."""
+
+    cooldown_s: float
+    max_backfill: int | None
+    residual_memory_mb: float | None
+    on_busy_memory: Literal["wait", "warn"]
+    memory_probe: MemoryProbe | None
+    memory_poll_s: float
+
+
+@dataclass(slots=True, eq=False)
+class _Request:
+    k: int
+    holder: str | None
+    # Times later requests were granted ahead of this one while it was the head.
+    jumps: int = 0
+    lease: GpuLease | None = None
+
+
+class GpuPool:
+    """A fixed set of device ids handed out k at a time, never one id to two holders.
+
+    `async with pool.acquire(k) as ids:` waits until k ids are free and cooled
+    down. Requests are served first come, first served; while the oldest one
+    cannot be met, later requests that fit may go ahead of it, but at most
+    `max_backfill` times (default: the pool size), after which freed ids are
+    kept for it. An id released at time t is handed out again at
+    t + `cooldown_s` at the earliest, so energy measurements start on a GPU that
+    has settled. With `residual_memory_mb`, an id whose device still holds more
+    memory than that (another process, a leaked context) is waited out
+    (`on_busy_memory="wait"`, re-checked every `memory_poll_s`) or handed out
+    with a warning (`"warn"`). A virtual pool has no devices behind its ids: no
+    NVML, no memory check.
+    """
+
+    devices: tuple[str, ...]
+    virtual: bool
+    cooldown_s: float
+    uuids: dict[str, str]
+
+    def __init__(
+        self,
+        devices: Sequence[str | int],
+        *,
+        cooldown_s: float = 0.0,
+        max_backfill: int | None = None,
+        residual_memory_mb: float | None = None,
+        on_busy_memory: Literal["wait", "warn"] = "wait",
+        memory_probe: MemoryProbe | None = None,
+        memory_poll_s: float = 1.0,
+        virtual: bool = False,
+    ) -> None:
+        ids = tuple(str(d).strip() for d in devices)
+        if any(not d for d in ids):
+            raise ConfigError(f"GPU device ids must not be empty, got {list(ids)}")
+        if len(set(ids)) != len(ids):
+            raise ConfigError(f"GPU device ids must be distinct, got {list(ids)}")
+        if cooldown_s < 0 or not math.isfinite(cooldown_s):
+            raise ConfigError(f"cooldown_s must be a finite number >= 0, got {cooldown_s}")
+        if max_backfill is not None and max_backfill < 0:
+            raise ConfigError(f"max_backfill must be >= 0, got {max_backfill}")
+        if on_busy_memory not in {"wait", "warn"}:
+            raise ConfigError(f"on_busy_memory must be 'wait' or 'warn', got {on_busy_memory!r}")
+        if memory_poll_s <= 0:
+            raise ConfigError(f"memory_poll_s must be > 0, got {memory_poll_s}")
+        self.devices = ids
+        self.virtual = virtual
+        self.cooldown_s = float(cooldown_s)
+        self.uuids = {}
+        self.max_backfill = len(ids) if max_backfill is None else max_backfill
+        self.residual_memory_mb = residual_memory_mb
+        self.on_busy_memory = on_busy_memory
+        self.memory_poll_s = memory_poll_s
+        # A virtual pool has no device to ask, so the check is off whatever was set.
+        self._probe: MemoryProbe | None = None
+        if residual_memory_mb is not None and not virtual:
+            self._probe = memory_probe or nvml_used_memory_mb
+        self._position = {d: i for i, d in enumerate(ids)}
+        self._held: dict[str, GpuHolding] = {}
+        self._last_released: dict[str, float] = {}
+        self._memory_blocked_until: dict[str, float] = {}
+        self._memory_flagged: set[str] = set()
+        self._queue: deque[_Request] = deque()
+        # Created on first wait, not here: a pool may be built outside an event loop.
+        self._changed: anyio.Event | None = None
+
+    @classmethod
+    def detect(cls, **options: Unpack[GpuPoolOptions]) -> GpuPool:
+        """The GPUs of this host: NVML's, else CUDA_VISIBLE_DEVICES's, else none.
+
+        NVML ids are device indices ("0", "1", ...) with their UUIDs in `uuids`;
+        a set CUDA_VISIBLE_DEVICES narrows them, as it would for CUDA. Without
+        NVML (not installed, no driver) the ids are CUDA_VISIBLE_DEVICES's entries
+        as written. Never raises for a missing or broken NVML: the reason is logged.
+        """
+        visible = _parse_visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"))
+        inventory, reason = _nvml_inventory()
+        uuids: dict[str, str] = {}
+        if inventory is not None:
+            source = "nvml"
+            uuids = dict(inventory)
+            ids = list(uuids) if visible is None else _match_visible(visible, uuids)
+            uuids = {i: u for i, u in uuids.items() if i in ids}
+        elif visible is not None:
+            source = "CUDA_VISIBLE_DEVICES"
+            ids = visible
+            log.info("gpu_nvml_unavailable", reason=reason, fallback=source)
+        else:
+            source = "none"
+            ids = []
+            log.info("gpu_nvml_unavailable", reason=reason, fallback="empty pool")
+        pool = cls(ids, **options)
+        pool.uuids = uuids
+        log.info("gpu_pool_detected", source=source, devices=list(pool.devices))
+        return pool
+
+    @classmethod
+    def virtual_devices(cls, n: int, **options: Unpack[GpuPoolOptions]) -> GpuPool:
+        """A pool of n declared ids "0".."n-1" with no devices behind them (CI, laptops)."""
+        if n < 0:
+            raise ConfigError(f"the number of virtual GPUs must be >= 0, got {n}")
+        return cls([str(i) for i in range(n)], virtual=True, **options)
+
+    @property
+    def size(self) -> int:
+        """How many ids the pool has."""
+        return len(self.devices)
+
+    def __repr__(self) -> str:
+        kind = "virtual " if self.virtual else ""
+        return f"<GpuPool {kind}{list(self.devices)} cooldown_s={self.cooldown_s}>"
+
+    def check_request(self, k: int) -> None:
+        """Raise now if a request for k GPUs could never be met by this pool."""
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"the number of GPUs must be an int, got {k!r}")
+        if k < 0:
+            raise ValueError(f"the number of GPUs must be >= 0, got {k}")
+        if k == 0 or k <= self.size:
+            return
+        if self.size == 0:
+            raise GpuRequestError(
+                f"an experiment asked for {k} GPU(s) but no GPUs were found "
+                "(no NVML devices, CUDA_VISIBLE_DEVICES unset or empty)",
+                fix_suggestion=(
+                    "Run on a host with GPUs, list them explicitly, or declare virtual "
+                    "ones: `--virtual-gpus N` on the command line, "
+                    "`GpuPool.virtual_devices(n)` in Python."
+                ),
+            )
+        raise GpuRequestError(
+            f"an experiment asked for {k} GPUs but the pool has only {self.size} "
+            f"({', '.join(self.devices)})"
+        )
+
+    def acquire(
+        self, k: int, *, holder: str | None = None
+    ) -> AbstractAsyncContextManager[GpuLease]:
+        """Wait for k distinct free, cooled-down ids; hold them for the block.
+
+        A request that can never be met raises `GpuRequestError` here, not after
+        a wait; k == 0 gives an empty lease at once. `holder` only labels the ids
+        in `busy()`. Leaving the block (normally, by an exception or by
+        cancellation) releases the lease if it was not released before.
+        """
+        self.check_request(k)
+        return self._lease(k, holder)
+
+    def free_ids(self) -> tuple[str, ...]:
+        """Ids that are free and cooled down now, in pool order (for display)."""
+        now = anyio.current_time()
+        return tuple(d for d in self.devices if self._is_available(d, now))
+
+    def busy(self) -> dict[str, GpuHolding]:
+        """Held ids and who holds them since when, in pool order."""
+        return {d: self._held[d] for d in self.devices if d in self._held}
+
+    def waiting(self) -> tuple[int, ...]:
+        """The GPU counts of the requests waiting, oldest first."""
+        return tuple(r.k for r in self._queue)
+
+    def last_released(self, device_id: str) -> float | None:
+        """`anyio.current_time()` of the id's last release, or None if never released."""
+        return self._last_released.get(device_id)
+
+    @asynccontextmanager
+    async def _lease(self, k: int, holder: str | None) -> AsyncIterator[GpuLease]:
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        if k == 0:
+            lease = GpuLease()
+        else:
+            lease = await self._wait_for(_Request(k, holder))
+        try:
+            yield lease
+        finally:
+            lease.release()
+
+    async def _wait_for(self, request: _Request) -> GpuLease:
+        self._queue.append(request)
+        try:
+            self._dispatch()
+            while request.lease is None:
+                if self._changed is None:
+                    self._changed = anyio.Event()
+                changed = self._changed
+                # Nobody releases anything when a cooldown ends or a memory
+                # re-check is due, so waiters wake themselves for it.
+                with anyio.CancelScope(deadline=self._next_deadline()) as timer:
+                    await changed.wait()
+                if request.lease is None and timer.cancelled_caught:
+                    self._dispatch()
+            # Granted, but the caller may have been cancelled meanwhile: then the
+            # ids go back unused (no cooldown) instead of starting its work.
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            return request.lease
+        except BaseException:
+            # Cancelled (or failed) while waiting: leave no trace in the queue,
+            # and hand back ids granted in the instant before the cancellation.
+            if request.lease is not None:
+                self._revoke(request.lease)
+            else:
+                self._queue.remove(request)
+                self._dispatch()
+            raise
+
+    def _is_available(self, device_id: str, now: float) -> bool:
+        if device_id in self._held:
+            return False
+        released = self._last_released.get(device_id, _NEVER)
+        blocked = self._memory_blocked_until.get(device_id, _NEVER)
+        return now >= released + self.cooldown_s and now >= blocked
+
+    def _candidates(self, now: float) -> list[str]:
+        # Longest-free first spreads the heat; never-used ids tie, lowest first.
+        free = [d for d in self.devices if self._is_available(d, now)]
+        free.sort(key=lambda d: (self._last_released.get(d, _NEVER), self._position[d]))
+        return free
+
+    def _next_deadline(self) -> float:
+        now = anyio.current_time()
+        times = [
+            t
+            for d in self.devices
+            if d not in self._held
+            for t in (
+                self._last_released.get(d, _NEVER) + self.cooldown_s,
+                self._memory_blocked_until.get(d, _NEVER),
+            )
+            if t > now
+        ]
+        return min(times, default=math.inf)
+
+    def _dispatch(self) -> None:
+        """Grant what can be granted now: the head first, then bounded backfill."""
+        now = anyio.current_time()
+        free = self._candidates(now)
+        while self._queue and free:
+            head = self._queue[0]
+            taken = self._take(head.k, free, now)
+            if taken is None:
+                break
+            self._queue.popleft()
+            self._grant(head, taken, now)
+        if self._queue:
+            head = self._queue[0]
+            for request in list(self._queue)[1:]:
+                if head.jumps >= self.max_backfill or not free:
+                    break
+                taken = self._take(request.k, free, now)
+                if taken is not None:
+                    head.jumps += 1
+                    self._queue.remove(request)
+                    self._grant(request, taken, now)
+        self._notify()
+
+    def _take(self, k: int, free: list[str], now: float) -> list[str] | None:
+        """Remove and return k usable ids from `free`, or None (leaving it usable)."""
+        if k > len(free):
+            return None
+        chosen: list[str] = []
+        for device_id in list(free):
+            if not self._memory_ok(device_id, now):
+                free.remove(device_id)
+                continue
+            chosen.append(device_id)
+            if len(chosen) == k:
+                for d in chosen:
+                    free.remove(d)
+                return chosen
+        return None
+
+    def _grant(self, request: _Request, ids: list[str], now: float) -> None:
+        ids.sort(key=self._position.__getitem__)
+        lease = GpuLease(ids, on_release=self._release)
+        holding = GpuHolding(tuple(ids), now, request.holder)
+        for d in ids:
+            self._held[d] = holding
+        request.lease = lease
+
+    def _release(self, lease: GpuLease) -> None:
+        now = anyio.current_time()
+        for d in lease:
+            del self._held[d]
+            self._last_released[d] = now
+        self._dispatch()
+
+    def _revoke(self, lease: GpuLease) -> None:
+        # Never used, so no cooldown: the ids are as free as before the grant.
+        lease._on_release = None
+        lease.release()
+        for d in lease:
+            del self._held[d]
+        self._dispatch()
+
+    def _memory_ok(self, device_id: str, now: float) -> bool:
+        if self._probe is None or self.residual_memory_mb is None:
+            return True
+        try:
+            used = self._probe(device_id)
+        except Exception as exc:  # noqa: BLE001 - a broken probe must not stall the pool
+            log.warning("gpu_memory_probe_failed", device=device_id, error=repr(exc))
+            used = None
+        if used is None or used <= self.residual_memory_mb:
+            self._memory_flagged.discard(device_id)
+            return True
+        if self.on_busy_memory == "warn":
+            log.warning(
+                "gpu_memory_in_use",
+                device=device_id,
+                used_mb=round(used, 1),
+                threshold_mb=self.residual_memory_mb,
+                action="handed out anyway",
+            )
+            return True
+        self._memory_blocked_until[device_id] = now + self.memory_poll_s
+        if device_id not in self._memory_flagged:
+            # Once per busy spell, not once per poll.
+            self._memory_flagged.add(device_id)
+            log.warning(
+                "gpu_memory_in_use",
+                device=device_id,
+                used_mb=round(used, 1),
+                threshold_mb=self.residual_memory_mb,
+                action=f"waiting, re-checked every {self.memory_poll_s} s",
+            )
+        return False
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+
+def nvml_used_memory_mb(device_id: str) -> float | None:
+    """Memory in use on a device (index or UUID) in MiB, per NVML; None if unknown."""
+    pynvml = _pynvml()
+    if pynvml is None:
+        return None
+    try:
+        _nvml_init()
+        if device_id.isdigit():
+            handle = pynvml.nvmlDeviceGetHandleByIndex(int(device_id))
+        else:
+            handle = pynvml.nvmlDeviceGetHandleByUUID(device_id)
+        return float(pynvml.nvmlDeviceGetMemoryInfo(handle).used) / 2**20
+    except Exception as exc:  # noqa: BLE001 - unknown memory is not a reason to stop
+        log.debug("gpu_memory_unknown", device=device_id, error=repr(exc))
+        return None
+
+
+def _pynvml() -> Any | None:
+    # Optional dependency (the `nvml` extra): imported only when NVML is wanted,
+    # so hosts without it never pay for or fail on it.
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    return pynvml
+
+
+@functools.cache
+def _nvml_init() -> None:
+    # Once per process: nvmlInit can take a noticeable time and NVML counts its
+    # users, so leaving it initialised costs nothing. A failure is not cached
+    # and is retried next time.
+    pynvml = _pynvml()
+    if pynvml is not None:
+        pynvml.nvmlInit()
+
+
+def _nvml_inventory() -> tuple[list[tuple[str, str]] | None, str]:
+    """(index, UUID) of every NVML device, or None and why NVML is unusable."""
+    pynvml = _pynvml()
+    if pynvml is None:
+        return None, "pynvml is not installed (pip install 'llem-dispatch[nvml]')"
+    try:
+        pynvml.nvmlInit()
+    except Exception as exc:  # noqa: BLE001 - any NVML failure means "fall back"
+        return None, f"NVML could not start: {exc!r}"
+    try:
+        devices = []
+        for index in range(int(pynvml.nvmlDeviceGetCount())):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            devices.append((str(index), _text(pynvml.nvmlDeviceGetUUID(handle))))
+    except Exception as exc:  # noqa: BLE001 - a half-working driver falls back too
+        log.warning("gpu_nvml_query_failed", error=repr(exc))
+        return None, f"NVML device query failed: {exc!r}"
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception as exc:  # noqa: BLE001 - shutting down is best effort
+            log.debug("gpu_nvml_shutdown_failed", error=repr(exc))
+    return devices, "ok"
+
+
+def _text(value: Any) -> str:
+    # Older nvidia-ml-py releases return bytes.
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _parse_visible_devices(value: str | None) -> list[str] | None:
+    """CUDA_VISIBLE_DEVICES as a list of entries; None when unset; [] when it hides all."""
+    if value is None:
+        return None
+    entries = [e.strip() for e in value.split(",") if e.strip()]
+    if entries[:1] == ["-1"]:
+        return []
+    unique = list(dict.fromkeys(entries))
+    if len(unique) != len(entries):
+        log.warning("gpu_duplicate_visible_devices", value=value, kept=unique)
+    return unique
+
+
+def _match_visible(visible: list[str], uuids: dict[str, str]) -> list[str]:
+    """NVML indices for CUDA_VISIBLE_DEVICES entries (indices, UUIDs or UUID prefixes)."""
+    ids: list[str] = []
+    for entry in visible:
+        if entry in uuids:
+            match: str | None = entry
+        else:
+            hits = [i for i, u in uuids.items() if u == entry or u.startswith(entry)]
+            match = hits[0] if len(hits) == 1 else None
+        if match is None:
+            # A MIG UUID or a device NVML did not list: keep it as written.
+            log.info("gpu_visible_device_unmatched", entry=entry)
+            match = entry
+        if match not in ids:
+            ids.append(match)
+    return ids

@@ -1,0 +1,120 @@
+"""Reaping: remove containers whose owning dispatcher is gone, keeping their logs.
+
+A dispatcher killed with SIGKILL cannot clean up; its containers carry labels
+naming their owner (host, pid + start time, session), so the next run or
+`llem-dispatch reap` finds and removes them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiodocker
+import structlog
+
+from llem_dispatch import _labels
+from llem_dispatch.runners.docker import docker_url, translate_api_error
+
+__all__ = ["ReapedContainer", "reap"]
+
+log = structlog.get_logger("llem_dispatch.reap")
+
+
+@dataclass(frozen=True, slots=True)
+class ReapedContainer:
+    """A container found without a living owner (removed unless dry_run)."""
+
+    container_id: str
+    name: str
+    config_hash: str | None
+    owner_pid: str | None
+    results_dir: str | None
+    log_path: str | None
+    removed: bool
+
+
+async def reap(
+    *,
+    results_dir: str | Path | None = None,
+    logs_dir: str | Path | None = None,
+    dry_run: bool = False,
+    docker_host: str | None = None,
+) -> list[ReapedContainer]:
+    """Remove llem-managed containers of this host whose owner process is gone.
+
+    Logs of each are saved first: into its exchange dir when that still exists,
+    else into `logs_dir`. Containers of other hosts and of live owners are never
+    touched. `results_dir` limits the search to one study's containers.
+    """
+    label_filters = [f"{_labels.LABEL_MANAGED}=1"]
+    if results_dir is not None:
+        label_filters.append(f"{_labels.LABEL_RESULTS_DIR}={Path(results_dir).resolve()}")
+    found: list[ReapedContainer] = []
+    docker = aiodocker.Docker(url=docker_host or docker_url())
+    try:
+        try:
+            containers = await docker.containers.list(
+                all=True, filters=json.dumps({"label": label_filters})
+            )
+        except Exception as exc:
+            raise translate_api_error(exc, image="-", phase="list") from exc
+        for container in containers:
+            info = await container.show()
+            labels: dict[str, str] = info["Config"].get("Labels") or {}
+            if _labels.owner_alive(labels) is not False:
+                continue
+            log_path = await _save_logs(container, labels, logs_dir)
+            if not dry_run:
+                try:
+                    await container.delete(force=True, v=True)
+                except aiodocker.DockerError as exc:
+                    if exc.status != 404:
+                        log.warning(
+                            "reap_remove_failed", container_id=container.id[:12], error=str(exc)
+                        )
+                        continue
+            reaped = ReapedContainer(
+                container_id=container.id,
+                name=str(info.get("Name", "")).lstrip("/"),
+                config_hash=labels.get(_labels.LABEL_CONFIG_HASH),
+                owner_pid=labels.get(_labels.LABEL_PID),
+                results_dir=labels.get(_labels.LABEL_RESULTS_DIR),
+                log_path=log_path,
+                removed=not dry_run,
+            )
+            log.warning(
+                "orphan_reaped" if not dry_run else "orphan_found",
+                container_id=container.id[:12],
+                config_hash=reaped.config_hash,
+                owner_pid=reaped.owner_pid,
+                log_path=log_path,
+            )
+            found.append(reaped)
+    finally:
+        await docker.close()
+    return found
+
+
+async def _save_logs(
+    container: aiodocker.containers.DockerContainer,
+    labels: dict[str, str],
+    logs_dir: str | Path | None,
+) -> str | None:
+    exchange = labels.get(_labels.LABEL_EXCHANGE_DIR)
+    target: Path | None = None
+    if exchange and Path(exchange).is_dir():
+        target = Path(exchange) / "container.orphan.log"
+    elif logs_dir is not None:
+        Path(logs_dir).mkdir(parents=True, exist_ok=True)
+        target = Path(logs_dir) / f"{container.id[:12]}.log"
+    if target is None:
+        return None
+    try:
+        lines = await container.log(stdout=True, stderr=True)
+    except aiodocker.DockerError as exc:
+        log.warning("reap_logs_failed", container_id=container.id[:12], error=str(exc))
+        return None
+    target.write_text("".join(lines))
+    return str(target)
