@@ -431,5 +431,10 @@ class Dispatcher:
                         runs.start_soon(one, config)
 
             tg.start_soon(feed)
-            async for record in receive:
-                yield record
+            try:
+                async for record in receive:
+                    yield record
+            except GeneratorExit:
+                # The consumer stopped early: cancel what is in flight (their
+                # containers are removed by the runners' shielded cleanup).
+                tg.cancel_scope.cancel()

@@ -76,8 +76,11 @@ class GpuLease(tuple[str, ...]):
 class GpuHolding:
     """Who holds one busy id, for progress displays."""
 
+    #: Every id of the lease that holds this one, in pool order.
     lease_ids: tuple[str, ...]
+    #: `anyio.current_time()` when the lease was granted.
     since: float
+    #: The label passed to `GpuPool.acquire(k, holder=...)`, if any.
     holder: str | None = None
 
 
@@ -524,8 +527,12 @@ def _match_visible(visible: list[str], uuids: dict[str, str]) -> list[str]:
         else:
             hits = [i for i, u in uuids.items() if u == entry or u.startswith(entry)]
             match = hits[0] if len(hits) == 1 else None
+        if match is None and entry.isdigit():
+            # CUDA ignores an index with no device behind it, and so do we.
+            log.warning("gpu_visible_device_missing", entry=entry, nvml_devices=len(uuids))
+            continue
         if match is None:
-            # A MIG UUID or a device NVML did not list: keep it as written.
+            # A MIG UUID, say, which NVML does not list as a device: keep it as written.
             log.info("gpu_visible_device_unmatched", entry=entry)
             match = entry
         if match not in ids:

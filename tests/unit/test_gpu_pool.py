@@ -499,6 +499,9 @@ def test_detect_with_nvml_uses_indices_and_records_uuids(monkeypatch: pytest.Mon
     narrowed = GpuPool.detect()
     assert narrowed.devices == ("2", "0")
     assert narrowed.uuids == {"2": "GPU-ccc", "0": "GPU-aaa"}
+    # An index with no device is dropped (as CUDA does); an unknown MIG UUID is kept.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,7,MIG-xyz")
+    assert GpuPool.detect().devices == ("1", "MIG-xyz")
 
 
 def test_detect_survives_a_broken_nvml(monkeypatch: pytest.MonkeyPatch) -> None:

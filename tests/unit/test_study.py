@@ -1,0 +1,210 @@
+"""Study files, expansion, runner resolution, and run_study's results dir (FakeRunner)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from llem_dispatch import ConfigError, GpuRequestError
+from llem_dispatch.gpu import GpuPool
+from llem_dispatch.study import (
+    Study,
+    completed_keys,
+    expand_study,
+    get_default_image,
+    load_study,
+    parse_runner_value,
+    resolve_runner,
+    run_study,
+)
+from llem_dispatch.testing import FakeRunner
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_grid_expands_to_cartesian_product_with_base(tmp_path: Path) -> None:
+    study = load_study(
+        write(
+            tmp_path,
+            """
+name: s
+image: img:1
+base: {repeats: 2}
+grid:
+  size: [1, 2, 3]
+  dtype: [a, b]
+configs:
+  - {size: 99}
+""",
+        )
+    )
+    experiments = expand_study(study)
+    assert len(experiments) == 7
+    assert experiments[0].config == {"repeats": 2, "size": 99}
+    assert {(e.config["size"], e.config.get("dtype")) for e in experiments[1:]} == {
+        (s, d) for s in (1, 2, 3) for d in ("a", "b")
+    }
+    assert all(e.config["repeats"] == 2 for e in experiments)
+
+
+def test_cycle_orders() -> None:
+    base = {"grid": {"x": [1, 2]}, "n_cycles": 2, "image": "i:1"}
+    seq = expand_study(Study.model_validate({**base, "cycle_order": "sequential"}))
+    assert [(e.config["x"], e.cycle) for e in seq] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    inter = expand_study(Study.model_validate({**base, "cycle_order": "interleaved"}))
+    assert [(e.config["x"], e.cycle) for e in inter] == [(1, 1), (2, 1), (1, 2), (2, 2)]
+    big = {"grid": {"x": list(range(20))}, "n_cycles": 2, "cycle_order": "shuffled", "seed": 7}
+    one = [e.key for e in expand_study(Study.model_validate(big))]
+    two = [e.key for e in expand_study(Study.model_validate(big))]
+    assert one == two, "a recorded seed reproduces the order"
+    other = [e.key for e in expand_study(Study.model_validate({**big, "seed": 8}))]
+    assert one != other
+    assert len(set(one)) == 40
+
+
+def test_duplicate_configs_are_dropped_not_raced() -> None:
+    study = Study.model_validate({"configs": [{"a": 1}, {"a": 1}, {"a": 2}], "image": "i:1"})
+    assert len(expand_study(study)) == 2
+
+
+def test_study_errors_are_all_listed_with_lines(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """name: bad
+image: "Not A Valid Image!"
+timeout_s: -5
+gpus_per_experiment: two
+grid:
+  size: []
+colour: blue
+""",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_study(path)
+    message = info.value.message
+    assert "5 problem(s)" in message
+    assert f"{path}:2: image:" in message
+    assert f"{path}:3: timeout_s:" in message
+    assert f"{path}:4: gpus_per_experiment:" in message
+    assert f"{path}:6: grid.size:" in message or f"{path}:5: grid:" in message
+    assert f"{path}:7: colour: unknown field" in message
+    assert "nothing was run" in info.value.fix_suggestion
+
+
+def test_empty_study_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no experiments"):
+        load_study(write(tmp_path, "name: empty\nimage: i:1\n"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_study(write(tmp_path, "grid: [unclosed\n"))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_study(tmp_path / "missing.yaml")
+
+
+def test_parse_runner_value() -> None:
+    assert parse_runner_value("local").kind == "local"
+    spec = parse_runner_value("docker:ghcr.io/org/img:1.2")
+    assert (spec.kind, spec.image) == ("docker", "ghcr.io/org/img:1.2")
+    with pytest.raises(ConfigError, match="not one of"):
+        parse_runner_value("podman")
+    with pytest.raises(ConfigError, match="not a valid image"):
+        parse_runner_value("docker:BAD IMAGE")
+
+
+def test_resolve_runner_precedence() -> None:
+    study = Study.model_validate({"grid": {"x": [1]}, "image": "s:1", "runner": "local"})
+    env = {"LLEM_RUNNER": "docker:e:1"}
+    assert resolve_runner("docker:x:1", study, environ=env).source == "explicit"
+    by_env = resolve_runner(None, study, environ=env)
+    assert (by_env.kind, by_env.image, by_env.source) == ("docker", "e:1", "env")
+    assert resolve_runner(None, study, environ={}).source == "study"
+    auto = Study.model_validate({"grid": {"x": [1]}, "image": "s:1"})
+    assert resolve_runner(None, auto, environ={}, probe=lambda: True).kind == "docker"
+    fallback = resolve_runner(None, auto, environ={}, probe=lambda: False)
+    assert (fallback.kind, fallback.source) == ("local", "auto")
+
+
+def test_get_default_image() -> None:
+    images = {"pytorch": "pt:1", "vllm": "vllm:1"}
+    assert get_default_image("vllm", images, environ={}) == "vllm:1"
+    assert get_default_image("vllm", images, environ={"LLEM_IMAGE_VLLM": "mine:2"}) == "mine:2"
+    with pytest.raises(ConfigError, match="LLEM_IMAGE_TENSORRT"):
+        get_default_image("tensorrt", images, environ={})
+
+
+async def test_run_study_writes_records_journal_summary(tmp_path: Path) -> None:
+    study = Study.model_validate(
+        {"name": "t", "grid": {"x": [1, 2, 3]}, "n_cycles": 2, "gpus_per_experiment": 1}
+    )
+    summary = await run_study(
+        study, tmp_path / "out", runner=FakeRunner(), pool=GpuPool.virtual_devices(2)
+    )
+    assert (summary.total, summary.succeeded, summary.exit_code) == (6, 6, 0)
+    out = tmp_path / "out"
+    assert len(list((out / "records").glob("*.json"))) == 6
+    assert json.loads((out / "summary.json").read_text())["succeeded"] == 6
+    events = [
+        json.loads(line)["event"] for line in (out / "journal.jsonl").read_text().splitlines()
+    ]
+    assert events[0] == "study_started"
+    assert events[-1] == "study_finished"
+    assert events.count("succeeded") == 6
+    assert (out / "study.yaml").exists()
+
+
+async def test_gpu_request_over_pool_fails_before_running(tmp_path: Path) -> None:
+    runner = FakeRunner()
+    study = Study.model_validate({"grid": {"x": [1]}, "gpus_per_experiment": 5})
+    with pytest.raises(GpuRequestError):
+        await run_study(study, tmp_path / "o", runner=runner, pool=GpuPool.virtual_devices(4))
+    assert runner.calls == []
+
+
+async def test_results_dir_with_records_needs_resume(tmp_path: Path) -> None:
+    study = Study.model_validate({"grid": {"x": [1]}})
+    await run_study(study, tmp_path / "o", runner=FakeRunner())
+    with pytest.raises(ConfigError, match="--resume"):
+        await run_study(study, tmp_path / "o", runner=FakeRunner())
+
+
+async def test_resume_after_interrupt_runs_each_experiment_exactly_once(tmp_path: Path) -> None:
+    study = Study.model_validate({"grid": {"x": list(range(10))}, "max_concurrency": 2})
+    finished: list[int] = []
+    gate = anyio.Event()
+
+    async def slow_after_four(config: dict[str, Any], gpus: tuple[str, ...]) -> dict[str, Any]:
+        if len(finished) >= 4:
+            gate.set()
+            await anyio.sleep(60)
+        finished.append(config["x"])
+        return {"x": config["x"]}
+
+    out = tmp_path / "o"
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: run_study(study, out, runner=FakeRunner(slow_after_four)))
+            await gate.wait()
+            tg.cancel_scope.cancel()
+    first_done = completed_keys(out)
+    assert len(first_done) == 4
+    journal = (out / "journal.jsonl").read_text()
+    assert '"event": "interrupted"' in journal
+
+    rerun: list[int] = []
+
+    def record(config: dict[str, Any], gpus: tuple[str, ...]) -> dict[str, Any]:
+        rerun.append(config["x"])
+        return {"x": config["x"]}
+
+    summary = await run_study(study, out, runner=FakeRunner(record), resume=True)
+    assert summary.skipped == 4
+    assert sorted(finished + rerun) == list(range(10)), "each experiment ran to success once"
+    assert len(list((out / "records").glob("*.json"))) == 10
+    assert len(completed_keys(out)) == 10
