@@ -394,7 +394,10 @@ class DockerRunner:
             spec = self.container_spec(exchange, gpu_ids, config_hash=config_hash)
             name = f"llem-{config_hash}-{_secrets_mod.token_hex(3)}"
             try:
-                container = await self._client().containers.create(spec, name=name)
+                # Shielded: a create cancelled mid-request can still make a container
+                # whose id we would never learn. Let it finish (bounded), then clean up.
+                with anyio.CancelScope(shield=True), anyio.fail_after(CLEANUP_TIMEOUT_S):
+                    container = await self._client().containers.create(spec, name=name)
             except Exception as exc:
                 raise translate_api_error(exc, image=self.image, phase="create", **context) from exc
             info.container_id = container.id
