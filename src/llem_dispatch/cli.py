@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import signal
 import sys
@@ -281,9 +282,13 @@ def run(
         bool, typer.Option("--json-logs", help="structlog JSON on stderr.")
     ] = False,
     plain: Annotated[bool, typer.Option(help="Line-by-line output even on a terminal.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every container.")]
+    = False,
 ) -> None:
     """Run every experiment of STUDY_FILE and write records to the results dir."""
-    _logging.configure_logging(json_logs=json_logs)
+    _logging.configure_logging(
+        json_logs=json_logs, level=logging.INFO if verbose or json_logs else logging.WARNING
+    )
     console = _console()
     overrides: dict[str, Any] = {}
     if timeout is not None:
@@ -680,3 +685,7 @@ def doctor(
             console.print(f"     fix: {check.fix}")
     critical = [c for c in checks if not c.ok and c.name.startswith(("Docker", "image", "probe"))]
     raise typer.Exit(EXIT_FAILED if critical else EXIT_OK)
+
+
+if __name__ == "__main__":
+    main()

@@ -144,6 +144,8 @@ class Study(BaseModel):
     cap_add: list[str] = Field(default_factory=list)
     mem_limit: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict,
+                                   description="Extra Docker labels on every container.")
 
     @field_validator("image")
     @classmethod
@@ -477,6 +479,7 @@ def make_runner(
     labels: Mapping[str, str] | None = None,
     experiments: Iterable[Experiment] = (),
     virtual: bool = False,
+    exchange_base: Path | None = None,
 ) -> Runner:
     """Build the runner a study asks for."""
     from llem_dispatch.runners.docker import DockerRunner
@@ -497,6 +500,7 @@ def make_runner(
             env=study.env,
             cwd=cwd,
             silence_timeout=study.silence_timeout_s,
+            exchange_base=exchange_base,
         )
 
     def docker(image: str) -> DockerRunner:
@@ -516,7 +520,8 @@ def make_runner(
             user=study.user,
             cap_add=study.cap_add,
             mem_limit=study.mem_limit,
-            labels=labels,
+            labels={**study.labels, **(labels or {})},
+            exchange_base=exchange_base,
         )
 
     if spec.image is None and study.images:
@@ -696,6 +701,9 @@ async def run_study(
     needed = max((e.gpus for e in experiments), default=0)
     pool.check_request(needed)
     labels = {_labels.LABEL_RESULTS_DIR: str(results)}
+    # Exchange dirs live in the results dir: a failure's kept dir sits beside its record.
+    exchange_dirs = results / "exchange"
+    exchange_dirs.mkdir(parents=True, exist_ok=True, mode=0o700)
     spec: RunnerSpec | None = None
     if runner is None:
         spec = resolve_runner(runner_value, study)
@@ -706,6 +714,7 @@ async def run_study(
             labels=labels,
             experiments=experiments,
             virtual=pool.virtual,
+            exchange_base=exchange_dirs,
         )
     runner_name = spec.kind if spec is not None else getattr(runner, "runner_type", "custom")
     records_dir.mkdir(parents=True, exist_ok=True)
