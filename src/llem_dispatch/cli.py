@@ -67,6 +67,12 @@ def main() -> None:
     app()
 
 
+@app.callback()
+def _setup() -> None:
+    """Quiet library logs by default; `run --verbose` / `--json-logs` turn them up."""
+    _logging.configure_logging(level=logging.WARNING)
+
+
 def _console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, highlight=False, soft_wrap=False)
 
@@ -555,6 +561,8 @@ class Check:
     ok: bool
     detail: str
     fix: str = ""
+    #: A failed optional check (no GPUs on a CPU host) warns instead of failing.
+    optional: bool = False
 
 
 def _doctor_checks(study_file: Path | None) -> list[Check]:
@@ -601,6 +609,7 @@ def _doctor_checks(study_file: Path | None) -> list[Check]:
                 if has_nvidia
                 else "Install the NVIDIA Container Toolkit for GPU "
                 "passthrough; without it use --virtual-gpus.",
+                optional=True,
             )
         )
     pool = GpuPool.detect()
@@ -613,6 +622,7 @@ def _doctor_checks(study_file: Path | None) -> list[Check]:
             ""
             if pool.devices
             else "No GPUs found: use --virtual-gpus N to schedule on virtual ids.",
+            optional=True,
         )
     )
     if study_file is not None and up:
@@ -679,11 +689,12 @@ def doctor(
     except LlemError as exc:
         raise _fail_usage(exc.message, exc.fix_suggestion) from exc
     for check in checks:
-        mark = "[green]PASS[/]" if check.ok else "[red]FAIL[/]"
+        mark = ("[green]PASS[/]" if check.ok else
+                "[yellow]WARN[/]" if check.optional else "[red]FAIL[/]")
         console.print(f"{mark} {check.name}: {check.detail}", markup=True)
         if check.fix:
             console.print(f"     fix: {check.fix}")
-    critical = [c for c in checks if not c.ok and c.name.startswith(("Docker", "image", "probe"))]
+    critical = [c for c in checks if not c.ok and not c.optional]
     raise typer.Exit(EXIT_FAILED if critical else EXIT_OK)
 
 

@@ -224,3 +224,44 @@ def test_live_display_under_a_pseudo_terminal(tmp_path: Path,
     assert "_c1" in screen, "a GPU line named the experiment running on it"
     assert "queued" in screen
     assert "4 succeeded" in screen
+
+
+def test_doctor_reports_daemon_and_study_image(tmp_path: Path,
+                                               test_labels: dict[str, str]) -> None:
+    study = study_file(tmp_path, test_labels, OK_SCRIPT, n=1)
+    proc = cli("doctor", str(study))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "PASS Docker daemon" in proc.stdout
+    assert f"PASS image {BUSYBOX_IMAGE}: present" in proc.stdout
+    assert "probe container" in proc.stdout
+    missing = study.read_text().replace(BUSYBOX_IMAGE, "llem-test/absent:0")
+    study.write_text(missing)
+    proc = cli("doctor", str(study))
+    assert proc.returncode == 1
+    assert "FAIL image llem-test/absent:0: missing" in proc.stdout
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("runner", ["docker", "local"])
+def test_quickstart_example_runs(tmp_path: Path, runner: str) -> None:
+    """The README's first command: the quickstart sweep, 12 experiments on 4 virtual GPUs."""
+    from tests.conftest import PYTHON_IMAGE
+
+    env = {**os.environ, "LLEM_BASE_IMAGE": PYTHON_IMAGE}
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [*CLI, "run", str(REPO / "examples/quickstart/study.yaml"), "--results", str(out),
+         "--runner", runner],
+        capture_output=True, text=True, timeout=600, check=False, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "12 succeeded, 0 failed" in proc.stdout
+    rows = [json.loads(p.read_text()) for p in (out / "records").glob("*.json")]
+    assert len(rows) == 12
+    data = [r["result"]["data"] for r in rows]
+    assert all(d["gflops"] > 0 and d["time_per_op_ms"] > 0 for d in data)
+    assert {d["gpu_ids"] for d in data} <= {"0", "1", "2", "3"}
+    assert all(d["energy_source"].startswith(("nvml", "unavailable")) for d in data)
+    subprocess.run(["docker", "ps", "-aq", "--filter",
+                    f"label=llem.results_dir={out.resolve()}"], check=False)
