@@ -52,7 +52,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
 
         def one_round() -> None:
             for _ in range(batch):
-                a @ b  # noqa: B018 - the work being measured
+                a @ b
     except ImportError:
         impl = "python"
 
@@ -78,7 +78,8 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         "gflops": flops / best / 1e9,
         "times_s": times,
         "energy_j": (energy_end - energy_start) / 1e3
-        if energy_start is not None and energy_end is not None else None,
+        if energy_start is not None and energy_end is not None
+        else None,
         "energy_source": energy_source,
         "gpu_ids": os.environ.get("LLEM_GPU_IDS", ""),
         "python": platform.python_version(),
