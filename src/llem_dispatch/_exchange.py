@@ -203,7 +203,7 @@ class ExchangeDir:
     def remove(self) -> None:
         """Delete the dir; a failure is a warning and never masks the run's outcome."""
         try:
-            shutil.rmtree(self.path)
+            shutil.rmtree(self.path, onerror=_make_writable_and_retry)
         except FileNotFoundError:
             pass
         except OSError as exc:
@@ -214,6 +214,19 @@ class ExchangeDir:
 
     def __str__(self) -> str:
         return str(self.path)
+
+
+def _make_writable_and_retry(func: Any, path: str, exc_info: Any) -> None:
+    """rmtree hook: the container may have chmod-ed entries; restore owner access once."""
+    exc = exc_info[1]
+    if not isinstance(exc, PermissionError):
+        raise exc
+    parent = os.path.dirname(path)
+    for target in (parent, path):
+        with contextlib.suppress(OSError):
+            if not os.path.islink(target):
+                os.chmod(target, 0o700)
+    func(path)
 
 
 def _atomic_write(target: Path, data: bytes, *, mode: int) -> None:

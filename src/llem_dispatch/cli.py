@@ -398,10 +398,10 @@ def run(
 
 def _logging_force(force: bool) -> None:
     """Tell the runners' cancellation cleanup to skip the stop grace period."""
-    from llem_dispatch.runners import docker
+    from llem_dispatch.runners._base import FORCE_KILL
 
     if force:
-        docker.FORCE_KILL.set()
+        FORCE_KILL.set()
 
 
 def _print_summary(summary: StudySummary, console: Console) -> None:

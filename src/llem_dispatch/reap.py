@@ -8,6 +8,7 @@ naming their owner (host, pid + start time, session), so the next run or
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,5 +117,8 @@ async def _save_logs(
     except aiodocker.DockerError as exc:
         log.warning("reap_logs_failed", container_id=container.id[:12], error=str(exc))
         return None
-    target.write_text("".join(lines))
+    # The exchange dir was writable by the container: never follow a link planted there.
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write("".join(lines))
     return str(target)

@@ -138,6 +138,8 @@ class Study(BaseModel):
     virtual_gpus: int | None = Field(default=None, ge=1)
     gpu_passthrough: bool | None = None
     retries: int = Field(default=3, ge=0)
+    stop_grace_s: float = Field(default=10.0, ge=0,
+                                description="On interrupt: SIGTERM, then SIGKILL after this.")
     shm_size: str = "8g"
     network: str | None = None
     user: str | None = None
@@ -501,6 +503,7 @@ def make_runner(
             cwd=cwd,
             silence_timeout=study.silence_timeout_s,
             exchange_base=exchange_base,
+            stop_grace_s=study.stop_grace_s,
         )
 
     def docker(image: str) -> DockerRunner:
@@ -521,6 +524,7 @@ def make_runner(
             cap_add=study.cap_add,
             mem_limit=study.mem_limit,
             labels={**study.labels, **(labels or {})},
+            stop_grace_s=study.stop_grace_s,
             exchange_base=exchange_base,
         )
 

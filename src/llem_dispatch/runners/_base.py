@@ -7,6 +7,7 @@ everything about GPUs, concurrency, retries and journals lives above it.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,6 +23,7 @@ from llem_dispatch.models import ExperimentFailure, ExperimentResult, RunnerMeta
 
 __all__ = [
     "DEFAULT_SECRET_ENV",
+    "FORCE_KILL",
     "Outcome",
     "RunInfo",
     "RunObserver",
@@ -33,6 +35,9 @@ __all__ = [
 ]
 
 DEFAULT_SECRET_ENV: tuple[str, ...] = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+#: Set (e.g. by a second Ctrl-C) to skip the stop grace period when cancelling runs.
+FORCE_KILL = threading.Event()
 
 Outcome: TypeAlias = BaseModel | ExperimentFailure
 

@@ -12,7 +12,6 @@ import math
 import os
 import re
 import secrets as _secrets_mod
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from importlib import resources
@@ -52,6 +51,7 @@ from llem_dispatch.models import (
 )
 from llem_dispatch.runners._base import (
     DEFAULT_SECRET_ENV,
+    FORCE_KILL,
     Outcome,
     RunInfo,
     RunObserver,
@@ -62,8 +62,6 @@ from llem_dispatch.runners._base import (
 
 __all__ = ["FORCE_KILL", "HELPER_CONTAINER_PATH", "DockerRunner", "docker_url", "parse_size"]
 
-#: Set (e.g. by a second Ctrl-C) to skip the stop grace period when cancelling.
-FORCE_KILL = threading.Event()
 
 HELPER_CONTAINER_PATH = "/opt/llem/llem_container.py"
 KILL_WAIT_S = 15.0
@@ -230,6 +228,7 @@ class DockerRunner:
         self.stop_grace_s = stop_grace_s
         self._docker: aiodocker.Docker | None = None
         self._digest: str | None = None
+        self._pending_removal: set[str] = set()
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------------
@@ -246,7 +245,10 @@ class DockerRunner:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the API client; idempotent."""
+        """Remove any container still pending removal, close the API client; idempotent."""
+        if self._pending_removal and self._docker is not None and not self._closed:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
+                await self._remove_pending()
         self._closed = True
         if self._docker is not None:
             docker, self._docker = self._docker, None
@@ -364,6 +366,8 @@ class DockerRunner:
         data = config_to_dict(config)
         config_hash = compute_config_hash(data)
         gpu_ids = tuple(str(g) for g in gpus or ())
+        if self._pending_removal:
+            await self._remove_pending()
         digest = await self.image_digest()
         exchange = ExchangeDir.create(config_hash, base_dir=self.exchange_base)
         info = RunInfo(
@@ -593,17 +597,30 @@ class DockerRunner:
                 log.debug("kill_failed", error=repr(exc))
 
     async def _remove(self, container: Any, bound: Any) -> None:
-        """Force-remove the container; shielded from cancellation and bounded."""
+        """Force-remove the container; shielded from cancellation and bounded.
+
+        If the daemon cannot be reached (restarting), the id is kept and removal is
+        tried again before the next run and at `aclose()`, so nothing is left behind.
+        """
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(CLEANUP_TIMEOUT_S) as scope:
                 try:
                     await container.delete(force=True, v=True)
+                    self._pending_removal.discard(container.id)
                     return
                 except aiodocker.DockerError as exc:
                     if exc.status == 404:
+                        self._pending_removal.discard(container.id)
                         return
                     bound.warning("container_remove_failed", error=str(exc))
                 except (aiohttp.ClientError, OSError) as exc:
                     bound.warning("container_remove_failed", error=repr(exc))
             if scope.cancelled_caught:
                 bound.warning("container_remove_timed_out")
+            self._pending_removal.add(container.id)
+
+    async def _remove_pending(self) -> None:
+        """Retry removals that failed while the daemon was unreachable."""
+        for container_id in list(self._pending_removal):
+            container = self._client().containers.container(container_id)
+            await self._remove(container, log.bind(container_id=container_id[:12]))

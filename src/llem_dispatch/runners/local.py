@@ -41,6 +41,7 @@ from llem_dispatch.models import (
 )
 from llem_dispatch.runners._base import (
     DEFAULT_SECRET_ENV,
+    FORCE_KILL,
     Outcome,
     RunInfo,
     RunObserver,
@@ -85,6 +86,7 @@ class LocalRunner:
         silence_timeout: float | None = None,
         exchange_base: str | Path | None = None,
         max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
+        stop_grace_s: float = 10.0,
     ) -> None:
         if (command is None) == (function is None):
             raise ValueError("give exactly one of command= or function=")
@@ -110,6 +112,7 @@ class LocalRunner:
         self.exchange_base = exchange_base
         self.max_result_bytes = max_result_bytes
         self.image: str | None = None
+        self.stop_grace_s = stop_grace_s
 
     async def __aenter__(self) -> Self:
         return self
@@ -186,6 +189,10 @@ class LocalRunner:
             bound = bound.bind(pid=process.pid)
             try:
                 outcome = await self._supervise(process, capture, info, observer, context, bound)
+            except anyio.get_cancelled_exc_class():
+                with anyio.CancelScope(shield=True):
+                    await self._terminate(process, bound)
+                raise
             finally:
                 # Like a stopped container: nothing of the experiment outlives it.
                 with anyio.CancelScope(shield=True), anyio.move_on_after(KILL_WAIT_S):
@@ -224,6 +231,19 @@ class LocalRunner:
             capture.close()
             if succeeded:
                 exchange.remove()
+
+    async def _terminate(self, process: anyio.abc.Process, bound: Any) -> None:
+        """On cancellation: SIGTERM the group, SIGKILL after the grace period (or if forced)."""
+        if FORCE_KILL.is_set() or self.stop_grace_s <= 0:
+            return
+        bound.info("process_stopping", grace_s=self.stop_grace_s)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGTERM)
+        with anyio.move_on_after(self.stop_grace_s):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_wait_forced)
+                await process.wait()
+                tg.cancel_scope.cancel()
 
     async def _supervise(
         self,
@@ -284,6 +304,12 @@ class LocalRunner:
                 "process was killed with SIGKILL, not by us (the kernel OOM killer?)", **context
             )
         return info.exit_code
+
+
+async def _wait_forced() -> None:
+    # FORCE_KILL is a threading.Event set from a signal handler: poll it.
+    while not FORCE_KILL.is_set():  # noqa: ASYNC110
+        await anyio.sleep(0.1)
 
 
 async def _pump(stream: anyio.abc.ByteReceiveStream, capture: LogCapture, name: str) -> None:
