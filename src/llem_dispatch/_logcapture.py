@@ -45,6 +45,8 @@ class LogCapture:
             tail.append(redact(line[-_MAX_LINE_CHARS:]))
         if self._file is not None:
             self._file.write(redact(chunk))
+            # Flushed per chunk: if the dispatcher is killed, the log on disk is complete.
+            self._file.flush()
 
     def touch(self) -> None:
         """Count as output (e.g. at start) for the silence watchdog."""

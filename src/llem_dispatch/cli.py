@@ -288,8 +288,7 @@ def run(
         bool, typer.Option("--json-logs", help="structlog JSON on stderr.")
     ] = False,
     plain: Annotated[bool, typer.Option(help="Line-by-line output even on a terminal.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every container.")]
-    = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every container.")] = False,
 ) -> None:
     """Run every experiment of STUDY_FILE and write records to the results dir."""
     _logging.configure_logging(
@@ -689,8 +688,13 @@ def doctor(
     except LlemError as exc:
         raise _fail_usage(exc.message, exc.fix_suggestion) from exc
     for check in checks:
-        mark = ("[green]PASS[/]" if check.ok else
-                "[yellow]WARN[/]" if check.optional else "[red]FAIL[/]")
+        mark = (
+            "[green]PASS[/]"
+            if check.ok
+            else "[yellow]WARN[/]"
+            if check.optional
+            else "[red]FAIL[/]"
+        )
         console.print(f"{mark} {check.name}: {check.detail}", markup=True)
         if check.fix:
             console.print(f"     fix: {check.fix}")

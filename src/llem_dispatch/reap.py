@@ -115,6 +115,11 @@ async def _save_logs(
     try:
         lines = await container.log(stdout=True, stderr=True)
     except aiodocker.DockerError as exc:
+        # The default "none" log driver keeps no logs in the daemon: the dispatcher
+        # streamed them into the exchange dir's container.log as they came.
+        captured = Path(exchange, "container.log") if exchange else None
+        if captured is not None and captured.is_file() and not captured.is_symlink():
+            return str(captured)
         log.warning("reap_logs_failed", container_id=container.id[:12], error=str(exc))
         return None
     # The exchange dir was writable by the container: never follow a link planted there.

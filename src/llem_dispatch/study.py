@@ -138,16 +138,18 @@ class Study(BaseModel):
     virtual_gpus: int | None = Field(default=None, ge=1)
     gpu_passthrough: bool | None = None
     retries: int = Field(default=3, ge=0)
-    stop_grace_s: float = Field(default=10.0, ge=0,
-                                description="On interrupt: SIGTERM, then SIGKILL after this.")
+    stop_grace_s: float = Field(
+        default=10.0, ge=0, description="On interrupt: SIGTERM, then SIGKILL after this."
+    )
     shm_size: str = "8g"
     network: str | None = None
     user: str | None = None
     cap_add: list[str] = Field(default_factory=list)
     mem_limit: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
-    labels: dict[str, str] = Field(default_factory=dict,
-                                   description="Extra Docker labels on every container.")
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Extra Docker labels on every container."
+    )
 
     @field_validator("image")
     @classmethod

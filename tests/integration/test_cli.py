@@ -167,7 +167,12 @@ def test_reap_removes_containers_of_a_killed_dispatcher(
     label = f"llem.results_dir={out.resolve()}"
     try:
         deadline = time.monotonic() + 60
-        while len(_containers(label)) < 2:
+
+        def printed() -> int:
+            logs = (out / "exchange").glob("llem-*/container.log")
+            return sum("working" in p.read_text() for p in logs)
+
+        while len(_containers(label)) < 2 or printed() < 2:
             assert time.monotonic() < deadline, "containers never started"
             time.sleep(0.2)
     finally:
@@ -183,21 +188,25 @@ def test_reap_removes_containers_of_a_killed_dispatcher(
     assert reaped.returncode == 0, reaped.stderr
     assert "removed 2 container(s)" in reaped.stdout
     assert _containers(label) == []
-    kept_logs = list(tmp_path.glob("**/container.orphan.log"))
+    kept_logs = list((out / "exchange").glob("llem-*/container*.log"))
     assert len(kept_logs) == 2
     assert all("working" in p.read_text() for p in kept_logs)
 
 
-def test_live_display_under_a_pseudo_terminal(tmp_path: Path,
-                                              test_labels: dict[str, str]) -> None:
+def test_live_display_under_a_pseudo_terminal(tmp_path: Path, test_labels: dict[str, str]) -> None:
     import pty
     import select
 
     study = study_file(tmp_path, test_labels, f"sleep 1; {OK_SCRIPT}", n=4)
     primary, secondary = pty.openpty()
     env = {**os.environ, "COLUMNS": "120", "LINES": "40", "TERM": "xterm"}
-    proc = subprocess.Popen([*CLI, "run", str(study), "--results", str(tmp_path / "out")],
-                            stdin=secondary, stdout=secondary, stderr=secondary, env=env)
+    proc = subprocess.Popen(
+        [*CLI, "run", str(study), "--results", str(tmp_path / "out")],
+        stdin=secondary,
+        stdout=secondary,
+        stderr=secondary,
+        env=env,
+    )
     os.close(secondary)
     chunks: list[bytes] = []
     deadline = time.monotonic() + 90
@@ -226,8 +235,7 @@ def test_live_display_under_a_pseudo_terminal(tmp_path: Path,
     assert "4 succeeded" in screen
 
 
-def test_doctor_reports_daemon_and_study_image(tmp_path: Path,
-                                               test_labels: dict[str, str]) -> None:
+def test_doctor_reports_daemon_and_study_image(tmp_path: Path, test_labels: dict[str, str]) -> None:
     study = study_file(tmp_path, test_labels, OK_SCRIPT, n=1)
     proc = cli("doctor", str(study))
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -252,9 +260,21 @@ def test_quickstart_example_runs(tmp_path: Path, runner: str) -> None:
     env = {**os.environ, "LLEM_BASE_IMAGE": PYTHON_IMAGE}
     out = tmp_path / "out"
     proc = subprocess.run(
-        [*CLI, "run", str(REPO / "examples/quickstart/study.yaml"), "--results", str(out),
-         "--runner", runner],
-        capture_output=True, text=True, timeout=600, check=False, env=env)
+        [
+            *CLI,
+            "run",
+            str(REPO / "examples/quickstart/study.yaml"),
+            "--results",
+            str(out),
+            "--runner",
+            runner,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "12 succeeded, 0 failed" in proc.stdout
     rows = [json.loads(p.read_text()) for p in (out / "records").glob("*.json")]
@@ -263,5 +283,6 @@ def test_quickstart_example_runs(tmp_path: Path, runner: str) -> None:
     assert all(d["gflops"] > 0 and d["time_per_op_ms"] > 0 for d in data)
     assert {d["gpu_ids"] for d in data} <= {"0", "1", "2", "3"}
     assert all(d["energy_source"].startswith(("nvml", "unavailable")) for d in data)
-    subprocess.run(["docker", "ps", "-aq", "--filter",
-                    f"label=llem.results_dir={out.resolve()}"], check=False)
+    subprocess.run(
+        ["docker", "ps", "-aq", "--filter", f"label=llem.results_dir={out.resolve()}"], check=False
+    )

@@ -24,11 +24,17 @@ def render(state: ProgressState) -> str:
 
 def record(key: str, gpus: list[str], status: str = "succeeded") -> RunRecord:
     now = datetime.now(UTC)
-    return RunRecord(config_hash=key[:16], config={}, status=status,  # type: ignore[arg-type]
-                     gpu_ids=gpus, queued_at=now, started_at=now, ended_at=now,
-                     tags={"key": key},
-                     error=ErrorInfo(type="DockerOOMError", message="m")
-                     if status == "error" else None)
+    return RunRecord(
+        config_hash=key[:16],
+        config={},
+        status=status,  # type: ignore[arg-type]
+        gpu_ids=gpus,
+        queued_at=now,
+        started_at=now,
+        ended_at=now,
+        tags={"key": key},
+        error=ErrorInfo(type="DockerOOMError", message="m") if status == "error" else None,
+    )
 
 
 def test_display_shows_a_line_per_gpu_with_what_runs_there() -> None:
@@ -65,12 +71,19 @@ def test_display_counts_done_and_failed_and_frees_gpus() -> None:
 
 
 def test_record_row_flattens_params_and_scalar_results() -> None:
-    row = record_row({
-        "key": "h_c1", "config_hash": "h", "cycle": 1, "status": "succeeded",
-        "config": {"size": 64, "opts": {"a": 1}},
-        "started_at": "2026-01-01T00:00:00+00:00", "ended_at": "2026-01-01T00:00:02.5+00:00",
-        "gpu_ids": ["0", "3"], "result": {"data": {"gflops": 1.5, "times": [1, 2]}},
-    })
+    row = record_row(
+        {
+            "key": "h_c1",
+            "config_hash": "h",
+            "cycle": 1,
+            "status": "succeeded",
+            "config": {"size": 64, "opts": {"a": 1}},
+            "started_at": "2026-01-01T00:00:00+00:00",
+            "ended_at": "2026-01-01T00:00:02.5+00:00",
+            "gpu_ids": ["0", "3"],
+            "result": {"data": {"gflops": 1.5, "times": [1, 2]}},
+        }
+    )
     assert row["param.size"] == 64
     assert row["param.opts"] == '{"a": 1}'
     assert row["duration_s"] == 2.5

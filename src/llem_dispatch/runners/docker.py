@@ -7,6 +7,7 @@ llem-dispatch's own classes here, once.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import math
 import os
@@ -189,6 +190,7 @@ class DockerRunner:
         max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
         docker_host: str | None = None,
         stop_grace_s: float = 10.0,
+        log_driver: str = "none",
     ) -> None:
         if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
@@ -226,6 +228,7 @@ class DockerRunner:
         self.max_result_bytes = max_result_bytes
         self._docker_host = docker_host
         self.stop_grace_s = stop_grace_s
+        self.log_driver = log_driver
         self._docker: aiodocker.Docker | None = None
         self._digest: str | None = None
         self._pending_removal: set[str] = set()
@@ -314,6 +317,8 @@ class DockerRunner:
             "SecurityOpt": ["no-new-privileges"],
             "CapDrop": ["ALL"],
             "Init": False,
+            # We capture stdio ourselves (attach): the daemon need not log it too.
+            "LogConfig": {"Type": self.log_driver, "Config": {}},
         }
         if self.cap_add:
             host_config["CapAdd"] = self.cap_add
@@ -435,10 +440,13 @@ class DockerRunner:
             return result
         except BaseException as exc:
             succeeded = False
-            if isinstance(exc, LlemError | anyio.get_cancelled_exc_class()):
+            cancelled = isinstance(exc, anyio.get_cancelled_exc_class() | KeyboardInterrupt)
+            if isinstance(exc, LlemError) or cancelled:
                 bound.warning(
                     "run_failed", error=type(exc).__name__, exchange_dir=str(exchange.path)
                 )
+            if cancelled and container is not None:
+                await self._stop(container, bound)
             raise
         finally:
             exchange.remove_secrets()
@@ -458,7 +466,37 @@ class DockerRunner:
         context: dict[str, Any],
         bound: Any,
     ) -> dict[str, Any] | LlemError:
-        """Start, follow logs, wait with timeout and silence watchdog; return the State."""
+        """Attach, start, wait with timeout and silence watchdog; return the State."""
+        # Attach before start: the raw stdio stream misses nothing (the logs endpoint
+        # with follow=True drops a last line without newline) and, with the "none" log
+        # driver, costs the daemon no JSON encoding per line.
+        try:
+            stream = container.attach(stdout=True, stderr=True)
+            await stream.__aenter__()
+        except Exception as exc:
+            raise translate_api_error(exc, image=self.image, phase="attach", **context) from exc
+        try:
+            return await self._run_attached(
+                container, stream, capture, info, observer, context, bound
+            )
+        finally:
+            with (
+                anyio.CancelScope(shield=True),
+                anyio.move_on_after(5),
+                contextlib.suppress(Exception),
+            ):
+                await stream.close()
+
+    async def _run_attached(
+        self,
+        container: Any,
+        stream: Any,
+        capture: LogCapture,
+        info: RunInfo,
+        observer: RunObserver | None,
+        context: dict[str, Any],
+        bound: Any,
+    ) -> dict[str, Any] | LlemError:
         killed_for: Literal["timeout", "hang"] | None = None
         hang_flag = anyio.Event()
         try:
@@ -470,10 +508,9 @@ class DockerRunner:
         bound.info("container_started")
         if observer is not None:
             observer.on_started(info)
-        drained = (anyio.Event(), anyio.Event())
+        drained = anyio.Event()
         async with anyio.create_task_group() as followers:
-            followers.start_soon(self._follow, container, capture, "stdout", drained[0])
-            followers.start_soon(self._follow, container, capture, "stderr", drained[1])
+            followers.start_soon(self._pump, stream, capture, drained)
             with anyio.CancelScope() as wait_scope:
                 if self.timeout is not None:
                     wait_scope.deadline = anyio.current_time() + self.timeout
@@ -507,10 +544,9 @@ class DockerRunner:
             info.exited_at = utcnow()
             if observer is not None:
                 observer.on_exited(info)
-            # The log streams end by themselves once the container has exited.
+            # The attached stream ends by itself once the container has exited.
             with anyio.move_on_after(LOG_DRAIN_S):
-                for event in drained:
-                    await event.wait()
+                await drained.wait()
             followers.cancel_scope.cancel()
         try:
             state = (await container.show())["State"]
@@ -549,16 +585,24 @@ class DockerRunner:
                 return
             await anyio.sleep(min(1.0, limit - idle + 0.05))
 
-    async def _follow(
-        self, container: Any, capture: LogCapture, stream: str, done: anyio.Event
-    ) -> None:
+    @staticmethod
+    async def _pump(stream: Any, capture: LogCapture, done: anyio.Event) -> None:
+        """Copy the attached stdout/stderr frames into the capture until EOF."""
+        decoders = {
+            1: codecs.getincrementaldecoder("utf-8")(errors="replace"),
+            2: codecs.getincrementaldecoder("utf-8")(errors="replace"),
+        }
         try:
-            async for chunk in container.log(
-                stdout=stream == "stdout", stderr=stream == "stderr", follow=True
-            ):
-                capture.feed(stream, chunk)
+            while True:
+                message = await stream.read_out()
+                if message is None:
+                    break
+                fileno = 2 if message.stream == 2 else 1
+                capture.feed(
+                    "stderr" if fileno == 2 else "stdout", decoders[fileno].decode(message.data)
+                )
         except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
-            log.debug("log_follow_ended", stream=stream, error=repr(exc))
+            log.debug("attach_stream_ended", error=repr(exc))
         finally:
             done.set()
 
