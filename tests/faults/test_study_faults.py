@@ -100,7 +100,10 @@ def test_sigkill_mid_study_then_resume_reaps_and_reruns_exactly_the_interrupted(
     tmp_path: Path, test_labels: dict[str, str]
 ) -> None:
     # Experiments 0-1 finish at once; 2-5 block until the study's env says PHASE=2.
-    script = f'if [ "$I" -lt 2 ] || [ "$PHASE" = 2 ]; then {RESULT}; else echo "blocked $I"; sleep 600; fi'
+    script = (
+        f'if [ "$I" -lt 2 ] || [ "$PHASE" = 2 ]; then {RESULT}; '
+        'else echo "blocked $I"; sleep 600; fi'
+    )
     study = write_study(
         tmp_path / "study.yaml", test_labels, script, n=6, gpus=6, extra="env: {PHASE: '1'}\n"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 from collections.abc import AsyncIterator, Callable
@@ -50,7 +51,7 @@ async def make_runner(
             )
         return LocalRunner(["sh", "-c", script], exchange_base=exchange_base)
 
-    yield make
+    return make
 
 
 def intervals(records: list[RunRecord]) -> dict[str, list[tuple[datetime, datetime]]]:
@@ -103,7 +104,7 @@ async def test_mixed_1_and_2_gpu_jobs_never_share_and_fill_all_gpus(
         assert record.result["data"]["gpus"] == ",".join(record.gpu_ids)
     for gpu, spans in intervals(records).items():
         spans.sort()
-        for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+        for (_, end), (start, _) in itertools.pairwise(spans):
             assert start >= end, f"GPU {gpu} held by two experiments at once"
     assert max_parallel_gpus(records) == 4, "all 4 GPUs were busy at the same time"
 
@@ -114,7 +115,7 @@ async def test_cooldown_gap_is_honoured(make_runner: Callable[[str], Runner]) ->
         records = [r async for r in d.map([{"i": i} for i in range(3)], gpus=1)]
     assert all(r.ok for r in records)
     spans = sorted(intervals(records)["0"])
-    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+    for (_, end), (start, _) in itertools.pairwise(spans):
         assert (start - end).total_seconds() >= 1.0
     gaps = [r.handoff_gap_s for r in records if r.handoff_gap_s is not None]
     assert len(gaps) == 2

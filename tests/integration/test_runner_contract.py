@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -13,13 +12,10 @@ import pytest
 
 from llem_dispatch import (
     DockerContainerError,
-    DockerHangError,
     DockerRunner,
-    DockerTimeoutError,
     ExperimentFailure,
     ExperimentResult,
     LocalRunner,
-    ResultError,
     Runner,
 )
 from tests.conftest import BUSYBOX_IMAGE, PYTHON_IMAGE

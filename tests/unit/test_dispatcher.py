@@ -187,11 +187,13 @@ async def test_breaking_out_of_map_cancels_the_rest() -> None:
         return {}
 
     with anyio.fail_after(5):
-        async with Dispatcher(FakeRunner(handler), max_concurrency=4) as d:
-            async with aclosing(d.map([{"i": i} for i in range(10)])) as records:
-                async for record in records:
-                    assert record.config["i"] == 0
-                    break
+        async with (
+            Dispatcher(FakeRunner(handler), max_concurrency=4) as d,
+            aclosing(d.map([{"i": i} for i in range(10)])) as records,
+        ):
+            async for record in records:
+                assert record.config["i"] == 0
+                break
     assert started <= 8
 
 
