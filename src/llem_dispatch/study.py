@@ -702,6 +702,9 @@ async def run_study(
             f"results dir {results} already holds records",
             fix_suggestion="Pass resume=True / --resume to continue it, or use a new dir.",
         )
+    if study.cycle_order == "shuffled" and study.seed is None:
+        # Record the seed (in study.yaml) so the order can be reproduced.
+        study = study.model_copy(update={"seed": random.SystemRandom().randrange(2**31)})
     experiments = expand_study(study)
     pool = pool if pool is not None else build_pool(study)
     needed = max((e.gpus for e in experiments), default=0)

@@ -208,3 +208,15 @@ async def test_resume_after_interrupt_runs_each_experiment_exactly_once(tmp_path
     assert sorted(finished + rerun) == list(range(10)), "each experiment ran to success once"
     assert len(list((out / "records").glob("*.json"))) == 10
     assert len(completed_keys(out)) == 10
+
+
+async def test_shuffled_without_seed_records_the_seed_used(tmp_path: Path) -> None:
+    study = Study.model_validate({"grid": {"x": list(range(5))}, "cycle_order": "shuffled"})
+    await run_study(study, tmp_path / "o", runner=FakeRunner())
+    saved = load_study(tmp_path / "o" / "study.yaml")
+    assert saved.seed is not None
+    order = [e.key for e in expand_study(saved)]
+    started = [
+        json.loads(line) for line in (tmp_path / "o" / "journal.jsonl").read_text().splitlines()
+    ]
+    assert [e["key"] for e in started if e["event"] == "started"] == order
