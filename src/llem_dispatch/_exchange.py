@@ -24,7 +24,13 @@ import structlog
 from llem_dispatch.errors import ResultError
 from llem_dispatch.models import canonical_json
 
-__all__ = ["CONTAINER_EXCHANGE_DIR", "DEFAULT_MAX_RESULT_BYTES", "ExchangeDir", "ReadOutcome"]
+__all__ = [
+    "CONTAINER_EXCHANGE_DIR",
+    "DEFAULT_MAX_RESULT_BYTES",
+    "ExchangeDir",
+    "ReadOutcome",
+    "atomic_write",
+]
 
 CONTAINER_EXCHANGE_DIR = "/run/llem"
 SECRETS_FILENAME = ".llem-secrets.json"
@@ -102,13 +108,13 @@ class ExchangeDir:
     def write_config(self, config: Mapping[str, Any]) -> Path:
         """Write the config as canonical JSON."""
         target = self.path / self.config_name
-        _atomic_write(target, canonical_json(config).encode("utf-8"), mode=0o644)
+        atomic_write(target, canonical_json(config).encode("utf-8"), mode=0o644)
         return target
 
     def write_secrets(self, secrets: Mapping[str, str]) -> None:
         """Write secrets as a 0600 file: never passed as container Env."""
         if secrets:
-            _atomic_write(self.secrets_path, json.dumps(dict(secrets)).encode(), mode=0o600)
+            atomic_write(self.secrets_path, json.dumps(dict(secrets)).encode(), mode=0o600)
 
     def remove_secrets(self) -> None:
         """Delete the secrets file; called after every run, success or not."""
@@ -229,7 +235,7 @@ def _make_writable_and_retry(func: Any, path: str, exc_info: Any) -> None:
     func(path)
 
 
-def _atomic_write(target: Path, data: bytes, *, mode: int) -> None:
+def atomic_write(target: Path, data: bytes, *, mode: int) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     try:
         os.fchmod(fd, mode)

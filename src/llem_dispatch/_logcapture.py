@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 from typing import IO
 
+import anyio
+
 from llem_dispatch._logging import redact
 from llem_dispatch.errors import STDERR_TAIL_LINES
 
-__all__ = ["LogCapture"]
+__all__ = ["LogCapture", "watch_silence"]
 
 _MAX_LINE_CHARS = 4096
 
@@ -63,3 +65,16 @@ class LogCapture:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+async def watch_silence(
+    capture: LogCapture, limit: float, scope: anyio.CancelScope, fired: anyio.Event
+) -> None:
+    """Cancel `scope` (and set `fired`) once `capture` has seen no output for `limit` s."""
+    while True:
+        idle = time.monotonic() - capture.last_output
+        if idle >= limit:
+            fired.set()
+            scope.cancel()
+            return
+        await anyio.sleep(min(1.0, limit - idle + 0.05))

@@ -15,7 +15,6 @@ import random
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llem_dispatch import _labels
+from llem_dispatch._exchange import atomic_write
 from llem_dispatch.dispatcher import (
     Dispatcher,
     Event,
@@ -622,17 +622,8 @@ class Journal:
 
 
 def _atomic_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, default=str, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    text = json.dumps(data, indent=2, default=str, sort_keys=True)
+    atomic_write(path, text.encode("utf-8"), mode=0o644)
 
 
 def completed_keys(results_dir: Path) -> set[str]:

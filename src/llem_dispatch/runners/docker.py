@@ -13,7 +13,6 @@ import math
 import os
 import re
 import secrets as _secrets_mod
-import time
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -32,7 +31,7 @@ from llem_dispatch._exchange import (
     DEFAULT_MAX_RESULT_BYTES,
     ExchangeDir,
 )
-from llem_dispatch._logcapture import LogCapture
+from llem_dispatch._logcapture import LogCapture, watch_silence
 from llem_dispatch.errors import (
     DockerError,
     DockerGPUAccessError,
@@ -517,7 +516,7 @@ class DockerRunner:
                 async with anyio.create_task_group() as watch:
                     if self.silence_timeout is not None:
                         watch.start_soon(
-                            self._watch_silence,
+                            watch_silence,
                             capture,
                             self.silence_timeout,
                             wait_scope,
@@ -571,19 +570,6 @@ class DockerRunner:
                 **context,
             )
         return dict(state)
-
-    @staticmethod
-    async def _watch_silence(
-        capture: LogCapture, limit: float, scope: anyio.CancelScope, fired: anyio.Event
-    ) -> None:
-        """Cancel the wait when the experiment has printed nothing for `limit` seconds."""
-        while True:
-            idle = time.monotonic() - capture.last_output
-            if idle >= limit:
-                fired.set()
-                scope.cancel()
-                return
-            await anyio.sleep(min(1.0, limit - idle + 0.05))
 
     @staticmethod
     async def _pump(stream: Any, capture: LogCapture, done: anyio.Event) -> None:

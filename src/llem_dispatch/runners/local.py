@@ -13,7 +13,6 @@ import math
 import os
 import signal
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -25,7 +24,7 @@ import structlog
 from pydantic import BaseModel
 
 from llem_dispatch._exchange import DEFAULT_MAX_RESULT_BYTES, ExchangeDir
-from llem_dispatch._logcapture import LogCapture
+from llem_dispatch._logcapture import LogCapture, watch_silence
 from llem_dispatch.errors import (
     ConfigError,
     DockerHangError,
@@ -272,7 +271,7 @@ class LocalRunner:
                 async with anyio.create_task_group() as watch:
                     if self.silence_timeout is not None:
                         watch.start_soon(
-                            _watch_silence, capture, self.silence_timeout, wait_scope, hang
+                            watch_silence, capture, self.silence_timeout, wait_scope, hang
                         )
                     await process.wait()
                     watch.cancel_scope.cancel()
@@ -320,18 +319,6 @@ async def _pump(stream: anyio.abc.ByteReceiveStream, capture: LogCapture, name: 
         while True:
             chunk = await stream.receive(CHUNK)
             capture.feed(name, decoder.decode(chunk))
-
-
-async def _watch_silence(
-    capture: LogCapture, limit: float, scope: anyio.CancelScope, fired: anyio.Event
-) -> None:
-    while True:
-        idle = time.monotonic() - capture.last_output
-        if idle >= limit:
-            fired.set()
-            scope.cancel()
-            return
-        await anyio.sleep(min(1.0, limit - idle + 0.05))
 
 
 async def _kill_group(process: anyio.abc.Process) -> None:
