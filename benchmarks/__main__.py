@@ -19,7 +19,14 @@ from pathlib import Path
 import anyio
 
 from benchmarks import BENCHMARKS, load
-from benchmarks._common import Context, Verdict, docker_problem, quiet_logs, remove_labelled
+from benchmarks._common import (
+    Context,
+    Verdict,
+    docker_problem,
+    environment,
+    quiet_logs,
+    remove_labelled,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_logs()
     mode = "smoke" if args.smoke else "full"
     print(f"llem-dispatch benchmarks ({mode}): {', '.join(names)}")
+    print(f"  {environment()}")
     modules = {name: load(name) for name in names}
     problem = docker_problem() if any(m.NEEDS_DOCKER for m in modules.values()) else None
     crashed: list[str] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ __all__ = [
     "NOOP_CMD",
     "NOOP_SCRIPT",
     "REPO_ROOT",
+    "BenchmarkError",
     "Context",
     "RssSampler",
     "Verdict",
@@ -35,6 +37,7 @@ __all__ = [
     "cli_run_once",
     "cpu_times",
     "docker_problem",
+    "environment",
     "fmt_ms",
     "labelled_containers",
     "median",
@@ -100,6 +103,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
         print(line(row))
 
 
+class BenchmarkError(RuntimeError):
+    """A benchmark could not measure what it set out to (a crash, not a missed target)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     """One target of one benchmark: the measured value and whether it met the target."""
@@ -160,6 +167,31 @@ def docker_problem() -> str | None:
     return None
 
 
+def _output(argv: Sequence[str]) -> str:
+    try:
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, timeout=15, check=False, cwd=REPO_ROOT
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
+def environment() -> str:
+    """One line on where the figures come from: time, machine, daemon, code revision."""
+    mem_kb = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        mem_kb = int(Path("/proc/meminfo").read_text().split("\n", 1)[0].split()[1])
+    revision = _output(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
+    if _output(["git", "status", "--porcelain", "--", "src"]):
+        revision += " + uncommitted changes in src/"
+    docker = _output(["docker", "version", "--format", "{{.Server.Version}}"]) or "unavailable"
+    return (
+        f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}; {os.cpu_count()} cores, "
+        f"{mem_kb / 2**20:.1f} GiB; Docker {docker}; llem-dispatch {revision}"
+    )
+
+
 def labelled_containers() -> list[str]:
     """Ids of every container (running or not) carrying the benchmark label."""
     proc = subprocess.run(
@@ -218,7 +250,9 @@ async def cli_run_once(workdir: Path, *, network: str | None, index: int) -> flo
     )
     proc = await anyio.run_process(argv, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"docker run failed ({proc.returncode}): {proc.stderr.decode()[-500:]}")
+        raise BenchmarkError(
+            f"docker run failed ({proc.returncode}): {proc.stderr.decode()[-500:]}"
+        )
     json.loads((exchange / "result.json").read_text())
     shutil.rmtree(exchange)
     return time.perf_counter() - start

@@ -24,6 +24,7 @@ from benchmarks._common import (
     IMAGE,
     LABELS,
     NOOP_CMD,
+    BenchmarkError,
     Context,
     cli_run_once,
     fmt_ms,
@@ -38,6 +39,8 @@ TITLE = "per-experiment wall time: DockerRunner.run vs Engine API floor vs `dock
 NEEDS_DOCKER = True
 
 NETWORKS: dict[str, str | None] = {"none": "none", "bridge": None}
+#: A variant whose p90 exceeds this multiple of its median was measured on a busy daemon.
+NOISY_SPREAD = 1.5
 
 
 def floor_spec(network: str | None) -> dict[str, Any]:
@@ -69,7 +72,7 @@ async def floor_once(docker: aiodocker.Docker, network: str | None) -> dict[str,
         await container.delete(force=True)
     t4 = time.perf_counter()
     if state.get("StatusCode") != 0:
-        raise RuntimeError(f"floor container exited {state}")
+        raise BenchmarkError(f"floor container exited {state}")
     phases.update(create=t1 - t0, start=t2 - t1, wait=t3 - t2, delete=t4 - t3, total=t4 - t0)
     return phases
 
@@ -79,7 +82,7 @@ async def runner_once(runner: DockerRunner, index: int) -> float:
     outcome = await runner.run({"bench": NAME, "i": index})
     elapsed = time.perf_counter() - start
     if isinstance(outcome, ExperimentFailure):
-        raise RuntimeError(f"no-op experiment failed: {outcome.message}")
+        raise BenchmarkError(f"no-op experiment failed: {outcome.message}")
     return elapsed
 
 
@@ -145,6 +148,16 @@ async def run(ctx: Context) -> None:
         )
     print(f"  sequential no-op experiments on {IMAGE}, N={n} per variant, interleaved")
     table(["variant", "network", "n", "median ms", "p90 ms", "min ms", "max ms"], rows)
+    noisy = [
+        f"{kind}/{net}"
+        for (kind, net), values in samples.items()
+        if percentile(values, 90) > NOISY_SPREAD * median(values)
+    ]
+    if noisy:
+        print(
+            f"  NOISY: p90 > {NOISY_SPREAD}x median for {', '.join(noisy)}: the daemon was busy "
+            "with other work; compare ratios only, and rerun when the machine is quiet"
+        )
     for net, items in phases.items():
         means = {key: median([p[key] for p in items]) for key in items[0]}
         print(

@@ -22,7 +22,7 @@ from typing import Any
 
 import anyio
 
-from benchmarks._common import Context, table
+from benchmarks._common import BenchmarkError, Context, table
 from llem_dispatch.dispatcher import Dispatcher
 from llem_dispatch.gpu import GpuPool
 from llem_dispatch.testing import FakeRunner
@@ -61,7 +61,7 @@ def make_study(seed: int, scale: float) -> list[Job]:
 
 
 def lower_bound(jobs: list[Job]) -> float:
-    return max(sum(j.gpus * j.duration_s for j in jobs) / GPUS, max(j.duration_s for j in jobs))
+    return max(sum(j.gpus * j.duration_s for j in jobs) / GPUS, *(j.duration_s for j in jobs))
 
 
 @dataclass
@@ -82,33 +82,37 @@ class Occupancy:
         return {"slept": config["duration_s"]}
 
 
+@dataclass(eq=False)
+class _Waiter:
+    k: int
+    granted: anyio.Event = field(default_factory=anyio.Event)
+    ids: tuple[str, ...] = ()
+
+
 class StrictFifoAllocator:
     """The baseline: requests are served strictly in arrival order, never overtaken."""
 
     def __init__(self, n: int) -> None:
         self.free = [str(i) for i in range(n)]
-        self.queue: deque[tuple[int, anyio.Event]] = deque()
+        self.queue: deque[_Waiter] = deque()
 
     @asynccontextmanager
     async def acquire(self, k: int) -> AsyncIterator[tuple[str, ...]]:
-        event = anyio.Event()
-        entry = (k, event)
-        self.queue.append(entry)
+        waiter = _Waiter(k)
+        self.queue.append(waiter)
         self._grant()
-        await event.wait()
-        ids, self.free = tuple(self.free[:k]), self.free[k:]
+        await waiter.granted.wait()
         try:
-            yield ids
+            yield waiter.ids
         finally:
-            self.free += ids
+            self.free += waiter.ids
             self._grant()
 
     def _grant(self) -> None:
-        available = len(self.free)
-        while self.queue and self.queue[0][0] <= available:
-            k, event = self.queue.popleft()
-            available -= k
-            event.set()
+        while self.queue and self.queue[0].k <= len(self.free):
+            waiter = self.queue.popleft()
+            waiter.ids, self.free = tuple(self.free[: waiter.k]), self.free[waiter.k :]
+            waiter.granted.set()
 
 
 def job_config(job: Job) -> dict[str, Any]:
@@ -130,7 +134,7 @@ async def via_dispatcher(jobs: list[Job], pool: GpuPool, occupancy: Occupancy) -
                 tg.start_soon(one, job)
         makespan = time.perf_counter() - start
     if failures:
-        raise RuntimeError("; ".join(failures))
+        raise BenchmarkError("; ".join(failures))
     return makespan
 
 
@@ -176,7 +180,7 @@ async def run(ctx: Context) -> None:
             occupancy = Occupancy()
             makespans[name] = await allocators[name](jobs, occupancy)
             if occupancy.conflicts:
-                raise RuntimeError(f"{name}: {occupancy.conflicts} GPU conflicts")
+                raise BenchmarkError(f"{name}: {occupancy.conflicts} GPU conflicts")
         for name in names:
             makespan = makespans[name]
             rows.append(

@@ -9,7 +9,7 @@ subprocess so its peak RSS (VmHWM) is its own. Variants:
 - bare: `FakeRunner.run` awaited in a loop with no dispatcher (the floor: config
   hashing and result models), so the dispatcher's own share can be told apart;
 - map_yield / run_yield: as map / run, but the handler yields once to the event
-  loop (`await anyio.sleep(0)`), so experiments really queue for GPUs as they
+  loop (`await anyio.lowlevel.checkpoint()`), so experiments really queue for GPUs as they
   would with any real runner. run_yield is only measured at 1k and 2k (200/400
   in smoke): it grows quadratically (every queued request wakes on every GPU
   release), 10k would take minutes.
@@ -24,14 +24,21 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
-from benchmarks._common import REPO_ROOT, Context, quiet_logs, status_kb, table
+from benchmarks._common import (
+    REPO_ROOT,
+    BenchmarkError,
+    Context,
+    quiet_logs,
+    status_kb,
+    table,
+)
 
 NAME = "scheduler_scale"
 TITLE = "per-experiment overhead and peak RSS at 1k/10k experiments, FakeRunner, 8 virtual GPUs"
@@ -67,7 +74,7 @@ async def _workload(variant: str, configs: list[dict[str, Any]]) -> tuple[float,
     from llem_dispatch.testing import FakeRunner
 
     async def yielding(config: dict[str, Any], gpus: tuple[str, ...]) -> dict[str, Any]:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         return {"ok": True}
 
     runner = FakeRunner(yielding if variant.endswith("_yield") else None)
@@ -96,39 +103,57 @@ async def _workload(variant: str, configs: list[dict[str, Any]]) -> tuple[float,
         return time.perf_counter() - start, ok
 
 
-def child(variant: str, n: int, repeats: int) -> dict[str, Any]:
-    """Runs in the fresh subprocess: time `repeats` passes, report times and peak RSS."""
+def child(variant: str, sizes: list[int], repeats: int) -> list[dict[str, Any]]:
+    """Runs in the fresh subprocess: per size (ascending), time `repeats` passes, peak RSS.
+
+    VmHWM only grows, so with several sizes in one child (smoke mode) each size's
+    peak is its own only because the sizes run smallest first.
+    """
     quiet_logs()
-    import llem_dispatch.dispatcher  # noqa: F401 - count the imports in the baseline
+    # Count the library's imports in the baseline.
+    import llem_dispatch.dispatcher
     import llem_dispatch.testing  # noqa: F401
 
-    configs = make_configs(n)
     baseline_kb = status_kb("VmHWM")
-    times = []
-    for _ in range(repeats):
-        elapsed, ok = anyio.run(_workload, variant, configs)
-        if ok != n:
-            raise RuntimeError(f"{variant}: only {ok}/{n} experiments succeeded")
-        times.append(elapsed)
-    return {
-        "variant": variant,
-        "n": n,
-        "times": times,
-        "baseline_kb": baseline_kb,
-        "peak_kb": status_kb("VmHWM"),
-    }
+    out = []
+    for n in sorted(sizes):
+        configs = make_configs(n)
+        times = []
+        for _ in range(repeats):
+            elapsed, ok = anyio.run(_workload, variant, configs)
+            if ok != n:
+                raise BenchmarkError(f"{variant}: only {ok}/{n} experiments succeeded")
+            times.append(elapsed)
+        out.append(
+            {
+                "variant": variant,
+                "n": n,
+                "times": times,
+                "baseline_kb": baseline_kb,
+                "peak_kb": status_kb("VmHWM"),
+            }
+        )
+        del configs
+    return out
 
 
-async def spawn(variant: str, n: int, repeats: int) -> dict[str, Any]:
+async def spawn(variant: str, sizes: list[int], repeats: int) -> list[dict[str, Any]]:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
     }
-    argv = [sys.executable, "-m", "benchmarks.scheduler_scale", variant, str(n), str(repeats)]
+    argv = [
+        sys.executable,
+        "-m",
+        "benchmarks.scheduler_scale",
+        variant,
+        ",".join(map(str, sizes)),
+        str(repeats),
+    ]
     proc = await anyio.run_process(argv, cwd=REPO_ROOT, env=env, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"child {variant} n={n} failed: {proc.stderr.decode()[-2000:]}")
-    result: dict[str, Any] = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+        raise BenchmarkError(f"child {variant} n={sizes} failed: {proc.stderr.decode()[-2000:]}")
+    result: list[dict[str, Any]] = json.loads(proc.stdout.decode().strip().splitlines()[-1])
     return result
 
 
@@ -136,22 +161,19 @@ async def run(ctx: Context) -> None:
     sizes = (200, 2000) if ctx.smoke else (1000, 10000)
     repeats = 1 if ctx.smoke else REPEATS
     results: dict[tuple[str, int], dict[str, Any]] = {}
-    jobs = [
-        (variant, n, 1 if variant in SMALL_ONLY else repeats)
-        for variant in VARIANTS
-        for n in ((sizes[0], 2 * sizes[0]) if variant in SMALL_ONLY else sizes)
-    ]
-    # Full runs measure one child at a time; smoke (figures only indicative) runs two at once.
-    limiter = anyio.CapacityLimiter(2 if ctx.smoke else 1)
-
-    async def measure(variant: str, n: int, reps: int) -> None:
-        async with limiter:
-            results[(variant, n)] = await spawn(variant, n, reps)
-
-    async with anyio.create_task_group() as tg:
-        for job in jobs:
-            tg.start_soon(measure, *job)
-    results = {(v, n): results[(v, n)] for v, n, _ in jobs}
+    # Full: one fresh child per (variant, size), one at a time, so every peak RSS is
+    # its own. Smoke (figures only indicative): one child per variant, sizes ascending.
+    jobs: list[tuple[str, list[int], int]] = []
+    for variant in VARIANTS:
+        variant_sizes = [sizes[0], 2 * sizes[0]] if variant in SMALL_ONLY else list(sizes)
+        reps = 1 if variant in SMALL_ONLY else repeats
+        if ctx.smoke:
+            jobs.append((variant, variant_sizes, reps))
+        else:
+            jobs += [(variant, [n], reps) for n in variant_sizes]
+    for variant, job_sizes, reps in jobs:
+        for res in await spawn(variant, job_sizes, reps):
+            results[(variant, res["n"])] = res
     rows = []
     us: dict[tuple[str, int], float] = {}
     for (variant, n), res in results.items():
@@ -171,7 +193,7 @@ async def run(ctx: Context) -> None:
     print(
         f"  FakeRunner (no work), {GPUS} virtual GPUs, gpus=1 each; median of {repeats} "
         "pass(es) per fresh subprocess"
-        + (" (smoke: two children at once, timings only indicative)" if ctx.smoke else "")
+        + (" (smoke: one child per variant, sizes ascending)" if ctx.smoke else "")
     )
     table(
         ["variant", "n", "time s", "us/exp", "RSS at start MB", "peak RSS MB", "growth MB"],
@@ -213,10 +235,11 @@ async def run(ctx: Context) -> None:
 def _main() -> None:
     parser = argparse.ArgumentParser(description="one scheduler_scale measurement (a child)")
     parser.add_argument("variant", choices=VARIANTS)
-    parser.add_argument("n", type=int)
+    parser.add_argument("sizes", help="comma-separated experiment counts")
     parser.add_argument("repeats", type=int)
     args = parser.parse_args()
-    print(json.dumps(child(args.variant, args.n, args.repeats)))
+    sizes = [int(n) for n in args.sizes.split(",")]
+    print(json.dumps(child(args.variant, sizes, args.repeats)))
 
 
 if __name__ == "__main__":
