@@ -24,7 +24,7 @@ from llem_dispatch.errors import (
     LlemError,
 )
 from llem_dispatch.gpu import GpuLease, GpuPool
-from llem_dispatch.models import ExperimentFailure, compute_config_hash, config_to_dict
+from llem_dispatch.models import ExperimentFailure, hashed_config
 from llem_dispatch.runners._base import Outcome, RunInfo, Runner, utcnow
 
 __all__ = [
@@ -191,7 +191,7 @@ class _Observer:
     """Tracks one attempt for the record; frees the GPUs the moment the run exits."""
 
     def __init__(
-        self, dispatcher: Dispatcher, lease: GpuLease, record: RunRecord, attempt: int
+        self, dispatcher: Dispatcher, lease: GpuLease, record: dict[str, Any], attempt: int
     ) -> None:
         self._dispatcher = dispatcher
         self._lease = lease
@@ -201,27 +201,28 @@ class _Observer:
 
     def on_started(self, info: RunInfo) -> None:
         self.started_mono = anyio.current_time()
-        record = self._record
-        record.started_at = info.started_at
-        record.container_id = info.container_id
-        record.process_id = info.process_id
-        record.exchange_dir = info.exchange_dir
-        record.log_path = info.log_path
-        record.image = info.image
-        record.image_digest = info.image_digest
+        self._record.update(
+            started_at=info.started_at,
+            container_id=info.container_id,
+            process_id=info.process_id,
+            exchange_dir=info.exchange_dir,
+            log_path=info.log_path,
+            image=info.image,
+            image_digest=info.image_digest,
+        )
         self._dispatcher.emit(
             ExperimentStarted(
-                record.config_hash,
+                self._record["config_hash"],
                 tuple(self._lease),
                 self._attempt,
                 info.container_id,
                 info.process_id,
-                record.tags,
+                self._record["tags"],
             )
         )
 
     def on_exited(self, info: RunInfo) -> None:
-        self._record.exited_at = info.exited_at
+        self._record["exited_at"] = info.exited_at
         self._lease.release()
 
 
@@ -300,104 +301,129 @@ class Dispatcher:
         Raises only for a request that can never be met (`GpuRequestError`), bad
         configs (`ConfigError`) and cancellation.
         """
-        data = config_to_dict(config)
-        config_hash = compute_config_hash(data)
+        data = hashed_config(config)
+        config_hash = data.config_hash
         self.pool.check_request(gpus)
-        record = RunRecord(
-            config_hash=config_hash,
-            config=data,
-            status="error",
-            queued_at=utcnow(),
-            tags=dict(tags or {}),
-            runner_type=getattr(self.runner, "runner_type", None),
-        )
-        bound = log.bind(config_hash=config_hash, **record.tags)
-        self.emit(ExperimentQueued(config_hash, gpus, record.tags))
+        # A plain dict while running (cheap to update from the observer); the
+        # RunRecord is built once at the end.
+        record: dict[str, Any] = {
+            "config_hash": config_hash,
+            "config": data,
+            "status": "error",
+            "queued_at": utcnow(),
+            "tags": dict(tags or {}),
+            "runner_type": getattr(self.runner, "runner_type", None),
+            "attempts": 0,
+            "gpu_ids": [],
+        }
+        self.emit(ExperimentQueued(config_hash, gpus, record["tags"]))
         first_try = anyio.current_time()
-        async with self._limiter:
-            while True:
-                record.attempts += 1
-                try:
-                    outcome = await self._attempt(data, gpus, record)
-                except LlemError as exc:
-                    waited = anyio.current_time() - first_try
-                    if (
-                        self.retries.should_retry(exc)
-                        and record.attempts < self.retries.max_attempts
-                        and waited < self.retries.max_wait_s
-                    ):
-                        delay = min(
-                            self.retries.delay(record.attempts),
-                            max(0.0, self.retries.max_wait_s - waited),
-                        )
-                        bound.warning(
-                            "retrying",
-                            attempt=record.attempts,
-                            delay_s=round(delay, 2),
-                            error=type(exc).__name__,
-                            message=exc.message,
-                        )
-                        self.emit(
-                            ExperimentRetried(
-                                config_hash, record.attempts, delay, type(exc).__name__, record.tags
-                            )
-                        )
-                        await anyio.sleep(delay)
-                        continue
-                    self._finish_error(record, exc)
-                    break
-                except anyio.get_cancelled_exc_class():
-                    record.status = "cancelled"
-                    record.ended_at = utcnow()
-                    raise
-                except Exception as exc:  # noqa: BLE001 - a bug in one run must not stop a sweep
-                    bound.exception("unexpected_error")
-                    self._finish_error(record, exc)
-                    break
-                else:
-                    self._finish_outcome(record, outcome)
-                    break
-        record.ended_at = utcnow()
-        self.emit(ExperimentFinished(record) if record.ok else ExperimentFailed(record))
-        return record
+        if self.max_concurrency is None:
+            await self._attempts(data, gpus, record, first_try)
+        else:
+            async with self._limiter:
+                await self._attempts(data, gpus, record, first_try)
+        record["ended_at"] = utcnow()
+        final = RunRecord.model_construct(**record)
+        self.emit(ExperimentFinished(final) if final.ok else ExperimentFailed(final))
+        return final
 
-    async def _attempt(self, data: dict[str, Any], gpus: int, record: RunRecord) -> Outcome:
+    async def _attempts(
+        self, data: dict[str, Any], gpus: int, record: dict[str, Any], first_try: float
+    ) -> None:
+        """Attempt until success, a non-retryable error, or the retry budget is spent."""
+        while True:
+            record["attempts"] += 1
+            try:
+                outcome = await self._attempt(data, gpus, record)
+            except LlemError as exc:
+                waited = anyio.current_time() - first_try
+                attempts = record["attempts"]
+                if (
+                    self.retries.should_retry(exc)
+                    and attempts < self.retries.max_attempts
+                    and waited < self.retries.max_wait_s
+                ):
+                    delay = min(
+                        self.retries.delay(attempts),
+                        max(0.0, self.retries.max_wait_s - waited),
+                    )
+                    log.warning(
+                        "retrying",
+                        config_hash=record["config_hash"],
+                        attempt=attempts,
+                        delay_s=round(delay, 2),
+                        error=type(exc).__name__,
+                        message=exc.message,
+                        **record["tags"],
+                    )
+                    self.emit(
+                        ExperimentRetried(
+                            record["config_hash"],
+                            attempts,
+                            delay,
+                            type(exc).__name__,
+                            record["tags"],
+                        )
+                    )
+                    await anyio.sleep(delay)
+                    continue
+                self._finish_error(record, exc)
+                return
+            except anyio.get_cancelled_exc_class():
+                record["status"] = "cancelled"
+                raise
+            except Exception as exc:
+                log.exception("unexpected_error", config_hash=record["config_hash"])
+                self._finish_error(record, exc)
+                return
+            else:
+                self._finish_outcome(record, outcome)
+                return
+
+    async def _attempt(self, data: dict[str, Any], gpus: int, record: dict[str, Any]) -> Outcome:
         async with self.pool.acquire(gpus) as lease:
-            record.gpu_ids = list(lease)
+            record["gpu_ids"] = list(lease)
             released = [self.pool.last_released(i) for i in lease]
-            observer = _Observer(self, lease, record, record.attempts)
+            observer = _Observer(self, lease, record, record["attempts"])
             try:
                 return await self.runner.run(data, gpus=tuple(lease), observer=observer)
             finally:
                 known = [t for t in released if t is not None]
                 if known and observer.started_mono is not None:
                     # From the GPUs' last release to this run's start on them.
-                    record.handoff_gap_s = max(0.0, observer.started_mono - max(known))
+                    record["handoff_gap_s"] = max(0.0, observer.started_mono - max(known))
 
-    def _finish_outcome(self, record: RunRecord, outcome: Outcome) -> None:
-        record.outcome = outcome
+    @staticmethod
+    def _finish_outcome(record: dict[str, Any], outcome: Outcome) -> None:
+        record["outcome"] = outcome
         if isinstance(outcome, ExperimentFailure):
-            record.status = "failed"
-            record.failure = outcome
-            record.exchange_dir = outcome.exchange_dir
-            record.log_path = outcome.log_path
+            record.update(
+                status="failed",
+                failure=outcome,
+                exchange_dir=outcome.exchange_dir,
+                log_path=outcome.log_path,
+            )
             return
-        record.status = "succeeded"
-        record.result = outcome.model_dump(mode="json")
+        record.update(
+            status="succeeded",
+            result=outcome.model_dump(mode="json"),
+            exchange_dir=None,
+            log_path=None,
+        )
         runner_meta = getattr(outcome, "runner", None)
-        if runner_meta is not None:
-            record.image_digest = runner_meta.image_digest or record.image_digest
-        record.exchange_dir = None
-        record.log_path = None
+        if runner_meta is not None and runner_meta.image_digest:
+            record["image_digest"] = runner_meta.image_digest
 
-    def _finish_error(self, record: RunRecord, exc: BaseException) -> None:
-        record.status = "error"
-        record.error = ErrorInfo.from_exception(exc)
-        record.exception = exc
+    @staticmethod
+    def _finish_error(record: dict[str, Any], exc: BaseException) -> None:
+        record.update(status="error", error=ErrorInfo.from_exception(exc), exception=exc)
         if isinstance(exc, LlemError):
-            record.exchange_dir = exc.exchange_dir or record.exchange_dir
-            record.container_id = getattr(exc, "container_id", None) or record.container_id
-            record.log_path = getattr(exc, "log_path", None) or record.log_path
+            record["exchange_dir"] = exc.exchange_dir or record.get("exchange_dir")
+            record["container_id"] = getattr(exc, "container_id", None) or record.get(
+                "container_id"
+            )
+            record["log_path"] = getattr(exc, "log_path", None) or record.get("log_path")
 
     async def map(
         self,

@@ -60,8 +60,29 @@ def _check_json(value: Any, path: str) -> None:
     )
 
 
+class HashedConfig(dict[str, Any]):
+    """A config already checked and hashed (by the Dispatcher): runners skip both steps."""
+
+    __slots__ = ("config_hash",)
+
+    def __init__(self, data: Mapping[str, Any], config_hash: str) -> None:
+        super().__init__(data)
+        self.config_hash = config_hash
+
+
+def hashed_config(config: BaseModel | Mapping[str, Any]) -> HashedConfig:
+    """Check, canonicalise and hash a config once."""
+    if isinstance(config, HashedConfig):
+        return config
+    data = config_to_dict(config)
+    digest = hashlib.sha256(canonical_json(data).encode("utf-8"))
+    return HashedConfig(data, digest.hexdigest()[:HASH_LENGTH])
+
+
 def config_to_dict(config: BaseModel | Mapping[str, Any]) -> dict[str, Any]:
     """Return the config as a plain JSON-able dict, or raise `ConfigError` naming the field."""
+    if isinstance(config, HashedConfig):
+        return config
     if isinstance(config, BaseModel):
         data = config.model_dump(mode="json")
     elif isinstance(config, Mapping):
@@ -88,8 +109,7 @@ def compute_config_hash(config: BaseModel | Mapping[str, Any]) -> str:
     Stable across runs, processes and dict orderings. Which runner, image or GPUs
     run the config is deliberately not part of the hash.
     """
-    digest = hashlib.sha256(canonical_json(config_to_dict(config)).encode("utf-8"))
-    return digest.hexdigest()[:HASH_LENGTH]
+    return hashed_config(config).config_hash
 
 
 class RunnerMetadata(BaseModel):
