@@ -7,6 +7,7 @@ requests FIFO with bounded backfill so multi-GPU jobs never starve.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 from collections import deque
@@ -102,6 +103,18 @@ class _Request:
     # Times later requests were granted ahead of this one while it was the head.
     jumps: int = 0
     lease: GpuLease | None = None
+    # Set when this request is granted, or when it must re-read its deadline;
+    # a fresh one for each wait. Only its own waiter waits on it.
+    event: anyio.Event | None = None
+    # The deadline its waiter is sleeping until: the pool's next cooldown end
+    # or memory re-check for the head, +inf for the others, -inf while it is
+    # not asleep (not yet waiting, or woken and about to look again).
+    deadline: float = -math.inf
+
+    def wake(self) -> None:
+        self.deadline = -math.inf
+        if self.event is not None:
+            self.event.set()
 
 
 class GpuPool:
@@ -168,8 +181,6 @@ class GpuPool:
         self._memory_blocked_until: dict[str, float] = {}
         self._memory_flagged: set[str] = set()
         self._queue: deque[_Request] = deque()
-        # Created on first wait, not here: a pool may be built outside an event loop.
-        self._changed: anyio.Event | None = None
 
     @classmethod
     def detect(cls, **options: Unpack[GpuPoolOptions]) -> GpuPool:
@@ -287,13 +298,18 @@ class GpuPool:
         try:
             self._dispatch()
             while request.lease is None:
-                if self._changed is None:
-                    self._changed = anyio.Event()
-                changed = self._changed
-                # Nobody releases anything when a cooldown ends or a memory
-                # re-check is due, so waiters wake themselves for it.
-                with anyio.CancelScope(deadline=self._next_deadline()) as timer:
-                    await changed.wait()
+                # Each waiter sleeps on its own event, set only when it is
+                # granted (or made the head), so a release wakes one task, not
+                # the whole queue. Nobody releases anything when a cooldown ends
+                # or a memory re-check is due, so the head keeps the time for
+                # everyone: it sleeps until the pool's next such moment and then
+                # runs the scheduling step itself.
+                request.event = anyio.Event()
+                is_head = self._queue[0] is request
+                request.deadline = self._next_deadline() if is_head else math.inf
+                with anyio.CancelScope(deadline=request.deadline) as timer:
+                    await request.event.wait()
+                request.deadline = -math.inf
                 if request.lease is None and timer.cancelled_caught:
                     self._dispatch()
             # Granted, but the caller may have been cancelled meanwhile: then the
@@ -348,17 +364,35 @@ class GpuPool:
                 break
             self._queue.popleft()
             self._grant(head, taken, now)
-        if self._queue:
+        if self._queue and free:
             head = self._queue[0]
-            for request in list(self._queue)[1:]:
+            # Walk the queue in place (no copy of it per release): the walk
+            # stops as soon as nothing is free or the head may not be jumped.
+            backfilled: list[tuple[_Request, list[str]]] = []
+            for request in itertools.islice(self._queue, 1, None):
                 if head.jumps >= self.max_backfill or not free:
                     break
                 taken = self._take(request.k, free, now)
                 if taken is not None:
                     head.jumps += 1
-                    self._queue.remove(request)
-                    self._grant(request, taken, now)
-        self._notify()
+                    backfilled.append((request, taken))
+            for request, taken in backfilled:
+                self._queue.remove(request)
+                self._grant(request, taken, now)
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        """Make sure the head wakes by the next cooldown end or memory re-check.
+
+        The head may be new (the one before it was granted or gave up, and it
+        went to sleep with no deadline), or a release may have started a
+        cooldown that ends before the head's deadline: either way it is woken
+        to look again. Without such a moment due, nothing needs a timer.
+        """
+        if self._queue:
+            head = self._queue[0]
+            if self._next_deadline() < head.deadline:
+                head.wake()
 
     def _take(self, k: int, free: list[str], now: float) -> list[str] | None:
         """Remove and return k usable ids from `free`, or None (leaving it usable)."""
@@ -383,6 +417,7 @@ class GpuPool:
         for d in ids:
             self._held[d] = holding
         request.lease = lease
+        request.wake()
 
     def _release(self, lease: GpuLease) -> None:
         now = anyio.current_time()
@@ -431,11 +466,6 @@ class GpuPool:
                 action=f"waiting, re-checked every {self.memory_poll_s} s",
             )
         return False
-
-    def _notify(self) -> None:
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = None
 
 
 def nvml_used_memory_mb(device_id: str) -> float | None:

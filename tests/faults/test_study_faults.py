@@ -252,8 +252,10 @@ def test_daemon_restart_mid_study_completes_without_duplicates(
     assert len(final) == 8
     assert all(r["status"] == "succeeded" for r in final.values())
     retried = [e for e in journal(out) if e["event"] == "retried"]
-    print(f"\n{len(retried)} retries while the daemon was down:",
-          sorted({(e["key"], e["error"]) for e in retried}))
+    print(
+        f"\n{len(retried)} retries while the daemon was down:",
+        sorted({(e["key"], e["error"]) for e in retried}),
+    )
     assert retried
     assert {e["error"] for e in retried} <= {"DockerUnavailableError", "DockerError"}
     assert "DockerUnavailableError" in {e["error"] for e in retried}

@@ -281,6 +281,145 @@ async def test_order_is_lowest_first_then_longest_free() -> None:
         assert tie == ("0",)  # "0", "2", "3" were released together: lowest first
 
 
+async def test_queued_waiters_are_served_one_cooldown_apart_without_a_release() -> None:
+    # Only the head of the queue keeps time for cooldowns; each new head must
+    # take over, or the waiters behind it would sleep forever.
+    cooldown = 0.05
+    pool = GpuPool.virtual_devices(1, cooldown_s=cooldown)
+    granted: list[float] = []
+
+    async def job() -> None:
+        async with pool.acquire(1):
+            granted.append(anyio.current_time())
+
+    with anyio.fail_after(2):
+        async with AsyncExitStack() as stack, anyio.create_task_group() as tg:
+            await stack.enter_async_context(pool.acquire(1))
+            for _ in range(3):
+                tg.start_soon(job)
+            await until(lambda: pool.waiting() == (1, 1, 1))
+            await stack.aclose()
+            released_at = pool.last_released("0")
+    assert released_at is not None
+    assert len(granted) == 3
+    gaps = [b - a for a, b in itertools.pairwise([released_at, *granted])]
+    assert all(gap >= cooldown for gap in gaps), gaps
+
+
+async def test_cooldown_end_backfills_a_waiter_behind_a_blocked_head() -> None:
+    # Nobody releases when "1" cools down: the blocked head wakes for it and
+    # hands "1" to the 1-GPU request queued behind it.
+    pool = GpuPool.virtual_devices(2, cooldown_s=0.05)
+    with anyio.fail_after(2):
+        async with AsyncExitStack() as stack, anyio.create_task_group() as tg:
+            await stack.enter_async_context(pool.acquire(1))
+            (await stack.enter_async_context(pool.acquire(1))).release()
+            assert pool.free_ids() == ()
+            big_ids: list[tuple[str, ...]] = []
+            small_ids: list[tuple[str, ...]] = []
+
+            async def big() -> None:
+                async with pool.acquire(2) as ids:
+                    big_ids.append(ids)
+
+            async def small() -> None:
+                async with pool.acquire(1) as ids:
+                    small_ids.append(ids)
+                    await anyio.sleep_forever()
+
+            tg.start_soon(big)
+            await until(lambda: pool.waiting() == (2,))
+            tg.start_soon(small)
+            await until(lambda: bool(small_ids))
+            assert small_ids == [("1",)]
+            assert pool.waiting() == (2,)
+            tg.cancel_scope.cancel()
+    assert big_ids == []
+    assert pool.waiting() == ()
+
+
+async def test_a_cancelled_head_hands_the_cooldown_timer_on() -> None:
+    pool = GpuPool.virtual_devices(1, cooldown_s=0.05)
+    got: list[tuple[str, ...]] = []
+    with anyio.fail_after(2):
+        async with AsyncExitStack() as stack, anyio.create_task_group() as tg:
+            held = await stack.enter_async_context(pool.acquire(1))
+            head = anyio.CancelScope()
+
+            async def first() -> None:
+                with head:
+                    async with pool.acquire(1):
+                        pytest.fail("the cancelled waiter was served")
+
+            async def second() -> None:
+                async with pool.acquire(1) as ids:
+                    got.append(ids)
+
+            tg.start_soon(first)
+            await until(lambda: pool.waiting() == (1,))
+            tg.start_soon(second)
+            await until(lambda: pool.waiting() == (1, 1))
+            held.release()  # "0" cools down; the head sleeps until it has
+            await anyio.sleep(0.01)
+            head.cancel()
+            await until(lambda: bool(got))
+    assert got == [("0",)]
+    assert pool.waiting() == ()
+
+
+async def test_a_release_wakes_only_the_waiters_it_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    # With one event shared by the whole queue, every release woke every
+    # waiter: N queued requests cost O(N^2) wake-ups. Count them, whatever
+    # event the pool waits on, instead of timing the run.
+    n = 500
+    bound = 5 * n
+    wakeups = 0
+    run = anyio.CancelScope()
+    real_event = anyio.Event
+
+    class CountingEvent:
+        def __init__(self) -> None:
+            self._event = real_event()
+
+        def set(self) -> None:
+            self._event.set()
+
+        def is_set(self) -> bool:
+            return self._event.is_set()
+
+        async def wait(self) -> None:
+            nonlocal wakeups
+            try:
+                await self._event.wait()
+            finally:
+                wakeups += 1
+                if wakeups >= bound:
+                    run.cancel()  # quadratic: no need to sit through the rest
+
+    monkeypatch.setattr(anyio, "Event", CountingEvent)
+    pool = GpuPool.virtual_devices(2)
+    served: list[int] = []
+
+    async def job(i: int) -> None:
+        async with pool.acquire(1):
+            served.append(i)
+            # Hold the GPU for one scheduling step, so releases come one
+            # after another (as runs end) rather than all in the same step.
+            await anyio.sleep(0)
+
+    with anyio.fail_after(4), run:
+        async with AsyncExitStack() as stack, anyio.create_task_group() as tg:
+            await stack.enter_async_context(pool.acquire(2))
+            for i in range(n):
+                tg.start_soon(job, i)
+            await until(lambda: len(pool.waiting()) == n)
+            await stack.aclose()
+    assert n <= wakeups < bound
+    assert sorted(served) == list(range(n))
+    assert pool.waiting() == ()
+    assert pool.busy() == {}
+
+
 # -- fairness -----------------------------------------------------------------
 
 
