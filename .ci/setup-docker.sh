@@ -23,26 +23,41 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 daemon_up() { timeout 5 docker -H "unix://$SOCKET" version >/dev/null 2>&1; }
+# Alive and not a zombie (a killed daemon can linger as one until reaped).
+alive() {
+  local state
+  state=$(awk '/^State:/{print $2}' "/proc/$1/status" 2>/dev/null) || return 1
+  [ -n "$state" ] && [ "$state" != Z ]
+}
+live_dockerd() { for p in $(pgrep -x dockerd || true); do alive "$p" && echo "$p"; done; true; }
+wait_up() {  # wait_up SECONDS: a deadline, whatever each probe costs
+  local end=$((SECONDS + $1))
+  while [ "$SECONDS" -lt "$end" ]; do daemon_up && return 0; sleep 0.5; done
+  return 1
+}
 
 if ! daemon_up; then
-  # A previous daemon may have left its pid file and socket behind.
-  for pidfile in /var/run/docker.pid /var/run/docker/containerd/containerd.pid; do
-    if [ -f "$pidfile" ] && ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-      log "removing stale $pidfile"; rm -f "$pidfile"
-    fi
-  done
-  if [ -S "$SOCKET" ] && ! pgrep -x dockerd >/dev/null; then
-    log "removing stale $SOCKET"; rm -f "$SOCKET"
+  running="$(live_dockerd)"
+  if [ -n "$running" ] && ! wait_up 30; then
+    log "dockerd $running does not answer: killing it"
+    kill -9 $running 2>/dev/null || true
+    for _ in $(seq 1 40); do [ -z "$(live_dockerd)" ] && break; sleep 0.25; done
+    running=""
   fi
-  if ! pgrep -x dockerd >/dev/null; then
+  if [ -z "$running" ]; then
+    # A previous daemon may have left its pid files and socket behind.
+    for pidfile in /var/run/docker.pid /var/run/docker/containerd/containerd.pid; do
+      if [ -f "$pidfile" ] && ! alive "$(cat "$pidfile")"; then
+        log "removing stale $pidfile"; rm -f "$pidfile"
+      fi
+    done
+    if [ -S "$SOCKET" ]; then
+      log "removing stale $SOCKET"; rm -f "$SOCKET"
+    fi
     log "starting dockerd (log: /var/log/llem-dockerd.log)"
     nohup dockerd >/var/log/llem-dockerd.log 2>&1 &
   fi
-  for _ in $(seq 1 120); do
-    daemon_up && break
-    sleep 0.5
-  done
-  if ! daemon_up; then
+  if ! wait_up 60; then
     log "dockerd did not answer within 60 s; last log lines:"
     tail -n 30 /var/log/llem-dockerd.log >&2 || true
     exit 1

@@ -439,22 +439,21 @@ class Dispatcher:
         items = list(configs)
         self.pool.check_request(gpus)
         send, receive = anyio.create_memory_object_stream[RunRecord](len(items) or 1)
-        # Bound the tasks alive at once: 10k configs must not mean 10k waiting tasks.
-        window = anyio.Semaphore(max(1, 2 * (self.max_concurrency or max(self.pool.size, 8))))
+        # A fixed set of workers pulls configs in order: 10k configs never mean 10k
+        # waiting tasks, and no task is spawned per experiment.
+        workers = min(len(items), max(1, 2 * (self.max_concurrency or max(self.pool.size, 8))))
+        pending = iter(items)
 
-        async def one(config: BaseModel | Mapping[str, Any]) -> None:
-            try:
+        async def worker() -> None:
+            for config in pending:
                 send.send_nowait(await self.run(config, gpus=gpus))
-            finally:
-                window.release()
 
         async with anyio.create_task_group() as tg, receive:
 
             async def feed() -> None:
                 async with send, anyio.create_task_group() as runs:
-                    for config in items:
-                        await window.acquire()
-                        runs.start_soon(one, config)
+                    for _ in range(workers):
+                        runs.start_soon(worker)
 
             tg.start_soon(feed)
             try:
