@@ -438,15 +438,16 @@ class Dispatcher:
         """
         items = list(configs)
         self.pool.check_request(gpus)
-        send, receive = anyio.create_memory_object_stream[RunRecord](len(items) or 1)
         # A fixed set of workers pulls configs in order: 10k configs never mean 10k
-        # waiting tasks, and no task is spawned per experiment.
+        # waiting tasks, and no task is spawned per experiment. The small buffer
+        # makes finished records wait for the consumer instead of piling up.
         workers = min(len(items), max(1, 2 * (self.max_concurrency or max(self.pool.size, 8))))
+        send, receive = anyio.create_memory_object_stream[RunRecord](max(1, workers))
         pending = iter(items)
 
         async def worker() -> None:
             for config in pending:
-                send.send_nowait(await self.run(config, gpus=gpus))
+                await send.send(await self.run(config, gpus=gpus))
 
         async with anyio.create_task_group() as tg, receive:
 
