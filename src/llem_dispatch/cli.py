@@ -310,11 +310,6 @@ def run(
             _print_dry_run(study, study_file, runner, pool.virtual, console)
             raise typer.Exit(EXIT_OK)
         spec = resolve_runner(runner, study)
-        if spec.kind == "local" and spec.source == "auto":
-            console.print(
-                "[yellow]No Docker daemon reachable: running experiments with the "
-                "local subprocess runner.[/]"
-            )
         if spec.kind == "docker":
             for image in study_images(study, spec, experiments):
                 ensure_image(
