@@ -3,6 +3,7 @@
 The public surface; everything else is private and may change.
 """
 
+from llem_dispatch.dispatcher import Dispatcher, RetryPolicy, RunRecord
 from llem_dispatch.errors import (
     ConfigError,
     DockerContainerError,
@@ -20,6 +21,7 @@ from llem_dispatch.errors import (
     capture_stderr_snippet,
     translate_docker_error,
 )
+from llem_dispatch.gpu import GpuLease, GpuPool
 from llem_dispatch.models import (
     ExperimentFailure,
     ExperimentResult,
@@ -27,9 +29,11 @@ from llem_dispatch.models import (
     compute_config_hash,
 )
 from llem_dispatch.runners import DockerRunner, LocalRunner, Outcome, RunInfo, Runner, RunObserver
+from llem_dispatch.study import Study, StudySummary, load_study, run_study
 
 __all__ = [
     "ConfigError",
+    "Dispatcher",
     "DockerContainerError",
     "DockerError",
     "DockerGPUAccessError",
@@ -42,17 +46,25 @@ __all__ = [
     "DockerUnavailableError",
     "ExperimentFailure",
     "ExperimentResult",
+    "GpuLease",
+    "GpuPool",
     "GpuRequestError",
     "LlemError",
     "LocalRunner",
     "Outcome",
     "ResultError",
+    "RetryPolicy",
     "RunInfo",
     "RunObserver",
+    "RunRecord",
     "Runner",
     "RunnerMetadata",
+    "Study",
+    "StudySummary",
     "capture_stderr_snippet",
     "compute_config_hash",
+    "load_study",
+    "run_study",
     "translate_docker_error",
 ]
 
