@@ -74,15 +74,26 @@ def _docker_required_but_missing() -> None:
     pytest.fail(f"LLEM_REQUIRE_DOCKER=1 but {docker_problem()}")
 
 
-def _labelled_containers(label: str) -> list[str]:
+def labelled_containers(label: str, *, running_only: bool = False) -> list[str]:
+    """Ids of containers carrying `label` ('key=value'); all states unless running_only."""
     proc = subprocess.run(
-        ["docker", "ps", "-aq", "--filter", f"label={label}"],
+        ["docker", "ps", "-q" if running_only else "-aq", "--filter", f"label={label}"],
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
     )
     return proc.stdout.split()
+
+
+def require_docker(request: pytest.FixtureRequest) -> None:
+    """For tests parametrized over runners: mark the docker variant, skip or fail as usual."""
+    request.applymarker(pytest.mark.docker)
+    problem = docker_problem()
+    if problem and os.environ.get("LLEM_REQUIRE_DOCKER") != "1":
+        pytest.skip(problem)
+    elif problem:
+        pytest.fail(f"LLEM_REQUIRE_DOCKER=1 but {problem}")
 
 
 @pytest.fixture
@@ -96,7 +107,7 @@ def no_leaked_containers(test_labels: dict[str, str]) -> Iterator[None]:
     """Fail the test if any container of ours is left; force-remove them either way."""
     label = f"llem.test.node={test_labels['llem.test.node']}"
     yield
-    leaked = _labelled_containers(label)
+    leaked = labelled_containers(label)
     if leaked:
         subprocess.run(
             ["docker", "rm", "-f", *leaked], capture_output=True, timeout=60, check=False

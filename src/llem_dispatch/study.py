@@ -39,7 +39,7 @@ from llem_dispatch.dispatcher import (
     RetryPolicy,
     RunRecord,
 )
-from llem_dispatch.errors import ConfigError, DockerImagePullError, GpuRequestError
+from llem_dispatch.errors import ConfigError, DockerImagePullError
 from llem_dispatch.gpu import GpuPool
 from llem_dispatch.models import canonical_json, compute_config_hash
 from llem_dispatch.runners._base import Outcome, Runner, RunObserver
@@ -53,7 +53,6 @@ __all__ = [
     "Study",
     "StudySummary",
     "build_pool",
-    "check_gpus",
     "completed_keys",
     "docker_available",
     "ensure_image",
@@ -853,13 +852,3 @@ async def run_study(
     journal.write("study_finished", sync=True, **summary.model_dump(mode="json", exclude={"name"}))
     journal.close()
     return summary
-
-
-def check_gpus(study: Study, pool: GpuPool) -> None:
-    """Raise `GpuRequestError` before anything runs if the study asks too much of the pool."""
-    if study.gpus_per_experiment > pool.size:
-        raise GpuRequestError(
-            f"gpus_per_experiment={study.gpus_per_experiment} but the pool has {pool.size} GPU(s)",
-            fix_suggestion="Lower gpus_per_experiment, or give more GPUs (--gpus / "
-            "--virtual-gpus N).",
-        )

@@ -7,10 +7,9 @@ Dispatcher or study can be exercised in microseconds without Docker.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import anyio
 from pydantic import BaseModel
 
 from llem_dispatch.models import (
@@ -81,13 +80,3 @@ class FakeRunner:
 
     async def aclose(self) -> None:
         self.closed = True
-
-
-async def sleep_handler(seconds: float) -> Callable[..., Awaitable[dict[str, Any]]]:
-    """A handler that sleeps, for timing-based scheduler tests."""
-
-    async def handler(config: dict[str, Any], gpus: tuple[str, ...]) -> dict[str, Any]:
-        await anyio.sleep(seconds)
-        return {"slept": seconds}
-
-    return handler

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BUSYBOX_IMAGE, REPO_ROOT
+from tests.conftest import BUSYBOX_IMAGE, REPO_ROOT, labelled_containers
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leaked_containers")]
 
@@ -48,21 +48,11 @@ grid:
 
 
 def containers(label: str) -> list[str]:
-    return subprocess.run(
-        ["docker", "ps", "-aq", "--filter", f"label={label}"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
+    return labelled_containers(label)
 
 
 def running(label: str) -> list[str]:
-    return subprocess.run(
-        ["docker", "ps", "-q", "--filter", f"label={label}"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
+    return labelled_containers(label, running_only=True)
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BUSYBOX_IMAGE
+from tests.conftest import BUSYBOX_IMAGE, labelled_containers
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leaked_containers")]
 
@@ -145,15 +145,6 @@ def test_too_many_gpus_is_usage_error(tmp_path: Path, test_labels: dict[str, str
     assert "asked for 3 GPUs" in proc.stderr
 
 
-def _containers(label: str) -> list[str]:
-    return subprocess.run(
-        ["docker", "ps", "-aq", "--filter", f"label={label}"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-
-
 def test_reap_removes_containers_of_a_killed_dispatcher(
     tmp_path: Path, test_labels: dict[str, str]
 ) -> None:
@@ -172,22 +163,22 @@ def test_reap_removes_containers_of_a_killed_dispatcher(
             logs = (out / "exchange").glob("llem-*/container.log")
             return sum("working" in p.read_text() for p in logs)
 
-        while len(_containers(label)) < 2 or printed() < 2:
+        while len(labelled_containers(label)) < 2 or printed() < 2:
             assert time.monotonic() < deadline, "containers never started"
             time.sleep(0.2)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-    orphans = _containers(label)
+    orphans = labelled_containers(label)
     assert len(orphans) == 2, "SIGKILL left the containers running (as it must)"
     dry = cli("reap", "--dry-run")
     assert dry.returncode == 0
     assert "would remove" in dry.stdout
-    assert len(_containers(label)) == 2
+    assert len(labelled_containers(label)) == 2
     reaped = cli("reap", cwd=tmp_path)
     assert reaped.returncode == 0, reaped.stderr
     assert "removed 2 container(s)" in reaped.stdout
-    assert _containers(label) == []
+    assert labelled_containers(label) == []
     kept_logs = list((out / "exchange").glob("llem-*/container*.log"))
     assert len(kept_logs) == 2
     assert all("working" in p.read_text() for p in kept_logs)

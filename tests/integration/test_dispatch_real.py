@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 import subprocess
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
@@ -17,7 +16,7 @@ from llem_dispatch import DockerRunner, GpuRequestError, LocalRunner, Runner
 from llem_dispatch.dispatcher import Dispatcher, RunRecord
 from llem_dispatch.gpu import GpuPool
 from llem_dispatch.study import Study, completed_keys, iter_records, run_study
-from tests.conftest import BUSYBOX_IMAGE, docker_problem
+from tests.conftest import BUSYBOX_IMAGE, docker_problem, require_docker
 
 pytestmark = pytest.mark.usefixtures("no_leaked_containers")
 
@@ -30,12 +29,7 @@ async def make_runner(
     request: pytest.FixtureRequest, test_labels: dict[str, str], exchange_base: Path
 ) -> AsyncIterator[Callable[[str], Runner]]:
     if request.param == "docker":
-        request.applymarker(pytest.mark.docker)
-        problem = docker_problem()
-        if problem and os.environ.get("LLEM_REQUIRE_DOCKER") != "1":
-            pytest.skip(problem)
-        elif problem:
-            pytest.fail(f"LLEM_REQUIRE_DOCKER=1 but {problem}")
+        require_docker(request)
 
     def make(script: str) -> Runner:
         if request.param == "docker":

@@ -18,7 +18,7 @@ from llem_dispatch import (
     LocalRunner,
     Runner,
 )
-from tests.conftest import BUSYBOX_IMAGE, PYTHON_IMAGE
+from tests.conftest import BUSYBOX_IMAGE, PYTHON_IMAGE, require_docker
 from tests.integration.test_docker_runner import Recorder
 
 pytestmark = pytest.mark.usefixtures("no_leaked_containers")
@@ -32,14 +32,7 @@ async def make(
 ) -> AsyncIterator[MakeRunner]:
     kind = request.param
     if kind == "docker":
-        request.applymarker(pytest.mark.docker)
-        from tests.conftest import docker_problem
-
-        problem = docker_problem()
-        if problem and os.environ.get("LLEM_REQUIRE_DOCKER") != "1":
-            pytest.skip(problem)
-        elif problem:
-            pytest.fail(f"LLEM_REQUIRE_DOCKER=1 but {problem}")
+        require_docker(request)
     made: list[Runner] = []
 
     def factory(script: str | None = None, *, function: str | None = None, **kwargs: Any) -> Runner:

@@ -6,32 +6,46 @@ everything about GPUs, concurrency, retries and journals lives above it.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeAlias, runtime_checkable
+from typing import Any, Literal, Protocol, TypeAlias, runtime_checkable
 
+import anyio
 import structlog
 from pydantic import BaseModel, ValidationError
 
 from llem_dispatch._exchange import ExchangeDir
+from llem_dispatch._logcapture import LogCapture, watch_silence
 from llem_dispatch._logging import register_secret
-from llem_dispatch.errors import DockerContainerError, ResultError
+from llem_dispatch.errors import (
+    DockerContainerError,
+    DockerHangError,
+    DockerTimeoutError,
+    LlemError,
+    ResultError,
+)
 from llem_dispatch.models import ExperimentFailure, ExperimentResult, RunnerMetadata
 
 __all__ = [
     "DEFAULT_SECRET_ENV",
     "FORCE_KILL",
+    "KilledFor",
     "Outcome",
     "RunInfo",
     "RunObserver",
     "Runner",
+    "check_run_options",
     "collect_outcome",
     "collect_secrets",
     "finish_success",
+    "killed_error",
     "make_failure",
+    "wait_bounded",
+    "wait_until_forced",
 ]
 
 DEFAULT_SECRET_ENV: tuple[str, ...] = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
@@ -199,3 +213,66 @@ def collect_outcome(
             **context,
         )
     return finish_success(read.result, data, exchange, metadata, result_model)
+
+
+KilledFor: TypeAlias = Literal["timeout", "hang"]
+
+
+def check_run_options(
+    *, timeout: float | None, silence_timeout: float | None, function: str | None
+) -> None:
+    """The limits and helper target both runners accept, or a ValueError naming the bad one."""
+    if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if silence_timeout is not None and silence_timeout <= 0:
+        raise ValueError(f"silence_timeout must be positive, got {silence_timeout!r}")
+    if function is not None and ":" not in function:
+        raise ValueError(f"function must look like 'module:function', got {function!r}")
+
+
+async def wait_bounded(
+    wait: Callable[[], Awaitable[object]],
+    capture: LogCapture,
+    *,
+    timeout_s: float | None,
+    silence_s: float | None,
+) -> KilledFor | None:
+    """Await the experiment's exit under its timeout and silence limit.
+
+    Returns None when it exited by itself, else which limit fired (the caller
+    then kills it). An error raised by `wait` propagates.
+    """
+    hang = anyio.Event()
+    with anyio.CancelScope() as scope:
+        if timeout_s is not None:
+            scope.deadline = anyio.current_time() + timeout_s
+        async with anyio.create_task_group() as watch:
+            if silence_s is not None:
+                watch.start_soon(watch_silence, capture, silence_s, scope, hang)
+            await wait()
+            watch.cancel_scope.cancel()
+    if not scope.cancelled_caught:
+        return None
+    return "hang" if hang.is_set() else "timeout"
+
+
+def killed_error(
+    killed_for: KilledFor | None,
+    *,
+    timeout: float | None,
+    silence_timeout: float | None,
+    context: dict[str, Any],
+) -> LlemError | None:
+    """The error for a run we killed at one of its limits (None if we did not)."""
+    if killed_for == "hang":
+        return DockerHangError(f"no output for {silence_timeout}s: killed as hung", **context)
+    if killed_for == "timeout":
+        return DockerTimeoutError(f"timed out after {timeout}s and was killed", **context)
+    return None
+
+
+async def wait_until_forced() -> None:
+    """Return once FORCE_KILL is set (a second Ctrl-C)."""
+    # FORCE_KILL is a threading.Event set from a signal handler: poll it.
+    while not FORCE_KILL.is_set():  # noqa: ASYNC110
+        await anyio.sleep(0.1)

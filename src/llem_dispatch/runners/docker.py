@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Self
 
 import aiodocker
 import aiohttp
@@ -31,15 +31,13 @@ from llem_dispatch._exchange import (
     DEFAULT_MAX_RESULT_BYTES,
     ExchangeDir,
 )
-from llem_dispatch._logcapture import LogCapture, watch_silence
+from llem_dispatch._logcapture import LogCapture
 from llem_dispatch.errors import (
     DockerError,
     DockerGPUAccessError,
-    DockerHangError,
     DockerImagePullError,
     DockerOOMError,
     DockerPermissionError,
-    DockerTimeoutError,
     DockerUnavailableError,
     LlemError,
 )
@@ -55,9 +53,13 @@ from llem_dispatch.runners._base import (
     Outcome,
     RunInfo,
     RunObserver,
+    check_run_options,
     collect_outcome,
     collect_secrets,
+    killed_error,
     utcnow,
+    wait_bounded,
+    wait_until_forced,
 )
 
 __all__ = ["FORCE_KILL", "HELPER_CONTAINER_PATH", "DockerRunner", "docker_url", "parse_size"]
@@ -191,14 +193,9 @@ class DockerRunner:
         stop_grace_s: float = 10.0,
         log_driver: str = "none",
     ) -> None:
-        if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        if silence_timeout is not None and silence_timeout <= 0:
-            raise ValueError(f"silence_timeout must be positive, got {silence_timeout!r}")
         if command is not None and function is not None:
             raise ValueError("give either command= or function=, not both")
-        if function is not None and ":" not in function:
-            raise ValueError(f"function must look like 'module:function', got {function!r}")
+        check_run_options(timeout=timeout, silence_timeout=silence_timeout, function=function)
         if not image or any(ch.isspace() for ch in image):
             raise ValueError(f"invalid image reference {image!r}")
         self.image = image
@@ -496,8 +493,6 @@ class DockerRunner:
         context: dict[str, Any],
         bound: Any,
     ) -> dict[str, Any] | LlemError:
-        killed_for: Literal["timeout", "hang"] | None = None
-        hang_flag = anyio.Event()
         try:
             await container.start()
         except Exception as exc:
@@ -510,27 +505,13 @@ class DockerRunner:
         drained = anyio.Event()
         async with anyio.create_task_group() as followers:
             followers.start_soon(self._pump, stream, capture, drained)
-            with anyio.CancelScope() as wait_scope:
-                if self.timeout is not None:
-                    wait_scope.deadline = anyio.current_time() + self.timeout
-                async with anyio.create_task_group() as watch:
-                    if self.silence_timeout is not None:
-                        watch.start_soon(
-                            watch_silence,
-                            capture,
-                            self.silence_timeout,
-                            wait_scope,
-                            hang_flag,
-                        )
-                    try:
-                        await container.wait()
-                    except Exception as exc:
-                        raise translate_api_error(
-                            exc, image=self.image, phase="wait", **context
-                        ) from exc
-                    watch.cancel_scope.cancel()
-            if wait_scope.cancelled_caught:
-                killed_for = "hang" if hang_flag.is_set() else "timeout"
+            killed_for = await wait_bounded(
+                lambda: self._wait(container, context),
+                capture,
+                timeout_s=self.timeout,
+                silence_s=self.silence_timeout,
+            )
+            if killed_for is not None:
                 bound.warning("container_killed", reason=killed_for)
                 await self._kill(container)
                 try:
@@ -557,12 +538,14 @@ class DockerRunner:
         bound.info(
             "container_exited", exit_code=info.exit_code, oom_killed=bool(state.get("OOMKilled"))
         )
-        if killed_for == "hang":
-            return DockerHangError(
-                f"no output for {self.silence_timeout}s: killed as hung", **context
-            )
-        if killed_for == "timeout":
-            return DockerTimeoutError(f"timed out after {self.timeout}s and was killed", **context)
+        killed = killed_error(
+            killed_for,
+            timeout=self.timeout,
+            silence_timeout=self.silence_timeout,
+            context=context,
+        )
+        if killed is not None:
+            return killed
         if state.get("OOMKilled") or info.exit_code == 137:
             return DockerOOMError(
                 "container was killed by the OOM killer"
@@ -570,6 +553,12 @@ class DockerRunner:
                 **context,
             )
         return dict(state)
+
+    async def _wait(self, container: Any, context: dict[str, Any]) -> None:
+        try:
+            await container.wait()
+        except Exception as exc:
+            raise translate_api_error(exc, image=self.image, phase="wait", **context) from exc
 
     @staticmethod
     async def _pump(stream: Any, capture: LogCapture, done: anyio.Event) -> None:
@@ -612,9 +601,7 @@ class DockerRunner:
 
     @staticmethod
     async def _kill_when_forced(container: Any, scope: anyio.CancelScope) -> None:
-        # FORCE_KILL is a threading.Event set from a signal handler: poll it.
-        while not FORCE_KILL.is_set():  # noqa: ASYNC110
-            await anyio.sleep(0.1)
+        await wait_until_forced()
         with contextlib.suppress(aiodocker.DockerError, aiohttp.ClientError, OSError):
             await container.kill(signal="SIGKILL")
         scope.cancel()

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import math
 import os
 import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Self
 
 import anyio
 import anyio.abc
@@ -24,12 +23,10 @@ import structlog
 from pydantic import BaseModel
 
 from llem_dispatch._exchange import DEFAULT_MAX_RESULT_BYTES, ExchangeDir
-from llem_dispatch._logcapture import LogCapture, watch_silence
+from llem_dispatch._logcapture import LogCapture
 from llem_dispatch.errors import (
     ConfigError,
-    DockerHangError,
     DockerOOMError,
-    DockerTimeoutError,
     LlemError,
 )
 from llem_dispatch.models import (
@@ -44,9 +41,13 @@ from llem_dispatch.runners._base import (
     Outcome,
     RunInfo,
     RunObserver,
+    check_run_options,
     collect_outcome,
     collect_secrets,
+    killed_error,
     utcnow,
+    wait_bounded,
+    wait_until_forced,
 )
 
 __all__ = ["LocalRunner"]
@@ -89,12 +90,7 @@ class LocalRunner:
     ) -> None:
         if (command is None) == (function is None):
             raise ValueError("give exactly one of command= or function=")
-        if function is not None and ":" not in function:
-            raise ValueError(f"function must look like 'module:function', got {function!r}")
-        if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        if silence_timeout is not None and silence_timeout <= 0:
-            raise ValueError(f"silence_timeout must be positive, got {silence_timeout!r}")
+        check_run_options(timeout=timeout, silence_timeout=silence_timeout, function=function)
         self.command = (
             list(command)
             if command is not None
@@ -240,7 +236,7 @@ class LocalRunner:
             os.killpg(process.pid, signal.SIGTERM)
         with anyio.move_on_after(self.stop_grace_s):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_wait_forced)
+                tg.start_soon(wait_until_forced)
                 await process.wait()
                 tg.cancel_scope.cancel()
 
@@ -253,8 +249,6 @@ class LocalRunner:
         context: dict[str, Any],
         bound: Any,
     ) -> int | LlemError:
-        killed_for: Literal["timeout", "hang"] | None = None
-        hang = anyio.Event()
         info.started_at = utcnow()
         capture.touch()
         bound.info("process_started")
@@ -265,18 +259,13 @@ class LocalRunner:
             assert process.stderr is not None
             readers.start_soon(_pump, process.stdout, capture, "stdout")
             readers.start_soon(_pump, process.stderr, capture, "stderr")
-            with anyio.CancelScope() as wait_scope:
-                if self.timeout is not None:
-                    wait_scope.deadline = anyio.current_time() + self.timeout
-                async with anyio.create_task_group() as watch:
-                    if self.silence_timeout is not None:
-                        watch.start_soon(
-                            watch_silence, capture, self.silence_timeout, wait_scope, hang
-                        )
-                    await process.wait()
-                    watch.cancel_scope.cancel()
-            if wait_scope.cancelled_caught:
-                killed_for = "hang" if hang.is_set() else "timeout"
+            killed_for = await wait_bounded(
+                process.wait,
+                capture,
+                timeout_s=self.timeout,
+                silence_s=self.silence_timeout,
+            )
+            if killed_for is not None:
                 bound.warning("process_killed", reason=killed_for)
                 await _kill_group(process)
                 with anyio.fail_after(KILL_WAIT_S):
@@ -292,23 +281,19 @@ class LocalRunner:
         context["exit_code"] = info.exit_code
         context["stderr_snippet"] = capture.tail("stderr") or capture.tail("stdout")
         bound.info("process_exited", exit_code=info.exit_code)
-        if killed_for == "hang":
-            return DockerHangError(
-                f"no output for {self.silence_timeout}s: killed as hung", **context
-            )
-        if killed_for == "timeout":
-            return DockerTimeoutError(f"timed out after {self.timeout}s and was killed", **context)
+        killed = killed_error(
+            killed_for,
+            timeout=self.timeout,
+            silence_timeout=self.silence_timeout,
+            context=context,
+        )
+        if killed is not None:
+            return killed
         if code == -signal.SIGKILL:
             return DockerOOMError(
                 "process was killed with SIGKILL, not by us (the kernel OOM killer?)", **context
             )
         return info.exit_code
-
-
-async def _wait_forced() -> None:
-    # FORCE_KILL is a threading.Event set from a signal handler: poll it.
-    while not FORCE_KILL.is_set():  # noqa: ASYNC110
-        await anyio.sleep(0.1)
 
 
 async def _pump(stream: anyio.abc.ByteReceiveStream, capture: LogCapture, name: str) -> None:
