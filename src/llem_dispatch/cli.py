@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -94,6 +95,11 @@ class _Slot:
     started: float
 
 
+def _slot_names(node: str | None, gpu_ids: Iterable[str]) -> list[str]:
+    """Display names of GPUs: 'host:0' on a cluster, where ids repeat across nodes."""
+    return [f"{node}:{gpu}" if node else gpu for gpu in gpu_ids]
+
+
 @dataclass
 class ProgressState:
     """What the live display shows; fed by dispatcher events."""
@@ -121,19 +127,21 @@ class ProgressState:
         match event:
             case ExperimentStarted():
                 key = str(event.tags.get("key", event.config_hash))
-                if event.gpu_ids:
-                    for gpu in event.gpu_ids:
-                        self.running[gpu] = _Slot(key, now)
+                slots = _slot_names(event.node, event.gpu_ids)
+                if slots:
+                    for slot in slots:
+                        self.running[slot] = _Slot(key, now)
                 else:
                     self.cpu_running[key] = _Slot(key, now)
-                where = ",".join(event.gpu_ids) or "-"
+                where = ",".join(slots) or "-"
                 return f"started   {key} on GPU {where} (attempt {event.attempt})"
             case ExperimentFinished() | ExperimentFailed():
                 record = event.record
                 key = str(record.tags.get("key", record.config_hash))
-                for gpu in record.gpu_ids:
-                    if gpu in self.running and self.running[gpu].key == key:
-                        del self.running[gpu]
+                node = record.node.label if record.node is not None else None
+                for slot in _slot_names(node, record.gpu_ids):
+                    if slot in self.running and self.running[slot].key == key:
+                        del self.running[slot]
                 self.cpu_running.pop(key, None)
                 if record.ok:
                     self.done += 1
@@ -182,7 +190,8 @@ class LiveDisplay:
         self.progress.update(self.task, completed=s.skipped + s.done + s.failed, counts=counts)
         table = Table.grid(padding=(0, 2))
         now = time.monotonic()
-        for gpu in s.gpu_ids:
+        # On a cluster the GPUs are only known once experiments land on them.
+        for gpu in [*s.gpu_ids, *(k for k in s.running if k not in s.gpu_ids)]:
             slot = s.running.get(gpu)
             if slot is None:
                 table.add_row(f"GPU {gpu}", Text("idle", style="dim"), "")

@@ -36,6 +36,7 @@ __all__ = [
     "ExperimentQueued",
     "ExperimentRetried",
     "ExperimentStarted",
+    "NodeInfo",
     "RetryPolicy",
     "RunRecord",
     "RunStatus",
@@ -68,6 +69,19 @@ class ErrorInfo(BaseModel):
         return cls(type=type(exc).__name__, message=str(exc) or repr(exc))
 
 
+class NodeInfo(BaseModel):
+    """The cluster node an experiment ran on (cluster runs only)."""
+
+    hostname: str
+    node_id: str = Field(description="Ray node id.")
+    ip: str | None = None
+
+    @property
+    def label(self) -> str:
+        """Short and unique: 'host[1a2b3c]' (several nodes may share a hostname)."""
+        return f"{self.hostname}[{self.node_id[:6]}]"
+
+
 class RunRecord(BaseModel):
     """Everything known about one experiment's run: outcome, where, when, how often."""
 
@@ -97,6 +111,10 @@ class RunRecord(BaseModel):
         description="Seconds from the last release of these GPUs to this run's start.",
     )
     tags: dict[str, Any] = Field(default_factory=dict)
+    node: NodeInfo | None = Field(
+        default=None,
+        description="Cluster runs: the node that ran it (and holds a failure's exchange dir).",
+    )
     outcome: Any = Field(default=None, exclude=True, repr=False)
     exception: Any = Field(default=None, exclude=True, repr=False)
 
@@ -129,6 +147,7 @@ class ExperimentStarted:
     container_id: str | None
     process_id: int | None
     tags: Mapping[str, Any] = field(default_factory=dict)
+    node: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +265,7 @@ class Dispatcher:
         if max_concurrency is not None and max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         self.runner = runner
+        self.runner_type: str | None = getattr(runner, "runner_type", None)
         self.pool = pool if pool is not None else GpuPool([])
         if retries is None:
             retries = RetryPolicy()
@@ -289,6 +309,14 @@ class Dispatcher:
 
     # -- running ----------------------------------------------------------------------
 
+    def check_request(self, gpus: int) -> None:
+        """Raise `GpuRequestError` at once for a request that can never be met."""
+        self.pool.check_request(gpus)
+
+    def parallelism(self) -> int:
+        """How many experiments can usefully be in flight at once (sizes `map`'s workers)."""
+        return self.max_concurrency or max(self.pool.size, 8)
+
     async def run(
         self,
         config: BaseModel | Mapping[str, Any],
@@ -303,7 +331,7 @@ class Dispatcher:
         """
         data = hashed_config(config)
         config_hash = data.config_hash
-        self.pool.check_request(gpus)
+        self.check_request(gpus)
         # A plain dict while running (cheap to update from the observer); the
         # RunRecord is built once at the end.
         record: dict[str, Any] = {
@@ -312,7 +340,7 @@ class Dispatcher:
             "status": "error",
             "queued_at": utcnow(),
             "tags": dict(tags or {}),
-            "runner_type": getattr(self.runner, "runner_type", None),
+            "runner_type": self.runner_type,
             "attempts": 0,
             "gpu_ids": [],
         }
@@ -437,11 +465,11 @@ class Dispatcher:
         the iterator cancels the runs still in flight and removes their containers.
         """
         items = list(configs)
-        self.pool.check_request(gpus)
+        self.check_request(gpus)
         # A fixed set of workers pulls configs in order: 10k configs never mean 10k
         # waiting tasks, and no task is spawned per experiment. The small buffer
         # makes finished records wait for the consumer instead of piling up.
-        workers = min(len(items), max(1, 2 * (self.max_concurrency or max(self.pool.size, 8))))
+        workers = min(len(items), max(1, 2 * self.parallelism()))
         send, receive = anyio.create_memory_object_stream[RunRecord](max(1, workers))
         pending = iter(items)
 

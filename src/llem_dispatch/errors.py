@@ -7,6 +7,8 @@ a one-line fix suggestion and the context a user needs to act on it::
     ├── ConfigError                       bad study file / config / runner value
     ├── ResultError                       result file unreadable, malformed, off-schema
     ├── GpuRequestError                   more GPUs asked for than the pool has
+    ├── ClusterError                      the Ray cluster could not run an experiment
+    │   └── ClusterNodeLostError          its node or worker died mid-run (retried)
     └── DockerError                       anything that went wrong running a container
         ├── DockerImagePullError          image missing locally and not pullable
         ├── DockerGPUAccessError          no NVIDIA runtime / device not selectable
@@ -28,6 +30,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 __all__ = [
+    "ClusterError",
+    "ClusterNodeLostError",
     "ConfigError",
     "DockerContainerError",
     "DockerError",
@@ -93,6 +97,43 @@ class GpuRequestError(LlemError, ValueError):
     """An experiment asked for more GPUs than the pool can ever give it."""
 
     default_fix = "Ask for at most as many GPUs as the pool has, or add GPUs to the pool."
+
+
+class ClusterError(LlemError):
+    """The Ray cluster could not be reached, or could not run an experiment."""
+
+    default_fix = (
+        "Check the cluster (`ray status`), that every node has llem-dispatch installed, "
+        "and the address given to --ray / `cluster:`."
+    )
+    transient: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        fix_suggestion: str | None = None,
+        config_hash: str | None = None,
+        exchange_dir: str | Path | None = None,
+        node: str | None = None,
+    ) -> None:
+        super().__init__(
+            message,
+            fix_suggestion=fix_suggestion,
+            config_hash=config_hash,
+            exchange_dir=exchange_dir,
+        )
+        self.node = node
+
+
+class ClusterNodeLostError(ClusterError):
+    """The node (or worker process) running an experiment died; it is run again elsewhere."""
+
+    transient = True
+    default_fix = (
+        "Nothing to do if a retry succeeded; otherwise check why the node left "
+        "(`ray status`, its raylet log) and run the study again with --resume."
+    )
 
 
 class DockerError(LlemError):

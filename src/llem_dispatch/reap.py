@@ -42,13 +42,21 @@ async def reap(
     logs_dir: str | Path | None = None,
     dry_run: bool = False,
     docker_host: str | None = None,
+    study_over: bool = False,
 ) -> list[ReapedContainer]:
     """Remove llem-managed containers of this host whose owner process is gone.
 
     Logs of each are saved first: into its exchange dir when that still exists,
     else into `logs_dir`. Containers of other hosts and of live owners are never
     touched. `results_dir` limits the search to one study's containers.
+
+    `study_over=True` (with `results_dir`) is the end-of-study sweep on a cluster
+    node: the study has a final record for every experiment, so any container of
+    it still here is abandoned, even if its owner lives on (a worker of a node
+    that left the cluster keeps running its task).
     """
+    if study_over and results_dir is None:
+        raise ValueError("study_over=True needs results_dir: it must never sweep other studies")
     label_filters = [f"{_labels.LABEL_MANAGED}=1"]
     if results_dir is not None:
         label_filters.append(f"{_labels.LABEL_RESULTS_DIR}={Path(results_dir).resolve()}")
@@ -64,7 +72,8 @@ async def reap(
         for container in containers:
             info = await container.show()
             labels: dict[str, str] = info["Config"].get("Labels") or {}
-            if _labels.owner_alive(labels) is not False:
+            alive = _labels.owner_alive(labels)
+            if alive is None or (alive and not study_over):
                 continue
             log_path = await _save_logs(container, labels, logs_dir)
             if not dry_run:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import structlog
@@ -44,6 +44,9 @@ from llem_dispatch.gpu import GpuPool
 from llem_dispatch.models import canonical_json, compute_config_hash
 from llem_dispatch.runners._base import Outcome, Runner, RunObserver
 
+if TYPE_CHECKING:
+    from llem_dispatch.cluster import NodeContext
+
 __all__ = [
     "BuildSpec",
     "Experiment",
@@ -51,6 +54,7 @@ __all__ = [
     "RoutingRunner",
     "RunnerSpec",
     "Study",
+    "StudyRunnerFactory",
     "StudySummary",
     "build_pool",
     "completed_keys",
@@ -64,6 +68,7 @@ __all__ = [
     "parse_runner_value",
     "resolve_runner",
     "run_study",
+    "runner_choice",
 ]
 
 log = structlog.get_logger("llem_dispatch.study")
@@ -110,6 +115,10 @@ class Study(BaseModel):
 
     name: str = "study"
     runner: str | None = Field(default=None, description="local | docker | docker:IMAGE | auto")
+    cluster: str | None = Field(
+        default=None,
+        description="Run on a Ray cluster: its address (auto | HOST:6379 | ray://HOST:10001).",
+    )
     image: str | None = None
     images: dict[str, str] = Field(
         default_factory=dict, description="Per-backend images, chosen by `image_field`."
@@ -379,14 +388,10 @@ def docker_available(timeout: float = 3.0) -> bool:
         sock.close()
 
 
-def resolve_runner(
-    explicit: str | None,
-    study: Study,
-    *,
-    environ: Mapping[str, str] | None = None,
-    probe: Callable[[], bool] = docker_available,
-) -> RunnerSpec:
-    """explicit > LLEM_RUNNER > study file > auto-detect (docker if a daemon answers)."""
+def runner_choice(
+    explicit: str | None, study: Study, *, environ: Mapping[str, str] | None = None
+) -> RunnerSpec | None:
+    """explicit > LLEM_RUNNER > study file; None when the first one set says auto (or none is)."""
     env = os.environ if environ is None else environ
     for value, source in (
         (explicit, "explicit"),
@@ -396,9 +401,22 @@ def resolve_runner(
         if value:
             spec = parse_runner_value(value)
             if spec.kind != "auto":
-                image = spec.image or study.image
-                return RunnerSpec(spec.kind, image, source)
-            break
+                return RunnerSpec(spec.kind, spec.image or study.image, source)
+            return None
+    return None
+
+
+def resolve_runner(
+    explicit: str | None,
+    study: Study,
+    *,
+    environ: Mapping[str, str] | None = None,
+    probe: Callable[[], bool] = docker_available,
+) -> RunnerSpec:
+    """explicit > LLEM_RUNNER > study file > auto-detect (docker if a daemon answers)."""
+    chosen = runner_choice(explicit, study, environ=environ)
+    if chosen is not None:
+        return chosen
     if probe():
         return RunnerSpec("docker", study.image, "auto")
     log.warning(
@@ -539,6 +557,45 @@ def make_runner(
     return docker(images[0])
 
 
+@dataclass(frozen=True)
+class StudyRunnerFactory:
+    """Builds a study's runner on a cluster node (pickled and shipped there by Ray).
+
+    A runner left on `auto` is decided per node: docker where a daemon answers.
+    Exchange dirs go in the results dir on the driver's own host, else in the
+    node's temp dir; a failure's record names the node that keeps it.
+    """
+
+    study: Study
+    spec: RunnerSpec
+    study_dir: Path
+    labels: Mapping[str, str]
+    experiments: tuple[Experiment, ...]
+    exchange_base: Path
+
+    def __call__(self, node: NodeContext) -> Runner:
+        spec = self.spec
+        if spec.kind == "auto":
+            spec = (
+                RunnerSpec("docker", self.study.image, "auto")
+                if docker_available()
+                else RunnerSpec("local", None, "auto")
+            )
+        exchange: Path | None = None
+        if node.driver_host:
+            exchange = self.exchange_base
+            exchange.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return make_runner(
+            self.study,
+            spec,
+            study_dir=self.study_dir,
+            labels=self.labels,
+            experiments=self.experiments,
+            virtual=node.virtual,
+            exchange_base=exchange,
+        )
+
+
 def ensure_image(
     study: Study, image: str, *, study_dir: Path, output: Callable[[str], None] = print
 ) -> bool:
@@ -677,11 +734,14 @@ async def run_study(
     runner_value: str | None = None,
     retry_policy: RetryPolicy | None = None,
     reap_orphans: bool = True,
+    cluster: str | None = None,
 ) -> StudySummary:
     """Run every experiment of `study`, writing records and a journal to `results_dir`.
 
     With `resume=True`, experiments that already succeeded there are skipped and
     failed or interrupted ones run again; each experiment ends with one record file.
+    With `cluster` (or the study's `cluster:`), a Ray cluster's address, the
+    experiments run on its nodes; records and the journal are still written here only.
     """
     started = time.monotonic()
     results = Path(results_dir).resolve()
@@ -695,29 +755,106 @@ async def run_study(
     if study.cycle_order == "shuffled" and study.seed is None:
         # Record the seed (in study.yaml) so the order can be reproduced.
         study = study.model_copy(update={"seed": random.SystemRandom().randrange(2**31)})
+    cluster = cluster or study.cluster
     experiments = expand_study(study)
-    pool = pool if pool is not None else build_pool(study)
     needed = max((e.gpus for e in experiments), default=0)
-    pool.check_request(needed)
     labels = {_labels.LABEL_RESULTS_DIR: str(results)}
     # Exchange dirs live in the results dir: a failure's kept dir sits beside its record.
     exchange_dirs = results / "exchange"
-    exchange_dirs.mkdir(parents=True, exist_ok=True, mode=0o700)
+    in_flight: dict[str, Experiment] = {}
+    records: list[RunRecord] = []
+    interrupted = False
+    journal: Journal | None = None
+
+    def on_dispatch_event(event: Event) -> None:
+        assert journal is not None
+        match event:
+            case ExperimentStarted():
+                where: dict[str, Any] = {"node": event.node} if event.node else {}
+                journal.write(
+                    "started",
+                    key=event.tags.get("key"),
+                    gpu_ids=list(event.gpu_ids),
+                    attempt=event.attempt,
+                    container_id=event.container_id,
+                    pid=event.process_id,
+                    **where,
+                )
+            case ExperimentRetried():
+                journal.write(
+                    "retried",
+                    key=event.tags.get("key"),
+                    attempt=event.attempt,
+                    error=event.error,
+                    delay_s=event.delay_s,
+                )
+            case ExperimentQueued() | ExperimentFinished() | ExperimentFailed():
+                pass
+        if on_event is not None:
+            on_event(event)
+
+    limit = max_concurrency or study.max_concurrency
+    retries = retry_policy or RetryPolicy(max_attempts=study.retries + 1)
     spec: RunnerSpec | None = None
-    if runner is None:
-        spec = resolve_runner(runner_value, study)
-        runner = make_runner(
-            study,
-            spec,
-            study_dir=study_dir,
-            labels=labels,
-            experiments=experiments,
-            virtual=pool.virtual,
-            exchange_base=exchange_dirs,
+    dispatcher: Dispatcher
+    if cluster:
+        from llem_dispatch.cluster import RayDispatcher
+
+        if runner is not None or pool is not None:
+            raise ConfigError(
+                "a cluster study builds its runners on each node: runner= and pool= "
+                "cannot be used with cluster=",
+                fix_suggestion="Drop runner=/pool= (choose with runner_value=), or run "
+                "without a cluster.",
+            )
+        spec = runner_choice(runner_value, study) or RunnerSpec("auto", study.image, "auto")
+        factory = StudyRunnerFactory(
+            study, spec, study_dir.resolve(), labels, tuple(experiments), exchange_dirs
         )
-    runner_name = spec.kind if spec is not None else getattr(runner, "runner_type", "custom")
+        ray_dispatcher = RayDispatcher(
+            factory,
+            address=cluster,
+            cooldown_s=study.experiment_gap_s,
+            max_concurrency=limit,
+            retries=retries,
+            on_event=on_dispatch_event,
+            runner_type=spec.kind,
+            cancel_timeout_s=study.stop_grace_s + 30,
+        )
+        ray_dispatcher.check_request(needed)
+        placement: dict[str, Any] = {
+            "cluster": cluster,
+            "cluster_gpus": ray_dispatcher.cluster_gpus(),
+        }
+        dispatcher = ray_dispatcher
+    else:
+        pool = pool if pool is not None else build_pool(study)
+        pool.check_request(needed)
+        if runner is None:
+            spec = resolve_runner(runner_value, study)
+            runner = make_runner(
+                study,
+                spec,
+                study_dir=study_dir,
+                labels=labels,
+                experiments=experiments,
+                virtual=pool.virtual,
+                exchange_base=exchange_dirs,
+            )
+        placement = {"gpus": list(pool.devices), "virtual_gpus": pool.virtual}
+        dispatcher = Dispatcher(
+            runner,
+            pool=pool,
+            max_concurrency=limit,
+            retries=retries,
+            on_event=on_dispatch_event,
+        )
+    runner_name = spec.kind if spec is not None else (dispatcher.runner_type or "custom")
+    exchange_dirs.mkdir(parents=True, exist_ok=True, mode=0o700)
     records_dir.mkdir(parents=True, exist_ok=True)
-    if reap_orphans and runner_name == "docker":
+    if reap_orphans and cluster:
+        await _sweep_cluster(dispatcher, results, study_over=False)
+    elif reap_orphans and runner_name == "docker":
         from llem_dispatch.reap import reap
 
         await reap(results_dir=results, logs_dir=results / "orphans")
@@ -729,8 +866,7 @@ async def run_study(
             "study": study.model_dump(mode="json"),
             "runner": runner_name,
             "runner_source": spec.source if spec else "explicit",
-            "gpus": list(pool.devices),
-            "virtual_gpus": pool.virtual,
+            **placement,
             "experiments": len(experiments),
         },
     )
@@ -749,45 +885,12 @@ async def run_study(
         runner=runner_name,
         pid=os.getpid(),
         session=_labels.SESSION_ID,
+        **({"cluster": cluster} if cluster else {}),
     )
-    in_flight: dict[str, Experiment] = {}
-    records: list[RunRecord] = []
-    interrupted = False
-
-    def on_dispatch_event(event: Event) -> None:
-        match event:
-            case ExperimentStarted():
-                journal.write(
-                    "started",
-                    key=event.tags.get("key"),
-                    gpu_ids=list(event.gpu_ids),
-                    attempt=event.attempt,
-                    container_id=event.container_id,
-                    pid=event.process_id,
-                )
-            case ExperimentRetried():
-                journal.write(
-                    "retried",
-                    key=event.tags.get("key"),
-                    attempt=event.attempt,
-                    error=event.error,
-                    delay_s=event.delay_s,
-                )
-            case ExperimentQueued() | ExperimentFinished() | ExperimentFailed():
-                pass
-        if on_event is not None:
-            on_event(event)
-
-    dispatcher = Dispatcher(
-        runner,
-        pool=pool,
-        max_concurrency=max_concurrency or study.max_concurrency,
-        retries=retry_policy or RetryPolicy(max_attempts=study.retries + 1),
-        on_event=on_dispatch_event,
-    )
-    window = anyio.Semaphore(max(1, 2 * (dispatcher.max_concurrency or max(pool.size, 8))))
+    window = anyio.Semaphore(max(1, 2 * dispatcher.parallelism()))
 
     async def one(exp: Experiment) -> None:
+        assert journal is not None
         try:
             in_flight[exp.key] = exp
             record = await dispatcher.run(
@@ -806,6 +909,7 @@ async def run_study(
                 gpu_ids=record.gpu_ids,
                 error=record.error.type if record.error else None,
                 exchange_dir=record.exchange_dir,
+                **_node_field(record),
             )
             records.append(record)
             in_flight.pop(exp.key, None)
@@ -817,14 +921,22 @@ async def run_study(
         groups = [[e for e in todo if e.cycle == c] for c in range(1, study.n_cycles + 1)]
     try:
         async with dispatcher:
-            for index, group in enumerate(groups):
-                if index and study.cycle_gap_s:
-                    journal.write("cycle_gap", seconds=study.cycle_gap_s)
-                    await anyio.sleep(study.cycle_gap_s)
-                async with anyio.create_task_group() as tg:
-                    for exp in group:
-                        await window.acquire()
-                        tg.start_soon(one, exp)
+            try:
+                for index, group in enumerate(groups):
+                    if index and study.cycle_gap_s:
+                        journal.write("cycle_gap", seconds=study.cycle_gap_s)
+                        await anyio.sleep(study.cycle_gap_s)
+                    async with anyio.create_task_group() as tg:
+                        for exp in group:
+                            await window.acquire()
+                            tg.start_soon(one, exp)
+            finally:
+                if cluster and reap_orphans:
+                    # Every experiment has its final record (or was cancelled and
+                    # waited for): whatever container of this study is left on a
+                    # node is abandoned, e.g. by a worker of a node that left.
+                    with anyio.CancelScope(shield=True):
+                        await _sweep_cluster(dispatcher, results, study_over=True)
     except BaseException as exc:
         interrupted = isinstance(exc, anyio.get_cancelled_exc_class() | KeyboardInterrupt)
         journal.write(
@@ -852,3 +964,25 @@ async def run_study(
     journal.write("study_finished", sync=True, **summary.model_dump(mode="json", exclude={"name"}))
     journal.close()
     return summary
+
+
+def _node_field(record: RunRecord) -> dict[str, Any]:
+    return {"node": record.node.label} if record.node else {}
+
+
+async def _sweep_cluster(dispatcher: Dispatcher, results: Path, *, study_over: bool) -> None:
+    """Reap this study's orphaned containers on every host of the cluster."""
+    from llem_dispatch.cluster import RayDispatcher
+
+    assert isinstance(dispatcher, RayDispatcher)
+    for sweep in await dispatcher.sweep(
+        results_dir=results, logs_dir=results / "orphans", study_over=study_over, timeout_s=60
+    ):
+        for item in sweep.reaped:
+            log.warning(
+                "cluster_orphan_reaped",
+                node=sweep.node.label,
+                container_id=str(item["container_id"])[:12],
+                config_hash=item["config_hash"],
+                log_path=item["log_path"],
+            )

@@ -1,0 +1,685 @@
+"""Several hosts: dispatch experiments onto a Ray cluster (the optional `ray` extra).
+
+`RayDispatcher` has the local `Dispatcher`'s surface (`run`, `map`, events,
+`RunRecord`) and its policy (retries, concurrency cap); only where an attempt
+runs differs. Each attempt is one Ray task asking for `num_gpus=k`, so Ray does
+the GPU accounting across nodes. On the node where it lands, the task:
+
+1. builds the configured runner there from a picklable factory (DockerRunner
+   against that node's own daemon, or LocalRunner), handing it the GPU ids Ray
+   assigned, which are that node's own device ids;
+2. runs the experiment in a private event loop and streams 'started', 'exited'
+   and the outcome back as they happen (a streaming-generator task);
+3. keeps its GPUs for the cooldown after the container exits, so Ray cannot
+   give them to the next experiment early (the driver has the result by then).
+
+Cancelling passes through: `ray.cancel` interrupts the task, which cancels its
+runner (SIGTERM, grace, SIGKILL, remove) before the task ends, and the driver
+waits for that end, bounded. A node or worker that dies mid-run surfaces as
+`ClusterNodeLostError`, which is transient, so the retry policy runs the
+experiment again elsewhere. Results travel back only as JSON and are recorded
+by the driver, so nothing is recorded twice. Containers left by a dead worker
+are swept per node by `sweep_cluster`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import structlog
+from pydantic import BaseModel, ValidationError
+
+from llem_dispatch import _labels
+from llem_dispatch import errors as _errors
+from llem_dispatch.dispatcher import (
+    Dispatcher,
+    Event,
+    ExperimentStarted,
+    NodeInfo,
+    RetryPolicy,
+)
+from llem_dispatch.errors import (
+    ClusterError,
+    ClusterNodeLostError,
+    DockerError,
+    GpuRequestError,
+    LlemError,
+    ResultError,
+)
+from llem_dispatch.models import ExperimentFailure, ExperimentResult, HashedConfig
+from llem_dispatch.runners._base import (
+    FORCE_KILL,
+    Outcome,
+    RunInfo,
+    Runner,
+    RunObserver,
+    wait_until_forced,
+)
+
+__all__ = [
+    "NodeContext",
+    "NodeSweep",
+    "RayDispatcher",
+    "RunnerFactory",
+    "sweep_cluster",
+]
+
+log = structlog.get_logger("llem_dispatch.cluster")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeContext:
+    """What a runner factory knows about the node it is called on."""
+
+    node: NodeInfo
+    #: The GPU ids Ray assigned to this task: the node's own device ids.
+    gpu_ids: tuple[str, ...]
+    #: Their UUIDs where NVML answers on the node.
+    gpu_uuids: Mapping[str, str]
+    #: No NVIDIA GPU visible through NVML here: ids are Ray's logical ones, so run
+    #: without device requests (as with `--virtual-gpus` on one host).
+    virtual: bool
+    #: The node is the driver's own host (paths of the driver are valid here).
+    driver_host: bool
+
+
+#: Called on the node, once per attempt, to build the runner there. It must pickle
+#: (a module-level function, a `functools.partial`, a dataclass instance).
+RunnerFactory = Callable[[NodeContext], Runner]
+
+
+def _require_ray() -> ModuleType:
+    try:
+        import ray
+    except ImportError as exc:
+        raise ClusterError(
+            "running on a Ray cluster needs Ray, which is not installed",
+            fix_suggestion="pip install 'llem-dispatch[ray]' on the driver and on every node.",
+        ) from exc
+    return ray
+
+
+# -- the node side -------------------------------------------------------------------
+
+
+def _this_node() -> NodeInfo:
+    import ray
+
+    return NodeInfo(
+        hostname=socket.gethostname(),
+        node_id=ray.get_runtime_context().get_node_id(),
+        ip=ray.util.get_node_ip_address(),  # type: ignore[no-untyped-call]
+    )
+
+
+def _node_gpus(ids: tuple[str, ...]) -> tuple[dict[str, str], bool]:
+    """UUIDs of the assigned ids, and whether the node has no NVML-visible GPU."""
+    from llem_dispatch.gpu import _nvml_inventory
+
+    inventory, _reason = _nvml_inventory()
+    if not inventory:
+        # No NVML (pynvml missing?) but an NVIDIA driver: real GPUs, pass them through.
+        return {}, not Path("/dev/nvidiactl").exists()
+    by_id = dict(inventory)
+    known = set(by_id.values())
+    # Ray hands out the node's CUDA_VISIBLE_DEVICES entries: indices or UUIDs.
+    return {i: by_id.get(i, i) for i in ids if i in by_id or i in known}, False
+
+
+class _QueueObserver:
+    """Passes a run's progress from the node's event loop to the task's thread."""
+
+    def __init__(self, events: queue.Queue[dict[str, Any]], node: dict[str, Any]) -> None:
+        self._events = events
+        self._node = node
+        self.exited_mono: float | None = None
+
+    def on_started(self, info: RunInfo) -> None:
+        self._events.put(
+            {
+                "kind": "started",
+                "node": self._node,
+                "gpu_ids": list(info.gpu_ids),
+                "info": {
+                    "started_at": info.started_at,
+                    "container_id": info.container_id,
+                    "process_id": info.process_id,
+                    "exchange_dir": info.exchange_dir,
+                    "log_path": info.log_path,
+                    "image": info.image,
+                    "image_digest": info.image_digest,
+                },
+            }
+        )
+
+    def on_exited(self, info: RunInfo) -> None:
+        self.exited_mono = time.monotonic()
+        self._events.put(
+            {
+                "kind": "exited",
+                "node": self._node,
+                "exited_at": info.exited_at,
+                "exit_code": info.exit_code,
+            }
+        )
+
+
+def _error_payload(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, LlemError):
+        return {
+            "type": type(exc).__name__,
+            "message": exc.message,
+            "fix_suggestion": exc.fix_suggestion,
+            "config_hash": exc.config_hash,
+            "exchange_dir": exc.exchange_dir,
+            "stderr_snippet": getattr(exc, "stderr_snippet", None),
+            "container_id": getattr(exc, "container_id", None),
+            "exit_code": getattr(exc, "exit_code", None),
+            "log_path": getattr(exc, "log_path", None),
+        }
+    return {"type": "ClusterError", "message": f"{type(exc).__name__}: {exc}"}
+
+
+async def _run_on_node(
+    factory: RunnerFactory,
+    context: NodeContext,
+    config: HashedConfig,
+    events: queue.Queue[dict[str, Any]],
+    observer: _QueueObserver,
+) -> None:
+    node = context.node.model_dump()
+    runner: Runner | None = None
+    try:
+        runner = factory(context)
+        outcome = await runner.run(config, gpus=context.gpu_ids, observer=observer)
+    except Exception as exc:
+        if not isinstance(exc, LlemError):
+            log.exception("node_task_failed", config_hash=config.config_hash)
+        events.put({"kind": "error", "node": node, "error": _error_payload(exc)})
+    else:
+        if isinstance(outcome, ExperimentFailure):
+            payload = {"failure": outcome.model_dump(mode="json")}
+        else:
+            payload = {"result": outcome.model_dump(mode="json")}
+        events.put({"kind": "outcome", "node": node, **payload})
+    finally:
+        if runner is not None:
+            with anyio.CancelScope(shield=True):
+                await runner.aclose()
+
+
+def _experiment_task(
+    factory: RunnerFactory,
+    config: dict[str, Any],
+    config_hash: str,
+    cooldown_s: float,
+    driver_host: str,
+) -> Iterator[dict[str, Any]]:
+    """The Ray task (a streaming generator): run one attempt on this node."""
+    import ray
+
+    node = _this_node()
+    ids = tuple(str(i) for i in ray.get_gpu_ids())
+    uuids, virtual = _node_gpus(ids)
+    context = NodeContext(node, ids, uuids, virtual, node.hostname == driver_host)
+    events: queue.Queue[dict[str, Any]] = queue.Queue()
+    observer = _QueueObserver(events, node.model_dump())
+    # The run gets its own event loop in a thread; this (main) thread relays its
+    # progress. `ray.cancel` raises KeyboardInterrupt here (between bytecodes, so
+    # the waits below are short), and leaving the portal then cancels the run and
+    # waits for its shielded cleanup: the container is gone before the task ends.
+    with anyio.from_thread.start_blocking_portal() as portal:
+        future = portal.start_task_soon(
+            _run_on_node, factory, context, HashedConfig(config, config_hash), events, observer
+        )
+        while not (future.done() and events.empty()):
+            try:
+                item = events.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            yield item
+        if (problem := future.exception()) is not None:
+            yield {"kind": "error", "node": node.model_dump(), "error": _error_payload(problem)}
+    # Hold the GPUs (this task's Ray resources) for the cooldown after the exit.
+    if observer.exited_mono is not None and cooldown_s > 0:
+        deadline = observer.exited_mono + cooldown_s
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, 0.1))
+
+
+def _sweep_task(
+    results_dir: str | None,
+    logs_dir: str | None,
+    study_over: bool,
+    dry_run: bool,
+    driver_host: str,
+) -> dict[str, Any]:
+    """The Ray task run once per host by `sweep_cluster`."""
+    from llem_dispatch.reap import reap
+    from llem_dispatch.study import docker_available
+
+    node = _this_node()
+    if not docker_available():
+        return {"node": node.model_dump(), "reaped": [], "skipped": "no Docker daemon here"}
+    if logs_dir is not None and node.hostname != driver_host:
+        logs_dir = str(Path(tempfile.gettempdir()) / "llem-orphan-logs")
+    try:
+        found = anyio.run(
+            lambda: reap(
+                results_dir=results_dir, logs_dir=logs_dir, dry_run=dry_run, study_over=study_over
+            )
+        )
+    except LlemError as exc:
+        return {"node": node.model_dump(), "reaped": [], "skipped": exc.message}
+    return {"node": node.model_dump(), "reaped": [asdict(r) for r in found], "skipped": None}
+
+
+_REMOTE: dict[str, Any] = {}
+
+
+def _remote(name: str) -> Any:
+    """The Ray remote functions, made on first use (Ray is imported lazily)."""
+    if name not in _REMOTE:
+        ray = _require_ray()
+        # max_retries=0: the driver's retry policy decides, so each retry is
+        # journalled and bounded like any other.
+        _REMOTE["experiment"] = ray.remote(num_returns="streaming", max_retries=0)(_experiment_task)
+        _REMOTE["sweep"] = ray.remote(num_cpus=0, max_retries=0)(_sweep_task)
+    return _REMOTE[name]
+
+
+# -- the driver side ------------------------------------------------------------------
+
+
+def _rebuild_error(payload: Mapping[str, Any], node: NodeInfo | None) -> LlemError:
+    """The node's error as the same class here, its message naming the node."""
+    where = f" [on node {node.label}]" if node is not None else ""
+    cls = getattr(_errors, str(payload.get("type")), None)
+    if not (isinstance(cls, type) and issubclass(cls, LlemError)):
+        cls = ClusterError
+    message = str(payload.get("message", "")) + where
+    common: dict[str, Any] = {
+        "fix_suggestion": payload.get("fix_suggestion"),
+        "config_hash": payload.get("config_hash"),
+        "exchange_dir": payload.get("exchange_dir"),
+    }
+    if issubclass(cls, DockerError):
+        return cls(
+            message,
+            stderr_snippet=payload.get("stderr_snippet"),
+            container_id=payload.get("container_id"),
+            exit_code=payload.get("exit_code"),
+            log_path=payload.get("log_path"),
+            **common,
+        )
+    if issubclass(cls, ClusterError):
+        return cls(message, node=node.label if node else None, **common)
+    return cls(message, **common)
+
+
+class _NodeRunners:
+    """Stands in for the runner: on a cluster, runners are built on the nodes."""
+
+    def __init__(self, runner_type: str) -> None:
+        self.runner_type = runner_type
+
+    async def run(
+        self,
+        config: BaseModel | Mapping[str, Any],
+        *,
+        gpus: Any = None,
+        observer: RunObserver | None = None,
+    ) -> Outcome:
+        raise ClusterError("a RayDispatcher runs experiments on cluster nodes, not here")
+
+    async def aclose(self) -> None:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSweep:
+    """What `sweep_cluster` did on one host."""
+
+    node: NodeInfo
+    reaped: list[dict[str, Any]]
+    skipped: str | None
+
+
+class RayDispatcher(Dispatcher):
+    """A `Dispatcher` whose experiments run as Ray tasks across a cluster's nodes.
+
+    `runner_factory(NodeContext) -> Runner` is shipped to the nodes and called
+    there for every attempt. Results are validated with `result_model` on the
+    driver. `address` is Ray's (`"auto"`, `"HOST:6379"`, `"ray://HOST:10001"`);
+    an already initialised Ray is used as it is, and None starts a local one.
+    """
+
+    def __init__(
+        self,
+        runner_factory: RunnerFactory,
+        *,
+        address: str | None = None,
+        cooldown_s: float = 0.0,
+        max_concurrency: int | None = None,
+        retries: RetryPolicy | int | None = None,
+        on_event: Callable[[Event], None] | None = None,
+        result_model: type[BaseModel] = ExperimentResult,
+        runner_type: str = "ray",
+        num_cpus: float = 1.0,
+        runtime_env: Mapping[str, Any] | None = None,
+        cancel_timeout_s: float = 60.0,
+        init_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if cooldown_s < 0:
+            raise ValueError(f"cooldown_s must be >= 0, got {cooldown_s}")
+        super().__init__(
+            _NodeRunners(runner_type),
+            max_concurrency=max_concurrency,
+            retries=retries,
+            on_event=on_event,
+        )
+        self.runner_factory = runner_factory
+        self.address = address
+        self.cooldown_s = cooldown_s
+        self.result_model = result_model
+        self.num_cpus = num_cpus
+        self.runtime_env = dict(runtime_env) if runtime_env else None
+        self.cancel_timeout_s = cancel_timeout_s
+        self.init_options = dict(init_options or {})
+        self._owns_ray = False
+        self._factory_ref: Any = None
+
+    # -- connection -------------------------------------------------------------------
+
+    def connect(self) -> ModuleType:
+        """Connect to the cluster (once); raise `ClusterError` saying how to fix it."""
+        ray = _require_ray()
+        if not ray.is_initialized():
+            options: dict[str, Any] = {"log_to_driver": False, "logging_level": "WARNING"}
+            options.update(self.init_options)
+            try:
+                ray.init(address=self.address, **options)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise ClusterError(
+                    f"cannot connect to the Ray cluster at {self.address!r}: {exc}",
+                    fix_suggestion="Start the cluster (`ray start --head` on the head node, "
+                    "`ray start --address HEAD:6379` on each other node), then pass the head's "
+                    "address to --ray / `cluster:`; `ray status` shows what is up.",
+                ) from exc
+            self._owns_ray = True
+        if self._factory_ref is None:
+            self._factory_ref = ray.put(self.runner_factory)
+        return ray
+
+    async def aclose(self) -> None:
+        """Disconnect from Ray if this dispatcher connected (idempotent)."""
+        self._factory_ref = None
+        if self._owns_ray:
+            self._owns_ray = False
+            _require_ray().shutdown()
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Ray's view of the alive nodes."""
+        ray = self.connect()
+        return [n for n in ray.nodes() if n.get("Alive")]
+
+    def cluster_gpus(self) -> dict[str, int]:
+        """GPUs per alive node, by node label."""
+        return {
+            f"{n.get('NodeManagerHostname', '?')}[{n['NodeID'][:6]}]": int(
+                n.get("Resources", {}).get("GPU", 0)
+            )
+            for n in self.nodes()
+        }
+
+    # -- policy -----------------------------------------------------------------------
+
+    def check_request(self, gpus: int) -> None:
+        """One experiment runs on one node: no node big enough is an immediate error."""
+        if gpus < 0:
+            raise GpuRequestError(f"gpus must be >= 0, got {gpus}")
+        if gpus == 0:
+            return
+        per_node = self.cluster_gpus()
+        largest = max(per_node.values(), default=0)
+        if gpus > largest:
+            raise GpuRequestError(
+                f"an experiment asks for {gpus} GPU(s) but the largest node of the Ray cluster "
+                f"has {largest} ({len(per_node)} node(s), {sum(per_node.values())} GPUs in "
+                "all); one experiment never spans nodes",
+                fix_suggestion=f"Ask for at most {largest} GPU(s) per experiment, or add a "
+                "node with more (`ray start --num-gpus N`).",
+            )
+
+    def parallelism(self) -> int:
+        if self.max_concurrency:
+            return self.max_concurrency
+        nodes = self.nodes()
+        resources = [n.get("Resources", {}) for n in nodes]
+        slots = sum(int(r.get("GPU", 0)) + int(r.get("CPU", 0)) for r in resources)
+        return max(8, slots)
+
+    # -- one attempt ------------------------------------------------------------------
+
+    async def _attempt(self, data: dict[str, Any], gpus: int, record: dict[str, Any]) -> Outcome:
+        ray = self.connect()
+        from ray.exceptions import RayError, RayTaskError
+
+        options: dict[str, Any] = {"num_gpus": gpus, "num_cpus": self.num_cpus}
+        if self.runtime_env:
+            options["runtime_env"] = self.runtime_env
+        config = (
+            data if isinstance(data, HashedConfig) else HashedConfig(data, record["config_hash"])
+        )
+        stream = (
+            _remote("experiment")
+            .options(**options)
+            .remote(
+                self._factory_ref,
+                dict(config),
+                config.config_hash,
+                self.cooldown_s,
+                _labels.HOSTNAME,
+            )
+        )
+        try:
+            async for ref in stream:
+                outcome = self._on_message(await ref, record)
+                if outcome is not None:
+                    # The task lives on through the cooldown, holding its GPUs.
+                    return outcome
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                await self._cancel(ray, stream, record)
+            raise
+        except RayTaskError as exc:
+            raise ClusterError(
+                f"the node-side task failed: {str(exc).splitlines()[0]}",
+                fix_suggestion="Check that the node has the same llem-dispatch version as the "
+                "driver; the worker log on that node has the traceback.",
+            ) from exc
+        except RayError as exc:
+            node = record.get("node")
+            where = f" on node {node.label}" if isinstance(node, NodeInfo) else ""
+            raise ClusterNodeLostError(
+                f"the Ray task running {record['config_hash']} was lost{where}: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                node=node.label if isinstance(node, NodeInfo) else None,
+            ) from exc
+        raise ClusterError("the node-side task ended without an outcome")
+
+    def _on_message(self, message: Mapping[str, Any], record: dict[str, Any]) -> Outcome | None:
+        node = NodeInfo.model_validate(message["node"])
+        record["node"] = node
+        kind = message["kind"]
+        if kind == "started":
+            info = message["info"]
+            record.update(gpu_ids=list(message["gpu_ids"]), **info)
+            self.emit(
+                ExperimentStarted(
+                    record["config_hash"],
+                    tuple(record["gpu_ids"]),
+                    record["attempts"],
+                    info.get("container_id"),
+                    info.get("process_id"),
+                    record["tags"],
+                    node.label,
+                )
+            )
+        elif kind == "exited":
+            record["exited_at"] = message["exited_at"]
+        elif kind == "error":
+            raise _rebuild_error(message["error"], node)
+        elif kind == "outcome":
+            try:
+                if "failure" in message:
+                    return ExperimentFailure.model_validate(message["failure"])
+                return self.result_model.model_validate(message["result"])
+            except ValidationError as exc:
+                raise ResultError(
+                    f"the result from node {node.label} does not match "
+                    f"{self.result_model.__name__}: {exc}",
+                    config_hash=record["config_hash"],
+                ) from exc
+        return None
+
+    async def _cancel(self, ray: ModuleType, stream: Any, record: dict[str, Any]) -> None:
+        """Cancel the task and wait (bounded) until its node has cleaned up."""
+        ray.cancel(stream)
+        finished = False
+        with anyio.move_on_after(self.cancel_timeout_s):
+            async with anyio.create_task_group() as tg:
+
+                async def drain() -> None:
+                    nonlocal finished
+                    with contextlib.suppress(Exception):
+                        async for ref in stream:
+                            with contextlib.suppress(Exception):
+                                await ref
+                    finished = True
+                    tg.cancel_scope.cancel()
+
+                async def forced() -> None:
+                    await wait_until_forced()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(drain)
+                tg.start_soon(forced)
+        if not finished:
+            ray.cancel(stream, force=True)
+            node = record.get("node")
+            log.warning(
+                "cluster_task_killed",
+                config_hash=record["config_hash"],
+                node=node.label if isinstance(node, NodeInfo) else None,
+                reason="forced" if FORCE_KILL.is_set() else "cleanup took too long",
+                fix="its container is removed by the end-of-study sweep or "
+                "`llem-dispatch reap --ray ADDRESS`",
+            )
+
+    # -- sweeping ---------------------------------------------------------------------
+
+    async def sweep(
+        self,
+        *,
+        results_dir: str | Path | None = None,
+        logs_dir: str | Path | None = None,
+        study_over: bool = False,
+        dry_run: bool = False,
+        timeout_s: float = 120.0,
+    ) -> list[NodeSweep]:
+        """Reap orphaned containers on every host of the cluster (see `sweep_cluster`)."""
+        self.connect()
+        return await _sweep(
+            self.nodes(),
+            results_dir=results_dir,
+            logs_dir=logs_dir,
+            study_over=study_over,
+            dry_run=dry_run,
+            timeout_s=timeout_s,
+        )
+
+
+async def _sweep(
+    nodes: list[dict[str, Any]],
+    *,
+    results_dir: str | Path | None,
+    logs_dir: str | Path | None,
+    study_over: bool,
+    dry_run: bool,
+    timeout_s: float,
+) -> list[NodeSweep]:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # One task per host: nodes sharing a host share its Docker daemon.
+    by_host: dict[str, str] = {}
+    for node in nodes:
+        by_host.setdefault(str(node.get("NodeManagerHostname", node["NodeID"])), node["NodeID"])
+    refs = [
+        _remote("sweep")
+        .options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+        .remote(
+            str(Path(results_dir).resolve()) if results_dir is not None else None,
+            str(logs_dir) if logs_dir is not None else None,
+            study_over,
+            dry_run,
+            _labels.HOSTNAME,
+        )
+        for node_id in by_host.values()
+    ]
+    out: list[NodeSweep] = []
+    with anyio.move_on_after(timeout_s):
+        for ref in refs:
+            try:
+                done = await ref
+            except Exception as exc:  # noqa: BLE001 - one lost node must not stop the others
+                log.warning("sweep_node_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+                continue
+            out.append(
+                NodeSweep(NodeInfo.model_validate(done["node"]), done["reaped"], done["skipped"])
+            )
+    return out
+
+
+async def sweep_cluster(
+    address: str | None,
+    *,
+    results_dir: str | Path | None = None,
+    logs_dir: str | Path | None = None,
+    study_over: bool = False,
+    dry_run: bool = False,
+    timeout_s: float = 120.0,
+) -> list[NodeSweep]:
+    """`reap` on every host of a Ray cluster: remove containers whose owner is gone.
+
+    Runs one small task per host, pinned to a node there. With `study_over=True`
+    (and `results_dir`), every container of that study is removed, owner alive or
+    not: used at the end of a cluster study, when nothing of it is in flight.
+    """
+    dispatcher = RayDispatcher(_NoRunnerFactory(), address=address)
+    try:
+        return await dispatcher.sweep(
+            results_dir=results_dir,
+            logs_dir=logs_dir,
+            study_over=study_over,
+            dry_run=dry_run,
+            timeout_s=timeout_s,
+        )
+    finally:
+        await dispatcher.aclose()
+
+
+class _NoRunnerFactory:
+    def __call__(self, node: NodeContext) -> Runner:
+        raise ClusterError("this dispatcher only sweeps; it runs no experiments")
