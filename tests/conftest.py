@@ -49,7 +49,25 @@ def docker_problem() -> str | None:
     return _PROBLEM
 
 
+def _ray_problem() -> str | None:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return "Ray is not installed (pip install -e '.[dev,ray]')"
+    return None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    needs_ray = [item for item in items if item.get_closest_marker("ray")]
+    if needs_ray and (ray_problem := _ray_problem()) is not None:
+        if os.environ.get("LLEM_REQUIRE_RAY") == "1":
+            # In CI a missing Ray must fail the cluster tests, never skip them.
+            fail = pytest.mark.usefixtures("_ray_required_but_missing")
+            for item in needs_ray:
+                item.add_marker(fail)
+        else:
+            for item in needs_ray:
+                item.add_marker(pytest.mark.skip(reason=ray_problem))
     needs_docker = [item for item in items if item.get_closest_marker("docker")]
     if not needs_docker:
         return
@@ -67,6 +85,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     )
     for item in needs_docker:
         item.add_marker(skip)
+
+
+@pytest.fixture
+def _ray_required_but_missing() -> None:
+    pytest.fail(f"LLEM_REQUIRE_RAY=1 but {_ray_problem()}")
 
 
 @pytest.fixture

@@ -1,0 +1,179 @@
+"""Studies on a real 2-node Ray cluster (2 logical GPUs each) through real Docker containers."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from functools import partial
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from llem_dispatch import Study, run_study
+from llem_dispatch.errors import GpuRequestError
+from tests.cluster.conftest import (
+    GPUS_PER_NODE,
+    RESULT,
+    journal,
+    records,
+    study_dict,
+)
+from tests.conftest import labelled_containers
+
+pytestmark = [
+    pytest.mark.ray,
+    pytest.mark.docker,
+    pytest.mark.slow,
+    pytest.mark.usefixtures("ray_cluster", "no_leaked_containers"),
+]
+
+
+def _t(value: str) -> float:
+    return datetime.fromisoformat(value).timestamp()
+
+
+def max_overlap(intervals: list[tuple[float, float]]) -> int:
+    """The most intervals open at one instant (an end before a start at the same time)."""
+    points = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    best = current = 0
+    for _, step in points:
+        current += step
+        best = max(best, current)
+    return best
+
+
+async def test_sweep_uses_every_gpu_of_both_nodes_and_never_shares_one(
+    ray_cluster: tuple[Any, list[Any]], tmp_path: Path, test_labels: dict[str, str]
+) -> None:
+    cluster, _ = ray_cluster
+    cooldown = 1.0
+    study = Study.model_validate(
+        study_dict(test_labels, "sleep 2; " + RESULT, n=16, experiment_gap_s=cooldown)
+    )
+    out = tmp_path / "out"
+    summary = await run_study(study, out, cluster=cluster.address)
+
+    assert (summary.succeeded, summary.failed, summary.errored) == (16, 0, 0)
+    recs = records(out)
+    assert len(recs) == 16
+    nodes = {r["node"]["node_id"] for r in recs.values()}
+    assert len(nodes) == 2, f"expected both worker nodes used, got {nodes}"
+    by_gpu: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for r in recs.values():
+        assert r["status"] == "succeeded"
+        assert len(r["gpu_ids"]) == 1 and r["gpu_ids"][0] in {str(i) for i in range(GPUS_PER_NODE)}
+        # The container saw exactly the GPU Ray assigned on its node.
+        assert r["result"]["data"]["gpu"] == r["gpu_ids"][0]
+        assert r["image_digest"], "every record names the image digest"
+        assert r["node"]["hostname"]
+        by_gpu.setdefault((r["node"]["node_id"], r["gpu_ids"][0]), []).append(
+            (_t(r["started_at"]), _t(r["exited_at"]))
+        )
+    assert len(by_gpu) == 2 * GPUS_PER_NODE, f"all 4 GPUs used: {sorted(by_gpu)}"
+    for gpu, spans in by_gpu.items():
+        spans.sort()
+        for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+            # Never shared, and the GPU rested for the cooldown before its next run.
+            assert start >= end + cooldown * 0.95, f"GPU {gpu}: next run {start - end:.2f}s after"
+    everything = [span for spans in by_gpu.values() for span in spans]
+    assert max_overlap(everything) == 4, "all 4 GPUs busy at once at some point"
+    events = [e["event"] for e in journal(out)]
+    assert events.count("succeeded") == 16
+    assert all("node" in e for e in journal(out) if e["event"] == "started")
+    assert labelled_containers(f"llem.test.node={test_labels['llem.test.node']}") == []
+
+
+async def test_failure_record_names_the_node_that_keeps_its_exchange_dir(
+    ray_cluster: tuple[Any, list[Any]], tmp_path: Path, test_labels: dict[str, str]
+) -> None:
+    cluster, _ = ray_cluster
+    script = 'if [ "$I" = 1 ]; then echo boom >&2; exit 3; fi; ' + RESULT
+    study = Study.model_validate(study_dict(test_labels, script, n=2, retries=0))
+    out = tmp_path / "out"
+    summary = await run_study(study, out, cluster=cluster.address)
+    assert (summary.succeeded, summary.errored) == (1, 1)
+    bad = next(r for r in records(out).values() if r["status"] != "succeeded")
+    assert bad["error"]["type"] == "DockerContainerError"
+    assert "[on node " in bad["error"]["message"]
+    assert "boom" in bad["error"]["stderr_snippet"]
+    assert bad["node"]["hostname"]
+    # The node is this host here, so the kept dir is in the results dir, with its log.
+    kept = Path(bad["exchange_dir"])
+    assert kept.is_dir() and kept.parent == out / "exchange"
+    assert "boom" in (kept / "container.log").read_text()
+
+
+async def test_cancelling_a_study_removes_its_containers_on_the_nodes(
+    ray_cluster: tuple[Any, list[Any]], tmp_path: Path, test_labels: dict[str, str]
+) -> None:
+    cluster, _ = ray_cluster
+    label = f"llem.test.node={test_labels['llem.test.node']}"
+    study = Study.model_validate(study_dict(test_labels, "sleep 60; " + RESULT, n=8))
+    out = tmp_path / "out"
+    cancelled_at = 0.0
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(partial(run_study, study, out, cluster=cluster.address))
+        with anyio.fail_after(60):
+            while len(labelled_containers(label, running_only=True)) < 4:
+                await anyio.sleep(0.2)
+        cancelled_at = time.monotonic()
+        tg.cancel_scope.cancel()
+    took = time.monotonic() - cancelled_at
+    # SIGTERM is ignored by sh as pid 1: SIGKILL after the 2 s grace, then removal.
+    assert took < 20, f"cancelling took {took:.1f}s"
+    assert labelled_containers(label) == [], "containers left after the study was cancelled"
+    events = journal(out)
+    assert events[-1]["event"] == "interrupted"
+    assert len(events[-1]["in_flight"]) == 8
+    assert records(out) == {}
+
+
+async def test_an_experiment_larger_than_any_node_fails_at_once(
+    ray_cluster: tuple[Any, list[Any]], tmp_path: Path, test_labels: dict[str, str]
+) -> None:
+    cluster, _ = ray_cluster
+    study = Study.model_validate(study_dict(test_labels, RESULT, n=1, gpus=GPUS_PER_NODE + 1))
+    with anyio.fail_after(30), pytest.raises(GpuRequestError, match="largest node") as info:
+        await run_study(study, tmp_path / "out", cluster=cluster.address)
+    assert "never spans nodes" in info.value.message
+    assert not (tmp_path / "out" / "records").exists() or not any(
+        (tmp_path / "out" / "records").iterdir()
+    )
+
+
+async def test_library_map_streams_records_with_their_nodes(
+    ray_cluster: tuple[Any, list[Any]], tmp_path: Path, test_labels: dict[str, str]
+) -> None:
+    from llem_dispatch.cluster import NodeContext, RayDispatcher
+    from llem_dispatch.dispatcher import ExperimentStarted
+    from llem_dispatch.runners.docker import DockerRunner
+    from tests.conftest import BUSYBOX_IMAGE
+
+    cluster, _ = ray_cluster
+    make = partial(
+        DockerRunner,
+        BUSYBOX_IMAGE,
+        command=["sh", "-c", 'echo "{\\"ok\\": 1}" > "$LLEM_RESULT_PATH"'],
+        gpu_passthrough=False,
+        network="none",
+        shm_size="16m",
+        labels=test_labels,
+        exchange_base=tmp_path,
+    )
+
+    def factory(node: NodeContext) -> DockerRunner:
+        return make()
+
+    started: list[ExperimentStarted] = []
+    async with RayDispatcher(factory, address=cluster.address) as dispatcher:
+        dispatcher.subscribe(lambda e: started.append(e) if isinstance(e, ExperimentStarted) else None)
+        got = [r async for r in dispatcher.map([{"n": i} for i in range(6)], gpus=1)]
+    assert sorted(r.config["n"] for r in got) == list(range(6))
+    assert all(r.ok and r.node is not None and r.result is not None for r in got)
+    assert {e.node for e in started} <= {r.node.label for r in got if r.node}
+    assert len(started) == 6
+    with contextlib.suppress(StopIteration):
+        assert next(r for r in got if r.result is not None).result["data"] == {"ok": 1}
