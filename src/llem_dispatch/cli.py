@@ -37,10 +37,13 @@ from llem_dispatch.dispatcher import (
     ExperimentStarted,
 )
 from llem_dispatch.errors import LlemError
+from llem_dispatch.gpu import GpuPool
 from llem_dispatch.study import (
+    RunnerSpec,
     Study,
     StudySummary,
     build_pool,
+    docker_available,
     ensure_image,
     expand_study,
     iter_records,
@@ -48,6 +51,7 @@ from llem_dispatch.study import (
     make_runner,
     resolve_runner,
     run_study,
+    runner_choice,
     study_images,
 )
 
@@ -288,6 +292,15 @@ def run(
         ),
     ] = None,
     runner: Annotated[str | None, typer.Option(help="local | docker | docker:IMAGE")] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="ADDRESS",
+            help="Run on a Ray cluster: auto, HOST:6379 or ray://HOST:10001 (overrides the "
+            "study's `cluster:`).",
+        ),
+    ] = None,
     max_concurrency: Annotated[int | None, typer.Option(min=1)] = None,
     timeout: Annotated[float | None, typer.Option(help="Per-experiment timeout, seconds.")] = None,
     dry_run: Annotated[
@@ -311,15 +324,31 @@ def run(
         overrides["timeout_s"] = timeout
     try:
         study = load_study(study_file, overrides=overrides)
-        gpu_choice = _parse_gpus(gpus)
-        pool = build_pool(study, gpus=gpu_choice, virtual_gpus=virtual_gpus)
+        cluster = ray_address or study.cluster
+        pool: GpuPool | None = None
         experiments = expand_study(study)
-        pool.check_request(max((e.gpus for e in experiments), default=0))
+        if cluster:
+            if gpus is not None or virtual_gpus is not None:
+                raise _fail_usage(
+                    "--gpus/--virtual-gpus choose GPUs of this host; on a Ray cluster Ray "
+                    "assigns them",
+                    "Drop them; set each node's GPUs with `ray start --num-gpus N`.",
+                )
+        else:
+            pool = build_pool(study, gpus=_parse_gpus(gpus), virtual_gpus=virtual_gpus)
+            pool.check_request(max((e.gpus for e in experiments), default=0))
         if dry_run:
-            _print_dry_run(study, study_file, runner, pool.virtual, console)
+            _print_dry_run(study, study_file, runner, pool.virtual if pool else False, console)
             raise typer.Exit(EXIT_OK)
-        spec = resolve_runner(runner, study)
-        if spec.kind == "docker":
+        if cluster:
+            # Each node decides `auto` for itself; images are built here when this
+            # host has a daemon (other nodes need the image too: see the README).
+            spec = runner_choice(runner, study) or RunnerSpec("auto", study.image, "auto")
+            build_here = spec.kind == "docker" and docker_available()
+        else:
+            spec = resolve_runner(runner, study)
+            build_here = spec.kind == "docker"
+        if build_here:
             for image in study_images(study, spec, experiments):
                 ensure_image(
                     study,
@@ -334,7 +363,7 @@ def run(
         f"{spec.kind}:{spec.image}" if spec.kind == "docker" and spec.image else spec.kind
     )
     os.environ.setdefault("LLEM_RUNNER_SOURCE", spec.source)
-    state = ProgressState(total=len(experiments), gpu_ids=list(pool.devices))
+    state = ProgressState(total=len(experiments), gpu_ids=list(pool.devices) if pool else [])
     interactive = console.is_terminal and not plain and not json_logs
     display = LiveDisplay(state)
     summary_box: list[StudySummary] = []
@@ -374,6 +403,7 @@ def run(
                     max_concurrency=max_concurrency,
                     study_dir=study_file.parent,
                     runner_value=runner_value,
+                    cluster=cluster,
                 )
                 summary_box.append(summary)
             tg.cancel_scope.cancel()
@@ -386,8 +416,12 @@ def run(
                 anyio.run(main_task)
         else:
             anyio.run(main_task)
-    except LlemError as exc:
-        raise _fail_usage(exc.message, exc.fix_suggestion) from exc
+    except (LlemError, BaseExceptionGroup) as exc:
+        # run_study runs in a task group: its errors arrive wrapped in a group.
+        error = _llem_error_in(exc)
+        if error is None:
+            raise
+        raise _fail_usage(error.message, error.fix_suggestion) from exc
     if not summary_box:
         console.print(
             f"[yellow]interrupted after {time.monotonic() - started:.1f}s; "
@@ -397,6 +431,13 @@ def run(
     summary = summary_box[0]
     _print_summary(summary, console)
     raise typer.Exit(summary.exit_code)
+
+
+def _llem_error_in(exc: BaseException) -> LlemError | None:
+    """The LlemError in an exception (group), if that is all it holds."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, LlemError) else None
 
 
 def _logging_force(force: bool) -> None:
@@ -525,11 +566,18 @@ def reap(
     results_dir: Annotated[
         Path | None, typer.Option("--results", help="Only containers of this results dir.")
     ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option("--ray", metavar="ADDRESS", help="Reap on every host of this Ray cluster."),
+    ] = None,
 ) -> None:
     """Remove containers left by dispatchers that are gone (their logs are kept)."""
     from llem_dispatch.reap import reap as do_reap
 
     console = _console()
+    if ray_address is not None:
+        _reap_cluster(ray_address, results_dir, dry_run, console)
+        return
     try:
         found = anyio.run(
             lambda: do_reap(
@@ -553,6 +601,40 @@ def reap(
             item.log_path or "",
         )
     console.print(table)
+
+
+def _reap_cluster(address: str, results_dir: Path | None, dry_run: bool, console: Console) -> None:
+    from llem_dispatch.cluster import sweep_cluster
+
+    try:
+        sweeps = anyio.run(
+            lambda: sweep_cluster(
+                address,
+                results_dir=results_dir,
+                dry_run=dry_run,
+                logs_dir=Path("llem-orphan-logs").resolve(),
+            )
+        )
+    except LlemError as exc:
+        raise _fail_usage(exc.message, exc.fix_suggestion) from exc
+    table = Table(title=("would remove" if dry_run else "removed") + " per host")
+    for column in ("node", "container", "config hash", "owner pid", "log kept at"):
+        table.add_column(column, overflow="fold")
+    total = 0
+    for sweep in sweeps:
+        if sweep.skipped:
+            table.add_row(sweep.node.label, "-", "", "", f"skipped: {sweep.skipped}")
+        for item in sweep.reaped:
+            total += 1
+            table.add_row(
+                sweep.node.label,
+                str(item["container_id"])[:12],
+                item["config_hash"] or "",
+                item["owner_pid"] or "",
+                item["log_path"] or "",
+            )
+    console.print(table)
+    console.print(f"{len(sweeps)} host(s) swept, {total} orphaned container(s)")
 
 
 # -- doctor ----------------------------------------------------------------------------

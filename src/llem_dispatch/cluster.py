@@ -328,6 +328,34 @@ def _rebuild_error(payload: Mapping[str, Any], node: NodeInfo | None) -> LlemErr
     return cls(message, **common)
 
 
+_CLUSTER_FIX = (
+    "Start the cluster (`ray start --head` on the head node, `ray start --address "
+    "HEAD:6379` on each other node), then pass the head's address to --ray / `cluster:`; "
+    "`ray status` shows what is up."
+)
+
+
+def _probe_address(address: str | None, timeout_s: float = 5.0) -> None:
+    """Fail in seconds on an address nothing listens at (ray.init retries for minutes)."""
+    if not address or address in {"auto", "local"}:
+        return
+    hostport = address.removeprefix("ray://").rsplit("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(
+            f"Ray address {address!r} is not HOST:PORT, ray://HOST:PORT or auto",
+            fix_suggestion="Give the head node's address, e.g. 10.0.0.5:6379.",
+        )
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise ClusterError(
+            f"nothing answers at the Ray address {address!r}: {exc.strerror or exc}",
+            fix_suggestion=_CLUSTER_FIX,
+        ) from exc
+
+
 class _NodeRunners:
     """Stands in for the runner: on a cluster, runners are built on the nodes."""
 
@@ -408,14 +436,13 @@ class RayDispatcher(Dispatcher):
         if not ray.is_initialized():
             options: dict[str, Any] = {"log_to_driver": False, "logging_level": "WARNING"}
             options.update(self.init_options)
+            _probe_address(self.address)
             try:
                 ray.init(address=self.address, **options)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise ClusterError(
                     f"cannot connect to the Ray cluster at {self.address!r}: {exc}",
-                    fix_suggestion="Start the cluster (`ray start --head` on the head node, "
-                    "`ray start --address HEAD:6379` on each other node), then pass the head's "
-                    "address to --ray / `cluster:`; `ray status` shows what is up.",
+                    fix_suggestion=_CLUSTER_FIX,
                 ) from exc
             self._owns_ray = True
         if self._factory_ref is None:
@@ -512,9 +539,11 @@ class RayDispatcher(Dispatcher):
         except RayError as exc:
             node = record.get("node")
             where = f" on node {node.label}" if isinstance(node, NodeInfo) else ""
+            # Ray's first sentence says what happened; the rest is advice on its tools.
+            said = str(exc).strip().split(". ")[0].splitlines()[0] if str(exc).strip() else ""
             raise ClusterNodeLostError(
                 f"the Ray task running {record['config_hash']} was lost{where}: "
-                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                f"{type(exc).__name__}: {said}",
                 node=node.label if isinstance(node, NodeInfo) else None,
             ) from exc
         raise ClusterError("the node-side task ended without an outcome")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
+import json
 import time
-from functools import partial
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +66,8 @@ async def test_sweep_uses_every_gpu_of_both_nodes_and_never_shares_one(
     by_gpu: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for r in recs.values():
         assert r["status"] == "succeeded"
-        assert len(r["gpu_ids"]) == 1 and r["gpu_ids"][0] in {str(i) for i in range(GPUS_PER_NODE)}
+        assert len(r["gpu_ids"]) == 1
+        assert r["gpu_ids"][0] in {str(i) for i in range(GPUS_PER_NODE)}
         # The container saw exactly the GPU Ray assigned on its node.
         assert r["result"]["data"]["gpu"] == r["gpu_ids"][0]
         assert r["image_digest"], "every record names the image digest"
@@ -75,7 +78,7 @@ async def test_sweep_uses_every_gpu_of_both_nodes_and_never_shares_one(
     assert len(by_gpu) == 2 * GPUS_PER_NODE, f"all 4 GPUs used: {sorted(by_gpu)}"
     for gpu, spans in by_gpu.items():
         spans.sort()
-        for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+        for (_, end), (start, _) in itertools.pairwise(spans):
             # Never shared, and the GPU rested for the cooldown before its next run.
             assert start >= end + cooldown * 0.95, f"GPU {gpu}: next run {start - end:.2f}s after"
     everything = [span for spans in by_gpu.values() for span in spans]
@@ -102,7 +105,8 @@ async def test_failure_record_names_the_node_that_keeps_its_exchange_dir(
     assert bad["node"]["hostname"]
     # The node is this host here, so the kept dir is in the results dir, with its log.
     kept = Path(bad["exchange_dir"])
-    assert kept.is_dir() and kept.parent == out / "exchange"
+    assert kept.is_dir()
+    assert kept.parent == out / "exchange"
     assert "boom" in (kept / "container.log").read_text()
 
 
@@ -169,7 +173,9 @@ async def test_library_map_streams_records_with_their_nodes(
 
     started: list[ExperimentStarted] = []
     async with RayDispatcher(factory, address=cluster.address) as dispatcher:
-        dispatcher.subscribe(lambda e: started.append(e) if isinstance(e, ExperimentStarted) else None)
+        dispatcher.subscribe(
+            lambda e: started.append(e) if isinstance(e, ExperimentStarted) else None
+        )
         got = [r async for r in dispatcher.map([{"n": i} for i in range(6)], gpus=1)]
     assert sorted(r.config["n"] for r in got) == list(range(6))
     assert all(r.ok and r.node is not None and r.result is not None for r in got)
@@ -177,3 +183,77 @@ async def test_library_map_streams_records_with_their_nodes(
     assert len(started) == 6
     with contextlib.suppress(StopIteration):
         assert next(r for r in got if r.result is not None).result["data"] == {"ok": 1}
+
+
+def write_study_file(path: Path, data: dict[str, Any]) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+async def test_cli_run_on_the_cluster_with_ray_flag(
+    ray_cluster: tuple[Any, list[Any]], tmp_path: Path, test_labels: dict[str, str]
+) -> None:
+    import sys
+
+    cluster, _ = ray_cluster
+    study_file = write_study_file(tmp_path / "study.yaml", study_dict(test_labels, RESULT, n=4))
+    cli = [sys.executable, "-m", "llem_dispatch.cli", "run", str(study_file), "--plain"]
+    with anyio.fail_after(120):
+        proc = await anyio.run_process(
+            [*cli, "--ray", cluster.address, "--results", str(tmp_path / "out")], check=False
+        )
+    text = proc.stdout.decode() + proc.stderr.decode()
+    assert proc.returncode == 0, text
+    assert "4 succeeded" in text
+    recs = records(tmp_path / "out")
+    assert len(recs) == 4
+    assert all(r["node"] and r["status"] == "succeeded" for r in recs.values())
+    study_json = json.loads((tmp_path / "out" / "study.json").read_text())
+    assert study_json["cluster"] == cluster.address
+    assert sorted(study_json["cluster_gpus"].values()) == [0, GPUS_PER_NODE, GPUS_PER_NODE]
+
+    # Host GPU options make no sense on a cluster: a usage error, nothing run.
+    bad = await anyio.run_process(
+        [*cli, "--ray", cluster.address, "--virtual-gpus", "2", "--results", str(tmp_path / "x")],
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert "Ray assigns them" in " ".join((bad.stdout + bad.stderr).decode().split())
+    assert not (tmp_path / "x").exists()
+
+
+async def test_cli_names_an_unreachable_cluster_in_seconds(tmp_path: Path) -> None:
+    import socket
+    import sys
+
+    # A port with nothing listening: bind and close to find a free one.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    study_file = write_study_file(
+        tmp_path / "study.yaml", study_dict({}, RESULT, n=1, cluster=f"127.0.0.1:{port}")
+    )
+    started = time.monotonic()
+    with anyio.fail_after(60):
+        proc = await anyio.run_process(
+            [
+                sys.executable,
+                "-m",
+                "llem_dispatch.cli",
+                "run",
+                str(study_file),
+                "--plain",
+                "--results",
+                str(tmp_path / "out"),
+            ],
+            check=False,
+        )
+    text = proc.stdout.decode() + proc.stderr.decode()
+    assert proc.returncode == 2, text
+    said = " ".join(text.split())
+    assert "nothing answers at the Ray address" in said
+    assert "ray start --head" in said
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "out" / "records").exists()
