@@ -3,8 +3,11 @@
 The public surface; everything else is private and may change.
 """
 
-from llem_dispatch.dispatcher import Dispatcher, RetryPolicy, RunRecord
+from llem_dispatch.cluster import NodeContext, RayDispatcher
+from llem_dispatch.dispatcher import Dispatcher, NodeInfo, RetryPolicy, RunRecord
 from llem_dispatch.errors import (
+    ClusterError,
+    ClusterNodeLostError,
     ConfigError,
     DockerContainerError,
     DockerError,
@@ -32,6 +35,8 @@ from llem_dispatch.runners import DockerRunner, LocalRunner, Outcome, RunInfo, R
 from llem_dispatch.study import Study, StudySummary, load_study, run_study
 
 __all__ = [
+    "ClusterError",
+    "ClusterNodeLostError",
     "ConfigError",
     "Dispatcher",
     "DockerContainerError",
@@ -51,7 +56,10 @@ __all__ = [
     "GpuRequestError",
     "LlemError",
     "LocalRunner",
+    "NodeContext",
+    "NodeInfo",
     "Outcome",
+    "RayDispatcher",
     "ResultError",
     "RetryPolicy",
     "RunInfo",
