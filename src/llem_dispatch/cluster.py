@@ -28,6 +28,7 @@ import contextlib
 import queue
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -375,6 +376,16 @@ class _NodeRunners:
         return None
 
 
+@dataclass(slots=True)
+class _Pending:
+    """A submitted attempt not yet started on a node."""
+
+    stream: Any
+    gpus: int
+    unplaceable_since: float | None = None
+    reason: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class NodeSweep:
     """What `sweep_cluster` did on one host."""
@@ -407,6 +418,7 @@ class RayDispatcher(Dispatcher):
         num_cpus: float = 1.0,
         runtime_env: Mapping[str, Any] | None = None,
         cancel_timeout_s: float = 60.0,
+        placement_timeout_s: float = 300.0,
         init_options: Mapping[str, Any] | None = None,
     ) -> None:
         if cooldown_s < 0:
@@ -424,9 +436,13 @@ class RayDispatcher(Dispatcher):
         self.num_cpus = num_cpus
         self.runtime_env = dict(runtime_env) if runtime_env else None
         self.cancel_timeout_s = cancel_timeout_s
+        self.placement_timeout_s = placement_timeout_s
         self.init_options = dict(init_options or {})
         self._owns_ray = False
         self._factory_ref: Any = None
+        self._pending: dict[int, _Pending] = {}
+        self._watch_stop = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     # -- connection -------------------------------------------------------------------
 
@@ -447,11 +463,56 @@ class RayDispatcher(Dispatcher):
             self._owns_ray = True
         if self._factory_ref is None:
             self._factory_ref = ray.put(self.runner_factory)
+        if self._watcher is None:
+            self._watcher = threading.Thread(
+                target=self._watch_placement, args=(ray,), name="llem-placement", daemon=True
+            )
+            self._watcher.start()
         return ray
+
+    def _watch_placement(self, ray: ModuleType) -> None:
+        """Fail attempts no alive node can hold any more, instead of waiting forever.
+
+        Ray keeps an infeasible task pending (an autoscaler might add a node). When
+        the nodes big enough have left, an attempt waits `placement_timeout_s`, then
+        is cancelled and ends as a `ClusterError`, so the study finishes and
+        `--resume` runs it once the cluster has grown back.
+        """
+        every = max(0.2, min(5.0, self.placement_timeout_s / 3))
+        while not self._watch_stop.wait(every):
+            if not any(p.gpus for p in self._pending.values()):
+                continue
+            try:
+                largest = max(
+                    (int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n.get("Alive")),
+                    default=0,
+                )
+            except Exception as exc:  # noqa: BLE001 - a GCS hiccup: look again next time
+                log.debug("placement_check_failed", error=repr(exc))
+                continue
+            now = time.monotonic()
+            for pending in list(self._pending.values()):
+                if pending.gpus <= largest or pending.reason is not None:
+                    pending.unplaceable_since = None
+                    continue
+                if pending.unplaceable_since is None:
+                    pending.unplaceable_since = now
+                elif now - pending.unplaceable_since >= self.placement_timeout_s:
+                    pending.reason = (
+                        f"no node of the Ray cluster can hold an experiment of {pending.gpus} "
+                        f"GPU(s) any more (the largest alive node has {largest}); waited "
+                        f"{self.placement_timeout_s:g}s"
+                    )
+                    with contextlib.suppress(Exception):
+                        ray.cancel(pending.stream)
 
     async def aclose(self) -> None:
         """Disconnect from Ray if this dispatcher connected (idempotent)."""
         self._factory_ref = None
+        self._watch_stop.set()
+        if self._watcher is not None:
+            await anyio.to_thread.run_sync(self._watcher.join, 10)
+            self._watcher = None
         if self._owns_ray:
             self._owns_ray = False
             _require_ray().shutdown()
@@ -501,7 +562,7 @@ class RayDispatcher(Dispatcher):
 
     async def _attempt(self, data: dict[str, Any], gpus: int, record: dict[str, Any]) -> Outcome:
         ray = self.connect()
-        from ray.exceptions import RayError, RayTaskError
+        from ray.exceptions import RayError
 
         options: dict[str, Any] = {"num_gpus": gpus, "num_cpus": self.num_cpus}
         if self.runtime_env:
@@ -520,9 +581,13 @@ class RayDispatcher(Dispatcher):
                 _labels.HOSTNAME,
             )
         )
+        pending = _Pending(stream, gpus)
+        self._pending[id(pending)] = pending
         try:
             async for ref in stream:
-                outcome = self._on_message(await ref, record)
+                message = await ref
+                self._pending.pop(id(pending), None)
+                outcome = self._on_message(message, record)
                 if outcome is not None:
                     # The task lives on through the cooldown, holding its GPUs.
                     return outcome
@@ -530,23 +595,38 @@ class RayDispatcher(Dispatcher):
             with anyio.CancelScope(shield=True):
                 await self._cancel(ray, stream, record)
             raise
-        except RayTaskError as exc:
+        except RayError as exc:
+            if pending.reason is None:
+                raise self._lost(exc, record) from exc
             raise ClusterError(
+                pending.reason,
+                fix_suggestion=f"Add a node with at least {gpus} GPU(s) (`ray start --address "
+                "HEAD:6379 --num-gpus N`), then run the study again with --resume.",
+            ) from exc
+        finally:
+            self._pending.pop(id(pending), None)
+        raise ClusterError("the node-side task ended without an outcome")
+
+    @staticmethod
+    def _lost(exc: BaseException, record: dict[str, Any]) -> LlemError:
+        """A Ray failure as ours: the node-side code failing, or the node/worker lost."""
+        from ray.exceptions import RayTaskError
+
+        if isinstance(exc, RayTaskError):
+            return ClusterError(
                 f"the node-side task failed: {str(exc).splitlines()[0]}",
                 fix_suggestion="Check that the node has the same llem-dispatch version as the "
                 "driver; the worker log on that node has the traceback.",
-            ) from exc
-        except RayError as exc:
-            node = record.get("node")
-            where = f" on node {node.label}" if isinstance(node, NodeInfo) else ""
-            # Ray's first sentence says what happened; the rest is advice on its tools.
-            said = str(exc).strip().split(". ")[0].splitlines()[0] if str(exc).strip() else ""
-            raise ClusterNodeLostError(
-                f"the Ray task running {record['config_hash']} was lost{where}: "
-                f"{type(exc).__name__}: {said}",
-                node=node.label if isinstance(node, NodeInfo) else None,
-            ) from exc
-        raise ClusterError("the node-side task ended without an outcome")
+            )
+        node = record.get("node")
+        where = f" on node {node.label}" if isinstance(node, NodeInfo) else ""
+        # Ray's first sentence says what happened; the rest is advice on its tools.
+        said = str(exc).strip().split(". ")[0].splitlines()[0] if str(exc).strip() else ""
+        return ClusterNodeLostError(
+            f"the Ray task running {record['config_hash']} was lost{where}: "
+            f"{type(exc).__name__}: {said}",
+            node=node.label if isinstance(node, NodeInfo) else None,
+        )
 
     def _on_message(self, message: Mapping[str, Any], record: dict[str, Any]) -> Outcome | None:
         node = NodeInfo.model_validate(message["node"])

@@ -735,6 +735,7 @@ async def run_study(
     retry_policy: RetryPolicy | None = None,
     reap_orphans: bool = True,
     cluster: str | None = None,
+    cluster_options: Mapping[str, Any] | None = None,
 ) -> StudySummary:
     """Run every experiment of `study`, writing records and a journal to `results_dir`.
 
@@ -742,6 +743,7 @@ async def run_study(
     failed or interrupted ones run again; each experiment ends with one record file.
     With `cluster` (or the study's `cluster:`), a Ray cluster's address, the
     experiments run on its nodes; records and the journal are still written here only.
+    `cluster_options` go to `RayDispatcher` (e.g. `placement_timeout_s`, `runtime_env`).
     """
     started = time.monotonic()
     results = Path(results_dir).resolve()
@@ -819,7 +821,7 @@ async def run_study(
             retries=retries,
             on_event=on_dispatch_event,
             runner_type=spec.kind,
-            cancel_timeout_s=study.stop_grace_s + 30,
+            **{"cancel_timeout_s": study.stop_grace_s + 30, **(cluster_options or {})},
         )
         ray_dispatcher.check_request(needed)
         placement: dict[str, Any] = {

@@ -101,6 +101,60 @@ async def test_node_lost_mid_study_every_result_exactly_once_and_no_container_le
     )
 
 
+async def test_when_no_node_can_hold_an_experiment_it_fails_and_resume_runs_it_later(
+    fresh_cluster: tuple[Any, list[Any]], tmp_path: Path, test_labels: dict[str, str]
+) -> None:
+    """Both GPU nodes leave: the study ends (not hangs), and --resume finishes it later."""
+    cluster, nodes = fresh_cluster
+    label = f"llem.test.node={test_labels['llem.test.node']}"
+    data = study_dict(
+        test_labels, 'sleep "$SLEEP"; ' + RESULT, n=4, gpus=2, retries=2, env={"SLEEP": "30"}
+    )
+    out = tmp_path / "out"
+    summaries = []
+
+    async def run() -> None:
+        summaries.append(
+            await run_study(
+                Study.model_validate(data),
+                out,
+                cluster=cluster.address,
+                cluster_options={"placement_timeout_s": 3},
+            )
+        )
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        with anyio.fail_after(90):
+            while len(started_nodes(out)) < 2:
+                await anyio.sleep(0.1)
+        for node in nodes:
+            cluster.remove_node(node, allow_graceful=False)
+        lost_at = anyio.current_time()
+        with anyio.fail_after(120):
+            while not summaries:
+                await anyio.sleep(0.2)
+    ended_after = anyio.current_time() - lost_at
+    summary = summaries[0]
+    assert (summary.succeeded, summary.errored) == (0, 4)
+    for record in records(out).values():
+        assert record["error"]["type"] == "ClusterError"
+        assert "can hold an experiment of 2 GPU(s)" in record["error"]["message"]
+        assert "--resume" in record["error"]["fix_suggestion"]
+    assert ended_after < 60, f"the study took {ended_after:.0f}s to give up"
+    assert labelled_containers(label) == []
+
+    # The cluster grows back: resume runs exactly the four again, once each.
+    cluster.add_node(num_cpus=4, num_gpus=2)
+    cluster.wait_for_nodes()
+    data["env"] = {"SLEEP": "0"}
+    again = await run_study(Study.model_validate(data), out, cluster=cluster.address, resume=True)
+    assert (again.succeeded, again.errored, again.skipped) == (4, 0, 0)
+    assert all(r["status"] == "succeeded" for r in records(out).values())
+    assert len(records(out)) == 4
+    print(f"gave up {ended_after:.1f}s after the nodes left; resume ran all 4")
+
+
 async def test_reap_cli_sweeps_every_host_of_the_cluster(
     fresh_cluster: tuple[Any, list[Any]], tmp_path: Path, test_labels: dict[str, str]
 ) -> None:
