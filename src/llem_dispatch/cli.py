@@ -505,6 +505,9 @@ def record_row(data: dict[str, Any]) -> dict[str, Any]:
 
         duration = (datetime.fromisoformat(ended) - datetime.fromisoformat(started)).total_seconds()
     row["duration_s"] = round(duration, 3) if duration is not None else None
+    if node := data.get("node"):
+        # Cluster runs: GPU ids are per node, so the node goes beside them.
+        row["node"] = f"{node.get('hostname')}[{str(node.get('node_id', ''))[:6]}]"
     row["gpu_ids"] = ",".join(data.get("gpu_ids") or [])
     row["image_digest"] = data.get("image_digest")
     row["attempts"] = data.get("attempts")

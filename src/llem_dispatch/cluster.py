@@ -117,10 +117,11 @@ def _require_ray() -> ModuleType:
 def _this_node() -> NodeInfo:
     import ray
 
+    node_ip: Callable[[], str] = ray.util.get_node_ip_address
     return NodeInfo(
         hostname=socket.gethostname(),
         node_id=ray.get_runtime_context().get_node_id(),
-        ip=ray.util.get_node_ip_address(),  # type: ignore[no-untyped-call]
+        ip=node_ip(),
     )
 
 

@@ -809,6 +809,12 @@ async def run_study(
                 fix_suggestion="Drop runner=/pool= (choose with runner_value=), or run "
                 "without a cluster.",
             )
+        if study.gpus is not None or study.virtual_gpus is not None:
+            log.warning(
+                "study_gpus_ignored_on_cluster",
+                message="`gpus:`/`virtual_gpus:` choose GPUs of one host; on a Ray cluster, "
+                "Ray assigns each node's GPUs (set them with `ray start --num-gpus N`).",
+            )
         spec = runner_choice(runner_value, study) or RunnerSpec("auto", study.image, "auto")
         factory = StudyRunnerFactory(
             study, spec, study_dir.resolve(), labels, tuple(experiments), exchange_dirs

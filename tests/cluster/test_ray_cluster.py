@@ -257,3 +257,59 @@ async def test_cli_names_an_unreachable_cluster_in_seconds(tmp_path: Path) -> No
     assert "ray start --head" in said
     assert time.monotonic() - started < 30
     assert not (tmp_path / "out" / "records").exists()
+
+
+async def test_ctrl_c_on_the_cli_driver_stops_every_container_on_the_nodes(
+    ray_cluster: tuple[Any, list[Any]], tmp_path: Path, test_labels: dict[str, str]
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    cluster, _ = ray_cluster
+    label = f"llem.test.node={test_labels['llem.test.node']}"
+    # The containers trap TERM and leave a marker: proof they were stopped gracefully.
+    script = (
+        "trap 'touch \"$LLEM_EXCHANGE_DIR/got-term\"; exit 143' TERM; sleep 60 & wait; " + RESULT
+    )
+    study_file = write_study_file(tmp_path / "study.yaml", study_dict(test_labels, script, n=6))
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llem_dispatch.cli",
+            "run",
+            str(study_file),
+            "--plain",
+            "--ray",
+            cluster.address,
+            "--results",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        with anyio.fail_after(90):
+            while len(labelled_containers(label, running_only=True)) < 4:
+                assert proc.poll() is None, proc.communicate()[0]
+                await anyio.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        with anyio.fail_after(60):
+            while proc.poll() is None:
+                await anyio.sleep(0.1)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = proc.communicate()[0]
+    assert proc.returncode == 130, text
+    assert took < 30, f"exit took {took:.1f}s"
+    assert labelled_containers(label) == [], "containers left on the nodes' daemon"
+    assert len(list((out / "exchange").glob("llem-*/got-term"))) == 4
+    events = journal(out)
+    assert events[-1]["event"] == "interrupted"
+    assert records(out) == {}

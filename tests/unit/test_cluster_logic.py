@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from llem_dispatch.cli import ProgressState
+from llem_dispatch.cli import ProgressState, record_row
 from llem_dispatch.cluster import _error_payload, _probe_address, _rebuild_error
 from llem_dispatch.dispatcher import (
     ExperimentFinished,
@@ -133,3 +133,11 @@ def test_display_keeps_gpu_0_of_two_nodes_apart() -> None:
 async def test_end_of_study_sweep_needs_a_results_dir() -> None:
     with pytest.raises(ValueError, match="needs results_dir"):
         await reap(study_over=True)
+
+
+def test_results_rows_of_a_cluster_run_name_the_node() -> None:
+    data = {"key": "k", "gpu_ids": ["1"], "node": NODE.model_dump()}
+    row = record_row(data)
+    assert row["node"] == NODE.label
+    assert row["gpu_ids"] == "1"
+    assert "node" not in record_row({"key": "k", "gpu_ids": ["1"]})
