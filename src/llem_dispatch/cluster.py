@@ -30,7 +30,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
@@ -69,6 +69,7 @@ from llem_dispatch.runners._base import (
 )
 
 __all__ = [
+    "NodeCheck",
     "NodeContext",
     "NodeSweep",
     "RayDispatcher",
@@ -154,6 +155,7 @@ class _QueueObserver:
                 "node": self._node,
                 "gpu_ids": list(info.gpu_ids),
                 "info": {
+                    "runner_type": info.runner_type,
                     "started_at": info.started_at,
                     "container_id": info.container_id,
                     "process_id": info.process_id,
@@ -287,6 +289,39 @@ def _sweep_task(
     return {"node": node.model_dump(), "reaped": [asdict(r) for r in found], "skipped": None}
 
 
+async def _missing_images(images: list[str]) -> list[str]:
+    import aiodocker
+
+    from llem_dispatch.runners.docker import docker_url
+
+    missing = []
+    docker = aiodocker.Docker(url=docker_url())
+    try:
+        for image in images:
+            try:
+                await docker.images.inspect(image)
+            except aiodocker.DockerError as exc:
+                if exc.status != 404:
+                    raise
+                missing.append(image)
+    finally:
+        await docker.close()
+    return missing
+
+
+def _preflight_task(images: list[str], paths: list[str]) -> dict[str, Any]:
+    """The Ray task run once per host by `RayDispatcher.preflight`."""
+    from llem_dispatch.study import docker_available
+
+    docker = docker_available()
+    return {
+        "node": _this_node().model_dump(),
+        "docker": docker,
+        "missing_images": anyio.run(_missing_images, images) if docker and images else [],
+        "missing_paths": [p for p in paths if not Path(p).exists()],
+    }
+
+
 _REMOTE: dict[str, Any] = {}
 
 
@@ -298,6 +333,7 @@ def _remote(name: str) -> Any:
         # journalled and bounded like any other.
         _REMOTE["experiment"] = ray.remote(num_returns="streaming", max_retries=0)(_experiment_task)
         _REMOTE["sweep"] = ray.remote(num_cpus=0, max_retries=0)(_sweep_task)
+        _REMOTE["preflight"] = ray.remote(num_cpus=0, max_retries=0)(_preflight_task)
     return _REMOTE[name]
 
 
@@ -385,6 +421,16 @@ class _Pending:
     gpus: int
     unplaceable_since: float | None = None
     reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeCheck:
+    """What `RayDispatcher.preflight` found on one host."""
+
+    node: NodeInfo
+    docker: bool
+    missing_images: list[str]
+    missing_paths: list[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -697,6 +743,49 @@ class RayDispatcher(Dispatcher):
                 fix="its container is removed by the end-of-study sweep or "
                 "`llem-dispatch reap --ray ADDRESS`",
             )
+
+    # -- checks -----------------------------------------------------------------------
+
+    async def preflight(
+        self,
+        *,
+        images: Sequence[str] = (),
+        paths: Sequence[str] = (),
+        gpus: int = 0,
+        timeout_s: float = 60.0,
+    ) -> list[NodeCheck]:
+        """On each host that could run an experiment of `gpus` GPUs: Docker, images, paths."""
+        ray = self.connect()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        hosts: dict[str, str] = {}
+        for node in self.nodes():
+            resources = node.get("Resources", {})
+            if resources.get("GPU", 0) >= gpus and resources.get("CPU", 0) >= self.num_cpus:
+                hosts.setdefault(str(node.get("NodeManagerHostname")), node["NodeID"])
+        refs = [
+            _remote("preflight")
+            .options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+            .remote(list(images), list(paths))
+            for node_id in hosts.values()
+        ]
+        checks: list[NodeCheck] = []
+        with anyio.fail_after(timeout_s):
+            for ref in refs:
+                try:
+                    found = await ref
+                except ray.exceptions.RayError as exc:
+                    log.warning("preflight_node_failed", error=f"{type(exc).__name__}"[:200])
+                    continue
+                checks.append(
+                    NodeCheck(
+                        NodeInfo.model_validate(found["node"]),
+                        found["docker"],
+                        found["missing_images"],
+                        found["missing_paths"],
+                    )
+                )
+        return checks
 
     # -- sweeping ---------------------------------------------------------------------
 

@@ -39,13 +39,13 @@ from llem_dispatch.dispatcher import (
     RetryPolicy,
     RunRecord,
 )
-from llem_dispatch.errors import ConfigError, DockerImagePullError
+from llem_dispatch.errors import ClusterError, ConfigError, DockerImagePullError
 from llem_dispatch.gpu import GpuPool
 from llem_dispatch.models import canonical_json, compute_config_hash
 from llem_dispatch.runners._base import Outcome, Runner, RunObserver
 
 if TYPE_CHECKING:
-    from llem_dispatch.cluster import NodeContext
+    from llem_dispatch.cluster import NodeContext, RayDispatcher
 
 __all__ = [
     "BuildSpec",
@@ -830,6 +830,7 @@ async def run_study(
             **{"cancel_timeout_s": study.stop_grace_s + 30, **(cluster_options or {})},
         )
         ray_dispatcher.check_request(needed)
+        await _preflight(ray_dispatcher, study, spec, experiments, study_dir, needed)
         placement: dict[str, Any] = {
             "cluster": cluster,
             "cluster_gpus": ray_dispatcher.cluster_gpus(),
@@ -972,6 +973,44 @@ async def run_study(
     journal.write("study_finished", sync=True, **summary.model_dump(mode="json", exclude={"name"}))
     journal.close()
     return summary
+
+
+async def _preflight(
+    dispatcher: RayDispatcher,
+    study: Study,
+    spec: RunnerSpec,
+    experiments: list[Experiment],
+    study_dir: Path,
+    gpus: int,
+) -> None:
+    """Before anything runs: can every host that may get an experiment run it?"""
+    images = (
+        study_images(study, spec, experiments)
+        if spec.kind == "docker" or (spec.kind == "auto" and (study.image or study.images))
+        else []
+    )
+    folder = str(study_dir.resolve())
+    checks = await dispatcher.preflight(
+        images=images, paths=[folder] if spec.kind != "docker" else [], gpus=gpus
+    )
+    problems: list[str] = []
+    for check in checks:
+        where = f"node {check.node.label} ({check.node.ip})"
+        use_docker = spec.kind == "docker" or (spec.kind == "auto" and check.docker)
+        if use_docker and not check.docker:
+            problems.append(f"{where}: no Docker daemon answers there")
+        elif use_docker:
+            problems += [f"{where}: image {i} is not there" for i in check.missing_images]
+        elif check.missing_paths:
+            problems.append(f"{where}: the study folder {folder} does not exist there")
+    if problems:
+        raise ClusterError(
+            f"{len(problems)} problem(s) on the cluster's nodes; nothing was run:\n  "
+            + "\n  ".join(problems),
+            fix_suggestion="Build or pull the image on each node named (or push it to a "
+            "registry they reach), start Docker there, or copy the study folder to the same "
+            "path; then run again.",
+        )
 
 
 def _node_field(record: RunRecord) -> dict[str, Any]:

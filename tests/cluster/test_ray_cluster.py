@@ -71,6 +71,7 @@ async def test_sweep_uses_every_gpu_of_both_nodes_and_never_shares_one(
         # The container saw exactly the GPU Ray assigned on its node.
         assert r["result"]["data"]["gpu"] == r["gpu_ids"][0]
         assert r["image_digest"], "every record names the image digest"
+        assert r["runner_type"] == "docker"
         assert r["node"]["hostname"]
         by_gpu.setdefault((r["node"]["node_id"], r["gpu_ids"][0]), []).append(
             (_t(r["started_at"]), _t(r["exited_at"]))
@@ -146,6 +147,24 @@ async def test_an_experiment_larger_than_any_node_fails_at_once(
     assert not (tmp_path / "out" / "records").exists() or not any(
         (tmp_path / "out" / "records").iterdir()
     )
+
+
+async def test_a_node_without_the_image_is_named_before_anything_runs(
+    ray_cluster: tuple[Any, list[Any]], tmp_path: Path, test_labels: dict[str, str]
+) -> None:
+    from llem_dispatch.errors import ClusterError
+
+    cluster, _ = ray_cluster
+    data = study_dict(test_labels, RESULT, n=2)
+    data["image"] = "llem-test/not-built-anywhere:1"
+    with anyio.fail_after(60), pytest.raises(ClusterError) as info:
+        await run_study(Study.model_validate(data), tmp_path / "out", cluster=cluster.address)
+    message = info.value.message
+    assert "image llem-test/not-built-anywhere:1 is not there" in message
+    assert "nothing was run" in message
+    assert "node " in message
+    assert "Build or pull the image" in info.value.fix_suggestion
+    assert not (tmp_path / "out" / "journal.jsonl").exists()
 
 
 async def test_library_map_streams_records_with_their_nodes(
