@@ -109,7 +109,8 @@ def _require_ray() -> ModuleType:
             "running on a Ray cluster needs Ray, which is not installed",
             fix_suggestion="pip install 'llem-dispatch[ray]' on the driver and on every node.",
         ) from exc
-    return ray
+    module: ModuleType = ray  # (typed Any where Ray is not installed)
+    return module
 
 
 # -- the node side -------------------------------------------------------------------
