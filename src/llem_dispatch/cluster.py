@@ -756,37 +756,23 @@ class RayDispatcher(Dispatcher):
         timeout_s: float = 60.0,
     ) -> list[NodeCheck]:
         """On each host that could run an experiment of `gpus` GPUs: Docker, images, paths."""
-        ray = self.connect()
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        hosts: dict[str, str] = {}
-        for node in self.nodes():
-            resources = node.get("Resources", {})
-            if resources.get("GPU", 0) >= gpus and resources.get("CPU", 0) >= self.num_cpus:
-                hosts.setdefault(str(node.get("NodeManagerHostname")), node["NodeID"])
-        refs = [
-            _remote("preflight")
-            .options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
-            .remote(list(images), list(paths))
-            for node_id in hosts.values()
+        self.connect()
+        nodes = [
+            n
+            for n in self.nodes()
+            if n.get("Resources", {}).get("GPU", 0) >= gpus
+            and n.get("Resources", {}).get("CPU", 0) >= self.num_cpus
         ]
-        checks: list[NodeCheck] = []
-        with anyio.fail_after(timeout_s):
-            for ref in refs:
-                try:
-                    found = await ref
-                except ray.exceptions.RayError as exc:
-                    log.warning("preflight_node_failed", error=f"{type(exc).__name__}"[:200])
-                    continue
-                checks.append(
-                    NodeCheck(
-                        NodeInfo.model_validate(found["node"]),
-                        found["docker"],
-                        found["missing_images"],
-                        found["missing_paths"],
-                    )
-                )
-        return checks
+        found = await _on_each_host(nodes, "preflight", (list(images), list(paths)), timeout_s)
+        return [
+            NodeCheck(
+                NodeInfo.model_validate(f["node"]),
+                f["docker"],
+                f["missing_images"],
+                f["missing_paths"],
+            )
+            for f in found
+        ]
 
     # -- sweeping ---------------------------------------------------------------------
 
@@ -811,6 +797,32 @@ class RayDispatcher(Dispatcher):
         )
 
 
+async def _on_each_host(
+    nodes: list[dict[str, Any]], task: str, args: tuple[Any, ...], timeout_s: float
+) -> list[dict[str, Any]]:
+    """Run one of our small tasks once per host (pinned to one of its nodes); gather."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # Nodes sharing a host share its Docker daemon: one task each host is enough.
+    by_host: dict[str, str] = {}
+    for node in nodes:
+        by_host.setdefault(str(node.get("NodeManagerHostname", node["NodeID"])), node["NodeID"])
+    refs = [
+        _remote(task)
+        .options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+        .remote(*args)
+        for node_id in by_host.values()
+    ]
+    out: list[dict[str, Any]] = []
+    with anyio.move_on_after(timeout_s):
+        for ref in refs:
+            try:
+                out.append(await ref)
+            except Exception as exc:  # noqa: BLE001 - one lost node must not stop the others
+                log.warning(f"{task}_node_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+    return out
+
+
 async def _sweep(
     nodes: list[dict[str, Any]],
     *,
@@ -820,36 +832,17 @@ async def _sweep(
     dry_run: bool,
     timeout_s: float,
 ) -> list[NodeSweep]:
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    # One task per host: nodes sharing a host share its Docker daemon.
-    by_host: dict[str, str] = {}
-    for node in nodes:
-        by_host.setdefault(str(node.get("NodeManagerHostname", node["NodeID"])), node["NodeID"])
-    refs = [
-        _remote("sweep")
-        .options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
-        .remote(
-            str(Path(results_dir).resolve()) if results_dir is not None else None,
-            str(logs_dir) if logs_dir is not None else None,
-            study_over,
-            dry_run,
-            _labels.HOSTNAME,
-        )
-        for node_id in by_host.values()
+    args = (
+        str(Path(results_dir).resolve()) if results_dir is not None else None,
+        str(logs_dir) if logs_dir is not None else None,
+        study_over,
+        dry_run,
+        _labels.HOSTNAME,
+    )
+    return [
+        NodeSweep(NodeInfo.model_validate(d["node"]), d["reaped"], d["skipped"])
+        for d in await _on_each_host(nodes, "sweep", args, timeout_s)
     ]
-    out: list[NodeSweep] = []
-    with anyio.move_on_after(timeout_s):
-        for ref in refs:
-            try:
-                done = await ref
-            except Exception as exc:  # noqa: BLE001 - one lost node must not stop the others
-                log.warning("sweep_node_failed", error=f"{type(exc).__name__}: {exc}"[:300])
-                continue
-            out.append(
-                NodeSweep(NodeInfo.model_validate(done["node"]), done["reaped"], done["skipped"])
-            )
-    return out
 
 
 async def sweep_cluster(
