@@ -23,6 +23,7 @@ BENCHMARKS: dict[str, str] = {
     "gpu_packing": "benchmarks.gpu_packing",
     "handoff_gap": "benchmarks.handoff_gap",
     "log_flood": "benchmarks.log_flood",
+    "cluster_overhead": "benchmarks.cluster_overhead",
 }
 
 

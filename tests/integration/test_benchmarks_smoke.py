@@ -10,7 +10,8 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
-pytestmark = pytest.mark.docker
+# cluster_overhead starts a Ray cluster: the smoke run needs the `ray` extra too.
+pytestmark = [pytest.mark.docker, pytest.mark.ray]
 
 BENCHMARKS = (
     "dispatch_overhead",
@@ -19,6 +20,7 @@ BENCHMARKS = (
     "gpu_packing",
     "handoff_gap",
     "log_flood",
+    "cluster_overhead",
 )
 BENCH_LABEL = "label=llem.bench=1"
 
