@@ -25,6 +25,7 @@ are swept per node by `sweep_cluster`.
 from __future__ import annotations
 
 import contextlib
+import math
 import queue
 import socket
 import tempfile
@@ -489,6 +490,7 @@ class RayDispatcher(Dispatcher):
         self._owns_ray = False
         self._factory_ref: Any = None
         self._pending: dict[int, _Pending] = {}
+        self._nodes_cache: tuple[float, list[dict[str, Any]]] = (-math.inf, [])
         self._watch_stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
@@ -565,10 +567,14 @@ class RayDispatcher(Dispatcher):
             self._owns_ray = False
             _require_ray().shutdown()
 
-    def nodes(self) -> list[dict[str, Any]]:
-        """Ray's view of the alive nodes."""
+    def nodes(self, *, max_age_s: float = 2.0) -> list[dict[str, Any]]:
+        """Ray's view of the alive nodes (cached briefly: every `run` checks its request)."""
         ray = self.connect()
-        return [n for n in ray.nodes() if n.get("Alive")]
+        taken, nodes = self._nodes_cache
+        if time.monotonic() - taken > max_age_s:
+            nodes = [n for n in ray.nodes() if n.get("Alive")]
+            self._nodes_cache = (time.monotonic(), nodes)
+        return nodes
 
     def cluster_gpus(self) -> dict[str, int]:
         """GPUs per alive node, by node label."""
