@@ -332,3 +332,57 @@ async def test_ctrl_c_on_the_cli_driver_stops_every_container_on_the_nodes(
     events = journal(out)
     assert events[-1]["event"] == "interrupted"
     assert records(out) == {}
+
+
+async def test_driver_killed_then_resume_reaps_and_runs_each_experiment_once(
+    ray_cluster: tuple[Any, list[Any]], tmp_path: Path, test_labels: dict[str, str]
+) -> None:
+    import signal
+    import subprocess
+    import sys
+    from collections import Counter
+
+    cluster, _ = ray_cluster
+    label = f"llem.test.node={test_labels['llem.test.node']}"
+    data = study_dict(test_labels, 'sleep "$SLEEP"; ' + RESULT, n=6, env={"SLEEP": "30"})
+    study_file = write_study_file(tmp_path / "study.yaml", data)
+    out = tmp_path / "out"
+    cli = [
+        sys.executable,
+        "-m",
+        "llem_dispatch.cli",
+        "run",
+        str(study_file),
+        "--plain",
+        "--ray",
+        cluster.address,
+        "--results",
+        str(out),
+    ]
+    proc = subprocess.Popen(cli, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with anyio.fail_after(90):
+            while len(labelled_containers(label, running_only=True)) < 4:
+                assert proc.poll() is None
+                await anyio.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    orphans = labelled_containers(label)
+    assert len(orphans) >= 4, "the killed driver could not clean up: its containers remain"
+
+    write_study_file(study_file, {**data, "env": {"SLEEP": "0"}})
+    with anyio.fail_after(180):
+        again = await anyio.run_process([*cli, "--resume"], check=False)
+    text = (again.stdout + again.stderr).decode()
+    assert again.returncode == 0, text
+    assert "6 succeeded" in " ".join(text.split())
+    print("\n".join(line for line in text.splitlines() if "orphan" in line))
+    assert "cluster_orphan_reaped" in text, "the resume's sweep should have said what it removed"
+    assert labelled_containers(label) == [], "orphans of the killed driver are left"
+    events = journal(out)
+    assert [e["event"] for e in events].count("study_started") == 2
+    succeeded = Counter(e["key"] for e in events if e["event"] == "succeeded")
+    assert len(succeeded) == 6
+    assert set(succeeded.values()) == {1}
+    assert len(records(out)) == 6
