@@ -221,7 +221,7 @@ async def _run_on_node(
         events.put({"kind": "outcome", "node": node, **payload})
     finally:
         if runner is not None:
-            with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(30, shield=True):
                 await runner.aclose()
 
 

@@ -944,7 +944,7 @@ async def run_study(
                     # Every experiment has its final record (or was cancelled and
                     # waited for): whatever container of this study is left on a
                     # node is abandoned, e.g. by a worker of a node that left.
-                    with anyio.CancelScope(shield=True):
+                    with anyio.move_on_after(90, shield=True):
                         await _sweep_cluster(dispatcher, results, study_over=True)
     except BaseException as exc:
         interrupted = isinstance(exc, anyio.get_cancelled_exc_class() | KeyboardInterrupt)
