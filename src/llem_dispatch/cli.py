@@ -653,6 +653,59 @@ class Check:
     optional: bool = False
 
 
+def _cluster_checks(address: str, study_file: Path | None) -> list[Check]:
+    """Per host of the cluster: Docker, and the study's images (or folder, run locally)."""
+    from llem_dispatch.cluster import check_cluster
+
+    study = load_study(study_file) if study_file is not None else None
+    images: list[str] = []
+    spec: RunnerSpec | None = None
+    if study is not None:
+        spec = runner_choice(None, study) or RunnerSpec("auto", study.image, "auto")
+        if spec.kind != "local" and (spec.image or study.images):
+            images = study_images(study, spec, expand_study(study))
+    folder = (
+        [str(study_file.parent.resolve())] if study_file and spec and spec.kind != "docker" else []
+    )
+    gpus, found = anyio.run(lambda: check_cluster(address, images=images, paths=folder))
+    summary = ", ".join(f"{node}: {n} GPU(s)" for node, n in sorted(gpus.items()))
+    checks = [Check("Ray cluster", True, f"{len(gpus)} node(s): {summary}")]
+    for node in found:
+        where = f"{node.node.label} ({node.node.ip})"
+        needs_docker = bool(images) and (spec is None or spec.kind == "docker")
+        checks.append(
+            Check(
+                f"{where} Docker daemon",
+                node.docker,
+                "answers" if node.docker else "not reachable",
+                "" if node.docker else "Start dockerd on that host.",
+                optional=not needs_docker,
+            )
+        )
+        if images and node.docker:
+            checks.append(
+                Check(
+                    f"{where} images",
+                    not node.missing_images,
+                    "missing: " + ", ".join(node.missing_images)
+                    if node.missing_images
+                    else "all present: " + ", ".join(images),
+                    "Build or pull them on that host." if node.missing_images else "",
+                )
+            )
+        if folder:
+            checks.append(
+                Check(
+                    f"{where} study folder",
+                    not node.missing_paths,
+                    folder[0] + (" missing" if node.missing_paths else " present"),
+                    "Copy the study folder to the same path there." if node.missing_paths else "",
+                    optional=spec is not None and spec.kind == "auto" and node.docker,
+                )
+            )
+    return checks
+
+
 def _doctor_checks(study_file: Path | None) -> list[Check]:
     import subprocess
 
@@ -769,11 +822,21 @@ def _doctor_checks(study_file: Path | None) -> list[Check]:
 @app.command()
 def doctor(
     study_file: Annotated[Path | None, typer.Argument(help="Optional study to check.")] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray", metavar="ADDRESS", help="Check every host of this Ray cluster instead."
+        ),
+    ] = None,
 ) -> None:
     """Check the host: Docker daemon, NVIDIA runtime, GPUs, a study's images, a probe run."""
     console = _console()
     try:
-        checks = _doctor_checks(study_file)
+        checks = (
+            _cluster_checks(ray_address, study_file)
+            if ray_address is not None
+            else _doctor_checks(study_file)
+        )
     except LlemError as exc:
         raise _fail_usage(exc.message, exc.fix_suggestion) from exc
     for check in checks:

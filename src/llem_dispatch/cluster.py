@@ -75,6 +75,7 @@ __all__ = [
     "NodeSweep",
     "RayDispatcher",
     "RunnerFactory",
+    "check_cluster",
     "sweep_cluster",
 ]
 
@@ -875,6 +876,22 @@ async def sweep_cluster(
             dry_run=dry_run,
             timeout_s=timeout_s,
         )
+    finally:
+        await dispatcher.aclose()
+
+
+async def check_cluster(
+    address: str | None,
+    *,
+    images: Sequence[str] = (),
+    paths: Sequence[str] = (),
+    timeout_s: float = 60.0,
+) -> tuple[dict[str, int], list[NodeCheck]]:
+    """GPUs per node, and on every host: a Docker daemon, `images` and `paths` present."""
+    dispatcher = RayDispatcher(_NoRunnerFactory(), address=address)
+    try:
+        gpus = dispatcher.cluster_gpus()
+        return gpus, await dispatcher.preflight(images=images, paths=paths, timeout_s=timeout_s)
     finally:
         await dispatcher.aclose()
 

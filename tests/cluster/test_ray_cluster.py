@@ -386,3 +386,29 @@ async def test_driver_killed_then_resume_reaps_and_runs_each_experiment_once(
     assert len(succeeded) == 6
     assert set(succeeded.values()) == {1}
     assert len(records(out)) == 6
+
+
+async def test_doctor_checks_every_host_of_the_cluster(
+    ray_cluster: tuple[Any, list[Any]], tmp_path: Path, test_labels: dict[str, str]
+) -> None:
+    import sys
+
+    cluster, _ = ray_cluster
+    good = write_study_file(tmp_path / "good.yaml", study_dict(test_labels, RESULT, n=1))
+    bad = write_study_file(
+        tmp_path / "bad.yaml",
+        {**study_dict(test_labels, RESULT, n=1), "image": "llem-test/not-built-anywhere:2"},
+    )
+    doctor = [sys.executable, "-m", "llem_dispatch.cli", "doctor", "--ray", cluster.address]
+    with anyio.fail_after(120):
+        ok = await anyio.run_process([*doctor, str(good)], check=False)
+        missing = await anyio.run_process([*doctor, str(bad)], check=False)
+    ok_text = " ".join((ok.stdout + ok.stderr).decode().split())
+    assert ok.returncode == 0, ok_text
+    assert "PASS Ray cluster: 3 node(s)" in ok_text
+    assert "Docker daemon: answers" in ok_text
+    assert "images: all present" in ok_text
+    missing_text = " ".join((missing.stdout + missing.stderr).decode().split())
+    assert missing.returncode == 1, missing_text
+    assert "FAIL" in missing_text
+    assert "missing: llem-test/not-built-anywhere:2" in missing_text
