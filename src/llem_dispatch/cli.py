@@ -35,6 +35,7 @@ from llem_dispatch.dispatcher import (
     ExperimentQueued,
     ExperimentRetried,
     ExperimentStarted,
+    NodeInfo,
 )
 from llem_dispatch.errors import LlemError
 from llem_dispatch.gpu import GpuPool
@@ -43,6 +44,8 @@ from llem_dispatch.study import (
     Study,
     StudySummary,
     build_pool,
+    cluster_requirements,
+    cluster_runner_spec,
     docker_available,
     ensure_image,
     expand_study,
@@ -51,7 +54,6 @@ from llem_dispatch.study import (
     make_runner,
     resolve_runner,
     run_study,
-    runner_choice,
     study_images,
 )
 
@@ -343,7 +345,7 @@ def run(
         if cluster:
             # Each node decides `auto` for itself; images are built here when this
             # host has a daemon (other nodes need the image too: see the README).
-            spec = runner_choice(runner, study) or RunnerSpec("auto", study.image, "auto")
+            spec = cluster_runner_spec(runner, study)
             build_here = spec.kind == "docker" and docker_available()
         else:
             spec = resolve_runner(runner, study)
@@ -507,7 +509,7 @@ def record_row(data: dict[str, Any]) -> dict[str, Any]:
     row["duration_s"] = round(duration, 3) if duration is not None else None
     if node := data.get("node"):
         # Cluster runs: GPU ids are per node, so the node goes beside them.
-        row["node"] = f"{node.get('hostname')}[{str(node.get('node_id', ''))[:6]}]"
+        row["node"] = NodeInfo.model_validate(node).label
     row["gpu_ids"] = ",".join(data.get("gpu_ids") or [])
     row["image_digest"] = data.get("image_digest")
     row["attempts"] = data.get("attempts")
@@ -657,16 +659,13 @@ def _cluster_checks(address: str, study_file: Path | None) -> list[Check]:
     """Per host of the cluster: Docker, and the study's images (or folder, run locally)."""
     from llem_dispatch.cluster import check_cluster
 
-    study = load_study(study_file) if study_file is not None else None
     images: list[str] = []
+    folder: list[str] = []
     spec: RunnerSpec | None = None
-    if study is not None:
-        spec = runner_choice(None, study) or RunnerSpec("auto", study.image, "auto")
-        if spec.kind != "local" and (spec.image or study.images):
-            images = study_images(study, spec, expand_study(study))
-    folder = (
-        [str(study_file.parent.resolve())] if study_file and spec and spec.kind != "docker" else []
-    )
+    if study_file is not None:
+        study = load_study(study_file)
+        spec = cluster_runner_spec(None, study)
+        images, folder = cluster_requirements(study, spec, expand_study(study), study_file.parent)
     gpus, found = anyio.run(lambda: check_cluster(address, images=images, paths=folder))
     summary = ", ".join(f"{node}: {n} GPU(s)" for node, n in sorted(gpus.items()))
     checks = [Check("Ray cluster", True, f"{len(gpus)} node(s): {summary}")]

@@ -325,6 +325,16 @@ def _preflight_task(images: list[str], paths: list[str]) -> dict[str, Any]:
     }
 
 
+def _resource(node: Mapping[str, Any], name: str) -> float:
+    """One resource of a node as `ray.nodes()` lists it (0 when it has none)."""
+    return float(node.get("Resources", {}).get(name, 0))
+
+
+def _label(node: Mapping[str, Any]) -> str:
+    hostname = str(node.get("NodeManagerHostname", "?"))
+    return NodeInfo(hostname=hostname, node_id=node["NodeID"]).label
+
+
 _REMOTE: dict[str, Any] = {}
 
 
@@ -534,10 +544,7 @@ class RayDispatcher(Dispatcher):
             if not any(p.gpus for p in self._pending.values()):
                 continue
             try:
-                largest = max(
-                    (int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n.get("Alive")),
-                    default=0,
-                )
+                largest = max(self.cluster_gpus(max_age_s=0).values(), default=0)
             except Exception as exc:  # noqa: BLE001 - a GCS hiccup: look again next time
                 log.debug("placement_check_failed", error=repr(exc))
                 continue
@@ -559,11 +566,11 @@ class RayDispatcher(Dispatcher):
 
     async def aclose(self) -> None:
         """Disconnect from Ray if this dispatcher connected (idempotent)."""
-        self._factory_ref = None
         self._watch_stop.set()
         if self._watcher is not None:
             await anyio.to_thread.run_sync(self._watcher.join, 10)
             self._watcher = None
+        self._factory_ref = None
         if self._owns_ray:
             self._owns_ray = False
             _require_ray().shutdown()
@@ -577,14 +584,9 @@ class RayDispatcher(Dispatcher):
             self._nodes_cache = (time.monotonic(), nodes)
         return nodes
 
-    def cluster_gpus(self) -> dict[str, int]:
-        """GPUs per alive node, by node label."""
-        return {
-            f"{n.get('NodeManagerHostname', '?')}[{n['NodeID'][:6]}]": int(
-                n.get("Resources", {}).get("GPU", 0)
-            )
-            for n in self.nodes()
-        }
+    def cluster_gpus(self, *, max_age_s: float = 2.0) -> dict[str, int]:
+        """GPUs per alive node, by node label (the node view at most `max_age_s` old)."""
+        return {_label(n): int(_resource(n, "GPU")) for n in self.nodes(max_age_s=max_age_s)}
 
     # -- policy -----------------------------------------------------------------------
 
@@ -608,9 +610,7 @@ class RayDispatcher(Dispatcher):
     def parallelism(self) -> int:
         if self.max_concurrency:
             return self.max_concurrency
-        nodes = self.nodes()
-        resources = [n.get("Resources", {}) for n in nodes]
-        slots = sum(int(r.get("GPU", 0)) + int(r.get("CPU", 0)) for r in resources)
+        slots = sum(int(_resource(n, "GPU") + _resource(n, "CPU")) for n in self.nodes())
         return max(8, slots)
 
     # -- one attempt ------------------------------------------------------------------
@@ -622,16 +622,13 @@ class RayDispatcher(Dispatcher):
         options: dict[str, Any] = {"num_gpus": gpus, "num_cpus": self.num_cpus}
         if self.runtime_env:
             options["runtime_env"] = self.runtime_env
-        config = (
-            data if isinstance(data, HashedConfig) else HashedConfig(data, record["config_hash"])
-        )
         stream = (
             _remote("experiment")
             .options(**options)
             .remote(
                 self._factory_ref,
-                dict(config),
-                config.config_hash,
+                dict(data),
+                record["config_hash"],
                 self.cooldown_s,
                 _labels.HOSTNAME,
             )
@@ -763,12 +760,10 @@ class RayDispatcher(Dispatcher):
         timeout_s: float = 60.0,
     ) -> list[NodeCheck]:
         """On each host that could run an experiment of `gpus` GPUs: Docker, images, paths."""
-        self.connect()
         nodes = [
             n
             for n in self.nodes()
-            if n.get("Resources", {}).get("GPU", 0) >= gpus
-            and n.get("Resources", {}).get("CPU", 0) >= self.num_cpus
+            if _resource(n, "GPU") >= gpus and _resource(n, "CPU") >= self.num_cpus
         ]
         found = await _on_each_host(nodes, "preflight", (list(images), list(paths)), timeout_s)
         return [
@@ -793,15 +788,17 @@ class RayDispatcher(Dispatcher):
         timeout_s: float = 120.0,
     ) -> list[NodeSweep]:
         """Reap orphaned containers on every host of the cluster (see `sweep_cluster`)."""
-        self.connect()
-        return await _sweep(
-            self.nodes(),
-            results_dir=results_dir,
-            logs_dir=logs_dir,
-            study_over=study_over,
-            dry_run=dry_run,
-            timeout_s=timeout_s,
+        args = (
+            str(Path(results_dir).resolve()) if results_dir is not None else None,
+            str(logs_dir) if logs_dir is not None else None,
+            study_over,
+            dry_run,
+            _labels.HOSTNAME,
         )
+        return [
+            NodeSweep(NodeInfo.model_validate(d["node"]), d["reaped"], d["skipped"])
+            for d in await _on_each_host(self.nodes(), "sweep", args, timeout_s)
+        ]
 
 
 async def _on_each_host(
@@ -828,28 +825,6 @@ async def _on_each_host(
             except Exception as exc:  # noqa: BLE001 - one lost node must not stop the others
                 log.warning(f"{task}_node_failed", error=f"{type(exc).__name__}: {exc}"[:300])
     return out
-
-
-async def _sweep(
-    nodes: list[dict[str, Any]],
-    *,
-    results_dir: str | Path | None,
-    logs_dir: str | Path | None,
-    study_over: bool,
-    dry_run: bool,
-    timeout_s: float,
-) -> list[NodeSweep]:
-    args = (
-        str(Path(results_dir).resolve()) if results_dir is not None else None,
-        str(logs_dir) if logs_dir is not None else None,
-        study_over,
-        dry_run,
-        _labels.HOSTNAME,
-    )
-    return [
-        NodeSweep(NodeInfo.model_validate(d["node"]), d["reaped"], d["skipped"])
-        for d in await _on_each_host(nodes, "sweep", args, timeout_s)
-    ]
 
 
 async def sweep_cluster(

@@ -57,7 +57,10 @@ __all__ = [
     "StudyRunnerFactory",
     "StudySummary",
     "build_pool",
+    "cluster_requirements",
+    "cluster_runner_spec",
     "completed_keys",
+    "detect_runner",
     "docker_available",
     "ensure_image",
     "expand_study",
@@ -415,8 +418,11 @@ def resolve_runner(
 ) -> RunnerSpec:
     """explicit > LLEM_RUNNER > study file > auto-detect (docker if a daemon answers)."""
     chosen = runner_choice(explicit, study, environ=environ)
-    if chosen is not None:
-        return chosen
+    return chosen if chosen is not None else detect_runner(study, probe=probe)
+
+
+def detect_runner(study: Study, *, probe: Callable[[], bool] = docker_available) -> RunnerSpec:
+    """`auto`: docker if a daemon answers here, else local (said in one warning)."""
     if probe():
         return RunnerSpec("docker", study.image, "auto")
     log.warning(
@@ -425,6 +431,21 @@ def resolve_runner(
         "runner (experiments run on this host, not in containers).",
     )
     return RunnerSpec("local", None, "auto")
+
+
+def cluster_runner_spec(explicit: str | None, study: Study) -> RunnerSpec:
+    """On a cluster: explicit > LLEM_RUNNER > study file, else `auto`, decided on each node."""
+    return runner_choice(explicit, study) or RunnerSpec("auto", study.image, "auto")
+
+
+def cluster_requirements(
+    study: Study, spec: RunnerSpec, experiments: Iterable[Experiment], study_dir: Path
+) -> tuple[list[str], list[str]]:
+    """What a host needs to run the study: its images (docker) and its folder (local)."""
+    use_docker = spec.kind == "docker" or (spec.kind == "auto" and (study.image or study.images))
+    images = study_images(study, spec, experiments) if use_docker else []
+    paths = [str(study_dir.resolve())] if spec.kind != "docker" else []
+    return images, paths
 
 
 def get_default_image(
@@ -570,17 +591,12 @@ class StudyRunnerFactory:
     spec: RunnerSpec
     study_dir: Path
     labels: Mapping[str, str]
+    #: One experiment per backend (all `make_runner` needs to route by `image_field`).
     experiments: tuple[Experiment, ...]
     exchange_base: Path
 
     def __call__(self, node: NodeContext) -> Runner:
-        spec = self.spec
-        if spec.kind == "auto":
-            spec = (
-                RunnerSpec("docker", self.study.image, "auto")
-                if docker_available()
-                else RunnerSpec("local", None, "auto")
-            )
+        spec = detect_runner(self.study) if self.spec.kind == "auto" else self.spec
         exchange: Path | None = None
         if node.driver_host:
             exchange = self.exchange_base
@@ -799,6 +815,7 @@ async def run_study(
     retries = retry_policy or RetryPolicy(max_attempts=study.retries + 1)
     spec: RunnerSpec | None = None
     dispatcher: Dispatcher
+    ray_dispatcher: RayDispatcher | None = None
     if cluster:
         from llem_dispatch.cluster import RayDispatcher
 
@@ -815,9 +832,16 @@ async def run_study(
                 message="`gpus:`/`virtual_gpus:` choose GPUs of one host; on a Ray cluster, "
                 "Ray assigns each node's GPUs (set them with `ray start --num-gpus N`).",
             )
-        spec = runner_choice(runner_value, study) or RunnerSpec("auto", study.image, "auto")
+        spec = cluster_runner_spec(runner_value, study)
+        # Shipped to every attempt: one experiment per backend, not the whole study.
+        per_backend = {str(e.config.get(study.image_field)): e for e in experiments}
         factory = StudyRunnerFactory(
-            study, spec, study_dir.resolve(), labels, tuple(experiments), exchange_dirs
+            study,
+            spec,
+            study_dir.resolve(),
+            labels,
+            tuple(per_backend.values()) if study.images else (),
+            exchange_dirs,
         )
         ray_dispatcher = RayDispatcher(
             factory,
@@ -861,8 +885,8 @@ async def run_study(
     runner_name = spec.kind if spec is not None else (dispatcher.runner_type or "custom")
     exchange_dirs.mkdir(parents=True, exist_ok=True, mode=0o700)
     records_dir.mkdir(parents=True, exist_ok=True)
-    if reap_orphans and cluster:
-        await _sweep_cluster(dispatcher, results, study_over=False)
+    if reap_orphans and ray_dispatcher is not None:
+        await _sweep_cluster(ray_dispatcher, results, study_over=False)
     elif reap_orphans and runner_name == "docker":
         from llem_dispatch.reap import reap
 
@@ -940,12 +964,12 @@ async def run_study(
                             await window.acquire()
                             tg.start_soon(one, exp)
             finally:
-                if cluster and reap_orphans:
+                if ray_dispatcher is not None and reap_orphans:
                     # Every experiment has its final record (or was cancelled and
                     # waited for): whatever container of this study is left on a
                     # node is abandoned, e.g. by a worker of a node that left.
                     with anyio.move_on_after(90, shield=True):
-                        await _sweep_cluster(dispatcher, results, study_over=True)
+                        await _sweep_cluster(ray_dispatcher, results, study_over=True)
     except BaseException as exc:
         interrupted = isinstance(exc, anyio.get_cancelled_exc_class() | KeyboardInterrupt)
         journal.write(
@@ -984,15 +1008,9 @@ async def _preflight(
     gpus: int,
 ) -> None:
     """Before anything runs: can every host that may get an experiment run it?"""
-    images = (
-        study_images(study, spec, experiments)
-        if spec.kind == "docker" or (spec.kind == "auto" and (study.image or study.images))
-        else []
-    )
+    images, paths = cluster_requirements(study, spec, experiments, study_dir)
     folder = str(study_dir.resolve())
-    checks = await dispatcher.preflight(
-        images=images, paths=[folder] if spec.kind != "docker" else [], gpus=gpus
-    )
+    checks = await dispatcher.preflight(images=images, paths=paths, gpus=gpus)
     problems: list[str] = []
     for check in checks:
         where = f"node {check.node.label} ({check.node.ip})"
@@ -1017,11 +1035,8 @@ def _node_field(record: RunRecord) -> dict[str, Any]:
     return {"node": record.node.label} if record.node else {}
 
 
-async def _sweep_cluster(dispatcher: Dispatcher, results: Path, *, study_over: bool) -> None:
+async def _sweep_cluster(dispatcher: RayDispatcher, results: Path, *, study_over: bool) -> None:
     """Reap this study's orphaned containers on every host of the cluster."""
-    from llem_dispatch.cluster import RayDispatcher
-
-    assert isinstance(dispatcher, RayDispatcher)
     for sweep in await dispatcher.sweep(
         results_dir=results, logs_dir=results / "orphans", study_over=study_over, timeout_s=60
     ):

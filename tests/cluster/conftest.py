@@ -7,13 +7,16 @@ this host's one Docker daemon, as each host of a real cluster talks to its own.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
-from tests.conftest import BUSYBOX_IMAGE
+from tests.conftest import BUSYBOX_IMAGE, labelled_containers
 
 GPUS_PER_NODE = 2
 RESULT = (
@@ -76,3 +79,19 @@ def records(out: Path) -> dict[str, dict[str, Any]]:
 
 def journal(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines()]
+
+
+def run_argv(study_file: Path, address: str, out: Path) -> list[str]:
+    """`llem-dispatch run` of a study on the cluster, plain output, results in `out`."""
+    return [
+        sys.executable, "-m", "llem_dispatch.cli", "run", str(study_file), "--plain",
+        "--ray", address, "--results", str(out),
+    ]  # fmt: skip
+
+
+async def wait_running(label: str, count: int, proc: subprocess.Popen[Any]) -> None:
+    """Until `count` containers with `label` run (bounded); the CLI must not have exited."""
+    with anyio.fail_after(90):
+        while len(labelled_containers(label, running_only=True)) < count:
+            assert proc.poll() is None, f"the CLI exited with {proc.returncode}"
+            await anyio.sleep(0.2)

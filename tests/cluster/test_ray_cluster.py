@@ -21,7 +21,9 @@ from tests.cluster.conftest import (
     RESULT,
     journal,
     records,
+    run_argv,
     study_dict,
+    wait_running,
 )
 from tests.conftest import labelled_containers
 
@@ -283,7 +285,6 @@ async def test_ctrl_c_on_the_cli_driver_stops_every_container_on_the_nodes(
 ) -> None:
     import signal
     import subprocess
-    import sys
 
     cluster, _ = ray_cluster
     label = f"llem.test.node={test_labels['llem.test.node']}"
@@ -294,27 +295,13 @@ async def test_ctrl_c_on_the_cli_driver_stops_every_container_on_the_nodes(
     study_file = write_study_file(tmp_path / "study.yaml", study_dict(test_labels, script, n=6))
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "llem_dispatch.cli",
-            "run",
-            str(study_file),
-            "--plain",
-            "--ray",
-            cluster.address,
-            "--results",
-            str(out),
-        ],
+        run_argv(study_file, cluster.address, out),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     try:
-        with anyio.fail_after(90):
-            while len(labelled_containers(label, running_only=True)) < 4:
-                assert proc.poll() is None, proc.communicate()[0]
-                await anyio.sleep(0.2)
+        await wait_running(label, 4, proc)
         proc.send_signal(signal.SIGINT)
         sent = time.monotonic()
         with anyio.fail_after(60):
@@ -339,7 +326,6 @@ async def test_driver_killed_then_resume_reaps_and_runs_each_experiment_once(
 ) -> None:
     import signal
     import subprocess
-    import sys
     from collections import Counter
 
     cluster, _ = ray_cluster
@@ -347,24 +333,10 @@ async def test_driver_killed_then_resume_reaps_and_runs_each_experiment_once(
     data = study_dict(test_labels, 'sleep "$SLEEP"; ' + RESULT, n=6, env={"SLEEP": "30"})
     study_file = write_study_file(tmp_path / "study.yaml", data)
     out = tmp_path / "out"
-    cli = [
-        sys.executable,
-        "-m",
-        "llem_dispatch.cli",
-        "run",
-        str(study_file),
-        "--plain",
-        "--ray",
-        cluster.address,
-        "--results",
-        str(out),
-    ]
+    cli = run_argv(study_file, cluster.address, out)
     proc = subprocess.Popen(cli, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        with anyio.fail_after(90):
-            while len(labelled_containers(label, running_only=True)) < 4:
-                assert proc.poll() is None
-                await anyio.sleep(0.2)
+        await wait_running(label, 4, proc)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
