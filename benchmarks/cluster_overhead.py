@@ -20,7 +20,7 @@ from typing import Any
 
 from benchmarks._common import IMAGE, LABELS, BenchmarkError, Context, fmt_ms, table
 from llem_dispatch import DockerRunner, GpuPool
-from llem_dispatch.dispatcher import Dispatcher, RunRecord
+from llem_dispatch.dispatch import Dispatcher, RunRecord
 
 NAME = "cluster_overhead"
 TITLE = "sweep wall time: RayDispatcher on 2 nodes x 2 GPUs vs Dispatcher on 4 GPUs"

@@ -31,7 +31,7 @@ from benchmarks._common import (
     table,
 )
 from llem_dispatch import DockerRunner
-from llem_dispatch.dispatcher import Dispatcher
+from llem_dispatch.dispatch import Dispatcher
 
 NAME = "concurrency"
 TITLE = "containers/s at concurrency N: Dispatcher(DockerRunner) vs `xargs -P N docker run --rm`"

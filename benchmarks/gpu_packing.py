@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 
 from benchmarks._common import BenchmarkError, Context, table
-from llem_dispatch.dispatcher import Dispatcher
+from llem_dispatch.dispatch import Dispatcher
 from llem_dispatch.gpu import GpuPool
 from llem_dispatch.testing import FakeRunner
 

@@ -36,7 +36,7 @@ from benchmarks._common import (
 )
 from benchmarks.dispatch_overhead import floor_once
 from llem_dispatch import DockerRunner
-from llem_dispatch.dispatcher import Dispatcher, RunRecord
+from llem_dispatch.dispatch import Dispatcher, RunRecord
 from llem_dispatch.gpu import GpuPool
 
 NAME = "handoff_gap"

@@ -69,7 +69,7 @@ def make_configs(n: int) -> list[dict[str, Any]]:
 
 async def _workload(variant: str, configs: list[dict[str, Any]]) -> tuple[float, int]:
     """One pass; returns (seconds, experiments that succeeded)."""
-    from llem_dispatch.dispatcher import Dispatcher, RunRecord
+    from llem_dispatch.dispatch import Dispatcher, RunRecord
     from llem_dispatch.gpu import GpuPool
     from llem_dispatch.testing import FakeRunner
 
@@ -111,7 +111,7 @@ def child(variant: str, sizes: list[int], repeats: int) -> list[dict[str, Any]]:
     """
     quiet_logs()
     # Count the library's imports in the baseline.
-    import llem_dispatch.dispatcher
+    import llem_dispatch.dispatch
     import llem_dispatch.testing  # noqa: F401
 
     baseline_kb = status_kb("VmHWM")

@@ -22,7 +22,7 @@ from typing import Any
 import anyio
 
 from llem_dispatch import LocalRunner
-from llem_dispatch.dispatcher import Dispatcher, RunRecord
+from llem_dispatch.dispatch import Dispatcher, RunRecord
 from llem_dispatch.gpu import GpuPool
 
 HERE = Path(__file__).resolve().parent

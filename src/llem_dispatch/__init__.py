@@ -1,38 +1,14 @@
 """llem-dispatch: run GPU experiment sweeps, one ephemeral container per experiment.
 
-The public surface; everything else is private and may change.
+The public surface; everything else is private and may change. Names are
+imported on first use (PEP 562), so `import llem_dispatch` costs milliseconds
+and pulls in neither Docker's client nor Ray until they are used.
 """
 
-from llem_dispatch.cluster import NodeContext, RayDispatcher
-from llem_dispatch.dispatcher import Dispatcher, NodeInfo, RetryPolicy, RunRecord
-from llem_dispatch.errors import (
-    ClusterError,
-    ClusterNodeLostError,
-    ConfigError,
-    DockerContainerError,
-    DockerError,
-    DockerGPUAccessError,
-    DockerHangError,
-    DockerImagePullError,
-    DockerOOMError,
-    DockerPermissionError,
-    DockerTimeoutError,
-    DockerUnavailableError,
-    GpuRequestError,
-    LlemError,
-    ResultError,
-    capture_stderr_snippet,
-    translate_docker_error,
-)
-from llem_dispatch.gpu import GpuLease, GpuPool
-from llem_dispatch.models import (
-    ExperimentFailure,
-    ExperimentResult,
-    RunnerMetadata,
-    compute_config_hash,
-)
-from llem_dispatch.runners import DockerRunner, LocalRunner, Outcome, RunInfo, Runner, RunObserver
-from llem_dispatch.study import Study, StudySummary, load_study, run_study
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "ClusterError",
@@ -61,6 +37,7 @@ __all__ = [
     "Outcome",
     "RayDispatcher",
     "ResultError",
+    "ResultsDirBusyError",
     "RetryPolicy",
     "RunInfo",
     "RunObserver",
@@ -77,3 +54,72 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+#: Where each public name lives (module under llem_dispatch).
+_HOMES = {
+    **dict.fromkeys(("NodeContext", "RayDispatcher"), "cluster"),
+    **dict.fromkeys(("Dispatcher", "NodeInfo", "RetryPolicy", "RunRecord"), "dispatch"),
+    **dict.fromkeys(("GpuLease", "GpuPool"), "gpu"),
+    **dict.fromkeys(
+        ("ExperimentFailure", "ExperimentResult", "RunnerMetadata", "compute_config_hash"),
+        "models",
+    ),
+    **dict.fromkeys(
+        ("DockerRunner", "LocalRunner", "Outcome", "RunInfo", "RunObserver", "Runner"), "runners"
+    ),
+    **dict.fromkeys(("Study", "StudySummary", "load_study", "run_study"), "study"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in __all__:
+        raise AttributeError(f"module 'llem_dispatch' has no attribute {name!r}")
+    module = importlib.import_module(f"llem_dispatch.{_HOMES.get(name, 'errors')}")
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:
+    from llem_dispatch.cluster import NodeContext, RayDispatcher
+    from llem_dispatch.dispatch import Dispatcher, NodeInfo, RetryPolicy, RunRecord
+    from llem_dispatch.errors import (
+        ClusterError,
+        ClusterNodeLostError,
+        ConfigError,
+        DockerContainerError,
+        DockerError,
+        DockerGPUAccessError,
+        DockerHangError,
+        DockerImagePullError,
+        DockerOOMError,
+        DockerPermissionError,
+        DockerTimeoutError,
+        DockerUnavailableError,
+        GpuRequestError,
+        LlemError,
+        ResultError,
+        ResultsDirBusyError,
+        capture_stderr_snippet,
+        translate_docker_error,
+    )
+    from llem_dispatch.gpu import GpuLease, GpuPool
+    from llem_dispatch.models import (
+        ExperimentFailure,
+        ExperimentResult,
+        RunnerMetadata,
+        compute_config_hash,
+    )
+    from llem_dispatch.runners import (
+        DockerRunner,
+        LocalRunner,
+        Outcome,
+        RunInfo,
+        Runner,
+        RunObserver,
+    )
+    from llem_dispatch.study import Study, StudySummary, load_study, run_study

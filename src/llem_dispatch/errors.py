@@ -5,6 +5,7 @@ a one-line fix suggestion and the context a user needs to act on it::
 
     LlemError
     ├── ConfigError                       bad study file / config / runner value
+    │   └── ResultsDirBusyError           another run holds the results dir's lock
     ├── ResultError                       result file unreadable, malformed, off-schema
     ├── GpuRequestError                   more GPUs asked for than the pool has
     ├── ClusterError                      the Ray cluster could not run an experiment
@@ -45,6 +46,7 @@ __all__ = [
     "GpuRequestError",
     "LlemError",
     "ResultError",
+    "ResultsDirBusyError",
     "capture_stderr_snippet",
     "translate_docker_error",
 ]
@@ -82,6 +84,15 @@ class ConfigError(LlemError, ValueError):
     """A config, study file or option is invalid; the message names the field."""
 
     default_fix = "Correct the field named above and run again."
+
+
+class ResultsDirBusyError(ConfigError):
+    """Another llem-dispatch run holds the results dir (its lock names the holder)."""
+
+    default_fix = (
+        "Wait for that run to finish, or use another --results dir. A run that was "
+        "killed releases the lock at once, so --resume works right after it."
+    )
 
 
 class ResultError(LlemError):

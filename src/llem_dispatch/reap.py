@@ -16,7 +16,7 @@ import aiodocker
 import structlog
 
 from llem_dispatch import _labels
-from llem_dispatch.runners.docker import docker_url, translate_api_error
+from llem_dispatch._docker import docker_url, translate_api_error
 
 __all__ = ["ReapedContainer", "reap"]
 

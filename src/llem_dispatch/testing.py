@@ -19,7 +19,7 @@ from llem_dispatch.models import (
     compute_config_hash,
     config_to_dict,
 )
-from llem_dispatch.runners._base import Outcome, RunInfo, RunObserver, utcnow
+from llem_dispatch.runners.protocol import Outcome, RunInfo, RunObserver, utcnow
 
 __all__ = ["FakeRunner", "Handler"]
 

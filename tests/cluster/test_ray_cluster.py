@@ -173,7 +173,7 @@ async def test_library_map_streams_records_with_their_nodes(
     ray_cluster: tuple[Any, list[Any]], tmp_path: Path, test_labels: dict[str, str]
 ) -> None:
     from llem_dispatch.cluster import NodeContext, RayDispatcher
-    from llem_dispatch.dispatcher import ExperimentStarted
+    from llem_dispatch.dispatch import ExperimentStarted
     from llem_dispatch.runners.docker import DockerRunner
     from tests.conftest import BUSYBOX_IMAGE
 

@@ -14,7 +14,7 @@ import anyio
 import pytest
 
 from llem_dispatch import DockerRunner
-from llem_dispatch.dispatcher import Dispatcher
+from llem_dispatch.dispatch import Dispatcher
 from llem_dispatch.gpu import GpuPool
 from tests.conftest import BUSYBOX_IMAGE
 

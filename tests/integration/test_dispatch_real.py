@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 from llem_dispatch import DockerRunner, GpuRequestError, LocalRunner, Runner
-from llem_dispatch.dispatcher import Dispatcher, RunRecord
+from llem_dispatch.dispatch import Dispatcher, RunRecord
 from llem_dispatch.gpu import GpuPool
 from llem_dispatch.study import Study, completed_keys, iter_records, run_study
 from tests.conftest import BUSYBOX_IMAGE, docker_problem, require_docker

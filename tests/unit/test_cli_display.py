@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from rich.console import Console
 
 from llem_dispatch.cli import LiveDisplay, ProgressState, record_row
-from llem_dispatch.dispatcher import (
+from llem_dispatch.dispatch import (
     ErrorInfo,
     ExperimentFailed,
     ExperimentFinished,

@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 import pytest
 
 from llem_dispatch.cli import ProgressState, record_row
-from llem_dispatch.cluster import _error_payload, _probe_address, _rebuild_error
-from llem_dispatch.dispatcher import (
+from llem_dispatch.cluster.dispatcher import _error_payload, _probe_address, _rebuild_error
+from llem_dispatch.dispatch import (
     ExperimentFinished,
     ExperimentStarted,
     NodeInfo,

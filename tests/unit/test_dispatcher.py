@@ -22,7 +22,7 @@ from llem_dispatch import (
     RunInfo,
     RunObserver,
 )
-from llem_dispatch.dispatcher import (
+from llem_dispatch.dispatch import (
     Dispatcher,
     Event,
     ExperimentFailed,
@@ -33,7 +33,7 @@ from llem_dispatch.dispatcher import (
     RetryPolicy,
 )
 from llem_dispatch.gpu import GpuPool
-from llem_dispatch.runners._base import Outcome, utcnow
+from llem_dispatch.runners.protocol import Outcome, utcnow
 from llem_dispatch.testing import FakeRunner
 
 FAST_RETRY = RetryPolicy(max_attempts=4, base_delay_s=0.001, max_delay_s=0.01)

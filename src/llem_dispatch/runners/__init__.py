@@ -1,7 +1,24 @@
 """Runners: execute one experiment under the container protocol (Docker or local process)."""
 
-from llem_dispatch.runners._base import Outcome, RunInfo, Runner, RunObserver
+from llem_dispatch.runners._lifecycle import (
+    force_kill_requested,
+    set_force_kill,
+    wait_until_forced,
+)
 from llem_dispatch.runners.docker import DockerRunner
 from llem_dispatch.runners.local import LocalRunner
+from llem_dispatch.runners.protocol import Outcome, RunInfo, Runner, RunObserver
+from llem_dispatch.runners.routing import RoutingRunner
 
-__all__ = ["DockerRunner", "LocalRunner", "Outcome", "RunInfo", "RunObserver", "Runner"]
+__all__ = [
+    "DockerRunner",
+    "LocalRunner",
+    "Outcome",
+    "RoutingRunner",
+    "RunInfo",
+    "RunObserver",
+    "Runner",
+    "force_kill_requested",
+    "set_force_kill",
+    "wait_until_forced",
+]

@@ -26,6 +26,7 @@ import structlog
 from pydantic import BaseModel
 
 from llem_dispatch import _labels
+from llem_dispatch._docker import docker_url, translate_api_error
 from llem_dispatch._exchange import (
     CONTAINER_EXCHANGE_DIR,
     DEFAULT_MAX_RESULT_BYTES,
@@ -34,11 +35,7 @@ from llem_dispatch._exchange import (
 from llem_dispatch._logcapture import LogCapture
 from llem_dispatch.errors import (
     DockerError,
-    DockerGPUAccessError,
-    DockerImagePullError,
     DockerOOMError,
-    DockerPermissionError,
-    DockerUnavailableError,
     LlemError,
 )
 from llem_dispatch.models import (
@@ -47,22 +44,19 @@ from llem_dispatch.models import (
     compute_config_hash,
     config_to_dict,
 )
-from llem_dispatch.runners._base import (
+from llem_dispatch.runners._lifecycle import (
     DEFAULT_SECRET_ENV,
     FORCE_KILL,
-    Outcome,
-    RunInfo,
-    RunObserver,
     check_run_options,
     collect_outcome,
     collect_secrets,
     killed_error,
-    utcnow,
     wait_bounded,
     wait_until_forced,
 )
+from llem_dispatch.runners.protocol import Outcome, RunInfo, RunObserver, utcnow
 
-__all__ = ["FORCE_KILL", "HELPER_CONTAINER_PATH", "DockerRunner", "docker_url", "parse_size"]
+__all__ = ["HELPER_CONTAINER_PATH", "DockerRunner", "parse_size"]
 
 
 HELPER_CONTAINER_PATH = "/opt/llem/llem_container.py"
@@ -87,62 +81,8 @@ def parse_size(value: int | str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
-def docker_url() -> str:
-    """The daemon address: DOCKER_HOST, else the standard local socket."""
-    return os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
-
-
 def _helper_source() -> Path:
     return Path(str(resources.files("llem_dispatch") / "container.py"))
-
-
-def translate_api_error(exc: BaseException, *, image: str, phase: str, **context: Any) -> LlemError:
-    """Map an aiodocker/aiohttp exception to our most specific class."""
-    if isinstance(exc, LlemError):
-        return exc
-    if isinstance(exc, aiodocker.DockerError) and exc.status == 900:
-        # aiodocker's wrapper for "could not connect"; the OS error is in the chain.
-        return _connection_error(exc, phase, context)
-    if isinstance(exc, aiodocker.DockerError):
-        status, message = exc.status, str(exc.message)
-        if status == 404 and ("no such image" in message.lower() or phase in {"create", "image"}):
-            return DockerImagePullError(
-                f"image {image!r} is not present on the Docker host ({message})",
-                fix_suggestion=f"Build it (`docker build -t {image} .`, or give the study a "
-                f"`build:` context) or pull it (`docker pull {image}`) on a host that can "
-                "reach its registry.",
-                **context,
-            )
-        if "could not select device driver" in message or "nvidia-container" in message:
-            return DockerGPUAccessError(
-                f"the daemon cannot give GPUs to containers: {message}", **context
-            )
-        error = DockerError(f"Docker API error at {phase} (HTTP {status}): {message}", **context)
-        error.transient = status >= 500
-        return error
-    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ClientOSError | OSError):
-        return _connection_error(exc, phase, context)
-    if isinstance(exc, aiohttp.ClientError | ConnectionError):
-        return DockerUnavailableError(
-            f"Docker daemon unavailable: connection lost during {phase} ({exc!r})", **context
-        )
-    return DockerError(f"unexpected error during {phase}: {exc!r}", **context)
-
-
-def _connection_error(exc: BaseException, phase: str, context: dict[str, Any]) -> LlemError:
-    chain: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and len(chain) < 10:
-        chain.append(current)
-        current = getattr(current, "os_error", None) or current.__cause__
-    if (
-        any(isinstance(e, PermissionError) for e in chain)
-        or "permission denied" in str(exc).lower()
-    ):
-        return DockerPermissionError(f"permission denied on the Docker socket ({exc})", **context)
-    return DockerUnavailableError(
-        f"Docker daemon unavailable at {docker_url()} during {phase}: {exc}", **context
-    )
 
 
 class DockerRunner:

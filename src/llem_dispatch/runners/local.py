@@ -35,20 +35,17 @@ from llem_dispatch.models import (
     compute_config_hash,
     config_to_dict,
 )
-from llem_dispatch.runners._base import (
+from llem_dispatch.runners._lifecycle import (
     DEFAULT_SECRET_ENV,
     FORCE_KILL,
-    Outcome,
-    RunInfo,
-    RunObserver,
     check_run_options,
     collect_outcome,
     collect_secrets,
     killed_error,
-    utcnow,
     wait_bounded,
     wait_until_forced,
 )
+from llem_dispatch.runners.protocol import Outcome, RunInfo, RunObserver, utcnow
 
 __all__ = ["LocalRunner"]
 

@@ -1,18 +1,16 @@
-"""The Runner protocol (the seam between scheduling and execution) and shared run logic.
+"""The run lifecycle both runners share: secrets, bounded waits, kills, outcomes.
 
-A runner runs one config on given device ids and returns the validated outcome;
-everything about GPUs, concurrency, retries and journals lives above it.
+The Runner protocol itself is in `protocol`; this module is the mechanism under it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, Literal, Protocol, TypeAlias, runtime_checkable
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import Any, Literal, TypeAlias
 
 import anyio
 import structlog
@@ -29,21 +27,20 @@ from llem_dispatch.errors import (
     ResultError,
 )
 from llem_dispatch.models import ExperimentFailure, ExperimentResult, RunnerMetadata
+from llem_dispatch.runners.protocol import Outcome, RunInfo
 
 __all__ = [
     "DEFAULT_SECRET_ENV",
     "FORCE_KILL",
     "KilledFor",
-    "Outcome",
-    "RunInfo",
-    "RunObserver",
-    "Runner",
     "check_run_options",
     "collect_outcome",
     "collect_secrets",
     "finish_success",
+    "force_kill_requested",
     "killed_error",
     "make_failure",
+    "set_force_kill",
     "wait_bounded",
     "wait_until_forced",
 ]
@@ -51,65 +48,42 @@ __all__ = [
 DEFAULT_SECRET_ENV: tuple[str, ...] = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 #: Set (e.g. by a second Ctrl-C) to skip the stop grace period when cancelling runs.
+#: Change it through `set_force_kill`, which can be undone.
 FORCE_KILL = threading.Event()
 
-Outcome: TypeAlias = BaseModel | ExperimentFailure
+
+def set_force_kill(on: bool = True) -> contextlib.AbstractContextManager[None]:
+    """Skip (or stop skipping) the stop grace period of runs being cancelled.
+
+    Takes effect at once; use the return value as a context manager to restore the
+    previous setting on exit (tests), or ignore it (a second Ctrl-C).
+    """
+    previous = FORCE_KILL.is_set()
+    _apply_force_kill(on)
+
+    @contextlib.contextmanager
+    def restore() -> Iterator[None]:
+        try:
+            yield
+        finally:
+            _apply_force_kill(previous)
+
+    return restore()
+
+
+def force_kill_requested() -> bool:
+    """Whether cancelled runs skip their stop grace period now."""
+    return FORCE_KILL.is_set()
+
+
+def _apply_force_kill(on: bool) -> None:
+    if on:
+        FORCE_KILL.set()
+    else:
+        FORCE_KILL.clear()
+
 
 log = structlog.get_logger("llem_dispatch.runner")
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-@dataclass(slots=True)
-class RunInfo:
-    """What a runner knows about one run as it progresses; given to observers."""
-
-    config_hash: str
-    gpu_ids: tuple[str, ...]
-    exchange_dir: str
-    log_path: str
-    runner_type: str
-    image: str | None = None
-    image_digest: str | None = None
-    container_id: str | None = None
-    process_id: int | None = None
-    started_at: datetime | None = None
-    exited_at: datetime | None = None
-    exit_code: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class RunObserver(Protocol):
-    """Hooks a dispatcher passes to `Runner.run` to follow one run."""
-
-    def on_started(self, info: RunInfo) -> None:
-        """The experiment's process/container has started."""
-
-    def on_exited(self, info: RunInfo) -> None:
-        """It has exited (logs and files not yet collected): its GPUs are free now."""
-
-
-@runtime_checkable
-class Runner(Protocol):
-    """Runs one experiment config on the given device ids; returns its validated outcome.
-
-    Infrastructure failures raise `LlemError` subclasses; an experiment that
-    reports its own failure returns `ExperimentFailure`.
-    """
-
-    runner_type: str
-
-    async def run(
-        self,
-        config: BaseModel | Mapping[str, Any],
-        *,
-        gpus: Sequence[str] | None = None,
-        observer: RunObserver | None = None,
-    ) -> Outcome: ...
-
-    async def aclose(self) -> None: ...
 
 
 def collect_secrets(

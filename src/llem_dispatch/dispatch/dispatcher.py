@@ -6,18 +6,29 @@ Policy lives here; a Runner only runs one experiment. Every run ends as a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Self
 
 import anyio
 import structlog
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
+from llem_dispatch.dispatch.fanout import fan_out
+from llem_dispatch.dispatch.records import (
+    ErrorInfo,
+    Event,
+    ExperimentFailed,
+    ExperimentFinished,
+    ExperimentQueued,
+    ExperimentRetried,
+    ExperimentStarted,
+    RunRecord,
+)
 from llem_dispatch.errors import (
     DockerOOMError,
     DockerTimeoutError,
@@ -25,153 +36,11 @@ from llem_dispatch.errors import (
 )
 from llem_dispatch.gpu import GpuLease, GpuPool
 from llem_dispatch.models import ExperimentFailure, hashed_config
-from llem_dispatch.runners._base import Outcome, RunInfo, Runner, utcnow
+from llem_dispatch.runners.protocol import Outcome, RunInfo, Runner, utcnow
 
-__all__ = [
-    "Dispatcher",
-    "ErrorInfo",
-    "Event",
-    "ExperimentFailed",
-    "ExperimentFinished",
-    "ExperimentQueued",
-    "ExperimentRetried",
-    "ExperimentStarted",
-    "NodeInfo",
-    "RetryPolicy",
-    "RunRecord",
-    "RunStatus",
-]
+__all__ = ["NO_RETRIES", "Dispatcher", "RetryPolicy"]
 
 log = structlog.get_logger("llem_dispatch.dispatcher")
-
-RunStatus = Literal["succeeded", "failed", "error", "cancelled"]
-
-
-class ErrorInfo(BaseModel):
-    """An infrastructure error, as recorded (the exception itself is not serialisable)."""
-
-    type: str
-    message: str
-    fix_suggestion: str | None = None
-    stderr_snippet: str | None = None
-    exit_code: int | None = None
-
-    @classmethod
-    def from_exception(cls, exc: BaseException) -> ErrorInfo:
-        if isinstance(exc, LlemError):
-            return cls(
-                type=type(exc).__name__,
-                message=exc.message,
-                fix_suggestion=exc.fix_suggestion,
-                stderr_snippet=getattr(exc, "stderr_snippet", None) or None,
-                exit_code=getattr(exc, "exit_code", None),
-            )
-        return cls(type=type(exc).__name__, message=str(exc) or repr(exc))
-
-
-class NodeInfo(BaseModel):
-    """The cluster node an experiment ran on (cluster runs only)."""
-
-    hostname: str
-    node_id: str = Field(description="Ray node id.")
-    ip: str | None = None
-
-    @property
-    def label(self) -> str:
-        """Short and unique: 'host[1a2b3c]' (several nodes may share a hostname)."""
-        return f"{self.hostname}[{self.node_id[:6]}]"
-
-
-class RunRecord(BaseModel):
-    """Everything known about one experiment's run: outcome, where, when, how often."""
-
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
-    config_hash: str
-    config: dict[str, Any]
-    status: RunStatus
-    result: dict[str, Any] | None = None
-    failure: ExperimentFailure | None = None
-    error: ErrorInfo | None = None
-    gpu_ids: list[str] = Field(default_factory=list)
-    runner_type: str | None = None
-    image: str | None = None
-    image_digest: str | None = None
-    container_id: str | None = None
-    process_id: int | None = None
-    exchange_dir: str | None = None
-    log_path: str | None = None
-    queued_at: datetime
-    started_at: datetime | None = None
-    exited_at: datetime | None = None
-    ended_at: datetime | None = None
-    attempts: int = 0
-    handoff_gap_s: float | None = Field(
-        default=None,
-        description="Seconds from the last release of these GPUs to this run's start.",
-    )
-    tags: dict[str, Any] = Field(default_factory=dict)
-    node: NodeInfo | None = Field(
-        default=None,
-        description="Cluster runs: the node that ran it (and holds a failure's exchange dir).",
-    )
-    outcome: Any = Field(default=None, exclude=True, repr=False)
-    exception: Any = Field(default=None, exclude=True, repr=False)
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "succeeded"
-
-    @property
-    def duration_s(self) -> float | None:
-        if self.started_at and self.ended_at:
-            return (self.ended_at - self.started_at).total_seconds()
-        return None
-
-
-# -- events -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ExperimentQueued:
-    config_hash: str
-    gpus: int
-    tags: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class ExperimentStarted:
-    config_hash: str
-    gpu_ids: tuple[str, ...]
-    attempt: int
-    container_id: str | None
-    process_id: int | None
-    tags: Mapping[str, Any] = field(default_factory=dict)
-    node: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ExperimentRetried:
-    config_hash: str
-    attempt: int
-    delay_s: float
-    error: str
-    tags: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class ExperimentFinished:
-    record: RunRecord
-
-
-@dataclass(frozen=True, slots=True)
-class ExperimentFailed:
-    record: RunRecord
-
-
-Event = (
-    ExperimentQueued | ExperimentStarted | ExperimentRetried | ExperimentFinished | ExperimentFailed
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -466,29 +335,11 @@ class Dispatcher:
         """
         items = list(configs)
         self.check_request(gpus)
-        # A fixed set of workers pulls configs in order: 10k configs never mean 10k
-        # waiting tasks, and no task is spawned per experiment. The small buffer
-        # makes finished records wait for the consumer instead of piling up.
-        workers = min(len(items), max(1, 2 * self.parallelism()))
-        send, receive = anyio.create_memory_object_stream[RunRecord](max(1, workers))
-        pending = iter(items)
 
-        async def worker() -> None:
-            for config in pending:
-                await send.send(await self.run(config, gpus=gpus))
+        async def one(config: BaseModel | Mapping[str, Any]) -> RunRecord:
+            return await self.run(config, gpus=gpus)
 
-        async with anyio.create_task_group() as tg, receive:
-
-            async def feed() -> None:
-                async with send, anyio.create_task_group() as runs:
-                    for _ in range(workers):
-                        runs.start_soon(worker)
-
-            tg.start_soon(feed)
-            try:
-                async for record in receive:
-                    yield record
-            except GeneratorExit:
-                # The consumer stopped early: cancel what is in flight (their
-                # containers are removed by the runners' shielded cleanup).
-                tg.cancel_scope.cancel()
+        workers = min(len(items), 2 * self.parallelism())
+        async with contextlib.aclosing(fan_out(items, one, workers=workers)) as records:
+            async for record in records:
+                yield record

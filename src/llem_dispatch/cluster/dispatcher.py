@@ -44,7 +44,8 @@ from pydantic import BaseModel, ValidationError
 
 from llem_dispatch import _labels
 from llem_dispatch import errors as _errors
-from llem_dispatch.dispatcher import (
+from llem_dispatch._docker import docker_available, missing_images
+from llem_dispatch.dispatch import (
     Dispatcher,
     Event,
     ExperimentStarted,
@@ -60,14 +61,8 @@ from llem_dispatch.errors import (
     ResultError,
 )
 from llem_dispatch.models import ExperimentFailure, ExperimentResult, HashedConfig
-from llem_dispatch.runners._base import (
-    FORCE_KILL,
-    Outcome,
-    RunInfo,
-    Runner,
-    RunObserver,
-    wait_until_forced,
-)
+from llem_dispatch.runners import force_kill_requested, wait_until_forced
+from llem_dispatch.runners.protocol import Outcome, RunInfo, Runner, RunObserver
 
 __all__ = [
     "NodeCheck",
@@ -77,6 +72,7 @@ __all__ = [
     "RunnerFactory",
     "check_cluster",
     "sweep_cluster",
+    "sweep_orphans",
 ]
 
 log = structlog.get_logger("llem_dispatch.cluster")
@@ -131,9 +127,9 @@ def _this_node() -> NodeInfo:
 
 def _node_gpus(ids: tuple[str, ...]) -> tuple[dict[str, str], bool]:
     """UUIDs of the assigned ids, and whether the node has no NVML-visible GPU."""
-    from llem_dispatch.gpu import _nvml_inventory
+    from llem_dispatch.gpu.discovery import nvml_inventory
 
-    inventory, _reason = _nvml_inventory()
+    inventory, _reason = nvml_inventory()
     if not inventory:
         # No NVML (pynvml missing?) but an NVIDIA driver: real GPUs, pass them through.
         return {}, not Path("/dev/nvidiactl").exists()
@@ -274,7 +270,6 @@ def _sweep_task(
 ) -> dict[str, Any]:
     """The Ray task run once per host by `sweep_cluster`."""
     from llem_dispatch.reap import reap
-    from llem_dispatch.study import docker_available
 
     node = _this_node()
     if not docker_available():
@@ -292,35 +287,13 @@ def _sweep_task(
     return {"node": node.model_dump(), "reaped": [asdict(r) for r in found], "skipped": None}
 
 
-async def _missing_images(images: list[str]) -> list[str]:
-    import aiodocker
-
-    from llem_dispatch.runners.docker import docker_url
-
-    missing = []
-    docker = aiodocker.Docker(url=docker_url())
-    try:
-        for image in images:
-            try:
-                await docker.images.inspect(image)
-            except aiodocker.DockerError as exc:
-                if exc.status != 404:
-                    raise
-                missing.append(image)
-    finally:
-        await docker.close()
-    return missing
-
-
 def _preflight_task(images: list[str], paths: list[str]) -> dict[str, Any]:
     """The Ray task run once per host by `RayDispatcher.preflight`."""
-    from llem_dispatch.study import docker_available
-
     docker = docker_available()
     return {
         "node": _this_node().model_dump(),
         "docker": docker,
-        "missing_images": anyio.run(_missing_images, images) if docker and images else [],
+        "missing_images": anyio.run(missing_images, images) if docker and images else [],
         "missing_paths": [p for p in paths if not Path(p).exists()],
     }
 
@@ -744,7 +717,7 @@ class RayDispatcher(Dispatcher):
                 "cluster_task_killed",
                 config_hash=record["config_hash"],
                 node=node.label if isinstance(node, NodeInfo) else None,
-                reason="forced" if FORCE_KILL.is_set() else "cleanup took too long",
+                reason="forced" if force_kill_requested() else "cleanup took too long",
                 fix="its container is removed by the end-of-study sweep or "
                 "`llem-dispatch reap --ray ADDRESS`",
             )
@@ -776,6 +749,39 @@ class RayDispatcher(Dispatcher):
             for f in found
         ]
 
+    async def require_ready(
+        self,
+        *,
+        images: Sequence[str],
+        paths: Sequence[str],
+        runner_kind: str,
+        gpus: int = 0,
+    ) -> None:
+        """Before anything runs: can every host that may get an experiment run it?
+
+        `runner_kind` is docker, local or auto (docker where a daemon answers).
+        Raises one `ClusterError` naming every problem on every node.
+        """
+        problems: list[str] = []
+        folder = paths[0] if paths else ""
+        for check in await self.preflight(images=images, paths=paths, gpus=gpus):
+            where = f"node {check.node.label} ({check.node.ip})"
+            use_docker = runner_kind == "docker" or (runner_kind == "auto" and check.docker)
+            if use_docker and not check.docker:
+                problems.append(f"{where}: no Docker daemon answers there")
+            elif use_docker:
+                problems += [f"{where}: image {i} is not there" for i in check.missing_images]
+            elif check.missing_paths:
+                problems.append(f"{where}: the study folder {folder} does not exist there")
+        if problems:
+            raise ClusterError(
+                f"{len(problems)} problem(s) on the cluster's nodes; nothing was run:\n  "
+                + "\n  ".join(problems),
+                fix_suggestion="Build or pull the image on each node named (or push it to a "
+                "registry they reach), start Docker there, or copy the study folder to the "
+                "same path; then run again.",
+            )
+
     # -- sweeping ---------------------------------------------------------------------
 
     async def sweep(
@@ -799,6 +805,26 @@ class RayDispatcher(Dispatcher):
             NodeSweep(NodeInfo.model_validate(d["node"]), d["reaped"], d["skipped"])
             for d in await _on_each_host(self.nodes(), "sweep", args, timeout_s)
         ]
+
+
+async def sweep_orphans(
+    dispatcher: RayDispatcher, results: Path, *, study_over: bool, timeout_s: float = 60
+) -> None:
+    """Reap a study's orphaned containers on every host, logging each (logs kept)."""
+    for sweep in await dispatcher.sweep(
+        results_dir=results,
+        logs_dir=results / "orphans",
+        study_over=study_over,
+        timeout_s=timeout_s,
+    ):
+        for item in sweep.reaped:
+            log.warning(
+                "cluster_orphan_reaped",
+                node=sweep.node.label,
+                container_id=str(item["container_id"])[:12],
+                config_hash=item["config_hash"],
+                log_path=item["log_path"],
+            )
 
 
 async def _on_each_host(

@@ -1,0 +1,155 @@
+"""What a run leaves behind: the RunRecord, its error info, and the dispatcher's events."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from llem_dispatch.errors import LlemError
+from llem_dispatch.models import ExperimentFailure
+
+__all__ = [
+    "ErrorInfo",
+    "Event",
+    "ExperimentFailed",
+    "ExperimentFinished",
+    "ExperimentQueued",
+    "ExperimentRetried",
+    "ExperimentStarted",
+    "NodeInfo",
+    "RunRecord",
+    "RunStatus",
+]
+
+RunStatus = Literal["succeeded", "failed", "error", "cancelled"]
+
+
+class ErrorInfo(BaseModel):
+    """An infrastructure error, as recorded (the exception itself is not serialisable)."""
+
+    type: str
+    message: str
+    fix_suggestion: str | None = None
+    stderr_snippet: str | None = None
+    exit_code: int | None = None
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> ErrorInfo:
+        if isinstance(exc, LlemError):
+            return cls(
+                type=type(exc).__name__,
+                message=exc.message,
+                fix_suggestion=exc.fix_suggestion,
+                stderr_snippet=getattr(exc, "stderr_snippet", None) or None,
+                exit_code=getattr(exc, "exit_code", None),
+            )
+        return cls(type=type(exc).__name__, message=str(exc) or repr(exc))
+
+
+class NodeInfo(BaseModel):
+    """The cluster node an experiment ran on (cluster runs only)."""
+
+    hostname: str
+    node_id: str = Field(description="Ray node id.")
+    ip: str | None = None
+
+    @property
+    def label(self) -> str:
+        """Short and unique: 'host[1a2b3c]' (several nodes may share a hostname)."""
+        return f"{self.hostname}[{self.node_id[:6]}]"
+
+
+class RunRecord(BaseModel):
+    """Everything known about one experiment's run: outcome, where, when, how often."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    config_hash: str
+    config: dict[str, Any]
+    status: RunStatus
+    result: dict[str, Any] | None = None
+    failure: ExperimentFailure | None = None
+    error: ErrorInfo | None = None
+    gpu_ids: list[str] = Field(default_factory=list)
+    runner_type: str | None = None
+    image: str | None = None
+    image_digest: str | None = None
+    container_id: str | None = None
+    process_id: int | None = None
+    exchange_dir: str | None = None
+    log_path: str | None = None
+    queued_at: datetime
+    started_at: datetime | None = None
+    exited_at: datetime | None = None
+    ended_at: datetime | None = None
+    attempts: int = 0
+    handoff_gap_s: float | None = Field(
+        default=None,
+        description="Seconds from the last release of these GPUs to this run's start.",
+    )
+    tags: dict[str, Any] = Field(default_factory=dict)
+    node: NodeInfo | None = Field(
+        default=None,
+        description="Cluster runs: the node that ran it (and holds a failure's exchange dir).",
+    )
+    outcome: Any = Field(default=None, exclude=True, repr=False)
+    exception: Any = Field(default=None, exclude=True, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "succeeded"
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.started_at and self.ended_at:
+            return (self.ended_at - self.started_at).total_seconds()
+        return None
+
+
+# -- events -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentQueued:
+    config_hash: str
+    gpus: int
+    tags: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentStarted:
+    config_hash: str
+    gpu_ids: tuple[str, ...]
+    attempt: int
+    container_id: str | None
+    process_id: int | None
+    tags: Mapping[str, Any] = field(default_factory=dict)
+    node: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentRetried:
+    config_hash: str
+    attempt: int
+    delay_s: float
+    error: str
+    tags: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentFinished:
+    record: RunRecord
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentFailed:
+    record: RunRecord
+
+
+Event = (
+    ExperimentQueued | ExperimentStarted | ExperimentRetried | ExperimentFinished | ExperimentFailed
+)

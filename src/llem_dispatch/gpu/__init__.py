@@ -1,0 +1,6 @@
+"""GPUs: the pool that hands them out (scheduling) and their discovery (NVML)."""
+
+from llem_dispatch.gpu.discovery import nvml_used_memory_mb
+from llem_dispatch.gpu.pool import GpuHolding, GpuLease, GpuPool, GpuPoolOptions
+
+__all__ = ["GpuHolding", "GpuLease", "GpuPool", "GpuPoolOptions", "nvml_used_memory_mb"]

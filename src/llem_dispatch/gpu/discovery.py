@@ -1,0 +1,122 @@
+"""GPU discovery: what NVML (or CUDA_VISIBLE_DEVICES) says this host has.
+
+Owns every call into NVML; the pool asks here and never imports pynvml itself.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import structlog
+
+__all__ = [
+    "match_visible",
+    "nvml_inventory",
+    "nvml_used_memory_mb",
+    "parse_visible_devices",
+]
+
+log = structlog.get_logger("llem_dispatch.gpu")
+
+
+def nvml_used_memory_mb(device_id: str) -> float | None:
+    """Memory in use on a device (index or UUID) in MiB, per NVML; None if unknown."""
+    pynvml = _pynvml()
+    if pynvml is None:
+        return None
+    try:
+        _nvml_init()
+        if device_id.isdigit():
+            handle = pynvml.nvmlDeviceGetHandleByIndex(int(device_id))
+        else:
+            handle = pynvml.nvmlDeviceGetHandleByUUID(device_id)
+        return float(pynvml.nvmlDeviceGetMemoryInfo(handle).used) / 2**20
+    except Exception as exc:  # noqa: BLE001 - unknown memory is not a reason to stop
+        log.debug("gpu_memory_unknown", device=device_id, error=repr(exc))
+        return None
+
+
+def _pynvml() -> Any | None:
+    # Optional dependency (the `nvml` extra): imported only when NVML is wanted,
+    # so hosts without it never pay for or fail on it.
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    return pynvml
+
+
+@functools.cache
+def _nvml_init() -> None:
+    # Once per process: nvmlInit can take a noticeable time and NVML counts its
+    # users, so leaving it initialised costs nothing. A failure is not cached
+    # and is retried next time.
+    pynvml = _pynvml()
+    if pynvml is not None:
+        pynvml.nvmlInit()
+
+
+def nvml_inventory() -> tuple[list[tuple[str, str]] | None, str]:
+    """(index, UUID) of every NVML device, or None and why NVML is unusable."""
+    pynvml = _pynvml()
+    if pynvml is None:
+        return None, "pynvml is not installed (pip install 'llem-dispatch[nvml]')"
+    try:
+        pynvml.nvmlInit()
+    except Exception as exc:  # noqa: BLE001 - any NVML failure means "fall back"
+        return None, f"NVML could not start: {exc!r}"
+    try:
+        devices = []
+        for index in range(int(pynvml.nvmlDeviceGetCount())):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            devices.append((str(index), _text(pynvml.nvmlDeviceGetUUID(handle))))
+    except Exception as exc:  # noqa: BLE001 - a half-working driver falls back too
+        log.warning("gpu_nvml_query_failed", error=repr(exc))
+        return None, f"NVML device query failed: {exc!r}"
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception as exc:  # noqa: BLE001 - shutting down is best effort
+            log.debug("gpu_nvml_shutdown_failed", error=repr(exc))
+    return devices, "ok"
+
+
+def _text(value: Any) -> str:
+    # Older nvidia-ml-py releases return bytes.
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def parse_visible_devices(value: str | None) -> list[str] | None:
+    """CUDA_VISIBLE_DEVICES as a list of entries; None when unset; [] when it hides all."""
+    if value is None:
+        return None
+    entries = [e.strip() for e in value.split(",") if e.strip()]
+    if entries[:1] == ["-1"]:
+        return []
+    unique = list(dict.fromkeys(entries))
+    if len(unique) != len(entries):
+        log.warning("gpu_duplicate_visible_devices", value=value, kept=unique)
+    return unique
+
+
+def match_visible(visible: list[str], uuids: dict[str, str]) -> list[str]:
+    """NVML indices for CUDA_VISIBLE_DEVICES entries (indices, UUIDs or UUID prefixes)."""
+    ids: list[str] = []
+    for entry in visible:
+        if entry in uuids:
+            match: str | None = entry
+        else:
+            hits = [i for i, u in uuids.items() if u == entry or u.startswith(entry)]
+            match = hits[0] if len(hits) == 1 else None
+        if match is None and entry.isdigit():
+            # CUDA ignores an index with no device behind it, and so do we.
+            log.warning("gpu_visible_device_missing", entry=entry, nvml_devices=len(uuids))
+            continue
+        if match is None:
+            # A MIG UUID, say, which NVML does not list as a device: keep it as written.
+            log.info("gpu_visible_device_unmatched", entry=entry)
+            match = entry
+        if match not in ids:
+            ids.append(match)
+    return ids

@@ -1,0 +1,74 @@
+"""The Runner protocol: the public seam between scheduling and execution.
+
+A runner runs one config on given device ids and returns the validated outcome;
+everything about GPUs, concurrency, retries and journals lives above it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol, TypeAlias, runtime_checkable
+
+from pydantic import BaseModel
+
+from llem_dispatch.models import ExperimentFailure
+
+__all__ = ["Outcome", "RunInfo", "RunObserver", "Runner", "utcnow"]
+
+Outcome: TypeAlias = BaseModel | ExperimentFailure
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class RunInfo:
+    """What a runner knows about one run as it progresses; given to observers."""
+
+    config_hash: str
+    gpu_ids: tuple[str, ...]
+    exchange_dir: str
+    log_path: str
+    runner_type: str
+    image: str | None = None
+    image_digest: str | None = None
+    container_id: str | None = None
+    process_id: int | None = None
+    started_at: datetime | None = None
+    exited_at: datetime | None = None
+    exit_code: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class RunObserver(Protocol):
+    """Hooks a dispatcher passes to `Runner.run` to follow one run."""
+
+    def on_started(self, info: RunInfo) -> None:
+        """The experiment's process/container has started."""
+
+    def on_exited(self, info: RunInfo) -> None:
+        """It has exited (logs and files not yet collected): its GPUs are free now."""
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """Runs one experiment config on the given device ids; returns its validated outcome.
+
+    Infrastructure failures raise `LlemError` subclasses; an experiment that
+    reports its own failure returns `ExperimentFailure`.
+    """
+
+    runner_type: str
+
+    async def run(
+        self,
+        config: BaseModel | Mapping[str, Any],
+        *,
+        gpus: Sequence[str] | None = None,
+        observer: RunObserver | None = None,
+    ) -> Outcome: ...
+
+    async def aclose(self) -> None: ...

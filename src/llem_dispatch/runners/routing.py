@@ -1,0 +1,45 @@
+"""RoutingRunner: one runner per backend, chosen by a field of each config."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel
+
+from llem_dispatch.errors import ConfigError
+from llem_dispatch.runners.protocol import Outcome, Runner, RunObserver
+
+__all__ = ["RoutingRunner"]
+
+
+class RoutingRunner:
+    """Sends each config to the runner of its backend (one image per backend)."""
+
+    runner_type = "docker"
+
+    def __init__(self, field_name: str, runners: Mapping[str, Runner]) -> None:
+        self.field_name = field_name
+        self.runners = dict(runners)
+
+    async def run(
+        self,
+        config: BaseModel | Mapping[str, Any],
+        *,
+        gpus: Any = None,
+        observer: RunObserver | None = None,
+    ) -> Outcome:
+        data = config.model_dump() if isinstance(config, BaseModel) else dict(config)
+        backend = str(data.get(self.field_name))
+        runner = self.runners.get(backend)
+        if runner is None:
+            raise ConfigError(
+                f"config has {self.field_name}={backend!r}, which has no image",
+                fix_suggestion=f"Add images.{backend} to the study or set "
+                f"LLEM_IMAGE_{backend.upper()}.",
+            )
+        return await runner.run(config, gpus=gpus, observer=observer)
+
+    async def aclose(self) -> None:
+        for runner in self.runners.values():
+            await runner.aclose()

@@ -1,0 +1,399 @@
+"""run_study: a study's experiments through one placement, into a results dir.
+
+The placement is the local GPU pool (a `Dispatcher`) or a Ray cluster (a
+`RayDispatcher`); everything else (journal, records, resume, cycles) is the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+import yaml
+
+from llem_dispatch import _labels
+from llem_dispatch.dispatch import (
+    Dispatcher,
+    Event,
+    ExperimentRetried,
+    ExperimentStarted,
+    RetryPolicy,
+    RunRecord,
+)
+from llem_dispatch.dispatch.fanout import fan_out
+from llem_dispatch.errors import ConfigError
+from llem_dispatch.gpu import GpuPool
+from llem_dispatch.reap import reap
+from llem_dispatch.runners import Runner
+from llem_dispatch.study.plan import expand_study
+from llem_dispatch.study.results import Journal, ResultsDir, StudySummary
+from llem_dispatch.study.runner_choice import (
+    StudyRunnerFactory,
+    build_pool,
+    cluster_requirements,
+    cluster_runner_spec,
+    make_runner,
+    resolve_runner,
+)
+from llem_dispatch.study.schema import Experiment, RunnerSpec, Study
+
+__all__ = ["run_study"]
+
+log = structlog.get_logger("llem_dispatch.study")
+
+
+@dataclass
+class _Placement:
+    """Where a study's attempts run, and what the results dir says about it."""
+
+    dispatcher: Dispatcher
+    runner_name: str
+    runner_source: str
+    facts: dict[str, Any]
+    #: Reap orphans before the study (`study_over=False`) and after it (`True`).
+    sweep: Callable[[bool], Any] | None = None
+
+
+async def run_study(
+    study: Study,
+    results_dir: str | Path,
+    *,
+    runner: Runner | None = None,
+    pool: GpuPool | None = None,
+    resume: bool = False,
+    on_event: Callable[[Event], None] | None = None,
+    max_concurrency: int | None = None,
+    study_dir: str | Path | None = None,
+    runner_value: str | None = None,
+    retry_policy: RetryPolicy | None = None,
+    reap_orphans: bool = True,
+    cluster: str | None = None,
+    cluster_options: Mapping[str, Any] | None = None,
+) -> StudySummary:
+    """Run every experiment of `study`, writing records and a journal to `results_dir`.
+
+    With `resume=True`, experiments that already succeeded there are skipped and
+    failed or interrupted ones run again; each experiment ends with one record file.
+    With `cluster` (or the study's `cluster:`), a Ray cluster's address, the
+    experiments run on its nodes; records and the journal are still written here only.
+    `cluster_options` go to `RayDispatcher` (e.g. `placement_timeout_s`, `runtime_env`).
+    The results dir is held exclusively for the whole run: a second run on it is
+    refused at once with `ResultsDirBusyError`.
+    """
+    started = time.monotonic()
+    if study.cycle_order == "shuffled" and study.seed is None:
+        # Record the seed (in study.yaml) so the order can be reproduced.
+        study = study.model_copy(update={"seed": random.SystemRandom().randrange(2**31)})
+    experiments = expand_study(study)
+    with ResultsDir.open(results_dir, resume=resume) as results:
+        journal_box: list[Journal] = []
+        placement = await _place(
+            study,
+            experiments,
+            results,
+            runner=runner,
+            pool=pool,
+            max_concurrency=max_concurrency,
+            study_dir=Path(study_dir) if study_dir is not None else Path.cwd(),
+            runner_value=runner_value,
+            retries=retry_policy or RetryPolicy(max_attempts=study.retries + 1),
+            cluster=cluster or study.cluster,
+            cluster_options=cluster_options,
+            on_event=_journalling(journal_box, on_event),
+        )
+        if reap_orphans and placement.sweep is not None:
+            await placement.sweep(False)
+        done = results.completed_keys() if resume else set()
+        todo = [e for e in experiments if e.key not in done]
+        _write_study(results, study, placement, len(experiments))
+        journal = results.start()
+        journal_box.append(journal)
+        journal.write(
+            "study_started",
+            sync=True,
+            name=study.name,
+            total=len(experiments),
+            todo=len(todo),
+            skipped=len(done),
+            resume=resume,
+            runner=placement.runner_name,
+            pid=os.getpid(),
+            session=_labels.SESSION_ID,
+            **({"cluster": placement.facts["cluster"]} if "cluster" in placement.facts else {}),
+        )
+        records, interrupted = await _run_all(study, todo, placement, results, reap_orphans)
+        summary = StudySummary(
+            name=study.name,
+            results_dir=str(results.path),
+            total=len(experiments),
+            succeeded=sum(r.status == "succeeded" for r in records),
+            failed=sum(r.status == "failed" for r in records),
+            errored=sum(r.status in {"error", "cancelled"} for r in records),
+            skipped=len(done),
+            interrupted=interrupted,
+            duration_s=round(time.monotonic() - started, 3),
+            runner=placement.runner_name,
+            records=records,
+        )
+        results.write_json("summary.json", summary.model_dump(mode="json"))
+        journal.write(
+            "study_finished", sync=True, **summary.model_dump(mode="json", exclude={"name"})
+        )
+        return summary
+
+
+async def _run_all(
+    study: Study,
+    todo: list[Experiment],
+    placement: _Placement,
+    results: ResultsDir,
+    reap_orphans: bool,
+) -> tuple[list[RunRecord], bool]:
+    """Every experiment through the placement, cycle by cycle; records as they finish."""
+    dispatcher, journal = placement.dispatcher, results.journal
+    in_flight: set[str] = set()
+    records: list[RunRecord] = []
+
+    async def one(exp: Experiment) -> RunRecord:
+        in_flight.add(exp.key)
+        tags = {"key": exp.key, "cycle": exp.cycle}
+        record = await dispatcher.run(exp.config, gpus=exp.gpus, tags=tags)
+        # Written the moment it ends, by the task that ran it: a cancel or crash
+        # right after loses nothing that finished.
+        _record(results, exp, record)
+        in_flight.discard(exp.key)
+        return record
+
+    groups: list[list[Experiment]] = [todo]
+    if study.cycle_gap_s > 0 and study.n_cycles > 1:
+        groups = [[e for e in todo if e.cycle == c] for c in range(1, study.n_cycles + 1)]
+    workers = 2 * dispatcher.parallelism()
+    try:
+        async with dispatcher:
+            try:
+                for index, group in enumerate(groups):
+                    if index and study.cycle_gap_s:
+                        journal.write("cycle_gap", seconds=study.cycle_gap_s)
+                        await anyio.sleep(study.cycle_gap_s)
+                    async with contextlib.aclosing(fan_out(group, one, workers=workers)) as done:
+                        async for record in done:
+                            records.append(record)
+            finally:
+                if reap_orphans and placement.sweep is not None:
+                    # Every experiment has its final record (or was cancelled and
+                    # waited for): whatever container of this study is left on a
+                    # node is abandoned, e.g. by a worker of a node that left.
+                    with anyio.move_on_after(90, shield=True):
+                        await placement.sweep(True)
+    except BaseException as exc:
+        interrupted = isinstance(exc, anyio.get_cancelled_exc_class() | KeyboardInterrupt)
+        journal.write(
+            "interrupted" if interrupted else "crashed",
+            sync=True,
+            in_flight=sorted(in_flight),
+            error=repr(exc)[:500],
+        )
+        raise
+    return records, False
+
+
+def _record(results: ResultsDir, exp: Experiment, record: RunRecord) -> None:
+    """One experiment's record file, then its journal line (fsynced)."""
+    payload = record.model_dump(mode="json")
+    payload["cycle"] = exp.cycle
+    payload["key"] = exp.key
+    results.write_record(exp.key, payload)
+    results.journal.write(
+        record.status,
+        sync=True,
+        key=exp.key,
+        config_hash=exp.config_hash,
+        cycle=exp.cycle,
+        gpu_ids=record.gpu_ids,
+        error=record.error.type if record.error else None,
+        exchange_dir=record.exchange_dir,
+        **({"node": record.node.label} if record.node else {}),
+    )
+
+
+def _journalling(
+    journal_box: list[Journal], on_event: Callable[[Event], None] | None
+) -> Callable[[Event], None]:
+    """The dispatcher's event hook: starts and retries go to the journal, all to `on_event`."""
+
+    def handle(event: Event) -> None:
+        journal = journal_box[0] if journal_box else None
+        if journal is not None and isinstance(event, ExperimentStarted):
+            where: dict[str, Any] = {"node": event.node} if event.node else {}
+            journal.write(
+                "started",
+                key=event.tags.get("key"),
+                gpu_ids=list(event.gpu_ids),
+                attempt=event.attempt,
+                container_id=event.container_id,
+                pid=event.process_id,
+                **where,
+            )
+        elif journal is not None and isinstance(event, ExperimentRetried):
+            journal.write(
+                "retried",
+                key=event.tags.get("key"),
+                attempt=event.attempt,
+                error=event.error,
+                delay_s=event.delay_s,
+            )
+        if on_event is not None:
+            on_event(event)
+
+    return handle
+
+
+def _write_study(results: ResultsDir, study: Study, placement: _Placement, total: int) -> None:
+    """study.json (the study as resolved, and where it runs) and study.yaml beside it."""
+    dump = study.model_dump(mode="json")
+    results.write_json(
+        "study.json",
+        {
+            "study": dump,
+            "runner": placement.runner_name,
+            "runner_source": placement.runner_source,
+            **placement.facts,
+            "experiments": total,
+        },
+    )
+    results.write_text("study.yaml", yaml.safe_dump(dump, sort_keys=False))
+
+
+async def _place(
+    study: Study,
+    experiments: list[Experiment],
+    results: ResultsDir,
+    *,
+    runner: Runner | None,
+    pool: GpuPool | None,
+    max_concurrency: int | None,
+    study_dir: Path,
+    runner_value: str | None,
+    retries: RetryPolicy,
+    cluster: str | None,
+    cluster_options: Mapping[str, Any] | None,
+    on_event: Callable[[Event], None],
+) -> _Placement:
+    """The dispatcher for this study: the local GPU pool, or a Ray cluster's nodes."""
+    needed = max((e.gpus for e in experiments), default=0)
+    limit = max_concurrency or study.max_concurrency
+    labels = {_labels.LABEL_RESULTS_DIR: str(results.path)}
+    if cluster:
+        if runner is not None or pool is not None:
+            raise ConfigError(
+                "a cluster study builds its runners on each node: runner= and pool= "
+                "cannot be used with cluster=",
+                fix_suggestion="Drop runner=/pool= (choose with runner_value=), or run "
+                "without a cluster.",
+            )
+        spec = cluster_runner_spec(runner_value, study)
+        return await _place_on_cluster(
+            study,
+            experiments,
+            results,
+            spec,
+            study_dir,
+            labels,
+            needed,
+            cluster,
+            dict(cluster_options or {}),
+            {"max_concurrency": limit, "retries": retries, "on_event": on_event},
+        )
+    pool = pool if pool is not None else build_pool(study)
+    pool.check_request(needed)
+    spec_used: RunnerSpec | None = None
+    if runner is None:
+        spec_used = resolve_runner(runner_value, study)
+        runner = make_runner(
+            study,
+            spec_used,
+            study_dir=study_dir,
+            labels=labels,
+            experiments=experiments,
+            virtual=pool.virtual,
+            exchange_base=results.exchange,
+        )
+    dispatcher = Dispatcher(
+        runner, pool=pool, max_concurrency=limit, retries=retries, on_event=on_event
+    )
+    name = spec_used.kind if spec_used else (dispatcher.runner_type or "custom")
+
+    async def sweep(study_over: bool) -> None:
+        if not study_over:
+            await reap(results_dir=results.path, logs_dir=results.path / "orphans")
+
+    return _Placement(
+        dispatcher,
+        name,
+        spec_used.source if spec_used else "explicit",
+        {"gpus": list(pool.devices), "virtual_gpus": pool.virtual},
+        sweep if name == "docker" else None,
+    )
+
+
+async def _place_on_cluster(
+    study: Study,
+    experiments: list[Experiment],
+    results: ResultsDir,
+    spec: RunnerSpec,
+    study_dir: Path,
+    labels: dict[str, str],
+    needed: int,
+    address: str,
+    options: dict[str, Any],
+    common: dict[str, Any],
+) -> _Placement:
+    """A RayDispatcher over the cluster at `address`, checked on every host first."""
+    from llem_dispatch.cluster import RayDispatcher, sweep_orphans
+
+    if study.gpus is not None or study.virtual_gpus is not None:
+        log.warning(
+            "study_gpus_ignored_on_cluster",
+            message="`gpus:`/`virtual_gpus:` choose GPUs of one host; on a Ray cluster, "
+            "Ray assigns each node's GPUs (set them with `ray start --num-gpus N`).",
+        )
+    # Shipped to every attempt: one experiment per backend, not the whole study.
+    per_backend = {str(e.config.get(study.image_field)): e for e in experiments}
+    factory = StudyRunnerFactory(
+        study,
+        spec,
+        study_dir.resolve(),
+        labels,
+        tuple(per_backend.values()) if study.images else (),
+        results.exchange,
+    )
+    dispatcher = RayDispatcher(
+        factory,
+        address=address,
+        cooldown_s=study.experiment_gap_s,
+        runner_type=spec.kind,
+        **common,
+        **{"cancel_timeout_s": study.stop_grace_s + 30, **options},
+    )
+    dispatcher.check_request(needed)
+    images, paths = cluster_requirements(study, spec, experiments, study_dir)
+    await dispatcher.require_ready(images=images, paths=paths, runner_kind=spec.kind, gpus=needed)
+
+    async def sweep(study_over: bool) -> None:
+        await sweep_orphans(dispatcher, results.path, study_over=study_over)
+
+    return _Placement(
+        dispatcher,
+        spec.kind,
+        spec.source,
+        {"cluster": address, "cluster_gpus": dispatcher.cluster_gpus()},
+        sweep,
+    )

@@ -1,0 +1,273 @@
+"""Runner choice: which runner (and image) a study runs on, built from its fields.
+
+explicit > LLEM_RUNNER > the study's `runner:` > auto-detection; per-backend
+images; the study's image built when missing; the GPU pool from options.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+
+from llem_dispatch._docker import build_image, docker_available, image_present
+from llem_dispatch.errors import ConfigError, DockerImagePullError
+from llem_dispatch.gpu import GpuPool
+from llem_dispatch.runners import DockerRunner, LocalRunner, RoutingRunner, Runner
+from llem_dispatch.study.schema import (
+    Experiment,
+    RunnerSpec,
+    Study,
+    check_image,
+    interpolate,
+    parse_runner_value,
+)
+
+if TYPE_CHECKING:
+    from llem_dispatch.cluster import NodeContext
+
+__all__ = [
+    "StudyRunnerFactory",
+    "build_pool",
+    "cluster_requirements",
+    "cluster_runner_spec",
+    "detect_runner",
+    "ensure_image",
+    "get_default_image",
+    "make_runner",
+    "resolve_runner",
+    "runner_choice",
+    "study_images",
+]
+
+log = structlog.get_logger("llem_dispatch.study")
+
+
+def runner_choice(
+    explicit: str | None, study: Study, *, environ: Mapping[str, str] | None = None
+) -> RunnerSpec | None:
+    """explicit > LLEM_RUNNER > study file; None when the first one set says auto (or none is)."""
+    env = os.environ if environ is None else environ
+    for value, source in (
+        (explicit, "explicit"),
+        (env.get("LLEM_RUNNER"), "env"),
+        (study.runner, "study"),
+    ):
+        if value:
+            spec = parse_runner_value(value)
+            if spec.kind != "auto":
+                return RunnerSpec(spec.kind, spec.image or study.image, source)
+            return None
+    return None
+
+
+def resolve_runner(
+    explicit: str | None,
+    study: Study,
+    *,
+    environ: Mapping[str, str] | None = None,
+    probe: Callable[[], bool] = docker_available,
+) -> RunnerSpec:
+    """explicit > LLEM_RUNNER > study file > auto-detect (docker if a daemon answers)."""
+    chosen = runner_choice(explicit, study, environ=environ)
+    return chosen if chosen is not None else detect_runner(study, probe=probe)
+
+
+def detect_runner(study: Study, *, probe: Callable[[], bool] = docker_available) -> RunnerSpec:
+    """`auto`: docker if a daemon answers here, else local (said in one warning)."""
+    if probe():
+        return RunnerSpec("docker", study.image, "auto")
+    log.warning(
+        "no_docker_daemon",
+        message="No Docker daemon reachable: falling back to the local subprocess "
+        "runner (experiments run on this host, not in containers).",
+    )
+    return RunnerSpec("local", None, "auto")
+
+
+def cluster_runner_spec(explicit: str | None, study: Study) -> RunnerSpec:
+    """On a cluster: explicit > LLEM_RUNNER > study file, else `auto`, decided on each node."""
+    return runner_choice(explicit, study) or RunnerSpec("auto", study.image, "auto")
+
+
+def cluster_requirements(
+    study: Study, spec: RunnerSpec, experiments: Iterable[Experiment], study_dir: Path
+) -> tuple[list[str], list[str]]:
+    """What a host needs to run the study: its images (docker) and its folder (local)."""
+    use_docker = spec.kind == "docker" or (spec.kind == "auto" and (study.image or study.images))
+    images = study_images(study, spec, experiments) if use_docker else []
+    paths = [str(study_dir.resolve())] if spec.kind != "docker" else []
+    return images, paths
+
+
+def get_default_image(
+    backend: str,
+    images: Mapping[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> str:
+    """The image for a backend: LLEM_IMAGE_<BACKEND> > the study's `images:` > error."""
+    env = os.environ if environ is None else environ
+    var = "LLEM_IMAGE_" + re.sub(r"\W", "_", backend).upper()
+    if env.get(var):
+        return check_image(env[var])
+    if images and backend in images:
+        return images[backend]
+    raise ConfigError(
+        f"no image configured for backend {backend!r}",
+        fix_suggestion=f"Set {var}=IMAGE or add `images: {{{backend}: IMAGE}}` to the study.",
+    )
+
+
+def study_images(study: Study, spec: RunnerSpec, experiments: Iterable[Experiment]) -> list[str]:
+    """Every image the study will run, resolved per backend when `images:` is used."""
+    if spec.image:
+        return [spec.image]
+    if study.images:
+        backends = sorted({str(e.config.get(study.image_field)) for e in experiments})
+        return [get_default_image(b, study.images) for b in backends]
+    if study.image:
+        return [study.image]
+    raise ConfigError(
+        "the study names no image and the runner is docker",
+        fix_suggestion="Add `image:` to the study, or run with --runner local.",
+    )
+
+
+def make_runner(
+    study: Study,
+    spec: RunnerSpec,
+    *,
+    study_dir: Path,
+    labels: Mapping[str, str] | None = None,
+    experiments: Iterable[Experiment] = (),
+    virtual: bool = False,
+    exchange_base: Path | None = None,
+) -> Runner:
+    """Build the runner a study asks for."""
+    if spec.kind == "local":
+        if study.command is None and study.function is None:
+            raise ConfigError(
+                "the local runner needs `command:` or `function:` in the study",
+                fix_suggestion="Add `function: module:function` to the study.",
+            )
+        cwd = study_dir / study.workdir if study.workdir else study_dir
+        return LocalRunner(
+            study.command,
+            function=study.function,
+            timeout=study.timeout_s,
+            source=spec.source,
+            env=study.env,
+            cwd=cwd,
+            silence_timeout=study.silence_timeout_s,
+            exchange_base=exchange_base,
+            stop_grace_s=study.stop_grace_s,
+        )
+
+    def docker(image: str) -> DockerRunner:
+        return DockerRunner(
+            image,
+            timeout=study.timeout_s,
+            source=spec.source,
+            command=study.command,
+            function=study.function,
+            env=study.env,
+            shm_size=study.shm_size,
+            gpu_passthrough=study.gpu_passthrough
+            if study.gpu_passthrough is not None
+            else not virtual,
+            silence_timeout=study.silence_timeout_s,
+            network=study.network,
+            user=study.user,
+            cap_add=study.cap_add,
+            mem_limit=study.mem_limit,
+            labels={**study.labels, **(labels or {})},
+            stop_grace_s=study.stop_grace_s,
+            exchange_base=exchange_base,
+        )
+
+    if spec.image is None and study.images:
+        experiments = list(experiments)
+        backends = sorted({str(e.config.get(study.image_field)) for e in experiments})
+        return RoutingRunner(
+            study.image_field, {b: docker(get_default_image(b, study.images)) for b in backends}
+        )
+    images = study_images(study, spec, experiments)
+    return docker(images[0])
+
+
+@dataclass(frozen=True)
+class StudyRunnerFactory:
+    """Builds a study's runner on a cluster node (pickled and shipped there by Ray).
+
+    A runner left on `auto` is decided per node: docker where a daemon answers.
+    Exchange dirs go in the results dir on the driver's own host, else in the
+    node's temp dir; a failure's record names the node that keeps it.
+    """
+
+    study: Study
+    spec: RunnerSpec
+    study_dir: Path
+    labels: Mapping[str, str]
+    #: One experiment per backend (all `make_runner` needs to route by `image_field`).
+    experiments: tuple[Experiment, ...]
+    exchange_base: Path
+
+    def __call__(self, node: NodeContext) -> Runner:
+        spec = detect_runner(self.study) if self.spec.kind == "auto" else self.spec
+        exchange: Path | None = None
+        if node.driver_host:
+            exchange = self.exchange_base
+            exchange.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return make_runner(
+            self.study,
+            spec,
+            study_dir=self.study_dir,
+            labels=self.labels,
+            experiments=self.experiments,
+            virtual=node.virtual,
+            exchange_base=exchange,
+        )
+
+
+def ensure_image(
+    study: Study, image: str, *, study_dir: Path, output: Callable[[str], None] = print
+) -> bool:
+    """Build `image` from the study's `build:` context if missing; True if it was built."""
+    if image_present(image):
+        return False
+    if study.build is None:
+        raise DockerImagePullError(
+            f"image {image!r} is not present on this Docker host and the study has no "
+            "`build:` context",
+            fix_suggestion=f"Build it (`docker build -t {image} DIR`), pull it "
+            f"(`docker pull {image}`), or add `build: {{context: DIR}}` to the study.",
+        )
+    build_image(
+        image,
+        context=(study_dir / study.build.context).resolve(),
+        dockerfile=study.build.dockerfile,
+        args={key: interpolate(value) for key, value in study.build.args.items()},
+        output=output,
+    )
+    return True
+
+
+def build_pool(
+    study: Study, *, gpus: list[str] | str | None = None, virtual_gpus: int | None = None
+) -> GpuPool:
+    """The GPU pool from CLI options, else the study, else detection."""
+    cooldown = study.experiment_gap_s
+    if virtual_gpus is not None:
+        return GpuPool.virtual_devices(virtual_gpus, cooldown_s=cooldown)
+    chosen = gpus if gpus is not None else study.gpus
+    if chosen == "auto" or (chosen is None and study.virtual_gpus is None):
+        return GpuPool.detect(cooldown_s=cooldown)
+    if chosen is not None:
+        return GpuPool(list(chosen), cooldown_s=cooldown)
+    assert study.virtual_gpus is not None
+    return GpuPool.virtual_devices(study.virtual_gpus, cooldown_s=cooldown)

@@ -1,0 +1,198 @@
+"""The study file's schema: what a user may write, each field documented and checked.
+
+Also the grammar of a runner value (`local | docker | docker:IMAGE | auto`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from llem_dispatch.errors import ConfigError
+
+__all__ = [
+    "BuildSpec",
+    "Experiment",
+    "RunnerSpec",
+    "Study",
+    "check_image",
+    "interpolate",
+    "parse_runner_value",
+]
+
+_IMAGE_RE = re.compile(
+    r"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+    r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*(?::[\w][\w.-]{0,127})?"
+    r"(?:@sha256:[a-f0-9]{64})?$"
+)
+_ENV_REF = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def check_image(value: str) -> str:
+    if not _IMAGE_RE.match(value):
+        raise ValueError(
+            f"{value!r} is not a valid image reference (e.g. 'name:tag' or "
+            "'registry/name@sha256:...'; lowercase name)"
+        )
+    return value
+
+
+def interpolate(value: str) -> str:
+    """`${VAR}` / `${VAR:-default}` from the environment (for build args)."""
+    return _ENV_REF.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), value)
+
+
+class BuildSpec(BaseModel):
+    """How to build the study's image when it is missing (like docker compose's `build:`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    context: str = Field(description="Build context, relative to the study file.")
+    dockerfile: str | None = None
+    args: dict[str, str] = Field(
+        default_factory=dict, description="Build args; `${VAR:-default}` reads the env."
+    )
+
+
+class Study(BaseModel):
+    """A sweep: what to run, over which parameters, on which runner and GPUs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "study"
+    runner: str | None = Field(default=None, description="local | docker | docker:IMAGE | auto")
+    cluster: str | None = Field(
+        default=None,
+        description="Run on a Ray cluster: its address (auto | HOST:6379 | ray://HOST:10001).",
+    )
+    image: str | None = None
+    images: dict[str, str] = Field(
+        default_factory=dict, description="Per-backend images, chosen by `image_field`."
+    )
+    image_field: str = "backend"
+    build: BuildSpec | None = None
+    command: list[str] | None = None
+    function: str | None = Field(default=None, description="module:function run by the helper")
+    workdir: str | None = Field(
+        default=None, description="Local runner's cwd (default: the study's folder)"
+    )
+    base: dict[str, Any] = Field(default_factory=dict)
+    configs: list[dict[str, Any]] = Field(default_factory=list)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    gpus_per_experiment: int = Field(default=0, ge=0)
+    n_cycles: int = Field(default=1, ge=1)
+    cycle_order: Literal["sequential", "interleaved", "shuffled"] = "sequential"
+    seed: int | None = None
+    experiment_gap_s: float = Field(default=0.0, ge=0)
+    cycle_gap_s: float = Field(default=0.0, ge=0)
+    timeout_s: float | None = Field(default=None, gt=0)
+    silence_timeout_s: float | None = Field(default=None, gt=0)
+    max_concurrency: int | None = Field(default=None, ge=1)
+    gpus: list[str] | Literal["auto"] | None = None
+    virtual_gpus: int | None = Field(default=None, ge=1)
+    gpu_passthrough: bool | None = None
+    retries: int = Field(default=3, ge=0)
+    stop_grace_s: float = Field(
+        default=10.0, ge=0, description="On interrupt: SIGTERM, then SIGKILL after this."
+    )
+    shm_size: str = "8g"
+    network: str | None = None
+    user: str | None = None
+    cap_add: list[str] = Field(default_factory=list)
+    mem_limit: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Extra Docker labels on every container."
+    )
+
+    @field_validator("image")
+    @classmethod
+    def _image_ok(cls, value: str | None) -> str | None:
+        return check_image(value) if value is not None else None
+
+    @field_validator("images")
+    @classmethod
+    def _images_ok(cls, value: dict[str, str]) -> dict[str, str]:
+        for image in value.values():
+            check_image(image)
+        return value
+
+    @field_validator("function")
+    @classmethod
+    def _function_ok(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^[\w.]+:[\w.]+$", value):
+            raise ValueError(f"{value!r} must look like 'package.module:function'")
+        return value
+
+    @field_validator("runner")
+    @classmethod
+    def _runner_ok(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_runner_value(value)
+        return value
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_ok(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, options in value.items():
+            if not options:
+                raise ValueError(f"grid.{key} is an empty list: give at least one value")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Study:
+        if not self.configs and not self.grid and not self.base:
+            raise ValueError("the study has no experiments: give `configs:` or `grid:`")
+        if self.command is not None and self.function is not None:
+            raise ValueError("give either `command:` or `function:`, not both")
+        if self.gpus is not None and self.virtual_gpus is not None:
+            raise ValueError("give either `gpus:` or `virtual_gpus:`, not both")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class Experiment:
+    """One run of one config in one cycle."""
+
+    config: dict[str, Any]
+    config_hash: str
+    cycle: int
+    gpus: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.config_hash}_c{self.cycle}"
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerSpec:
+    """Which runner to use, with which image, and why (recorded in every result)."""
+
+    kind: Literal["local", "docker", "auto"]
+    image: str | None = None
+    source: str = "explicit"
+
+
+def parse_runner_value(value: str) -> RunnerSpec:
+    """'local' | 'docker' | 'docker:IMAGE' | 'auto' -> RunnerSpec, or a clear error."""
+    text = value.strip()
+    if text in {"local", "docker", "auto"}:
+        return RunnerSpec(kind=text)  # type: ignore[arg-type]
+    if text.startswith("docker:"):
+        image = text.removeprefix("docker:")
+        try:
+            check_image(image)
+        except ValueError as exc:
+            raise ConfigError(
+                f"runner {value!r}: {exc}", fix_suggestion="Use docker:name:tag."
+            ) from exc
+        return RunnerSpec(kind="docker", image=image)
+    raise ConfigError(
+        f"runner value {value!r} is not one of: local, docker, docker:IMAGE, auto",
+        fix_suggestion="Set --runner / LLEM_RUNNER / the study's `runner:` to local, docker, "
+        "docker:IMAGE or auto.",
+    )
