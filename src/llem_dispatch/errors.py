@@ -26,9 +26,11 @@ they come back as `ExperimentFailure` values.
 
 from __future__ import annotations
 
+import inspect
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "ClusterError",
@@ -52,6 +54,8 @@ __all__ = [
 ]
 
 STDERR_TAIL_LINES = 20
+#: Context some error classes carry beyond LlemError's own, in their payloads too.
+_EXTRA_FIELDS = ("stderr_snippet", "container_id", "exit_code", "log_path", "node")
 
 
 class LlemError(Exception):
@@ -72,6 +76,38 @@ class LlemError(Exception):
         self.fix_suggestion = fix_suggestion or self.default_fix
         self.config_hash = config_hash
         self.exchange_dir = str(exchange_dir) if exchange_dir is not None else None
+
+    def to_payload(self) -> dict[str, Any]:
+        """The error as plain JSON data (records, the cluster's wire); see `from_payload`."""
+        payload: dict[str, Any] = {
+            "type": type(self).__name__,
+            "message": self.message,
+            "fix_suggestion": self.fix_suggestion,
+            "config_hash": self.config_hash,
+            "exchange_dir": self.exchange_dir,
+        }
+        for name in _EXTRA_FIELDS:
+            if hasattr(self, name):
+                payload[name] = getattr(self, name)
+        return payload
+
+    @staticmethod
+    def from_payload(payload: Mapping[str, Any], *, suffix: str = "") -> LlemError:
+        """Rebuild the error `to_payload` described, as its own class where it is ours.
+
+        An unknown `type` comes back as a `ClusterError` holding the type in its
+        message; `suffix` is appended to the message (e.g. where it happened).
+        """
+        cls = globals().get(str(payload.get("type")))
+        message = str(payload.get("message", ""))
+        if not (isinstance(cls, type) and issubclass(cls, LlemError)):
+            cls, message = ClusterError, f"{payload.get('type')}: {message}"
+        kwargs = {
+            name: payload.get(name)
+            for name in ("fix_suggestion", "config_hash", "exchange_dir", *_EXTRA_FIELDS)
+            if name in inspect.signature(cls.__init__).parameters
+        }
+        return cls(message + suffix, **kwargs)
 
     def __str__(self) -> str:
         parts = [self.message, f"Fix: {self.fix_suggestion}"]

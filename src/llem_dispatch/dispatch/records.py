@@ -40,12 +40,13 @@ class ErrorInfo(BaseModel):
     @classmethod
     def from_exception(cls, exc: BaseException) -> ErrorInfo:
         if isinstance(exc, LlemError):
+            payload = exc.to_payload()
             return cls(
-                type=type(exc).__name__,
-                message=exc.message,
-                fix_suggestion=exc.fix_suggestion,
-                stderr_snippet=getattr(exc, "stderr_snippet", None) or None,
-                exit_code=getattr(exc, "exit_code", None),
+                type=payload["type"],
+                message=payload["message"],
+                fix_suggestion=payload["fix_suggestion"],
+                stderr_snippet=payload.get("stderr_snippet") or None,
+                exit_code=payload.get("exit_code"),
             )
         return cls(type=type(exc).__name__, message=str(exc) or repr(exc))
 
