@@ -29,6 +29,7 @@ _IMAGE_RE = re.compile(
     r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*(?::[\w][\w.-]{0,127})?"
     r"(?:@sha256:[a-f0-9]{64})?$"
 )
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _ENV_REF = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
 
@@ -63,7 +64,11 @@ class Study(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = "study"
+    name: str = Field(
+        default="study",
+        description="Names the results dir (./llem-results/<name>): letters, digits, '.', "
+        "'_' and '-', starting with a letter or digit.",
+    )
     runner: str | None = Field(default=None, description="local | docker | docker:IMAGE | auto")
     cluster: str | None = Field(
         default=None,
@@ -119,6 +124,17 @@ class Study(BaseModel):
     def _images_ok(cls, value: dict[str, str]) -> dict[str, str]:
         for image in value.values():
             check_image(image)
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, value: str) -> str:
+        # The name becomes a directory: never a path, never '.', '..' or empty.
+        if not _NAME_RE.match(value):
+            raise ValueError(
+                f"{value!r} is not a safe directory name: use 1-100 letters, digits, '.', "
+                "'_' or '-', starting with a letter or digit (e.g. 'llama-sweep-1')"
+            )
         return value
 
     @field_validator("function")
