@@ -5,6 +5,7 @@ Also the grammar of a runner value (`local | docker | docker:IMAGE | auto`).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -110,6 +111,12 @@ class Study(BaseModel):
     cap_add: list[str] = Field(default_factory=list)
     mem_limit: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
+    max_experiments: int = Field(
+        default=1_000_000,
+        ge=1,
+        description="Refuse a study that expands to more experiments than this (a grid "
+        "typo can mean billions); raise it if you mean it.",
+    )
     labels: dict[str, str] = Field(
         default_factory=dict, description="Extra Docker labels on every container."
     )
@@ -159,6 +166,13 @@ class Study(BaseModel):
                 raise ValueError(f"grid.{key} is an empty list: give at least one value")
         return value
 
+    def planned_experiments(self) -> int:
+        """How many (config, cycle) runs the study asks for, counted without expanding it."""
+        configs = len(self.configs) + (
+            math.prod(len(v) for v in self.grid.values()) if self.grid else 0
+        )
+        return max(configs, 1 if self.base else 0) * self.n_cycles
+
     @model_validator(mode="after")
     def _consistent(self) -> Study:
         if not self.configs and not self.grid and not self.base:
@@ -167,6 +181,14 @@ class Study(BaseModel):
             raise ValueError("give either `command:` or `function:`, not both")
         if self.gpus is not None and self.virtual_gpus is not None:
             raise ValueError("give either `gpus:` or `virtual_gpus:`, not both")
+        planned = self.planned_experiments()
+        if planned > self.max_experiments:
+            sizes = " x ".join(str(len(v)) for v in self.grid.values()) or "0"
+            raise ValueError(
+                f"the study expands to {planned:,} experiments (grid {sizes}, "
+                f"{len(self.configs)} configs, {self.n_cycles} cycle(s)), over max_experiments="
+                f"{self.max_experiments:,}: shrink the grid, or raise max_experiments"
+            )
         return self
 
 
