@@ -248,3 +248,19 @@ def atomic_write(target: Path, data: bytes, *, mode: int) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_secrets(root: Path) -> list[Path]:
+    """Delete secrets files left in the exchange dirs under `root` (a crash kept them).
+
+    Call only when no run of `root` is alive (its results dir lock is held).
+    Returns what was removed; links are removed, never followed.
+    """
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    for path in root.glob(f"*/{SECRETS_FILENAME}"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed

@@ -7,6 +7,7 @@ naming their owner (host, pid + start time, session), so the next run or
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import structlog
 
 from llem_dispatch import _labels
 from llem_dispatch._docker import docker_url, translate_api_error
+from llem_dispatch._exchange import SECRETS_FILENAME
 
 __all__ = ["ReapedContainer", "reap"]
 
@@ -70,7 +72,12 @@ async def reap(
         except Exception as exc:
             raise translate_api_error(exc, image="-", phase="list") from exc
         for container in containers:
-            info = await container.show()
+            try:
+                info = await container.show()
+            except aiodocker.DockerError as exc:
+                # Listed, then gone or broken: skip it, never stop the whole reap.
+                log.warning("reap_inspect_failed", container_id=container.id[:12], error=str(exc))
+                continue
             labels: dict[str, str] = info["Config"].get("Labels") or {}
             alive = _labels.owner_alive(labels)
             if alive is None or (alive and not study_over):
@@ -85,6 +92,8 @@ async def reap(
                             "reap_remove_failed", container_id=container.id[:12], error=str(exc)
                         )
                         continue
+            if not dry_run:
+                _remove_secrets(labels.get(_labels.LABEL_EXCHANGE_DIR))
             reaped = ReapedContainer(
                 container_id=container.id,
                 name=str(info.get("Name", "")).lstrip("/"),
@@ -136,3 +145,12 @@ async def _save_logs(
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write("".join(lines))
     return str(target)
+
+
+def _remove_secrets(exchange: str | None) -> None:
+    """A reaped container's secrets file: no live container owns it any more."""
+    if exchange:
+        path = Path(exchange) / SECRETS_FILENAME
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            log.warning("stale_secrets_removed", path=str(path))

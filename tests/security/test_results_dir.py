@@ -82,7 +82,9 @@ async def test_second_run_on_a_held_results_dir_is_refused_at_once(tmp_path: Pat
         assert f"pid {os.getpid()}" in info.value.message
         assert second.calls == []
         release.set()
-    events = [json.loads(line)["event"] for line in (out / "journal.jsonl").read_text().splitlines()]
+    events = [
+        json.loads(line)["event"] for line in (out / "journal.jsonl").read_text().splitlines()
+    ]
     assert events.count("succeeded") == 6, "each experiment ran exactly once"
     assert sorted(calls) == list(range(6))
 

@@ -20,6 +20,7 @@ import structlog
 import yaml
 
 from llem_dispatch import _labels
+from llem_dispatch._exchange import remove_stale_secrets
 from llem_dispatch.dispatch import (
     Dispatcher,
     Event,
@@ -111,6 +112,9 @@ async def run_study(
         )
         if reap_orphans and placement.sweep is not None:
             await placement.sweep(False)
+        for path in remove_stale_secrets(results.exchange):
+            # A killed run's kept exchange dirs: plaintext secrets must not stay there.
+            log.warning("stale_secrets_removed", path=str(path))
         done = results.completed_keys() if resume else set()
         todo = [e for e in experiments if e.key not in done]
         _write_study(results, study, placement, len(experiments))

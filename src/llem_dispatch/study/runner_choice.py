@@ -42,6 +42,7 @@ __all__ = [
     "make_runner",
     "resolve_runner",
     "runner_choice",
+    "sandbox_widenings",
     "study_images",
 ]
 
@@ -138,6 +139,32 @@ def study_images(study: Study, spec: RunnerSpec, experiments: Iterable[Experimen
     )
 
 
+#: Environment variables that change what code a process loads.
+_LOADER_ENV = ("LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "PYTHONSTARTUP")
+
+
+def sandbox_widenings(study: Study) -> list[str]:
+    """What in the study widens the container sandbox (capabilities, network, root, loaders)."""
+    found = [f"cap_add: {cap} (a capability back in the container)" for cap in study.cap_add]
+    if study.network == "host":
+        found.append("network: host (the container shares the host's network stack)")
+    if study.user is not None and study.user.split(":")[0] in {"0", "root"}:
+        found.append(f"user: {study.user!r} (root in the container, explicitly)")
+    found += [f"env: {name} (changes what code loads)" for name in _LOADER_ENV if name in study.env]
+    return found
+
+
+def warn_sandbox_widenings(study: Study) -> None:
+    """One warning for each widening of the sandbox, so none goes unnoticed."""
+    for widening in sandbox_widenings(study):
+        log.warning(
+            "sandbox_widened",
+            study=study.name,
+            widening=widening,
+            message="The study widens the container sandbox; keep it only if you mean it.",
+        )
+
+
 def make_runner(
     study: Study,
     spec: RunnerSpec,
@@ -149,6 +176,8 @@ def make_runner(
     exchange_base: Path | None = None,
 ) -> Runner:
     """Build the runner a study asks for."""
+    if spec.kind != "local":
+        warn_sandbox_widenings(study)
     if spec.kind == "local":
         if study.command is None and study.function is None:
             raise ConfigError(
