@@ -1,7 +1,9 @@
-"""structlog set-up and secret redaction for every log line we emit.
+"""structlog set-up for the CLI, and secret redaction.
 
-Secrets registered here are replaced by `***` in every event, whatever the
-renderer, so a token can never reach a log file or the console.
+The library itself never configures structlog (it only gets loggers): the
+application that imports it keeps its own set-up. The CLI's configuration
+runs `redact_secrets` on every event; an application can add that processor
+to its own chain. Container output is redacted before it is written anywhere.
 """
 
 from __future__ import annotations
@@ -75,16 +77,3 @@ def configure_logging(*, json_logs: bool = False, level: int = logging.INFO) -> 
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
-
-
-# Library default: keep structlog's defaults but always redact.
-structlog.configure(
-    processors=[
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S", utc=False),
-        redact_secrets,
-        structlog.dev.ConsoleRenderer(colors=False),
-    ],
-    logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-)
