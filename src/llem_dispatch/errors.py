@@ -211,7 +211,8 @@ class DockerError(LlemError):
         )
         if stderr_snippet is None and stderr is not None:
             stderr_snippet = capture_stderr_snippet(stderr)
-        self.stderr_snippet = stderr_snippet or ""
+        #: None when no stderr was given (llenergymeasure's contract), else its tail.
+        self.stderr_snippet: str | None = stderr_snippet or None
         self.container_id = container_id
         self.exit_code = exit_code
         self.log_path = str(log_path) if log_path is not None else None
@@ -316,7 +317,11 @@ _STDERR_PATTERNS: tuple[tuple[re.Pattern[str], type[DockerError]], ...] = (
         DockerGPUAccessError,
     ),
     (
-        re.compile(r"permission denied.*docker\.sock|docker\.sock.*permission denied", re.I),
+        re.compile(
+            r"permission denied.*docker\.sock|docker\.sock.*permission denied|"
+            r"permission denied while trying to connect to the docker (daemon|api)",
+            re.I,
+        ),
         DockerPermissionError,
     ),
     (
@@ -330,7 +335,8 @@ _STDERR_PATTERNS: tuple[tuple[re.Pattern[str], type[DockerError]], ...] = (
     (
         re.compile(
             r"unable to find image|no such image|pull access denied|manifest unknown|"
-            r"repository does not exist|manifest for .* not found",
+            r"repository does not exist|manifest for .* not found|failed to resolve reference|"
+            r"(image|reference|repository|manifest|tag)\b[^\n]*\bnot found",
             re.I,
         ),
         DockerImagePullError,
@@ -342,16 +348,22 @@ _STDERR_PATTERNS: tuple[tuple[re.Pattern[str], type[DockerError]], ...] = (
 )
 
 
-def translate_docker_error(returncode: int, stderr: str, image: str) -> DockerError:
+#: timeout(1)'s exit code, and the signals `subprocess.run(timeout=...)` kills with
+#: (a negative return code is the signal number).
+_TIMEOUT_CODES = frozenset({124, -9, -15})
+
+
+def translate_docker_error(returncode: int, stderr: str | None, image: str) -> DockerError:
     """Classify a failed `docker` CLI call from its exit code and stderr.
 
     For callers that only have a return code and stderr text (subprocess users);
     the API-based runners classify from structured facts instead.
     """
-    snippet = capture_stderr_snippet(stderr)
+    stderr = stderr or ""
+    snippet = capture_stderr_snippet(stderr) or None
     matched = [cls for pattern, cls in _STDERR_PATTERNS if pattern.search(stderr)]
     cls = matched[0] if matched else (DockerOOMError if returncode == 137 else DockerContainerError)
-    if returncode == 124 and cls is DockerContainerError:
+    if returncode in _TIMEOUT_CODES and cls is DockerContainerError:
         cls = DockerTimeoutError
     fix = cls.default_fix.replace("IMAGE", image) if cls is DockerImagePullError else None
     return cls(
