@@ -18,6 +18,7 @@ a one-line fix suggestion and the context a user needs to act on it::
         │   └── DockerHangError           no output for longer than the silence limit
         ├── DockerPermissionError         socket permission denied
         │   └── DockerUnavailableError    daemon not running / unreachable
+        │       └── DockerDaemonHungError daemon answers, but one API call never returns
         └── DockerContainerError          any other non-zero exit, or no result file
 
 Experiments that report their own failure (an error payload) are not errors:
@@ -37,6 +38,7 @@ __all__ = [
     "ClusterNodeLostError",
     "ConfigError",
     "DockerContainerError",
+    "DockerDaemonHungError",
     "DockerError",
     "DockerGPUAccessError",
     "DockerHangError",
@@ -286,6 +288,18 @@ class DockerUnavailableError(DockerPermissionError):
     default_fix = (
         "Start the Docker daemon (`sudo systemctl start docker` or `dockerd &`) and "
         "check DOCKER_HOST; or use the local runner (--runner local)."
+    )
+
+
+class DockerDaemonHungError(DockerUnavailableError):
+    """A Docker API call passed its deadline: the daemon is stuck (transient, retried)."""
+
+    transient = True
+
+    default_fix = (
+        "The Docker daemon is stuck; restart it (`sudo systemctl restart docker`), then "
+        "continue with --resume. Docker Engine 20.10.x before the libnetwork fix "
+        "(moby/moby#46661) is known to deadlock under container churn: upgrade it."
     )
 
 
