@@ -220,3 +220,51 @@ async def test_shuffled_without_seed_records_the_seed_used(tmp_path: Path) -> No
         json.loads(line) for line in (tmp_path / "o" / "journal.jsonl").read_text().splitlines()
     ]
     assert [e["key"] for e in started if e["event"] == "started"] == order
+
+
+def test_gpus_field_gives_each_experiment_its_own_count(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "gpus_field: tp\ngpus_per_experiment: 1\n"
+        "configs:\n  - {model: 8b, tp: 1}\n  - {model: 70b, tp: 4}\n  - {model: 3b}\n"
+    )
+    experiments = expand_study(load_study(path))
+    assert {e.config["model"]: e.gpus for e in experiments} == {"8b": 1, "70b": 4, "3b": 1}
+
+
+@pytest.mark.parametrize(
+    ("body", "where"),
+    [
+        ("grid: {tp: [1, two]}", r":2: grid: grid\.tp\[1\] is 'two'"),
+        ("grid: {m: [a]}\nconfigs:\n  - {tp: -1}", r":3: configs: configs\[0\]\.tp is -1"),
+        ("base: {tp: 1.5}", r":2: base: base\.tp is 1\.5"),
+        ("base: {tp: true}", r"base\.tp is True"),
+    ],
+)
+def test_bad_gpus_field_values_are_study_errors_with_their_line(
+    tmp_path: Path, body: str, where: str
+) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("gpus_field: tp\n" + body + "\n")
+    with pytest.raises(ConfigError, match=where):
+        load_study(path)
+
+
+async def test_mixed_gpu_counts_run_with_their_own_counts(tmp_path: Path) -> None:
+    study = Study.model_validate(
+        {"gpus_field": "tp", "configs": [{"m": "a", "tp": 1}, {"m": "b", "tp": 2}]}
+    )
+    runner = FakeRunner()
+    summary = await run_study(study, tmp_path / "o", runner=runner, pool=GpuPool.virtual_devices(2))
+    assert summary.succeeded == 2
+    assert {r.config["m"]: len(r.gpu_ids) for r in summary.records} == {"a": 1, "b": 2}
+
+
+def test_gpus_field_over_the_pool_fails_before_running(tmp_path: Path) -> None:
+    study = Study.model_validate({"gpus_field": "tp", "configs": [{"tp": 1}, {"tp": 8}]})
+    runner = FakeRunner()
+    with pytest.raises(GpuRequestError):
+        anyio.run(
+            lambda: run_study(study, tmp_path / "o", runner=runner, pool=GpuPool.virtual_devices(4))
+        )
+    assert runner.calls == []

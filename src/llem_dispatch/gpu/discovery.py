@@ -6,6 +6,7 @@ Owns every call into NVML; the pool asks here and never imports pynvml itself.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -13,6 +14,7 @@ import structlog
 __all__ = [
     "match_visible",
     "nvml_inventory",
+    "nvml_processes",
     "nvml_used_memory_mb",
     "parse_visible_devices",
 ]
@@ -35,6 +37,35 @@ def nvml_used_memory_mb(device_id: str) -> float | None:
     except Exception as exc:  # noqa: BLE001 - unknown memory is not a reason to stop
         log.debug("gpu_memory_unknown", device=device_id, error=repr(exc))
         return None
+
+
+def nvml_processes(device_id: str) -> list[str]:
+    """'pid 1234 (python3, 812 MiB)' for each compute process on a device, per NVML."""
+    pynvml = _pynvml()
+    if pynvml is None:
+        return []
+    try:
+        _nvml_init()
+        if device_id.isdigit():
+            handle = pynvml.nvmlDeviceGetHandleByIndex(int(device_id))
+        else:
+            handle = pynvml.nvmlDeviceGetHandleByUUID(device_id)
+        found = []
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            used = getattr(proc, "usedGpuMemory", None)
+            size = f", {int(used) // 2**20} MiB" if isinstance(used, int) else ""
+            found.append(f"pid {proc.pid} ({_process_name(proc.pid)}{size})")
+        return found
+    except Exception as exc:  # noqa: BLE001 - who holds it is a hint, never a failure
+        log.debug("gpu_processes_unknown", device=device_id, error=repr(exc))
+        return []
+
+
+def _process_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "not visible here"
 
 
 def _pynvml() -> Any | None:

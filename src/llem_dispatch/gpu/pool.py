@@ -23,6 +23,7 @@ from llem_dispatch.errors import ConfigError, GpuRequestError
 from llem_dispatch.gpu.discovery import (
     match_visible,
     nvml_inventory,
+    nvml_processes,
     nvml_used_memory_mb,
     parse_visible_devices,
 )
@@ -468,5 +469,6 @@ class GpuPool:
                 used_mb=round(used, 1),
                 threshold_mb=self.residual_memory_mb,
                 action=f"waiting, re-checked every {self.memory_poll_s} s",
+                held_by=nvml_processes(device_id) or "unknown (no NVML process list)",
             )
         return False

@@ -294,9 +294,11 @@ def build_pool(
     if virtual_gpus is not None:
         return GpuPool.virtual_devices(virtual_gpus, cooldown_s=cooldown)
     chosen = gpus if gpus is not None else study.gpus
+    # Real GPUs: a device still holding memory is waited out before it is handed on.
+    residual = study.residual_memory_mb
     if chosen == "auto" or (chosen is None and study.virtual_gpus is None):
-        return GpuPool.detect(cooldown_s=cooldown)
+        return GpuPool.detect(cooldown_s=cooldown, residual_memory_mb=residual)
     if chosen is not None:
-        return GpuPool(list(chosen), cooldown_s=cooldown)
+        return GpuPool(list(chosen), cooldown_s=cooldown, residual_memory_mb=residual)
     assert study.virtual_gpus is not None
     return GpuPool.virtual_devices(study.virtual_gpus, cooldown_s=cooldown)

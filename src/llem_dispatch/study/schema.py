@@ -11,7 +11,14 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from llem_dispatch.errors import ConfigError
 
@@ -32,6 +39,14 @@ _IMAGE_RE = re.compile(
 )
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _ENV_REF = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def _check_gpu_count(value: Any, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"{where} is {value!r}: the number of GPUs must be a whole number >= 0 "
+            "(it is read through `gpus_field`)"
+        )
 
 
 def check_image(value: str) -> str:
@@ -80,6 +95,11 @@ class Study(BaseModel):
         default_factory=dict, description="Per-backend images, chosen by `image_field`."
     )
     image_field: str = "backend"
+    gpus_field: str | None = Field(
+        default=None,
+        description="A config field that says how many GPUs each experiment gets (an 8B "
+        "model on 1, a 70B on 4); configs without it get `gpus_per_experiment`.",
+    )
     build: BuildSpec | None = None
     command: list[str] | None = None
     function: str | None = Field(default=None, description="module:function run by the helper")
@@ -90,6 +110,13 @@ class Study(BaseModel):
     configs: list[dict[str, Any]] = Field(default_factory=list)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     gpus_per_experiment: int = Field(default=0, ge=0)
+    residual_memory_mb: float | None = Field(
+        default=512,
+        ge=0,
+        description="Hold back a real GPU while more than this much of its memory is in use "
+        "(a previous run's leftovers spoil the next measurement); null turns it off. "
+        "Ignored on virtual GPUs.",
+    )
     n_cycles: int = Field(default=1, ge=1)
     cycle_order: Literal["sequential", "interleaved", "shuffled"] = "sequential"
     seed: int | None = None
@@ -160,10 +187,24 @@ class Study(BaseModel):
 
     @field_validator("grid")
     @classmethod
-    def _grid_ok(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    def _grid_ok(cls, value: dict[str, list[Any]], info: ValidationInfo) -> dict[str, list[Any]]:
         for key, options in value.items():
             if not options:
                 raise ValueError(f"grid.{key} is an empty list: give at least one value")
+        field = info.data.get("gpus_field")
+        for index, gpus in enumerate(value.get(field, []) if field else []):
+            _check_gpu_count(gpus, f"grid.{field}[{index}]")
+        return value
+
+    @field_validator("configs", "base")
+    @classmethod
+    def _config_gpus_ok(cls, value: Any, info: ValidationInfo) -> Any:
+        field = info.data.get("gpus_field")
+        items = value if isinstance(value, list) else [value]
+        for index, config in enumerate(items if field else []):
+            if field in config:
+                where = f"{info.field_name}[{index}]" if isinstance(value, list) else "base"
+                _check_gpu_count(config[field], f"{where}.{field}")
         return value
 
     def planned_experiments(self) -> int:
