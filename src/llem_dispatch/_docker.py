@@ -1,4 +1,4 @@
-"""The Docker edge: where the daemon is, whether it answers, images, API error mapping.
+"""The Docker edge: where the daemon is, whether it answers, what it runs, images, API errors.
 
 Every other module asks here; aiodocker's and aiohttp's errors become
 llem-dispatch's own classes here, once.
@@ -6,23 +6,27 @@ llem-dispatch's own classes here, once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiodocker
 import aiohttp
 import anyio
 
+from llem_dispatch._labels import LABEL_PROBE, base_labels
 from llem_dispatch.errors import (
+    DockerContainerError,
     DockerError,
     DockerGPUAccessError,
     DockerImagePullError,
     DockerPermissionError,
+    DockerTimeoutError,
     DockerUnavailableError,
     LlemError,
 )
@@ -32,13 +36,24 @@ __all__ = [
     "build_image",
     "docker_available",
     "docker_url",
+    "engine_version",
     "image_present",
     "inspect_image",
     "missing_images",
+    "run_probe",
+    "runtimes",
     "translate_api_error",
 ]
 
 DEFAULT_DOCKER_URL = "unix:///var/run/docker.sock"
+#: Bound on one question to the daemon (version, info): a wedged daemon must not hang us.
+QUERY_TIMEOUT_S = 15.0
+#: Bound on a whole probe run: create, start, wait for `true`, read its stderr.
+PROBE_TIMEOUT_S = 60.0
+#: Bound on removing a container and on closing a client, even when cancelled.
+_CLEANUP_TIMEOUT_S = 10.0
+
+_T = TypeVar("_T")
 
 
 def docker_url() -> str:
@@ -82,22 +97,117 @@ async def inspect_image(docker: aiodocker.Docker, image: str) -> dict[str, Any] 
     return info
 
 
+@contextlib.asynccontextmanager
+async def _client(url: str | None) -> AsyncIterator[aiodocker.Docker]:
+    """An Engine API client for one errand, closed on the way out (bounded, shielded)."""
+    docker = aiodocker.Docker(url=url or docker_url())
+    try:
+        yield docker
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_TIMEOUT_S):
+            await docker.close()
+
+
+async def _query(
+    ask: Callable[[aiodocker.Docker], Awaitable[_T]], *, phase: str, url: str | None
+) -> _T:
+    """One question to the daemon, bounded by QUERY_TIMEOUT_S, its errors translated."""
+    async with _client(url) as docker:
+        try:
+            with anyio.fail_after(QUERY_TIMEOUT_S):
+                return await ask(docker)
+        except TimeoutError as exc:
+            raise DockerUnavailableError(
+                f"the Docker daemon at {url or docker_url()} did not answer {phase} "
+                f"within {QUERY_TIMEOUT_S:g}s"
+            ) from exc
+        except Exception as exc:
+            raise translate_api_error(exc, image="-", phase=phase) from exc
+
+
+async def engine_version(*, url: str | None = None) -> tuple[str, str]:
+    """The daemon's server version and Engine API version, e.g. ("24.0.7", "1.43")."""
+    info = await _query(lambda docker: docker.version(), phase="version", url=url)
+    return str(info.get("Version", "")), str(info.get("ApiVersion", ""))
+
+
+async def runtimes(*, url: str | None = None) -> list[str]:
+    """Names of the daemon's registered OCI runtimes (`nvidia` once the toolkit is set up)."""
+    info = await _query(lambda docker: docker.system.info(), phase="info", url=url)
+    return sorted(info.get("Runtimes") or {})
+
+
 async def missing_images(images: Iterable[str], *, url: str | None = None) -> list[str]:
     """Those of `images` that are not on the daemon (in the order given)."""
     missing = []
-    docker = aiodocker.Docker(url=url or docker_url())
-    try:
+    async with _client(url) as docker:
         for image in images:
             if await inspect_image(docker, image) is None:
                 missing.append(image)
-    finally:
-        await docker.close()
     return missing
 
 
 def image_present(image: str) -> bool:
     """Whether `image` is on the daemon (for callers outside an event loop)."""
     return not anyio.run(missing_images, [image])
+
+
+async def run_probe(image: str, *, url: str | None = None) -> None:
+    """Run `true` in a throwaway container of `image`: create, start, wait, remove.
+
+    The container has no network and carries llem.managed=1 with its owner's
+    labels (so `reap` removes one a killed process left) and llem.probe=1.
+    Raises `DockerTimeoutError` when it has not exited within PROBE_TIMEOUT_S,
+    `DockerContainerError` (with its stderr tail) when it exits non-zero, and the
+    translated API error when the daemon refuses a step.
+    """
+    body: dict[str, Any] = {
+        "Image": image,
+        "Cmd": ["true"],
+        "Labels": {**base_labels(), LABEL_PROBE: "1"},
+        "HostConfig": {"NetworkMode": "none"},
+    }
+    phase = "create"
+    async with _client(url) as docker:
+        container: aiodocker.containers.DockerContainer | None = None
+        try:
+            with anyio.fail_after(PROBE_TIMEOUT_S):
+                container = await docker.containers.create(body)
+                phase = "start"
+                await container.start()
+                phase = "wait"
+                exit_code = int((await container.wait()).get("StatusCode", -1))
+                if exit_code != 0:
+                    phase = "logs"
+                    stderr = await container.log(stdout=False, stderr=True)
+                    raise DockerContainerError(
+                        f"the probe container of {image} exited with {exit_code}",
+                        stderr="".join(stderr),
+                        container_id=container.id,
+                        exit_code=exit_code,
+                    )
+        except TimeoutError as exc:
+            raise DockerTimeoutError(
+                f"the probe container of {image} did not finish within {PROBE_TIMEOUT_S:g}s "
+                f"(stuck at {phase})",
+                fix_suggestion="Check `docker info` and the daemon's log; the daemon is slow "
+                "or stuck creating containers.",
+            ) from exc
+        except Exception as exc:
+            raise translate_api_error(exc, image=image, phase=phase) from exc
+        finally:
+            if container is not None:
+                await _remove_quietly(container)
+
+
+async def _remove_quietly(container: aiodocker.containers.DockerContainer) -> None:
+    """Force-remove a container we created; bounded and shielded, a failure only logged away."""
+    with (
+        anyio.CancelScope(shield=True),
+        anyio.move_on_after(_CLEANUP_TIMEOUT_S),
+        contextlib.suppress(aiodocker.DockerError, aiohttp.ClientError, OSError),
+    ):
+        await container.delete(force=True)
 
 
 def build_image(

@@ -20,6 +20,7 @@ __all__ = [
     "LABEL_MANAGED",
     "LABEL_PID",
     "LABEL_PID_START",
+    "LABEL_PROBE",
     "LABEL_SESSION",
     "SESSION_ID",
     "base_labels",
@@ -35,6 +36,8 @@ LABEL_PID = "llem.pid"
 LABEL_PID_START = "llem.pid_start"
 LABEL_EXCHANGE_DIR = "llem.exchange_dir"
 LABEL_RESULTS_DIR = "llem.results_dir"
+#: On `doctor`'s throwaway probe containers, so they are told apart from experiments.
+LABEL_PROBE = "llem.probe"
 
 SESSION_ID = uuid.uuid4().hex[:12]
 HOSTNAME = socket.gethostname()

@@ -134,7 +134,7 @@ class DockerFaultProxy:
             return
         request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
         self.requests.append(request_line)
-        method, path = (request_line.split(" ") + ["", ""])[:2]
+        method, path = [*request_line.split(" "), "", ""][:2]
         for rule in list(self._rules):
             if rule.method == method and rule.path.search(path):
                 rule.held += 1

@@ -12,8 +12,12 @@ import sys
 import time
 from pathlib import Path
 
+import anyio
 import pytest
 
+from llem_dispatch._docker import engine_version, run_probe, runtimes
+from llem_dispatch._labels import LABEL_SESSION, SESSION_ID
+from llem_dispatch.errors import DockerImagePullError
 from tests.conftest import BUSYBOX_IMAGE, labelled_containers
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leaked_containers")]
@@ -238,6 +242,22 @@ def test_doctor_reports_daemon_and_study_image(tmp_path: Path, test_labels: dict
     proc = cli("doctor", str(study))
     assert proc.returncode == 1
     assert "FAIL image llem-test/absent:0: missing" in proc.stdout
+
+
+def test_doctor_probe_runs_through_the_docker_edge_and_leaves_nothing() -> None:
+    """What doctor asks the daemon: version, runtimes, a probe run removed after itself."""
+
+    async def ask() -> None:
+        server, api = await engine_version()
+        assert server
+        assert api.count(".") == 1
+        assert "runc" in await runtimes()
+        await run_probe(BUSYBOX_IMAGE)
+        with pytest.raises(DockerImagePullError):
+            await run_probe("llem-test/absent:0")
+
+    anyio.run(ask)
+    assert labelled_containers(f"{LABEL_SESSION}={SESSION_ID}") == []
 
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,7 +9,13 @@ from typing import Annotated
 import anyio
 import typer
 
-from llem_dispatch._docker import docker_available
+from llem_dispatch._docker import (
+    docker_available,
+    engine_version,
+    missing_images,
+    run_probe,
+    runtimes,
+)
 from llem_dispatch.cli.app import (
     EXIT_FAILED,
     EXIT_OK,
@@ -17,6 +23,7 @@ from llem_dispatch.cli.app import (
     fail_usage,
     make_console,
 )
+from llem_dispatch.cluster import check_cluster
 from llem_dispatch.errors import LlemError
 from llem_dispatch.gpu import GpuPool
 from llem_dispatch.study import (
@@ -34,6 +41,8 @@ __all__ = ["Check", "doctor"]
 
 @dataclass
 class Check:
+    """One line of doctor's report: PASS when ok, else WARN (optional) or FAIL."""
+
     name: str
     ok: bool
     detail: str
@@ -44,8 +53,6 @@ class Check:
 
 def _cluster_checks(address: str, study_file: Path | None) -> list[Check]:
     """Per host of the cluster: Docker, and the study's images (or folder, run locally)."""
-    from llem_dispatch.cluster import check_cluster
-
     images: list[str] = []
     folder: list[str] = []
     spec: RunnerSpec | None = None
@@ -92,114 +99,99 @@ def _cluster_checks(address: str, study_file: Path | None) -> list[Check]:
     return checks
 
 
-def _doctor_checks(study_file: Path | None) -> list[Check]:
-    import subprocess
+_START_DOCKER = "Start dockerd (`sudo systemctl start docker`) or use --runner local."
 
-    checks: list[Check] = []
+
+def _doctor_checks(study_file: Path | None) -> list[Check]:
+    """This host's checks, in the order printed: daemon, NVIDIA runtime, GPUs, study images."""
     up = docker_available()
-    version = ""
-    if up:
-        proc = subprocess.run(
-            ["docker", "version", "--format", "{{.Server.Version}} (API {{.Server.APIVersion}})"],
-            capture_output=True,
-            text=True,
-            timeout=15,
-            check=False,
-        )
-        version = proc.stdout.strip() or "answers /_ping"
-    checks.append(
-        Check(
-            "Docker daemon",
-            up,
-            version or "not reachable",
-            "" if up else "Start dockerd (`sudo systemctl start docker`) or use --runner local.",
-        )
+    checks = (
+        anyio.run(_daemon_checks)
+        if up
+        else [Check("Docker daemon", False, "not reachable", _START_DOCKER)]
     )
-    if up:
-        proc = subprocess.run(
-            ["docker", "info", "--format", "{{json .Runtimes}}"],
-            capture_output=True,
-            text=True,
-            timeout=15,
-            check=False,
-        )
-        has_nvidia = "nvidia" in proc.stdout
-        checks.append(
-            Check(
-                "NVIDIA container runtime",
-                has_nvidia,
-                "registered" if has_nvidia else "not registered",
-                ""
-                if has_nvidia
-                else "Install the NVIDIA Container Toolkit for GPU "
-                "passthrough; without it use --virtual-gpus.",
-                optional=True,
-            )
-        )
-    pool = GpuPool.detect()
-    gpu_detail = ", ".join(f"{i}={pool.uuids.get(i, '?')}" for i in pool.devices) or "none"
-    checks.append(
-        Check(
-            "GPUs (NVML)",
-            bool(pool.devices),
-            gpu_detail,
-            ""
-            if pool.devices
-            else "No GPUs found: use --virtual-gpus N to schedule on virtual ids.",
-            optional=True,
-        )
-    )
+    checks.append(_gpu_check())
     if study_file is not None and up:
         study = load_study(study_file)
-        spec = resolve_runner("docker", study)
-        for image in study_images(study, spec, expand_study(study)):
-            inspected = subprocess.run(
-                ["docker", "image", "inspect", image], capture_output=True, timeout=15, check=False
-            )
-            present = inspected.returncode == 0
-            checks.append(
-                Check(
-                    f"image {image}",
-                    present,
-                    "present" if present else "missing",
-                    ""
-                    if present
-                    else (
-                        "`llem-dispatch run` will build it from the study's build: context"
-                        if study.build
-                        else f"docker build -t {image} . / docker pull"
-                    ),
-                )
-            )
-            if present:
-                probe = subprocess.run(
-                    [
-                        "docker",
-                        "run",
-                        "--rm",
-                        "--network",
-                        "none",
-                        "--label",
-                        "llem.managed=1",
-                        "--label",
-                        "llem.probe=1",
-                        image,
-                        "true",
-                    ],
-                    capture_output=True,
-                    text=True,
-                    timeout=60,
-                    check=False,
-                )
-                checks.append(
-                    Check(
-                        f"probe container ({image})",
-                        probe.returncode == 0,
-                        "ran `true`" if probe.returncode == 0 else probe.stderr.strip()[-200:],
-                        "" if probe.returncode == 0 else "See the error above.",
-                    )
-                )
+        images = study_images(study, resolve_runner("docker", study), expand_study(study))
+        checks += anyio.run(_image_checks, images, study.build is not None)
     return checks
+
+
+async def _daemon_checks() -> list[Check]:
+    """The daemon (it answered the ping) and whether it can hand GPUs to containers."""
+    try:
+        server, api = await engine_version()
+        version = f"{server} (API {api})"
+    except LlemError:
+        version = "answers /_ping"
+    try:
+        has_nvidia = any("nvidia" in name for name in await runtimes())
+    except LlemError:
+        has_nvidia = False
+    return [
+        Check("Docker daemon", True, version),
+        Check(
+            "NVIDIA container runtime",
+            has_nvidia,
+            "registered" if has_nvidia else "not registered",
+            ""
+            if has_nvidia
+            else "Install the NVIDIA Container Toolkit for GPU "
+            "passthrough; without it use --virtual-gpus.",
+            optional=True,
+        ),
+    ]
+
+
+def _gpu_check() -> Check:
+    pool = GpuPool.detect()
+    gpu_detail = ", ".join(f"{i}={pool.uuids.get(i, '?')}" for i in pool.devices) or "none"
+    return Check(
+        "GPUs (NVML)",
+        bool(pool.devices),
+        gpu_detail,
+        "" if pool.devices else "No GPUs found: use --virtual-gpus N to schedule on virtual ids.",
+        optional=True,
+    )
+
+
+async def _image_checks(images: list[str], buildable: bool) -> list[Check]:
+    """Per image: is it on the daemon, and does a container of it start and exit 0."""
+    checks: list[Check] = []
+    for image in images:
+        try:
+            present = not await missing_images([image])
+        except LlemError as exc:
+            checks.append(Check(f"image {image}", False, exc.message, exc.fix_suggestion))
+            continue
+        fix = (
+            "`llem-dispatch run` will build it from the study's build: context"
+            if buildable
+            else f"docker build -t {image} . / docker pull"
+        )
+        checks.append(
+            Check(
+                f"image {image}",
+                present,
+                "present" if present else "missing",
+                "" if present else fix,
+            )
+        )
+        if present:
+            checks.append(await _probe_check(image))
+    return checks
+
+
+async def _probe_check(image: str) -> Check:
+    name = f"probe container ({image})"
+    try:
+        await run_probe(image)
+    except LlemError as exc:
+        # The container's own stderr (its tail) says most; without any, the daemon's refusal.
+        stderr = getattr(exc, "stderr_snippet", "")
+        return Check(name, False, stderr[-200:] if stderr else exc.message, "See the error above.")
+    return Check(name, True, "ran `true`")
 
 
 @app.command()

@@ -15,7 +15,9 @@ from llem_dispatch.cli.app import (
     fail_usage,
     make_console,
 )
+from llem_dispatch.cluster import sweep_cluster
 from llem_dispatch.errors import LlemError
+from llem_dispatch.reap import reap as do_reap
 
 __all__ = ["reap"]
 
@@ -32,8 +34,6 @@ def reap(
     ] = None,
 ) -> None:
     """Remove containers left by dispatchers that are gone (their logs are kept)."""
-    from llem_dispatch.reap import reap as do_reap
-
     console = make_console()
     if ray_address is not None:
         _reap_cluster(ray_address, results_dir, dry_run, console)
@@ -64,8 +64,6 @@ def reap(
 
 
 def _reap_cluster(address: str, results_dir: Path | None, dry_run: bool, console: Console) -> None:
-    from llem_dispatch.cluster import sweep_cluster
-
     try:
         sweeps = anyio.run(
             lambda: sweep_cluster(

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -40,8 +41,6 @@ def record_row(data: dict[str, Any]) -> dict[str, Any]:
     started, ended = data.get("started_at"), data.get("ended_at")
     duration = None
     if started and ended:
-        from datetime import datetime
-
         duration = (datetime.fromisoformat(ended) - datetime.fromisoformat(started)).total_seconds()
     row["duration_s"] = round(duration, 3) if duration is not None else None
     if node := data.get("node"):

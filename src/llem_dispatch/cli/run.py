@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,6 +21,7 @@ from rich.table import Table
 
 from llem_dispatch import _logging
 from llem_dispatch._docker import docker_available
+from llem_dispatch._exchange import ExchangeDir
 from llem_dispatch.cli.app import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -26,12 +30,15 @@ from llem_dispatch.cli.app import (
     make_console,
 )
 from llem_dispatch.cli.progress import LiveDisplay, ProgressState
-from llem_dispatch.dispatch import (
-    Event,
-)
+from llem_dispatch.dispatch import Event, RunRecord
 from llem_dispatch.errors import LlemError
 from llem_dispatch.gpu import GpuPool
+from llem_dispatch.runners import Runner, set_force_kill
+from llem_dispatch.runners.docker import DockerRunner
+from llem_dispatch.runners.local import LocalRunner
 from llem_dispatch.study import (
+    Experiment,
+    RunnerSpec,
     Study,
     StudySummary,
     build_pool,
@@ -62,10 +69,7 @@ def _parse_gpus(value: str | None) -> list[str] | str | None:
 def _print_dry_run(
     study: Study, study_path: Path, runner_value: str | None, virtual: bool, console: Console
 ) -> None:
-    from llem_dispatch._exchange import ExchangeDir
-    from llem_dispatch.runners.docker import DockerRunner
-    from llem_dispatch.runners.local import LocalRunner
-
+    """The plan: every experiment, the runner and why, the first experiment's container."""
     experiments = expand_study(study)
     table = Table(title=f"{study.name}: {len(experiments)} experiments (dry run)")
     for column in ("#", "hash", "cycle", "gpus", "params"):
@@ -84,9 +88,12 @@ def _print_dry_run(
         study, spec, study_dir=study_path.parent, experiments=experiments, virtual=virtual
     )
     console.print(f"runner: {spec.kind} (chosen by: {spec.source})")
-    if not experiments:
-        return
-    first = experiments[0]
+    if experiments:
+        _print_first_experiment(runner, experiments[0], console)
+
+
+def _print_first_experiment(runner: Runner, first: Experiment, console: Console) -> None:
+    """What the runner would start for `first`: a container body or a process."""
     placeholder = ExchangeDir(Path("/tmp/llem-XXXXXXXX"), first.config_hash)
     gpu_ids = [str(i) for i in range(first.gpus)]
     if isinstance(runner, DockerRunner):
@@ -94,49 +101,46 @@ def _print_dry_run(
         console.print("container spec of the first experiment (Engine API create body):")
         console.print_json(json.dumps(body))
     elif isinstance(runner, LocalRunner):
+        env = runner.process_env(placeholder, gpu_ids)
+        process = {
+            "argv": runner.command,
+            "cwd": str(runner.cwd),
+            "env": {k: v for k, v in env.items() if k.startswith(("LLEM_", "CUDA_"))},
+        }
         console.print("process of the first experiment:")
-        console.print_json(
-            json.dumps(
-                {
-                    "argv": runner.command,
-                    "cwd": str(runner.cwd),
-                    "env": {
-                        k: v
-                        for k, v in runner.process_env(placeholder, gpu_ids).items()
-                        if k.startswith(("LLEM_", "CUDA_"))
-                    },
-                }
-            )
-        )
+        console.print_json(json.dumps(process))
+
+
+_ResultsOption = Annotated[
+    Path | None,
+    typer.Option("--results", help="Results dir (default: ./llem-results/<study name>)."),
+]
+_VirtualGpusOption = Annotated[
+    int | None,
+    typer.Option("--virtual-gpus", min=1, help="Schedule on N virtual GPUs (no device requests)."),
+]
+_RayOption = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        metavar="ADDRESS",
+        help="Run on a Ray cluster: auto, HOST:6379 or ray://HOST:10001 (overrides the "
+        "study's `cluster:`).",
+    ),
+]
 
 
 @app.command()
 def run(
     study_file: Annotated[Path, typer.Argument(help="The study YAML file.")],
-    results: Annotated[
-        Path | None,
-        typer.Option("--results", help="Results dir (default: ./llem-results/<study name>)."),
-    ] = None,
+    results: _ResultsOption = None,
     resume: Annotated[
         bool, typer.Option(help="Continue a results dir: skip what succeeded.")
     ] = False,
     gpus: Annotated[str | None, typer.Option(help="GPU ids '0,1,2' or 'auto' (NVML).")] = None,
-    virtual_gpus: Annotated[
-        int | None,
-        typer.Option(
-            "--virtual-gpus", min=1, help="Schedule on N virtual GPUs (no device requests)."
-        ),
-    ] = None,
+    virtual_gpus: _VirtualGpusOption = None,
     runner: Annotated[str | None, typer.Option(help="local | docker | docker:IMAGE")] = None,
-    ray_address: Annotated[
-        str | None,
-        typer.Option(
-            "--ray",
-            metavar="ADDRESS",
-            help="Run on a Ray cluster: auto, HOST:6379 or ray://HOST:10001 (overrides the "
-            "study's `cluster:`).",
-        ),
-    ] = None,
+    ray_address: _RayOption = None,
     max_concurrency: Annotated[int | None, typer.Option(min=1)] = None,
     timeout: Annotated[float | None, typer.Option(help="Per-experiment timeout, seconds.")] = None,
     dry_run: Annotated[
@@ -153,120 +157,169 @@ def run(
         json_logs=json_logs, level=logging.INFO if verbose or json_logs else logging.WARNING
     )
     console = make_console()
+    try:
+        plan = _load_plan(study_file, timeout, gpus, virtual_gpus, ray_address)
+        if dry_run:
+            virtual = plan.pool.virtual if plan.pool else False
+            _print_dry_run(plan.study, study_file, runner, virtual, console)
+            raise typer.Exit(EXIT_OK)
+        spec = _choose_runner_and_build(plan, runner, study_file, console)
+    except LlemError as exc:
+        raise fail_usage(exc.message, exc.fix_suggestion) from exc
+    results_dir = results or Path("llem-results") / plan.study.name
+    os.environ.setdefault("LLEM_RUNNER_SOURCE", spec.source)
+    study_run = functools.partial(
+        run_study,
+        plan.study,
+        results_dir,
+        pool=plan.pool,
+        resume=resume,
+        max_concurrency=max_concurrency,
+        study_dir=study_file.parent,
+        runner_value=_runner_value(spec),
+        cluster=plan.cluster,
+    )
+    interactive = console.is_terminal and not plain and not json_logs
+    started = time.monotonic()
+    summary = _run_with_progress(plan, study_run, console, interactive=interactive)
+    if summary is None:
+        console.print(
+            f"[yellow]interrupted after {time.monotonic() - started:.1f}s; "
+            f"records so far are in {results_dir}; continue with --resume[/]"
+        )
+        raise typer.Exit(EXIT_INTERRUPTED)
+    _print_summary(summary, console)
+    raise typer.Exit(summary.exit_code)
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """The loaded study and where its experiments will run, before anything runs."""
+
+    study: Study
+    experiments: list[Experiment]
+    #: This host's GPUs; None on a Ray cluster, where Ray assigns them.
+    pool: GpuPool | None
+    cluster: str | None
+
+
+def _load_plan(
+    study_file: Path,
+    timeout: float | None,
+    gpus: str | None,
+    virtual_gpus: int | None,
+    ray_address: str | None,
+) -> _Plan:
+    """Load and expand the study with the command's overrides; check its GPU requests."""
     overrides: dict[str, Any] = {}
     if timeout is not None:
         if timeout <= 0:
             raise fail_usage(f"--timeout must be positive, got {timeout}")
         overrides["timeout_s"] = timeout
-    try:
-        study = load_study(study_file, overrides=overrides)
-        cluster = ray_address or study.cluster
-        pool: GpuPool | None = None
-        experiments = expand_study(study)
-        if cluster:
-            if gpus is not None or virtual_gpus is not None:
-                raise fail_usage(
-                    "--gpus/--virtual-gpus choose GPUs of this host; on a Ray cluster Ray "
-                    "assigns them",
-                    "Drop them; set each node's GPUs with `ray start --num-gpus N`.",
-                )
-        else:
-            pool = build_pool(study, gpus=_parse_gpus(gpus), virtual_gpus=virtual_gpus)
-            pool.check_request(max((e.gpus for e in experiments), default=0))
-        if dry_run:
-            _print_dry_run(study, study_file, runner, pool.virtual if pool else False, console)
-            raise typer.Exit(EXIT_OK)
-        if cluster:
-            # Each node decides `auto` for itself; images are built here when this
-            # host has a daemon (other nodes need the image too: see the README).
-            spec = cluster_runner_spec(runner, study)
-            build_here = spec.kind == "docker" and docker_available()
-        else:
-            spec = resolve_runner(runner, study)
-            build_here = spec.kind == "docker"
-        if build_here:
-            for image in study_images(study, spec, experiments):
-                ensure_image(
-                    study,
-                    image,
-                    study_dir=study_file.parent,
-                    output=lambda line: console.print(line, markup=False),
-                )
-    except LlemError as exc:
-        raise fail_usage(exc.message, exc.fix_suggestion) from exc
-    results_dir = results or Path("llem-results") / study.name
-    runner_value = (
-        f"{spec.kind}:{spec.image}" if spec.kind == "docker" and spec.image else spec.kind
-    )
-    os.environ.setdefault("LLEM_RUNNER_SOURCE", spec.source)
-    state = ProgressState(total=len(experiments), gpu_ids=list(pool.devices) if pool else [])
-    interactive = console.is_terminal and not plain and not json_logs
-    display = LiveDisplay(state)
-    summary_box: list[StudySummary] = []
+    study = load_study(study_file, overrides=overrides)
+    cluster = ray_address or study.cluster
+    experiments = expand_study(study)
+    if cluster:
+        if gpus is not None or virtual_gpus is not None:
+            raise fail_usage(
+                "--gpus/--virtual-gpus choose GPUs of this host; on a Ray cluster Ray assigns them",
+                "Drop them; set each node's GPUs with `ray start --num-gpus N`.",
+            )
+        return _Plan(study, experiments, None, cluster)
+    pool = build_pool(study, gpus=_parse_gpus(gpus), virtual_gpus=virtual_gpus)
+    pool.check_request(max((e.gpus for e in experiments), default=0))
+    return _Plan(study, experiments, pool, cluster)
+
+
+def _choose_runner_and_build(
+    plan: _Plan, runner: str | None, study_file: Path, console: Console
+) -> RunnerSpec:
+    """The runner to use; builds the study's missing images where this host runs them."""
+    if plan.cluster:
+        # Each node decides `auto` for itself; images are built here when this
+        # host has a daemon (other nodes need the image too: see the README).
+        spec = cluster_runner_spec(runner, plan.study)
+        build_here = spec.kind == "docker" and docker_available()
+    else:
+        spec = resolve_runner(runner, plan.study)
+        build_here = spec.kind == "docker"
+    if build_here:
+        for image in study_images(plan.study, spec, plan.experiments):
+            ensure_image(
+                plan.study,
+                image,
+                study_dir=study_file.parent,
+                output=lambda line: console.print(line, markup=False),
+            )
+    return spec
+
+
+def _runner_value(spec: RunnerSpec) -> str:
+    """The runner as recorded in every result: `docker:IMAGE` when the image is fixed."""
+    return f"{spec.kind}:{spec.image}" if spec.kind == "docker" and spec.image else spec.kind
+
+
+def _run_with_progress(
+    plan: _Plan,
+    study_run: Callable[..., Awaitable[StudySummary]],
+    console: Console,
+    *,
+    interactive: bool,
+) -> StudySummary | None:
+    """Run the study, shown live on a terminal or line by line; None when interrupted."""
+    gpu_ids = list(plan.pool.devices) if plan.pool else []
+    state = ProgressState(total=len(plan.experiments), gpu_ids=gpu_ids)
 
     def on_event(event: Event) -> None:
         line = state.apply(event)
         if line and not interactive:
             console.print(line, markup=False)
 
-    async def main_task() -> None:
-        async with anyio.create_task_group() as tg:
-
-            async def watch_signals() -> None:
-                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    count = 0
-                    async for signum in signals:
-                        count += 1
-                        if count == 1:
-                            console.print(
-                                f"[yellow]{signal.Signals(signum).name}: stopping "
-                                "running experiments (again to force)...[/]"
-                            )
-                            _logging_force(False)
-                            study_scope.cancel()
-                        else:
-                            _logging_force(True)
-                            console.print("[red]forcing: killing containers now[/]")
-
-            tg.start_soon(watch_signals)
-            with anyio.CancelScope() as study_scope:
-                summary = await run_study(
-                    study,
-                    results_dir,
-                    pool=pool,
-                    resume=resume,
-                    on_event=on_event,
-                    max_concurrency=max_concurrency,
-                    study_dir=study_file.parent,
-                    runner_value=runner_value,
-                    cluster=cluster,
-                )
-                summary_box.append(summary)
-            tg.cancel_scope.cancel()
-
-    started = time.monotonic()
+    with_events = functools.partial(study_run, on_event=on_event)
+    main = functools.partial(_run_until_signalled, with_events, console)
     try:
         if interactive:
-            with Live(display, console=console, refresh_per_second=8, transient=False):
-                state.skipped = 0
-                anyio.run(main_task)
-        else:
-            anyio.run(main_task)
+            with Live(LiveDisplay(state), console=console, refresh_per_second=8, transient=False):
+                return anyio.run(main)
+        return anyio.run(main)
     except (LlemError, BaseExceptionGroup) as exc:
         # run_study runs in a task group: its errors arrive wrapped in a group.
         error = _llem_error_in(exc)
         if error is None:
             raise
         raise fail_usage(error.message, error.fix_suggestion) from exc
-    if not summary_box:
-        console.print(
-            f"[yellow]interrupted after {time.monotonic() - started:.1f}s; "
-            f"records so far are in {results_dir}; continue with --resume[/]"
-        )
-        raise typer.Exit(EXIT_INTERRUPTED)
-    summary = summary_box[0]
-    _print_summary(summary, console)
-    raise typer.Exit(summary.exit_code)
+
+
+async def _run_until_signalled(
+    study_run: Callable[[], Awaitable[StudySummary]], console: Console
+) -> StudySummary | None:
+    """Run the study beside a signal watcher; None when a signal stopped it."""
+    summary: StudySummary | None = None
+    study_scope = anyio.CancelScope()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_watch_signals, study_scope, console)
+        with study_scope:
+            summary = await study_run()
+        tg.cancel_scope.cancel()
+    return summary
+
+
+async def _watch_signals(study_scope: anyio.CancelScope, console: Console) -> None:
+    """First SIGINT/SIGTERM: stop the study (grace periods kept); any later one: force kills."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        count = 0
+        async for signum in signals:
+            count += 1
+            if count == 1:
+                console.print(
+                    f"[yellow]{signal.Signals(signum).name}: stopping "
+                    "running experiments (again to force)...[/]"
+                )
+                study_scope.cancel()
+            else:
+                # Tells the runners' cancellation cleanup to skip the stop grace period.
+                set_force_kill(True)
+                console.print("[red]forcing: killing containers now[/]")
 
 
 def _llem_error_in(exc: BaseException) -> LlemError | None:
@@ -276,15 +329,8 @@ def _llem_error_in(exc: BaseException) -> LlemError | None:
     return exc if isinstance(exc, LlemError) else None
 
 
-def _logging_force(force: bool) -> None:
-    """Tell the runners' cancellation cleanup to skip the stop grace period."""
-    from llem_dispatch.runners import set_force_kill
-
-    if force:
-        set_force_kill(True)
-
-
 def _print_summary(summary: StudySummary, console: Console) -> None:
+    """The counts line, then a table of the failed experiments with their fixes."""
     console.print(
         f"[bold]{summary.name}[/]: {summary.succeeded} succeeded, {summary.failed} failed, "
         f"{summary.errored} errors, {summary.skipped} skipped (already done) of "
@@ -297,20 +343,7 @@ def _print_summary(summary: StudySummary, console: Console) -> None:
     for column in ("key", "error", "message", "fix", "exchange dir (kept)"):
         table.add_column(column, overflow="fold")
     for record in bad:
-        if record.error is not None:
-            kind, message, fix = (
-                record.error.type,
-                record.error.message,
-                record.error.fix_suggestion or "",
-            )
-        elif record.failure is not None:
-            kind, message, fix = (
-                record.failure.type,
-                record.failure.message,
-                "The experiment reported this itself; see its traceback in the record.",
-            )
-        else:
-            kind, message, fix = record.status, "", ""
+        kind, message, fix = _failure_columns(record)
         table.add_row(
             str(record.tags.get("key", record.config_hash)),
             kind,
@@ -319,3 +352,16 @@ def _print_summary(summary: StudySummary, console: Console) -> None:
             record.exchange_dir or "",
         )
     console.print(table)
+
+
+def _failure_columns(record: RunRecord) -> tuple[str, str, str]:
+    """A failed record's error type, message and fix, for the summary table."""
+    if record.error is not None:
+        return record.error.type, record.error.message, record.error.fix_suggestion or ""
+    if record.failure is not None:
+        return (
+            record.failure.type,
+            record.failure.message,
+            "The experiment reported this itself; see its traceback in the record.",
+        )
+    return record.status, "", ""

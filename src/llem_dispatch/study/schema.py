@@ -68,15 +68,23 @@ class BuildSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    context: str = Field(description="Build context, relative to the study file.")
-    dockerfile: str | None = None
+    context: str = Field(
+        description="Build context, relative to the study file (like docker compose)."
+    )
+    dockerfile: str | None = Field(
+        default=None, description="Dockerfile, relative to the context (default: its Dockerfile)."
+    )
     args: dict[str, str] = Field(
         default_factory=dict, description="Build args; `${VAR:-default}` reads the env."
     )
 
 
 class Study(BaseModel):
-    """A sweep: what to run, over which parameters, on which runner and GPUs."""
+    """A sweep: what to run, over which parameters, on which runner and GPUs.
+
+    Every field is documented by its `description` (the README's study-file
+    example says the same; a unit test keeps the two in step).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -85,31 +93,55 @@ class Study(BaseModel):
         description="Names the results dir (./llem-results/<name>): letters, digits, '.', "
         "'_' and '-', starting with a letter or digit.",
     )
-    runner: str | None = Field(default=None, description="local | docker | docker:IMAGE | auto")
+    runner: str | None = Field(
+        default=None,
+        description="local | docker | docker:IMAGE | auto; --runner and LLEM_RUNNER override "
+        "it (default: Docker if a daemon answers, else local).",
+    )
     cluster: str | None = Field(
         default=None,
         description="Run on a Ray cluster: its address (auto | HOST:6379 | ray://HOST:10001).",
     )
-    image: str | None = None
+    image: str | None = Field(default=None, description="The image every experiment runs in.")
     images: dict[str, str] = Field(
-        default_factory=dict, description="Per-backend images, chosen by `image_field`."
+        default_factory=dict,
+        description="Per-backend images ({pytorch: img-a:1, vllm: img-b:2}), chosen by each "
+        "config's `image_field`; LLEM_IMAGE_<BACKEND> overrides one.",
     )
-    image_field: str = "backend"
+    image_field: str = Field(
+        default="backend", description="The config field whose value picks from `images:`."
+    )
     gpus_field: str | None = Field(
         default=None,
         description="A config field that says how many GPUs each experiment gets (an 8B "
         "model on 1, a 70B on 4); configs without it get `gpus_per_experiment`.",
     )
-    build: BuildSpec | None = None
-    command: list[str] | None = None
-    function: str | None = Field(default=None, description="module:function run by the helper")
-    workdir: str | None = Field(
-        default=None, description="Local runner's cwd (default: the study's folder)"
+    build: BuildSpec | None = Field(
+        default=None, description="Optional: build the image if it is missing."
     )
-    base: dict[str, Any] = Field(default_factory=dict)
-    configs: list[dict[str, Any]] = Field(default_factory=list)
-    grid: dict[str, list[Any]] = Field(default_factory=dict)
-    gpus_per_experiment: int = Field(default=0, ge=0)
+    command: list[str] | None = Field(
+        default=None, description="argv each experiment runs (instead of `function:`)."
+    )
+    function: str | None = Field(
+        default=None,
+        description="module:function run by the mounted helper (or `command: [argv]`).",
+    )
+    workdir: str | None = Field(
+        default=None, description="Local runner's cwd (default: the study's folder)."
+    )
+    base: dict[str, Any] = Field(
+        default_factory=dict, description="Parameters shared by every experiment."
+    )
+    configs: list[dict[str, Any]] = Field(
+        default_factory=list, description="An explicit list of configs (and/or `grid:`)."
+    )
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="Cartesian product: every combination of these values is one config.",
+    )
+    gpus_per_experiment: int = Field(
+        default=0, ge=0, description="GPUs each experiment gets, pinned and exclusive."
+    )
     residual_memory_mb: float | None = Field(
         default=512,
         ge=0,
@@ -117,27 +149,71 @@ class Study(BaseModel):
         "(a previous run's leftovers spoil the next measurement); null turns it off. "
         "Ignored on virtual GPUs.",
     )
-    n_cycles: int = Field(default=1, ge=1)
-    cycle_order: Literal["sequential", "interleaved", "shuffled"] = "sequential"
-    seed: int | None = None
-    experiment_gap_s: float = Field(default=0.0, ge=0)
-    cycle_gap_s: float = Field(default=0.0, ge=0)
-    timeout_s: float | None = Field(default=None, gt=0)
-    silence_timeout_s: float | None = Field(default=None, gt=0)
-    max_concurrency: int | None = Field(default=None, ge=1)
-    gpus: list[str] | Literal["auto"] | None = None
-    virtual_gpus: int | None = Field(default=None, ge=1)
-    gpu_passthrough: bool | None = None
-    retries: int = Field(default=3, ge=0)
+    n_cycles: int = Field(default=1, ge=1, description="Repeat every config this many times.")
+    cycle_order: Literal["sequential", "interleaved", "shuffled"] = Field(
+        default="sequential",
+        description="sequential | interleaved | shuffled (with `seed:` recorded).",
+    )
+    seed: int | None = Field(
+        default=None,
+        description="Seed of the shuffled order; drawn and recorded when not given.",
+    )
+    experiment_gap_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="Per-GPU cooldown between experiments (thermal settling), seconds.",
+    )
+    cycle_gap_s: float = Field(default=0.0, ge=0, description="Pause between cycles, seconds.")
+    timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Kill and raise DockerTimeoutError after this many seconds.",
+    )
+    silence_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Kill with DockerHangError after this many seconds without output.",
+    )
+    max_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        description="Cap on simultaneous experiments (default: what the GPUs allow).",
+    )
+    gpus: list[str] | Literal["auto"] | None = Field(
+        default=None,
+        description="GPU ids to schedule on ([0, 1]) or `auto` (NVML; also the default).",
+    )
+    virtual_gpus: int | None = Field(
+        default=None,
+        ge=1,
+        description="Schedule on this many virtual ids (CI, laptops): no device requests.",
+    )
+    gpu_passthrough: bool | None = Field(
+        default=None,
+        description="Hand the assigned GPUs to containers (default: unless they are virtual).",
+    )
+    retries: int = Field(
+        default=3, ge=0, description="Retries for transient infrastructure errors only."
+    )
     stop_grace_s: float = Field(
         default=10.0, ge=0, description="On interrupt: SIGTERM, then SIGKILL after this."
     )
-    shm_size: str = "8g"
-    network: str | None = None
-    user: str | None = None
-    cap_add: list[str] = Field(default_factory=list)
-    mem_limit: str | None = None
-    env: dict[str, str] = Field(default_factory=dict)
+    shm_size: str = Field(default="8g", description="/dev/shm (default 8g, as vLLM needs).")
+    network: str | None = Field(
+        default=None,
+        description='Docker network mode ("none": isolated and faster to start).',
+    )
+    user: str | None = Field(
+        default=None,
+        description='"uid:gid" to run as (all capabilities dropped either way).',
+    )
+    cap_add: list[str] = Field(
+        default_factory=list, description="Capabilities to keep (all others are dropped)."
+    )
+    mem_limit: str | None = Field(default=None, description='Container memory limit ("16g").')
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Extra environment (never secrets: see the README)."
+    )
     max_experiments: int = Field(
         default=1_000_000,
         ge=1,
