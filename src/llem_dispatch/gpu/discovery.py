@@ -15,6 +15,7 @@ __all__ = [
     "match_visible",
     "nvml_inventory",
     "nvml_processes",
+    "nvml_thermal",
     "nvml_used_memory_mb",
     "parse_visible_devices",
 ]
@@ -36,6 +37,24 @@ def nvml_used_memory_mb(device_id: str) -> float | None:
         return float(pynvml.nvmlDeviceGetMemoryInfo(handle).used) / 2**20
     except Exception as exc:  # noqa: BLE001 - unknown memory is not a reason to stop
         log.debug("gpu_memory_unknown", device=device_id, error=repr(exc))
+        return None
+
+
+def nvml_thermal(device_id: str) -> tuple[float, float] | None:
+    """(temperature in C, power in W) of a device, per NVML; None if unknown."""
+    pynvml = _pynvml()
+    if pynvml is None:
+        return None
+    try:
+        _nvml_init()
+        if device_id.isdigit():
+            handle = pynvml.nvmlDeviceGetHandleByIndex(int(device_id))
+        else:
+            handle = pynvml.nvmlDeviceGetHandleByUUID(device_id)
+        temperature = pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)
+        return float(temperature), float(pynvml.nvmlDeviceGetPowerUsage(handle)) / 1000.0
+    except Exception as exc:  # noqa: BLE001 - an unknown reading is not a reason to stop
+        log.debug("gpu_thermal_unknown", device=device_id, error=repr(exc))
         return None
 
 

@@ -24,9 +24,11 @@ from llem_dispatch.gpu.discovery import (
     match_visible,
     nvml_inventory,
     nvml_processes,
+    nvml_thermal,
     nvml_used_memory_mb,
     parse_visible_devices,
 )
+from llem_dispatch.gpu.thermal import Sensor, SettleReport, SettleSpec, ThermalGate
 
 __all__ = [
     "GpuHolding",
@@ -52,6 +54,8 @@ class GpuLease(tuple[str, ...]):
 
     _on_release: Callable[[GpuLease], None] | None
     _released: bool
+    #: With a thermal gate: each id's reading and settle wait as it was handed on.
+    settle: dict[str, SettleReport]
 
     def __new__(
         cls, ids: Iterable[str] = (), *, on_release: Callable[[GpuLease], None] | None = None
@@ -59,6 +63,7 @@ class GpuLease(tuple[str, ...]):
         lease = super().__new__(cls, ids)
         lease._on_release = on_release
         lease._released = False
+        lease.settle = {}
         return lease
 
     @property
@@ -99,6 +104,8 @@ class GpuPoolOptions(TypedDict, total=False):
     on_busy_memory: Literal["wait", "warn"]
     memory_probe: MemoryProbe | None
     memory_poll_s: float
+    settle: SettleSpec | None
+    sensor: Sensor | None
 
 
 @dataclass(slots=True, eq=False)
@@ -153,6 +160,8 @@ class GpuPool:
         on_busy_memory: Literal["wait", "warn"] = "wait",
         memory_probe: MemoryProbe | None = None,
         memory_poll_s: float = 1.0,
+        settle: SettleSpec | None = None,
+        sensor: Sensor | None = None,
         virtual: bool = False,
     ) -> None:
         ids = tuple(str(d).strip() for d in devices)
@@ -180,6 +189,14 @@ class GpuPool:
         self._probe: MemoryProbe | None = None
         if residual_memory_mb is not None and not virtual:
             self._probe = memory_probe or nvml_used_memory_mb
+        self._gate: ThermalGate | None = None
+        if settle is not None and virtual:
+            log.warning(
+                "gpu_settle_ignored",
+                reason="virtual GPUs have no temperature or power to read",
+            )
+        elif settle is not None:
+            self._gate = ThermalGate(settle, sensor or nvml_thermal)
         self._position = {d: i for i, d in enumerate(ids)}
         self._held: dict[str, GpuHolding] = {}
         self._last_released: dict[str, float] = {}
@@ -336,7 +353,11 @@ class GpuPool:
             return False
         released = self._last_released.get(device_id, _NEVER)
         blocked = self._memory_blocked_until.get(device_id, _NEVER)
-        return now >= released + self.cooldown_s and now >= blocked
+        if now < released + self.cooldown_s or now < blocked:
+            return False
+        return (
+            self._gate is None or released == _NEVER or self._gate.ready(device_id, released, now)
+        )
 
     def _candidates(self, now: float) -> list[str]:
         # Longest-free first spreads the heat; never-used ids tie, lowest first.
@@ -353,10 +374,19 @@ class GpuPool:
             for t in (
                 self._last_released.get(d, _NEVER) + self.cooldown_s,
                 self._memory_blocked_until.get(d, _NEVER),
+                self._settle_check(d, now),
             )
             if t > now
         ]
         return min(times, default=math.inf)
+
+    def _settle_check(self, device_id: str, now: float) -> float:
+        """When a settling GPU should be looked at again (its next sample), else -inf."""
+        released = self._last_released.get(device_id)
+        if self._gate is None or released is None:
+            return _NEVER
+        when = self._gate.next_check(device_id, released, now)
+        return when if when > now else now + self._gate.spec.sample_s
 
     def _dispatch(self) -> None:
         """Grant what can be granted now: the head first, then bounded backfill."""
@@ -418,6 +448,8 @@ class GpuPool:
     def _grant(self, request: _Request, ids: list[str], now: float) -> None:
         ids.sort(key=self._position.__getitem__)
         lease = GpuLease(ids, on_release=self._release)
+        if self._gate is not None:
+            lease.settle = {d: self._gate.hand_on(d, self._last_released.get(d), now) for d in ids}
         holding = GpuHolding(tuple(ids), now, request.holder)
         for d in ids:
             self._held[d] = holding
@@ -429,6 +461,8 @@ class GpuPool:
         for d in lease:
             del self._held[d]
             self._last_released[d] = now
+            if self._gate is not None:
+                self._gate.released(d)
         self._dispatch()
 
     def _revoke(self, lease: GpuLease) -> None:

@@ -1,0 +1,173 @@
+"""The thermal gate: hand a GPU on once it has settled, not after a fixed gap.
+
+After an experiment exits, its GPU is handed on when its temperature and power
+have been back within a tolerance of that GPU's idle baseline for `hold_s`
+seconds, no sooner than `min_s` and no later than `max_s` (then it is handed on
+anyway, and the lease says it had not settled). The pool samples through a
+`Sensor` only while a released GPU is settling and someone waits for GPUs, so
+the cost is one NVML read per settling GPU every `sample_s`, per pool.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import structlog
+
+__all__ = ["Sensor", "SettleReport", "SettleSpec", "ThermalGate"]
+
+log = structlog.get_logger("llem_dispatch.gpu")
+
+
+class Sensor(Protocol):
+    """Reads one GPU's (temperature in C, power in W), or None when it cannot."""
+
+    def __call__(self, device_id: str) -> tuple[float, float] | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SettleSpec:
+    """When a released GPU counts as settled (see the module docstring)."""
+
+    temperature_c: float = 3.0
+    power_w: float = 10.0
+    hold_s: float = 3.0
+    min_s: float = 5.0
+    max_s: float = 120.0
+    sample_s: float = 0.5
+    #: Idle (temperature C, power W) per device id; measured at first use when absent.
+    baselines: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("temperature_c", "power_w", "hold_s", "min_s", "sample_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"settle.{name} must be a finite number >= 0, got {value!r}")
+        if self.sample_s <= 0:
+            raise ValueError(f"settle.sample_s must be > 0, got {self.sample_s!r}")
+        if not self.max_s >= self.min_s:
+            raise ValueError(f"settle.max_s ({self.max_s}) must be >= min_s ({self.min_s})")
+
+
+@dataclass(frozen=True, slots=True)
+class SettleReport:
+    """How one GPU was handed on: what it read then, and how long it was waited for."""
+
+    temperature_c: float | None
+    power_w: float | None
+    #: Seconds from the GPU's last release to this hand-on (None on first use).
+    waited_s: float | None
+    #: False when `max_s` passed first (or the sensor never answered).
+    settled: bool
+
+
+@dataclass(slots=True)
+class _Device:
+    baseline: tuple[float, float] | None = None
+    last_sample_at: float = -math.inf
+    last: tuple[float, float] | None = None
+    #: Start of the current run of in-tolerance samples since the last release.
+    calm_since: float | None = None
+
+
+class ThermalGate:
+    """Per-GPU settle state for one pool; time always comes from the caller (`now`)."""
+
+    def __init__(self, spec: SettleSpec, sensor: Sensor) -> None:
+        self.spec = spec
+        self._sensor = sensor
+        self._devices: dict[str, _Device] = {}
+
+    def _state(self, device_id: str) -> _Device:
+        state = self._devices.get(device_id)
+        if state is None:
+            state = _Device(baseline=self.spec.baselines.get(device_id))
+            self._devices[device_id] = state
+        return state
+
+    def baseline(self, device_id: str) -> tuple[float, float] | None:
+        """The idle (temperature, power) this GPU is compared with, once known."""
+        return self._state(device_id).baseline
+
+    def released(self, device_id: str) -> None:
+        """The GPU was just given back: its settling starts now."""
+        self._state(device_id).calm_since = None
+
+    def sample(self, device_id: str, now: float) -> tuple[float, float] | None:
+        """Read the sensor now (at most once per `sample_s`) and update the calm streak."""
+        state = self._state(device_id)
+        if now - state.last_sample_at < self.spec.sample_s:
+            return state.last
+        state.last_sample_at = now
+        try:
+            reading = self._sensor(device_id)
+        except Exception as exc:  # noqa: BLE001 - a broken sensor must not stall the pool
+            log.warning("gpu_sensor_failed", device=device_id, error=repr(exc))
+            reading = None
+        state.last = reading
+        if reading is None or state.baseline is None:
+            state.calm_since = None
+        elif self._calm(reading, state.baseline):
+            if state.calm_since is None:
+                state.calm_since = now
+        else:
+            state.calm_since = None
+        return reading
+
+    def _calm(self, reading: tuple[float, float], baseline: tuple[float, float]) -> bool:
+        return (
+            abs(reading[0] - baseline[0]) <= self.spec.temperature_c
+            and abs(reading[1] - baseline[1]) <= self.spec.power_w
+        )
+
+    def ready(self, device_id: str, released_at: float, now: float) -> bool:
+        """May this GPU, released at `released_at`, be handed on at `now`?"""
+        waited = now - released_at
+        if waited < self.spec.min_s:
+            return False
+        if waited >= self.spec.max_s:
+            return True
+        self.sample(device_id, now)
+        calm_since = self._state(device_id).calm_since
+        return calm_since is not None and now - calm_since >= self.spec.hold_s
+
+    def next_check(self, device_id: str, released_at: float, now: float) -> float:
+        """When `ready` may next turn true for a GPU that is settling (inf when settled)."""
+        if now < released_at + self.spec.min_s:
+            return released_at + self.spec.min_s
+        if now >= released_at + self.spec.max_s:
+            return math.inf
+        state = self._state(device_id)
+        return min(state.last_sample_at + self.spec.sample_s, released_at + self.spec.max_s)
+
+    def hand_on(self, device_id: str, released_at: float | None, now: float) -> SettleReport:
+        """Sample once more and report, as the GPU is handed to its next experiment.
+
+        A GPU never used before in this pool is idle: its reading becomes its
+        baseline unless one was given.
+        """
+        state = self._state(device_id)
+        state.last_sample_at = -math.inf  # a fresh reading for the record
+        reading = self.sample(device_id, now)
+        if released_at is None:
+            if state.baseline is None and reading is not None:
+                state.baseline = reading
+                log.info(
+                    "gpu_idle_baseline",
+                    device=device_id,
+                    temperature_c=reading[0],
+                    power_w=reading[1],
+                )
+            settled = True
+        else:
+            calm = state.calm_since
+            settled = calm is not None and now - calm >= self.spec.hold_s
+        return SettleReport(
+            temperature_c=reading[0] if reading else None,
+            power_w=reading[1] if reading else None,
+            waited_s=None if released_at is None else now - released_at,
+            settled=settled,
+        )

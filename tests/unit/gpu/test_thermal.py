@@ -1,0 +1,199 @@
+"""The thermal gate on a fake sensor and a clock the test controls (trio's MockClock).
+
+Time only moves when every task sleeps, and jumps straight to the next deadline,
+so a 120 s settle limit takes microseconds and its figures are exact.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import pytest
+from structlog.testing import capture_logs
+from trio.testing import MockClock
+
+from llem_dispatch.gpu import GpuPool, SettleSpec
+from llem_dispatch.gpu.thermal import ThermalGate
+
+IDLE = (35.0, 70.0)
+HOT = (70.0, 400.0)
+
+
+def run_mock(fn: Callable[[], Awaitable[Any]]) -> Any:
+    return anyio.run(fn, backend="trio", backend_options={"clock": MockClock(autojump_threshold=0)})
+
+
+class CoolingGpu:
+    """Idle until the test heats it; then cools back to idle `cool_s` after it is freed."""
+
+    def __init__(self, cool_s: float) -> None:
+        self.cool_s = cool_s
+        self.idle_at = -math.inf
+        self.reads = 0
+
+    def heat_until_freed_at(self, freed_at: float) -> None:
+        self.idle_at = freed_at + self.cool_s
+
+    def __call__(self, device_id: str) -> tuple[float, float]:
+        self.reads += 1
+        return IDLE if anyio.current_time() >= self.idle_at else HOT
+
+
+def test_spec_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="max_s"):
+        SettleSpec(min_s=10, max_s=5)
+    with pytest.raises(ValueError, match="sample_s"):
+        SettleSpec(sample_s=0)
+
+
+def test_gate_waits_min_s_then_for_a_calm_hold() -> None:
+    readings = {"t": HOT}
+    gate = ThermalGate(
+        SettleSpec(min_s=5, hold_s=3, max_s=120, sample_s=1, baselines={"0": IDLE}),
+        lambda d: readings["t"],
+    )
+    gate.released("0")
+    assert not gate.ready("0", 0.0, 4.9)  # min_s not over
+    assert not gate.ready("0", 0.0, 6.0)  # hot
+    readings["t"] = (IDLE[0] + 2, IDLE[1] + 9)  # within 3 C and 10 W
+    assert not gate.ready("0", 0.0, 7.0)  # calm since 7, not yet for 3 s
+    assert not gate.ready("0", 0.0, 9.0)
+    assert gate.ready("0", 0.0, 10.0)
+    report = gate.hand_on("0", 0.0, 10.0)
+    assert report.settled
+    assert report.waited_s == 10.0
+    assert (report.temperature_c, report.power_w) == (IDLE[0] + 2, IDLE[1] + 9)
+
+
+def test_a_hot_reading_restarts_the_hold() -> None:
+    readings = {"t": IDLE}
+    gate = ThermalGate(
+        SettleSpec(min_s=0, hold_s=3, sample_s=1, baselines={"0": IDLE}), lambda d: readings["t"]
+    )
+    gate.released("0")
+    assert not gate.ready("0", 0.0, 1.0)
+    readings["t"] = HOT
+    assert not gate.ready("0", 0.0, 2.0)
+    readings["t"] = IDLE
+    assert not gate.ready("0", 0.0, 3.0)
+    assert not gate.ready("0", 0.0, 5.0)
+    assert gate.ready("0", 0.0, 6.0)
+
+
+def test_a_gpu_that_never_settles_is_handed_on_at_max_s_and_says_so() -> None:
+    gate = ThermalGate(SettleSpec(min_s=5, max_s=60, baselines={"0": IDLE}), lambda d: HOT)
+    gate.released("0")
+    assert not gate.ready("0", 0.0, 59.9)
+    assert gate.ready("0", 0.0, 60.0)
+    report = gate.hand_on("0", 0.0, 60.0)
+    assert not report.settled
+    assert report.waited_s == 60.0
+
+
+def test_first_use_measures_the_baseline() -> None:
+    gate = ThermalGate(SettleSpec(), lambda d: (41.0, 80.0))
+    assert gate.baseline("0") is None
+    report = gate.hand_on("0", None, 0.0)
+    assert gate.baseline("0") == (41.0, 80.0)
+    assert report.settled
+    assert report.waited_s is None
+
+
+def test_sampling_is_rate_limited() -> None:
+    calls: list[str] = []
+    gate = ThermalGate(SettleSpec(sample_s=1), lambda d: calls.append(d) or IDLE)
+    for t in (0.0, 0.2, 0.5, 0.99, 1.0, 1.5, 2.0):
+        gate.sample("0", t)
+    assert len(calls) == 3
+
+
+def _pool(sensor: Callable[[str], tuple[float, float]], **spec: Any) -> GpuPool:
+    return GpuPool(
+        ["0"], settle=SettleSpec(**{"min_s": 5, "hold_s": 3, "max_s": 120, **spec}), sensor=sensor
+    )
+
+
+def test_pool_hands_a_gpu_on_once_settled_not_after_a_fixed_gap() -> None:
+    gpu = CoolingGpu(cool_s=12)
+    pool = _pool(gpu)
+
+    async def main() -> tuple[float, Any]:
+        async with pool.acquire(1):
+            await anyio.sleep(30)
+            gpu.heat_until_freed_at(anyio.current_time())
+        freed = anyio.current_time()
+        async with pool.acquire(1) as lease:
+            return anyio.current_time() - freed, lease.settle["0"]
+
+    waited, report = run_mock(main)
+    # Cools 12 s after release, then must read calm for 3 s (samples every 0.5 s).
+    assert 15.0 <= waited <= 15.5
+    assert report.settled
+    assert report.waited_s == pytest.approx(waited)
+    assert (report.temperature_c, report.power_w) == IDLE
+
+
+def test_pool_never_settling_gpu_goes_on_at_max_s() -> None:
+    gpu = CoolingGpu(cool_s=math.inf)
+    pool = _pool(gpu, max_s=40)
+
+    async def main() -> tuple[float, Any]:
+        async with pool.acquire(1):
+            gpu.heat_until_freed_at(anyio.current_time())
+        freed = anyio.current_time()
+        async with pool.acquire(1) as lease:
+            return anyio.current_time() - freed, lease.settle["0"]
+
+    waited, report = run_mock(main)
+    assert waited == pytest.approx(40.0)
+    assert not report.settled
+    assert report.temperature_c == HOT[0]
+
+
+def test_pool_min_s_holds_even_a_cool_gpu() -> None:
+    gpu = CoolingGpu(cool_s=0)
+    pool = _pool(gpu, min_s=5, hold_s=0)
+
+    async def main() -> float:
+        async with pool.acquire(1):
+            gpu.heat_until_freed_at(anyio.current_time())
+        freed = anyio.current_time()
+        async with pool.acquire(1):
+            return anyio.current_time() - freed
+
+    assert run_mock(main) == pytest.approx(5.0)
+
+
+def test_pool_samples_only_while_settling_and_waited_for() -> None:
+    gpu = CoolingGpu(cool_s=10)
+    pool = _pool(gpu, sample_s=1)
+
+    async def main() -> None:
+        async with pool.acquire(1):
+            await anyio.sleep(1000)  # held: nothing to sample
+            gpu.heat_until_freed_at(anyio.current_time())
+        async with pool.acquire(1):
+            pass
+
+    run_mock(main)
+    # First use, hand-on, then about one read a second over 10 s of cooling + hold.
+    assert gpu.reads < 25
+
+
+def test_settle_is_ignored_on_virtual_gpus_and_said_once() -> None:
+    with capture_logs() as logs:
+        pool = GpuPool.virtual_devices(2, settle=SettleSpec())
+
+    async def main() -> float:
+        async with pool.acquire(2):
+            pass
+        start = anyio.current_time()
+        async with pool.acquire(2) as lease:
+            assert lease.settle == {}
+            return anyio.current_time() - start
+
+    assert run_mock(main) == 0.0
+    assert [e["event"] for e in logs].count("gpu_settle_ignored") == 1
