@@ -17,7 +17,7 @@ import structlog
 
 from llem_dispatch._docker import build_image, docker_available, image_present
 from llem_dispatch.errors import ConfigError, DockerImagePullError
-from llem_dispatch.gpu import GpuPool
+from llem_dispatch.gpu import GpuPool, SettleSpec
 from llem_dispatch.runners import DockerRunner, LocalRunner, RoutingRunner, Runner
 from llem_dispatch.study.schema import (
     Experiment,
@@ -291,14 +291,17 @@ def build_pool(
 ) -> GpuPool:
     """The GPU pool from CLI options, else the study, else detection."""
     cooldown = study.experiment_gap_s
+    settle = SettleSpec(**study.settle.model_dump()) if study.settle is not None else None
     if virtual_gpus is not None:
-        return GpuPool.virtual_devices(virtual_gpus, cooldown_s=cooldown)
+        return GpuPool.virtual_devices(virtual_gpus, cooldown_s=cooldown, settle=settle)
     chosen = gpus if gpus is not None else study.gpus
     # Real GPUs: a device still holding memory is waited out before it is handed on.
     residual = study.residual_memory_mb
     if chosen == "auto" or (chosen is None and study.virtual_gpus is None):
-        return GpuPool.detect(cooldown_s=cooldown, residual_memory_mb=residual)
+        return GpuPool.detect(cooldown_s=cooldown, residual_memory_mb=residual, settle=settle)
     if chosen is not None:
-        return GpuPool(list(chosen), cooldown_s=cooldown, residual_memory_mb=residual)
+        return GpuPool(
+            list(chosen), cooldown_s=cooldown, residual_memory_mb=residual, settle=settle
+        )
     assert study.virtual_gpus is not None
-    return GpuPool.virtual_devices(study.virtual_gpus, cooldown_s=cooldown)
+    return GpuPool.virtual_devices(study.virtual_gpus, cooldown_s=cooldown, settle=settle)

@@ -26,6 +26,7 @@ __all__ = [
     "BuildSpec",
     "Experiment",
     "RunnerSpec",
+    "SettleSettings",
     "Study",
     "check_image",
     "interpolate",
@@ -77,6 +78,35 @@ class BuildSpec(BaseModel):
     args: dict[str, str] = Field(
         default_factory=dict, description="Build args; `${VAR:-default}` reads the env."
     )
+
+
+class SettleSettings(BaseModel):
+    """The thermal gate: hand a GPU on when it has settled, not after a fixed gap."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature_c: float = Field(
+        default=3.0, ge=0, description="Settled: within this many C of the GPU's idle baseline."
+    )
+    power_w: float = Field(
+        default=10.0, ge=0, description="Settled: within this many W of the idle baseline."
+    )
+    hold_s: float = Field(default=3.0, ge=0, description="...for at least this long.")
+    min_s: float = Field(default=5.0, ge=0, description="Never hand a GPU on sooner than this.")
+    max_s: float = Field(
+        default=120.0, ge=0, description="Hand it on after this even if unsettled (recorded)."
+    )
+    sample_s: float = Field(default=0.5, gt=0, description="Seconds between sensor readings.")
+    baselines: dict[str, tuple[float, float]] = Field(
+        default_factory=dict,
+        description="Idle [temperature C, power W] per GPU id; measured at first use if absent.",
+    )
+
+    @model_validator(mode="after")
+    def _limits(self) -> SettleSettings:
+        if self.max_s < self.min_s:
+            raise ValueError(f"max_s ({self.max_s}) must be >= min_s ({self.min_s})")
+        return self
 
 
 class Study(BaseModel):
@@ -141,6 +171,11 @@ class Study(BaseModel):
     )
     gpus_per_experiment: int = Field(
         default=0, ge=0, description="GPUs each experiment gets, pinned and exclusive."
+    )
+    settle: SettleSettings | None = Field(
+        default=None,
+        description="Thermal gate per GPU, next to `experiment_gap_s`: {temperature_c: 3, "
+        "power_w: 10, min_s: 5, max_s: 120}; real GPUs only (ignored on virtual ones).",
     )
     residual_memory_mb: float | None = Field(
         default=512,
