@@ -12,7 +12,9 @@ from datetime import UTC, datetime
 import pytest
 
 from llem_dispatch.cli import ProgressState, record_row
-from llem_dispatch.cluster.dispatcher import _error_payload, _probe_address, _rebuild_error
+from llem_dispatch.cluster.connection import probe_address
+from llem_dispatch.cluster.node import error_payload
+from llem_dispatch.cluster.placement import node_error
 from llem_dispatch.dispatch import (
     ExperimentFinished,
     ExperimentStarted,
@@ -48,7 +50,7 @@ def test_a_node_side_docker_error_comes_back_as_the_same_class_naming_the_node()
         log_path="/tmp/llem-x/container.log",
         config_hash="0123456789abcdef",
     )
-    rebuilt = _rebuild_error(_error_payload(original), NODE)
+    rebuilt = node_error(error_payload(original), NODE)
     assert type(rebuilt) is DockerContainerError
     assert rebuilt.message == "container exited with code 3 [on node gpu-7[ab12cd]]"
     assert rebuilt.fix_suggestion == original.fix_suggestion
@@ -58,20 +60,20 @@ def test_a_node_side_docker_error_comes_back_as_the_same_class_naming_the_node()
 
 
 def test_missing_image_on_a_node_keeps_its_class_and_fix() -> None:
-    payload = _error_payload(DockerImagePullError("No such image: bench:1"))
-    rebuilt = _rebuild_error(payload, NODE)
+    payload = error_payload(DockerImagePullError("No such image: bench:1"))
+    rebuilt = node_error(payload, NODE)
     assert isinstance(rebuilt, DockerImagePullError)
     assert "gpu-7" in rebuilt.message
     assert "docker build" in rebuilt.fix_suggestion
 
 
 def test_non_docker_and_unknown_errors() -> None:
-    rebuilt = _rebuild_error(_error_payload(ResultError("half-written")), None)
+    rebuilt = node_error(error_payload(ResultError("half-written")), None)
     assert type(rebuilt) is ResultError
     assert rebuilt.message == "half-written"
     # A class the driver does not know (or a plain exception) becomes a ClusterError.
-    assert type(_rebuild_error({"type": "os.system", "message": "x"}, NODE)) is ClusterError
-    plain = _rebuild_error(_error_payload(KeyError("k")), NODE)
+    assert type(node_error({"type": "os.system", "message": "x"}, NODE)) is ClusterError
+    plain = node_error(error_payload(KeyError("k")), NODE)
     assert type(plain) is ClusterError
     assert "KeyError" in plain.message
 
@@ -85,7 +87,7 @@ def test_a_lost_node_is_retried_and_other_cluster_errors_are_not() -> None:
 @pytest.mark.parametrize("address", ["nohost", "ray://", "host:port", "http//x"])
 def test_malformed_addresses_are_named(address: str) -> None:
     with pytest.raises(ClusterError, match="is not HOST:PORT"):
-        _probe_address(address)
+        probe_address(address)
 
 
 def test_an_address_nothing_listens_at_fails_in_seconds_with_the_fix() -> None:
@@ -94,7 +96,7 @@ def test_an_address_nothing_listens_at_fails_in_seconds_with_the_fix() -> None:
         port = sock.getsockname()[1]
     started = time.monotonic()
     with pytest.raises(ClusterError, match="nothing answers") as info:
-        _probe_address(f"127.0.0.1:{port}")
+        probe_address(f"127.0.0.1:{port}")
     assert time.monotonic() - started < 6
     assert "ray start --head" in info.value.fix_suggestion
 
@@ -104,10 +106,10 @@ def test_a_listening_address_and_auto_pass() -> None:
         server.bind(("127.0.0.1", 0))
         server.listen()
         port = server.getsockname()[1]
-        _probe_address(f"127.0.0.1:{port}")
-        _probe_address(f"ray://127.0.0.1:{port}")
-    _probe_address("auto")
-    _probe_address(None)
+        probe_address(f"127.0.0.1:{port}")
+        probe_address(f"ray://127.0.0.1:{port}")
+    probe_address("auto")
+    probe_address(None)
 
 
 def test_display_keeps_gpu_0_of_two_nodes_apart() -> None:

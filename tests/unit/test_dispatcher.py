@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -30,9 +30,12 @@ from llem_dispatch.dispatch import (
     ExperimentQueued,
     ExperimentRetried,
     ExperimentStarted,
+    NodeInfo,
+    RecordDraft,
     RetryPolicy,
 )
 from llem_dispatch.gpu import GpuPool
+from llem_dispatch.models import HashedConfig
 from llem_dispatch.runners.protocol import Outcome, utcnow
 from llem_dispatch.testing import FakeRunner
 
@@ -297,3 +300,72 @@ async def test_closing_dispatcher_closes_runner() -> None:
     async with Dispatcher(runner):
         pass
     assert runner.closed
+
+
+class Echo(BaseModel):
+    hash: str
+
+
+class ElsewherePlacement:
+    """A placement of the test's own: the first attempt is lost, the second runs 'remotely'."""
+
+    runner_type = "elsewhere"
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self.closed = False
+
+    def check_request(self, gpus: int) -> None:
+        if gpus > 2:
+            raise GpuRequestError("only 2 here")
+
+    def parallelism(self) -> int:
+        return 3
+
+    async def attempt(
+        self,
+        config: HashedConfig,
+        gpus: int,
+        draft: RecordDraft,
+        on_started: Callable[[], None],
+    ) -> Outcome:
+        self.attempts += 1
+        draft.node = NodeInfo(hostname="far", node_id="ab" * 20)
+        if self.attempts == 1:
+            raise DockerUnavailableError("daemon gone")
+        draft.gpu_ids = ["7"][:gpus]
+        draft.started_at = utcnow()
+        draft.container_id = "c1"
+        on_started()
+        return Echo(hash=config.config_hash)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_a_placement_plugs_in_through_the_public_seam() -> None:
+    placement = ElsewherePlacement()
+    events: list[Event] = []
+    async with Dispatcher(placement=placement, retries=FAST_RETRY, on_event=events.append) as d:
+        assert d.parallelism() == 3
+        with pytest.raises(GpuRequestError):
+            await d.run({"a": 1}, gpus=3)
+        record = await d.run({"a": 1}, gpus=1, tags={"key": "k"})
+    assert placement.closed
+    assert record.ok
+    assert (record.attempts, record.runner_type, record.gpu_ids) == (2, "elsewhere", ["7"])
+    assert record.node is not None
+    assert record.result is not None
+    assert record.result == {"hash": record.config_hash}
+    started = [e for e in events if isinstance(e, ExperimentStarted)]
+    assert len(started) == 1
+    assert (started[0].gpu_ids, started[0].attempt) == (("7",), 2)
+    assert (started[0].container_id, started[0].node) == ("c1", record.node.label)
+    assert any(isinstance(e, ExperimentRetried) for e in events)
+
+
+def test_a_dispatcher_takes_a_runner_or_a_placement() -> None:
+    with pytest.raises(TypeError, match="runner"):
+        Dispatcher()
+    with pytest.raises(TypeError, match="not both"):
+        Dispatcher(FakeRunner(), placement=ElsewherePlacement())

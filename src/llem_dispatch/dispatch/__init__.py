@@ -1,6 +1,7 @@
-"""Dispatch: GPUs, concurrency, retries and events around a Runner; the RunRecord."""
+"""Dispatch: concurrency, retries and events around a placement; the RunRecord."""
 
 from llem_dispatch.dispatch.dispatcher import NO_RETRIES, Dispatcher, RetryPolicy
+from llem_dispatch.dispatch.placement import LocalPlacement, Placement
 from llem_dispatch.dispatch.records import (
     ErrorInfo,
     Event,
@@ -10,6 +11,7 @@ from llem_dispatch.dispatch.records import (
     ExperimentRetried,
     ExperimentStarted,
     NodeInfo,
+    RecordDraft,
     RunRecord,
     RunStatus,
 )
@@ -24,7 +26,10 @@ __all__ = [
     "ExperimentQueued",
     "ExperimentRetried",
     "ExperimentStarted",
+    "LocalPlacement",
     "NodeInfo",
+    "Placement",
+    "RecordDraft",
     "RetryPolicy",
     "RunRecord",
     "RunStatus",

@@ -1,7 +1,8 @@
-"""The Dispatcher: GPUs, concurrency, retries and events around a Runner.
+"""The Dispatcher: concurrency, retries, events and records around a placement.
 
-Policy lives here; a Runner only runs one experiment. Every run ends as a
-`RunRecord`, whatever happened, so one failure never cancels the others.
+Policy lives here; a placement (by default this host's GPU pool and a Runner)
+only runs one attempt. Every run ends as a `RunRecord`, whatever happened, so
+one failure never cancels the others.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import structlog
 from pydantic import BaseModel
 
 from llem_dispatch.dispatch.fanout import fan_out
+from llem_dispatch.dispatch.placement import LocalPlacement, Placement
 from llem_dispatch.dispatch.records import (
     ErrorInfo,
     Event,
@@ -27,6 +29,7 @@ from llem_dispatch.dispatch.records import (
     ExperimentQueued,
     ExperimentRetried,
     ExperimentStarted,
+    RecordDraft,
     RunRecord,
 )
 from llem_dispatch.errors import (
@@ -34,9 +37,9 @@ from llem_dispatch.errors import (
     DockerTimeoutError,
     LlemError,
 )
-from llem_dispatch.gpu import GpuLease, GpuPool
-from llem_dispatch.models import ExperimentFailure, hashed_config
-from llem_dispatch.runners.protocol import Outcome, RunInfo, Runner, utcnow
+from llem_dispatch.gpu import GpuPool
+from llem_dispatch.models import ExperimentFailure, HashedConfig, hashed_config
+from llem_dispatch.runners.protocol import Outcome, Runner, utcnow
 
 __all__ = ["NO_RETRIES", "Dispatcher", "RetryPolicy"]
 
@@ -61,6 +64,7 @@ class RetryPolicy:
     retry_oom: bool = False
 
     def should_retry(self, exc: BaseException) -> bool:
+        """Whether `exc` is worth another attempt at all (budget aside)."""
         if isinstance(exc, DockerTimeoutError):
             return self.retry_timeouts
         if isinstance(exc, DockerOOMError):
@@ -68,74 +72,50 @@ class RetryPolicy:
         return bool(getattr(exc, "transient", False))
 
     def delay(self, attempt: int) -> float:
+        """The backoff after failed attempt number `attempt` (1-based)."""
         ceiling = min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1))
         return random.uniform(0, ceiling) if self.jitter else ceiling  # noqa: S311
+
+    def next_delay(self, exc: BaseException, attempts: int, waited_s: float) -> float | None:
+        """Seconds to wait before attempt `attempts + 1` after `exc`, or None to give up."""
+        if not self.should_retry(exc) or attempts >= self.max_attempts:
+            return None
+        if waited_s >= self.max_wait_s:
+            return None
+        return min(self.delay(attempts), max(0.0, self.max_wait_s - waited_s))
 
 
 NO_RETRIES = RetryPolicy(max_attempts=1)
 
 
-class _Observer:
-    """Tracks one attempt for the record; frees the GPUs the moment the run exits."""
-
-    def __init__(
-        self, dispatcher: Dispatcher, lease: GpuLease, record: dict[str, Any], attempt: int
-    ) -> None:
-        self._dispatcher = dispatcher
-        self._lease = lease
-        self._record = record
-        self._attempt = attempt
-        self.started_mono: float | None = None
-
-    def on_started(self, info: RunInfo) -> None:
-        self.started_mono = anyio.current_time()
-        self._record.update(
-            started_at=info.started_at,
-            container_id=info.container_id,
-            process_id=info.process_id,
-            exchange_dir=info.exchange_dir,
-            log_path=info.log_path,
-            image=info.image,
-            image_digest=info.image_digest,
-        )
-        self._dispatcher.emit(
-            ExperimentStarted(
-                self._record["config_hash"],
-                tuple(self._lease),
-                self._attempt,
-                info.container_id,
-                info.process_id,
-                self._record["tags"],
-            )
-        )
-
-    def on_exited(self, info: RunInfo) -> None:
-        self._record["exited_at"] = info.exited_at
-        self._lease.release()
-
-
 class Dispatcher:
-    """Runs experiments through a Runner with GPUs from a pool, concurrently.
+    """Runs experiments concurrently, each attempt through a placement.
 
     Use as `async with Dispatcher(runner, pool=pool) as d:`; `await d.run(config,
     gpus=k)` returns a `RunRecord`; `d.map(configs, gpus=k)` yields records as
-    they finish. Closing the dispatcher closes its runner.
+    they finish. `runner` and `pool` make a `LocalPlacement` (this host); give
+    `placement=` instead to run attempts elsewhere. Closing the dispatcher closes
+    its placement (and so the runner).
     """
 
     def __init__(
         self,
-        runner: Runner,
+        runner: Runner | None = None,
         *,
         pool: GpuPool | None = None,
+        placement: Placement | None = None,
         max_concurrency: int | None = None,
         retries: RetryPolicy | int | None = None,
         on_event: Callable[[Event], None] | None = None,
     ) -> None:
         if max_concurrency is not None and max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
-        self.runner = runner
-        self.runner_type: str | None = getattr(runner, "runner_type", None)
-        self.pool = pool if pool is not None else GpuPool([])
+        self.placement = _placement(runner, pool, placement)
+        local = self.placement if isinstance(self.placement, LocalPlacement) else None
+        #: The runner and GPU pool of a local placement (None for any other).
+        self.runner: Runner | None = local.runner if local else None
+        self.pool: GpuPool | None = local.pool if local else None
+        self.runner_type: str | None = self.placement.runner_type
         if retries is None:
             retries = RetryPolicy()
         elif isinstance(retries, int):
@@ -159,8 +139,8 @@ class Dispatcher:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the runner (idempotent)."""
-        await self.runner.aclose()
+        """Close the placement, and with it the runner (idempotent)."""
+        await self.placement.aclose()
 
     # -- events -----------------------------------------------------------------------
 
@@ -170,6 +150,7 @@ class Dispatcher:
         return lambda: self._subscribers.remove(callback)
 
     def emit(self, event: Event) -> None:
+        """Pass `event` to every subscriber; a failing subscriber is logged, not raised."""
         for callback in list(self._subscribers):
             try:
                 callback(event)
@@ -180,11 +161,11 @@ class Dispatcher:
 
     def check_request(self, gpus: int) -> None:
         """Raise `GpuRequestError` at once for a request that can never be met."""
-        self.pool.check_request(gpus)
+        self.placement.check_request(gpus)
 
     def parallelism(self) -> int:
         """How many experiments can usefully be in flight at once (sizes `map`'s workers)."""
-        return self.max_concurrency or max(self.pool.size, 8)
+        return self.max_concurrency or self.placement.parallelism()
 
     async def run(
         self,
@@ -199,128 +180,82 @@ class Dispatcher:
         configs (`ConfigError`) and cancellation.
         """
         data = hashed_config(config)
-        config_hash = data.config_hash
         self.check_request(gpus)
-        # A plain dict while running (cheap to update from the observer); the
-        # RunRecord is built once at the end.
-        record: dict[str, Any] = {
-            "config_hash": config_hash,
-            "config": data,
-            "status": "error",
-            "queued_at": utcnow(),
-            "tags": dict(tags or {}),
-            "runner_type": self.runner_type,
-            "attempts": 0,
-            "gpu_ids": [],
-        }
-        self.emit(ExperimentQueued(config_hash, gpus, record["tags"]))
+        draft = RecordDraft(
+            config_hash=data.config_hash,
+            config=data,
+            queued_at=utcnow(),
+            tags=dict(tags or {}),
+            runner_type=self.runner_type,
+        )
+        self.emit(ExperimentQueued(draft.config_hash, gpus, draft.tags))
         first_try = anyio.current_time()
         if self.max_concurrency is None:
-            await self._attempts(data, gpus, record, first_try)
+            await self._attempts(data, gpus, draft, first_try)
         else:
             async with self._limiter:
-                await self._attempts(data, gpus, record, first_try)
-        record["ended_at"] = utcnow()
-        final = RunRecord.model_construct(**record)
-        self.emit(ExperimentFinished(final) if final.ok else ExperimentFailed(final))
-        return final
+                await self._attempts(data, gpus, draft, first_try)
+        draft.ended_at = utcnow()
+        record = draft.build()
+        self.emit(ExperimentFinished(record) if record.ok else ExperimentFailed(record))
+        return record
 
     async def _attempts(
-        self, data: dict[str, Any], gpus: int, record: dict[str, Any], first_try: float
+        self, data: HashedConfig, gpus: int, draft: RecordDraft, first_try: float
     ) -> None:
         """Attempt until success, a non-retryable error, or the retry budget is spent."""
+
+        def started() -> None:
+            self.emit(
+                ExperimentStarted(
+                    draft.config_hash,
+                    tuple(draft.gpu_ids),
+                    draft.attempts,
+                    draft.container_id,
+                    draft.process_id,
+                    draft.tags,
+                    draft.node.label if draft.node is not None else None,
+                )
+            )
+
         while True:
-            record["attempts"] += 1
+            draft.attempts += 1
             try:
-                outcome = await self._attempt(data, gpus, record)
+                outcome = await self.placement.attempt(data, gpus, draft, started)
             except LlemError as exc:
                 waited = anyio.current_time() - first_try
-                attempts = record["attempts"]
-                if (
-                    self.retries.should_retry(exc)
-                    and attempts < self.retries.max_attempts
-                    and waited < self.retries.max_wait_s
-                ):
-                    delay = min(
-                        self.retries.delay(attempts),
-                        max(0.0, self.retries.max_wait_s - waited),
-                    )
-                    log.warning(
-                        "retrying",
-                        config_hash=record["config_hash"],
-                        attempt=attempts,
-                        delay_s=round(delay, 2),
-                        error=type(exc).__name__,
-                        message=exc.message,
-                        **record["tags"],
-                    )
-                    self.emit(
-                        ExperimentRetried(
-                            record["config_hash"],
-                            attempts,
-                            delay,
-                            type(exc).__name__,
-                            record["tags"],
-                        )
-                    )
-                    await anyio.sleep(delay)
-                    continue
-                self._finish_error(record, exc)
-                return
+                delay = self.retries.next_delay(exc, draft.attempts, waited)
+                if delay is None:
+                    _record_error(draft, exc)
+                    return
+                self._retrying(draft, exc, delay)
+                await anyio.sleep(delay)
             except anyio.get_cancelled_exc_class():
-                record["status"] = "cancelled"
+                draft.status = "cancelled"
                 raise
             except Exception as exc:
-                log.exception("unexpected_error", config_hash=record["config_hash"])
-                self._finish_error(record, exc)
+                log.exception("unexpected_error", config_hash=draft.config_hash)
+                _record_error(draft, exc)
                 return
             else:
-                self._finish_outcome(record, outcome)
+                _record_outcome(draft, outcome)
                 return
 
-    async def _attempt(self, data: dict[str, Any], gpus: int, record: dict[str, Any]) -> Outcome:
-        async with self.pool.acquire(gpus) as lease:
-            record["gpu_ids"] = list(lease)
-            released = [self.pool.last_released(i) for i in lease]
-            observer = _Observer(self, lease, record, record["attempts"])
-            try:
-                return await self.runner.run(data, gpus=tuple(lease), observer=observer)
-            finally:
-                known = [t for t in released if t is not None]
-                if known and observer.started_mono is not None:
-                    # From the GPUs' last release to this run's start on them.
-                    record["handoff_gap_s"] = max(0.0, observer.started_mono - max(known))
-
-    @staticmethod
-    def _finish_outcome(record: dict[str, Any], outcome: Outcome) -> None:
-        record["outcome"] = outcome
-        if isinstance(outcome, ExperimentFailure):
-            record.update(
-                status="failed",
-                failure=outcome,
-                exchange_dir=outcome.exchange_dir,
-                log_path=outcome.log_path,
-            )
-            return
-        record.update(
-            status="succeeded",
-            result=outcome.model_dump(mode="json"),
-            exchange_dir=None,
-            log_path=None,
+    def _retrying(self, draft: RecordDraft, exc: LlemError, delay: float) -> None:
+        log.warning(
+            "retrying",
+            config_hash=draft.config_hash,
+            attempt=draft.attempts,
+            delay_s=round(delay, 2),
+            error=type(exc).__name__,
+            message=exc.message,
+            **draft.tags,
         )
-        runner_meta = getattr(outcome, "runner", None)
-        if runner_meta is not None and runner_meta.image_digest:
-            record["image_digest"] = runner_meta.image_digest
-
-    @staticmethod
-    def _finish_error(record: dict[str, Any], exc: BaseException) -> None:
-        record.update(status="error", error=ErrorInfo.from_exception(exc), exception=exc)
-        if isinstance(exc, LlemError):
-            record["exchange_dir"] = exc.exchange_dir or record.get("exchange_dir")
-            record["container_id"] = getattr(exc, "container_id", None) or record.get(
-                "container_id"
+        self.emit(
+            ExperimentRetried(
+                draft.config_hash, draft.attempts, delay, type(exc).__name__, draft.tags
             )
-            record["log_path"] = getattr(exc, "log_path", None) or record.get("log_path")
+        )
 
     async def map(
         self,
@@ -343,3 +278,43 @@ class Dispatcher:
         async with contextlib.aclosing(fan_out(items, one, workers=workers)) as records:
             async for record in records:
                 yield record
+
+
+def _placement(
+    runner: Runner | None, pool: GpuPool | None, placement: Placement | None
+) -> Placement:
+    """The placement the constructor's arguments describe (a runner and pool, or one given)."""
+    if placement is None:
+        if runner is None:
+            raise TypeError("Dispatcher needs a runner (and a pool) or a placement")
+        return LocalPlacement(runner, pool)
+    if runner is not None or pool is not None:
+        raise TypeError("give Dispatcher a runner and pool, or a placement, not both")
+    return placement
+
+
+def _record_outcome(draft: RecordDraft, outcome: Outcome) -> None:
+    draft.outcome = outcome
+    if isinstance(outcome, ExperimentFailure):
+        draft.status = "failed"
+        draft.failure = outcome
+        draft.exchange_dir = outcome.exchange_dir
+        draft.log_path = outcome.log_path
+        return
+    draft.status = "succeeded"
+    draft.result = outcome.model_dump(mode="json")
+    draft.exchange_dir = None
+    draft.log_path = None
+    runner_meta = getattr(outcome, "runner", None)
+    if runner_meta is not None and runner_meta.image_digest:
+        draft.image_digest = runner_meta.image_digest
+
+
+def _record_error(draft: RecordDraft, exc: BaseException) -> None:
+    draft.status = "error"
+    draft.error = ErrorInfo.from_exception(exc)
+    draft.exception = exc
+    if isinstance(exc, LlemError):
+        draft.exchange_dir = exc.exchange_dir or draft.exchange_dir
+        draft.container_id = getattr(exc, "container_id", None) or draft.container_id
+        draft.log_path = getattr(exc, "log_path", None) or draft.log_path

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any, Literal
 
@@ -21,6 +21,7 @@ __all__ = [
     "ExperimentRetried",
     "ExperimentStarted",
     "NodeInfo",
+    "RecordDraft",
     "RunRecord",
     "RunStatus",
 ]
@@ -109,6 +110,47 @@ class RunRecord(BaseModel):
         if self.started_at and self.ended_at:
             return (self.ended_at - self.started_at).total_seconds()
         return None
+
+
+@dataclass(slots=True)
+class RecordDraft:
+    """One run's record while it runs: the dispatcher and its placement fill it in.
+
+    Mutable and cheap to update from observers and placements; `build` makes the
+    `RunRecord` once, at the end. The fields are the `RunRecord`'s.
+    """
+
+    config_hash: str
+    config: dict[str, Any]
+    queued_at: datetime
+    tags: dict[str, Any] = field(default_factory=dict)
+    runner_type: str | None = None
+    status: RunStatus = "error"
+    attempts: int = 0
+    gpu_ids: list[str] = field(default_factory=list)
+    result: dict[str, Any] | None = None
+    failure: ExperimentFailure | None = None
+    error: ErrorInfo | None = None
+    image: str | None = None
+    image_digest: str | None = None
+    container_id: str | None = None
+    process_id: int | None = None
+    exchange_dir: str | None = None
+    log_path: str | None = None
+    started_at: datetime | None = None
+    exited_at: datetime | None = None
+    ended_at: datetime | None = None
+    handoff_gap_s: float | None = None
+    node: NodeInfo | None = None
+    outcome: Any = None
+    exception: BaseException | None = None
+
+    def build(self) -> RunRecord:
+        """The finished `RunRecord` (built without re-validating what is already typed)."""
+        return RunRecord.model_construct(**{name: getattr(self, name) for name in _DRAFT_FIELDS})
+
+
+_DRAFT_FIELDS = tuple(f.name for f in fields(RecordDraft))
 
 
 # -- events -------------------------------------------------------------------------

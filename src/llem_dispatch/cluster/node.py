@@ -1,0 +1,282 @@
+"""What runs on a cluster node: the runner factory's context and the Ray task bodies.
+
+An experiment's task builds the runner on its node, runs the attempt in a private
+event loop (the runner portal) and streams 'started', 'exited' and the outcome
+back as plain messages; the per-host sweep and preflight tasks are here too, with
+the Ray remote functions made from them on first use (Ray is imported lazily).
+"""
+
+from __future__ import annotations
+
+import queue
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import structlog
+
+from llem_dispatch._docker import docker_available, missing_images
+from llem_dispatch.dispatch import NodeInfo
+from llem_dispatch.errors import ClusterError, LlemError
+from llem_dispatch.gpu.discovery import nvml_inventory
+from llem_dispatch.models import ExperimentFailure, HashedConfig
+from llem_dispatch.reap import reap
+from llem_dispatch.runners.protocol import RunInfo, Runner
+
+__all__ = [
+    "NodeContext",
+    "RunnerFactory",
+    "error_payload",
+    "experiment_task",
+    "preflight_task",
+    "remote_task",
+    "require_ray",
+    "sweep_task",
+    "this_node",
+]
+
+log = structlog.get_logger("llem_dispatch.cluster")
+
+#: A message from a node-side task to the driver (plain data: it crosses Ray).
+Message = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeContext:
+    """What a runner factory knows about the node it is called on."""
+
+    node: NodeInfo
+    #: The GPU ids Ray assigned to this task: the node's own device ids.
+    gpu_ids: tuple[str, ...]
+    #: Their UUIDs where NVML answers on the node.
+    gpu_uuids: Mapping[str, str]
+    #: No NVIDIA GPU visible through NVML here: ids are Ray's logical ones, so run
+    #: without device requests (as with `--virtual-gpus` on one host).
+    virtual: bool
+    #: The node is the driver's own host (paths of the driver are valid here).
+    driver_host: bool
+
+
+#: Called on the node, once per attempt, to build the runner there. It must pickle
+#: (a module-level function, a `functools.partial`, a dataclass instance).
+RunnerFactory = Callable[[NodeContext], Runner]
+
+
+def require_ray() -> ModuleType:
+    """The `ray` module, or a `ClusterError` saying how to install it."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise ClusterError(
+            "running on a Ray cluster needs Ray, which is not installed",
+            fix_suggestion="pip install 'llem-dispatch[ray]' on the driver and on every node.",
+        ) from exc
+    module: ModuleType = ray  # (typed Any where Ray is not installed)
+    return module
+
+
+def this_node() -> NodeInfo:
+    """The node this (Ray worker) process runs on."""
+    ray = require_ray()
+    node_ip: Callable[[], str] = ray.util.get_node_ip_address
+    return NodeInfo(
+        hostname=socket.gethostname(),
+        node_id=ray.get_runtime_context().get_node_id(),
+        ip=node_ip(),
+    )
+
+
+def error_payload(exc: BaseException) -> dict[str, Any]:
+    """An exception raised on a node as plain data for the driver.
+
+    Ours travel as `LlemError.to_payload()` (the driver rebuilds them with
+    `LlemError.from_payload`); anything else as a `ClusterError` naming its type.
+    """
+    if not isinstance(exc, LlemError):
+        exc = ClusterError(f"{type(exc).__name__}: {exc}")
+    return exc.to_payload()
+
+
+def _node_gpus(ids: tuple[str, ...]) -> tuple[dict[str, str], bool]:
+    """UUIDs of the assigned ids, and whether the node has no NVML-visible GPU."""
+    inventory, _reason = nvml_inventory()
+    if not inventory:
+        # No NVML (pynvml missing?) but an NVIDIA driver: real GPUs, pass them through.
+        return {}, not Path("/dev/nvidiactl").exists()
+    by_id = dict(inventory)
+    known = set(by_id.values())
+    # Ray hands out the node's CUDA_VISIBLE_DEVICES entries: indices or UUIDs.
+    return {i: by_id.get(i, i) for i in ids if i in by_id or i in known}, False
+
+
+class _QueueObserver:
+    """Passes a run's progress from the node's event loop to the task's thread."""
+
+    def __init__(self, events: queue.Queue[Message], node: dict[str, Any]) -> None:
+        self._events = events
+        self._node = node
+        self.exited_mono: float | None = None
+
+    def on_started(self, info: RunInfo) -> None:
+        self._events.put(
+            {
+                "kind": "started",
+                "node": self._node,
+                "gpu_ids": list(info.gpu_ids),
+                "info": {
+                    "runner_type": info.runner_type,
+                    "started_at": info.started_at,
+                    "container_id": info.container_id,
+                    "process_id": info.process_id,
+                    "exchange_dir": info.exchange_dir,
+                    "log_path": info.log_path,
+                    "image": info.image,
+                    "image_digest": info.image_digest,
+                },
+            }
+        )
+
+    def on_exited(self, info: RunInfo) -> None:
+        self.exited_mono = time.monotonic()
+        self._events.put(
+            {
+                "kind": "exited",
+                "node": self._node,
+                "exited_at": info.exited_at,
+                "exit_code": info.exit_code,
+            }
+        )
+
+
+async def _run_on_node(
+    factory: RunnerFactory,
+    context: NodeContext,
+    config: HashedConfig,
+    events: queue.Queue[Message],
+    observer: _QueueObserver,
+) -> None:
+    """Build the runner here, run the attempt, queue its outcome (or error) as a message."""
+    node = context.node.model_dump()
+    runner: Runner | None = None
+    try:
+        runner = factory(context)
+        outcome = await runner.run(config, gpus=context.gpu_ids, observer=observer)
+    except Exception as exc:
+        if not isinstance(exc, LlemError):
+            log.exception("node_task_failed", config_hash=config.config_hash)
+        events.put({"kind": "error", "node": node, "error": error_payload(exc)})
+    else:
+        if isinstance(outcome, ExperimentFailure):
+            payload = {"failure": outcome.model_dump(mode="json")}
+        else:
+            payload = {"result": outcome.model_dump(mode="json")}
+        events.put({"kind": "outcome", "node": node, **payload})
+    finally:
+        if runner is not None:
+            with anyio.move_on_after(30, shield=True):
+                await runner.aclose()
+
+
+def _relay(
+    factory: RunnerFactory,
+    context: NodeContext,
+    config: HashedConfig,
+    observer: _QueueObserver,
+    events: queue.Queue[Message],
+) -> Iterator[Message]:
+    """Run the attempt in its own event loop (the portal); yield its messages here."""
+    # This (main) thread relays the run's progress. `ray.cancel` raises
+    # KeyboardInterrupt here (between bytecodes, so the waits below are short), and
+    # leaving the portal then cancels the run and waits for its shielded cleanup:
+    # the container is gone before the task ends.
+    with anyio.from_thread.start_blocking_portal() as portal:
+        future = portal.start_task_soon(_run_on_node, factory, context, config, events, observer)
+        while not (future.done() and events.empty()):
+            try:
+                item = events.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            yield item
+        if (problem := future.exception()) is not None:
+            node = context.node.model_dump()
+            yield {"kind": "error", "node": node, "error": error_payload(problem)}
+
+
+def experiment_task(
+    factory: RunnerFactory,
+    config: dict[str, Any],
+    config_hash: str,
+    cooldown_s: float,
+    driver_host: str,
+) -> Iterator[Message]:
+    """The Ray task (a streaming generator): run one attempt on this node."""
+    ray = require_ray()
+    node = this_node()
+    ids = tuple(str(i) for i in ray.get_gpu_ids())
+    uuids, virtual = _node_gpus(ids)
+    context = NodeContext(node, ids, uuids, virtual, node.hostname == driver_host)
+    events: queue.Queue[Message] = queue.Queue()
+    observer = _QueueObserver(events, node.model_dump())
+    yield from _relay(factory, context, HashedConfig(config, config_hash), observer, events)
+    # Hold the GPUs (this task's Ray resources) for the cooldown after the exit.
+    if observer.exited_mono is not None and cooldown_s > 0:
+        deadline = observer.exited_mono + cooldown_s
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, 0.1))
+
+
+def sweep_task(
+    results_dir: str | None,
+    logs_dir: str | None,
+    study_over: bool,
+    dry_run: bool,
+    driver_host: str,
+) -> dict[str, Any]:
+    """The Ray task run once per host by the cluster sweep: `reap` there."""
+    node = this_node()
+    if not docker_available():
+        return {"node": node.model_dump(), "reaped": [], "skipped": "no Docker daemon here"}
+    if logs_dir is not None and node.hostname != driver_host:
+        logs_dir = str(Path(tempfile.gettempdir()) / "llem-orphan-logs")
+    try:
+        found = anyio.run(
+            lambda: reap(
+                results_dir=results_dir, logs_dir=logs_dir, dry_run=dry_run, study_over=study_over
+            )
+        )
+    except LlemError as exc:
+        return {"node": node.model_dump(), "reaped": [], "skipped": exc.message}
+    return {"node": node.model_dump(), "reaped": [asdict(r) for r in found], "skipped": None}
+
+
+def preflight_task(images: list[str], paths: list[str]) -> dict[str, Any]:
+    """The Ray task run once per host by the preflight: Docker, images, paths."""
+    docker = docker_available()
+    return {
+        "node": this_node().model_dump(),
+        "docker": docker,
+        "missing_images": anyio.run(missing_images, images) if docker and images else [],
+        "missing_paths": [p for p in paths if not Path(p).exists()],
+    }
+
+
+_REMOTE: dict[str, Any] = {}
+
+
+def remote_task(name: str) -> Any:
+    """The Ray remote function of a task here ('experiment', 'sweep', 'preflight')."""
+    if name not in _REMOTE:
+        ray = require_ray()
+        # max_retries=0: the driver's retry policy decides, so each retry is
+        # journalled and bounded like any other.
+        _REMOTE["experiment"] = ray.remote(num_returns="streaming", max_retries=0)(experiment_task)
+        _REMOTE["sweep"] = ray.remote(num_cpus=0, max_retries=0)(sweep_task)
+        _REMOTE["preflight"] = ray.remote(num_cpus=0, max_retries=0)(preflight_task)
+    return _REMOTE[name]

@@ -1,0 +1,123 @@
+"""Placement: how and where one attempt of an experiment runs (the Dispatcher's seam).
+
+The Dispatcher owns policy (retries, events, the concurrency cap, the record); a
+placement only runs one attempt, as an httpx transport only sends one request.
+`LocalPlacement` runs it through a Runner on GPUs from this host's pool; the Ray
+backend (`llem_dispatch.cluster`) places it on a cluster's nodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import anyio
+
+from llem_dispatch.dispatch.records import RecordDraft
+from llem_dispatch.gpu import GpuLease, GpuPool
+from llem_dispatch.models import HashedConfig
+from llem_dispatch.runners.protocol import Outcome, RunInfo, Runner
+
+__all__ = ["LocalPlacement", "Placement"]
+
+
+class Placement(Protocol):
+    """Runs one attempt of an experiment somewhere; the Dispatcher decides everything else."""
+
+    @property
+    def runner_type(self) -> str | None:
+        """The runner type records name (None when not known)."""
+
+    def check_request(self, gpus: int) -> None:
+        """Raise `GpuRequestError` at once for a request that can never be met here."""
+
+    def parallelism(self) -> int:
+        """How many attempts can usefully be in flight at once (sizes `map`'s workers)."""
+
+    async def attempt(
+        self,
+        config: HashedConfig,
+        gpus: int,
+        draft: RecordDraft,
+        on_started: Callable[[], None],
+    ) -> Outcome:
+        """Run one attempt on `gpus` GPUs and return its outcome.
+
+        Fill `draft` as the attempt goes (GPU ids, container, times, node) and call
+        `on_started` once it has started. Raise `LlemError` for an infrastructure
+        failure; whether to try again is the Dispatcher's call. On cancellation,
+        clean up what was started before re-raising.
+        """
+
+    async def aclose(self) -> None:
+        """Release what the placement holds (idempotent)."""
+
+
+class _LeaseObserver:
+    """Fills the draft as one run progresses; frees its GPUs the moment it exits."""
+
+    def __init__(self, lease: GpuLease, draft: RecordDraft, on_started: Callable[[], None]) -> None:
+        self._lease = lease
+        self._draft = draft
+        self._on_started = on_started
+        self.started_mono: float | None = None
+
+    def on_started(self, info: RunInfo) -> None:
+        self.started_mono = anyio.current_time()
+        draft = self._draft
+        draft.started_at = info.started_at
+        draft.container_id = info.container_id
+        draft.process_id = info.process_id
+        draft.exchange_dir = info.exchange_dir
+        draft.log_path = info.log_path
+        draft.image = info.image
+        draft.image_digest = info.image_digest
+        self._on_started()
+
+    def on_exited(self, info: RunInfo) -> None:
+        self._draft.exited_at = info.exited_at
+        self._lease.release()
+
+
+class LocalPlacement:
+    """This host: GPUs leased from `pool`, each attempt run by `runner`.
+
+    Closing the placement closes its runner.
+    """
+
+    def __init__(self, runner: Runner, pool: GpuPool | None = None) -> None:
+        self.runner = runner
+        self.pool = pool if pool is not None else GpuPool([])
+        self.runner_type: str | None = getattr(runner, "runner_type", None)
+
+    def check_request(self, gpus: int) -> None:
+        """Raise `GpuRequestError` for more GPUs than the pool has."""
+        self.pool.check_request(gpus)
+
+    def parallelism(self) -> int:
+        """The pool's size, and at least 8 (GPU-less experiments share the host)."""
+        return max(self.pool.size, 8)
+
+    async def attempt(
+        self,
+        config: HashedConfig,
+        gpus: int,
+        draft: RecordDraft,
+        on_started: Callable[[], None],
+    ) -> Outcome:
+        """Lease `gpus` GPUs, run the config on them, record the hand-off gap."""
+        async with self.pool.acquire(gpus) as lease:
+            draft.gpu_ids = list(lease)
+            released = [self.pool.last_released(i) for i in lease]
+            observer = _LeaseObserver(lease, draft, on_started)
+            try:
+                return await self.runner.run(config, gpus=tuple(lease), observer=observer)
+            finally:
+                known = [t for t in released if t is not None]
+                if known and observer.started_mono is not None:
+                    # From the GPUs' last release to this run's start on them.
+                    draft.handoff_gap_s = max(0.0, observer.started_mono - max(known))
+
+    async def aclose(self) -> None:
+        """Close the runner (idempotent)."""
+        await self.runner.aclose()
