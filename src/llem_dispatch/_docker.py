@@ -37,6 +37,7 @@ __all__ = [
     "docker_available",
     "docker_url",
     "engine_version",
+    "image_missing_error",
     "image_present",
     "inspect_image",
     "missing_images",
@@ -241,6 +242,20 @@ def build_image(
         )
 
 
+def image_missing_error(
+    image: str, detail: str | None = None, **context: Any
+) -> DockerImagePullError:
+    """The error for an image that is not on the daemon, with how to get it there."""
+    detail = detail or f"No such image: {image}"
+    return DockerImagePullError(
+        f"image {image!r} is not present on the Docker host ({detail})",
+        fix_suggestion=f"Build it (`docker build -t {image} .`, or give the study a "
+        f"`build:` context) or pull it (`docker pull {image}`) on a host that can "
+        "reach its registry.",
+        **context,
+    )
+
+
 def translate_api_error(exc: BaseException, *, image: str, phase: str, **context: Any) -> LlemError:
     """Map an aiodocker/aiohttp exception to our most specific class."""
     if isinstance(exc, LlemError):
@@ -251,13 +266,7 @@ def translate_api_error(exc: BaseException, *, image: str, phase: str, **context
     if isinstance(exc, aiodocker.DockerError):
         status, message = exc.status, str(exc.message)
         if status == 404 and ("no such image" in message.lower() or phase in {"create", "image"}):
-            return DockerImagePullError(
-                f"image {image!r} is not present on the Docker host ({message})",
-                fix_suggestion=f"Build it (`docker build -t {image} .`, or give the study a "
-                f"`build:` context) or pull it (`docker pull {image}`) on a host that can "
-                "reach its registry.",
-                **context,
-            )
+            return image_missing_error(image, message, **context)
         if "could not select device driver" in message or "nvidia-container" in message:
             return DockerGPUAccessError(
                 f"the daemon cannot give GPUs to containers: {message}", **context

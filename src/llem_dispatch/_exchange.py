@@ -30,6 +30,7 @@ __all__ = [
     "ExchangeDir",
     "ReadOutcome",
     "atomic_write",
+    "remove_tree",
 ]
 
 CONTAINER_EXCHANGE_DIR = "/run/llem"
@@ -209,10 +210,10 @@ class ExchangeDir:
     def remove(self) -> None:
         """Delete the dir; a failure is a warning and never masks the run's outcome."""
         try:
-            shutil.rmtree(self.path, onerror=_make_writable_and_retry)
+            remove_tree(self.path)
         except FileNotFoundError:
             pass
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever goes wrong here, the outcome stands
             log.warning("exchange_dir_cleanup_failed", exchange_dir=str(self.path), error=str(exc))
 
     def __fspath__(self) -> str:
@@ -222,17 +223,33 @@ class ExchangeDir:
         return str(self.path)
 
 
-def _make_writable_and_retry(func: Any, path: str, exc_info: Any) -> None:
-    """rmtree hook: the container may have chmod-ed entries; restore owner access once."""
-    exc = exc_info[1]
-    if not isinstance(exc, PermissionError):
-        raise exc
-    parent = os.path.dirname(path)
-    for target in (parent, path):
-        with contextlib.suppress(OSError):
-            if not os.path.islink(target):
-                os.chmod(target, 0o700)
-    func(path)
+def remove_tree(path: Path) -> None:
+    """`shutil.rmtree`, also when the experiment left dirs we may not read or write.
+
+    Root passes permission checks anyway. Any other user, on a permission error,
+    gives itself back rwx on the dirs it owns (a container run as that user may
+    have chmod-ed them to 000) and tries once more.
+    """
+    try:
+        shutil.rmtree(path)
+    except PermissionError:
+        _restore_owner_access(path)
+        shutil.rmtree(path)
+
+
+def _restore_owner_access(top: Path) -> None:
+    """chmod u+rwx every dir under `top` that we own (root: all), top-down, never via a link."""
+    uid = os.geteuid()
+    pending = [str(top)]
+    while pending:
+        directory = pending.pop()
+        info = os.lstat(directory)
+        if not stat.S_ISDIR(info.st_mode) or uid not in {0, info.st_uid}:
+            continue
+        if info.st_mode & stat.S_IRWXU != stat.S_IRWXU:
+            os.chmod(directory, stat.S_IMODE(info.st_mode) | stat.S_IRWXU)
+        with os.scandir(directory) as entries:
+            pending.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
 
 
 def atomic_write(target: Path, data: bytes, *, mode: int) -> None:

@@ -1,10 +1,12 @@
 """Container side of the llem-dispatch protocol, for any image with python3.
 
-Stdlib only, and standalone: the runners can mount this one file read-only into
-an image that lacks llem-dispatch. Usage::
+Stdlib only, and standalone: the runners run this one file by path (the package
+is not imported) or mount it read-only into an image that lacks llem-dispatch.
+Usage::
 
-    python -m llem_dispatch.container pkg.module:function
+    python3 /path/to/llem_dispatch/container.py pkg.module:function
     python3 /opt/llem/llem_container.py pkg.module:function
+    python -m llem_dispatch.container pkg.module:function
 
 It reads the config from $LLEM_CONFIG_PATH, loads secrets from
 $LLEM_SECRETS_PATH into the environment, calls `function(config)`, and writes
@@ -117,5 +119,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _import_from_cwd_not_here() -> None:
+    """Run by path, Python puts this file's folder first on sys.path, not the cwd.
+
+    That folder may be the llem_dispatch package itself, whose modules (`models`,
+    `errors`, ...) would then shadow the experiment's: drop it. `_load_target`
+    puts the cwd first, as `python -m` would have.
+    """
+    here = os.path.dirname(os.path.realpath(__file__))
+    if sys.path and os.path.realpath(sys.path[0] or os.curdir) == here:
+        del sys.path[0]
+
+
 if __name__ == "__main__":
+    _import_from_cwd_not_here()
     sys.exit(main())

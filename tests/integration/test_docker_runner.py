@@ -457,3 +457,22 @@ async def test_runs_as_given_non_root_user(make_runner: MakeRunner) -> None:
     result = await make_runner(command=sh(ECHO_PROTOCOL), user="65534:65534").run({"x": 20})
     assert isinstance(result, ExperimentResult)
     assert result.data["uid"] == 65534
+
+
+async def test_dir_left_unreadable_by_non_root_user_keeps_result(
+    make_runner: MakeRunner, exchange_base: Path
+) -> None:
+    # As root the exchange dir is handed to 65534; a non-root dispatcher cannot
+    # do that, and its containers run as the caller by default instead.
+    user = "65534:65534" if os.geteuid() == 0 else None
+    script = (
+        'echo "{\\"uid\\": $(id -u)}" > "$LLEM_RESULT_PATH" && '
+        "mkdir /run/llem/x && chmod 000 /run/llem/x"
+    )
+    runner = make_runner(command=sh(script), user=user)
+    with structlog.testing.capture_logs() as logs:
+        result = await runner.run({"x": 21})
+    assert isinstance(result, ExperimentResult)
+    assert result.data["uid"] == (65534 if user else os.geteuid())
+    assert kept_dirs(exchange_base) == []
+    assert [e for e in logs if e["log_level"] == "warning"] == []

@@ -6,10 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import traceback
+import warnings
 from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
+from structlog.testing import capture_logs
 
 import llem_dispatch
 from llem_dispatch import (
@@ -26,6 +30,7 @@ from llem_dispatch import (
     compute_config_hash,
     translate_docker_error,
 )
+from llem_dispatch import _exchange as _exchange_module
 from llem_dispatch._exchange import ExchangeDir
 
 
@@ -190,6 +195,72 @@ def test_secrets_file_is_0600_and_removable(tmp_path: Path) -> None:
     assert "LLEM_SECRETS_PATH" in ex.env("/run/llem")
     ex.remove_secrets()
     assert not ex.secrets_path.exists()
+
+
+def _exchange_left_locked(base: Path) -> ExchangeDir:
+    """An exchange dir as a container may leave it: a result, dirs chmod-ed 000 and 500."""
+    ex = ExchangeDir.create("abcd", base_dir=base)
+    (ex.path / ex.result_name).write_text("{}")
+    locked = ex.path / "x"
+    (locked / "inner").mkdir(parents=True)
+    (locked / "inner" / "f").write_text("1")
+    (locked / "inner").chmod(0)
+    locked.chmod(0)
+    readonly = ex.path / "ro"
+    readonly.mkdir()
+    (readonly / "g").write_text("2")
+    readonly.chmod(0o500)
+    return ex
+
+
+def _removed_without_warning(base: Path) -> bool:
+    ex = _exchange_left_locked(base)
+    with capture_logs() as logs:
+        ex.remove()
+    return not ex.path.exists() and logs == []
+
+
+def test_remove_deletes_dirs_left_unreadable(tmp_path: Path) -> None:
+    assert _removed_without_warning(tmp_path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the test above already runs as a non-root user")
+def test_remove_deletes_dirs_left_unreadable_as_non_root() -> None:
+    # Root passes every permission check: a forked child that drops to nobody
+    # meets the ones a non-root dispatcher does (a re-exec could not reach
+    # this interpreter under /root).
+    with tempfile.TemporaryDirectory(prefix="llem-test-") as base:
+        os.chown(base, 65534, 65534)
+        with warnings.catch_warnings():
+            # 3.12+ warns about forking a threaded process; the child only touches files.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                code = 0 if _removed_without_warning(Path(base)) else 1
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_remove_failure_is_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ex = _exchange(tmp_path)
+
+    def broken(path: Path) -> None:
+        raise TypeError("open() missing required argument 'flags'")
+
+    monkeypatch.setattr(_exchange_module, "remove_tree", broken)
+    with capture_logs() as logs:
+        ex.remove()
+    assert [e["event"] for e in logs] == ["exchange_dir_cleanup_failed"]
+    assert logs[0]["log_level"] == "warning"
 
 
 def test_container_helper_runs_function_and_reports_errors(tmp_path: Path) -> None:

@@ -1,6 +1,9 @@
-"""The run lifecycle both runners share: secrets, bounded waits, kills, outcomes.
+"""The run lifecycle both runners share, written once: `run_lifecycle` over a `RunBackend`.
 
-The Runner protocol itself is in `protocol`; this module is the mechanism under it.
+Exchange dir, secrets, start, bounded supervision (timeout, silence watchdog,
+observer), outcome and clean-up live here; a backend (container or process) only
+starts, waits, kills, stops and removes its own thing. The Runner protocol itself
+is in `protocol`; this module is the mechanism under it.
 """
 
 from __future__ import annotations
@@ -10,9 +13,13 @@ import math
 import os
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import Any, Literal, TypeAlias
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeAlias
 
 import anyio
+import anyio.abc
 import structlog
 from pydantic import BaseModel, ValidationError
 
@@ -21,31 +28,52 @@ from llem_dispatch._logcapture import LogCapture, watch_silence
 from llem_dispatch._logging import register_secret
 from llem_dispatch.errors import (
     DockerContainerError,
+    DockerError,
     DockerHangError,
+    DockerOOMError,
     DockerTimeoutError,
     LlemError,
     ResultError,
 )
-from llem_dispatch.models import ExperimentFailure, ExperimentResult, RunnerMetadata
-from llem_dispatch.runners.protocol import Outcome, RunInfo
+from llem_dispatch.models import (
+    ExperimentFailure,
+    ExperimentResult,
+    RunnerMetadata,
+    compute_config_hash,
+    config_to_dict,
+)
+from llem_dispatch.runners.protocol import Outcome, RunInfo, RunObserver, utcnow
 
 __all__ = [
     "DEFAULT_SECRET_ENV",
     "FORCE_KILL",
+    "KILL_WAIT_S",
+    "LOG_DRAIN_S",
+    "ExitStatus",
     "KilledFor",
+    "Pump",
+    "Run",
+    "RunBackend",
+    "RunSettings",
     "check_run_options",
     "collect_outcome",
     "collect_secrets",
     "finish_success",
     "force_kill_requested",
+    "helper_script",
     "killed_error",
     "make_failure",
+    "run_lifecycle",
     "set_force_kill",
     "wait_bounded",
     "wait_until_forced",
 ]
 
 DEFAULT_SECRET_ENV: tuple[str, ...] = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+#: How long a killed container/process may take to exit before it is an error.
+KILL_WAIT_S = 15.0
+#: How long, after the exit, the output followers may take to reach the end of the stream.
+LOG_DRAIN_S = 5.0
 
 #: Set (e.g. by a second Ctrl-C) to skip the stop grace period when cancelling runs.
 #: Change it through `set_force_kill`, which can be undone.
@@ -250,3 +278,308 @@ async def wait_until_forced() -> None:
     # FORCE_KILL is a threading.Event set from a signal handler: poll it.
     while not FORCE_KILL.is_set():  # noqa: ASYNC110
         await anyio.sleep(0.1)
+
+
+def helper_script() -> Path:
+    """The stdlib container helper's file: run by path, or mounted into an image."""
+    return Path(str(resources.files("llem_dispatch") / "container.py"))
+
+
+# -- the shared lifecycle ----------------------------------------------------------------
+
+Pump: TypeAlias = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class ExitStatus:
+    """How the experiment ended, as its backend read it.
+
+    `oom` is why the backend believes the kernel's OOM killer ended it (None if not);
+    `log_fields` go into the `*_exited` log event.
+    """
+
+    code: int
+    oom: str | None = None
+    log_fields: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Run:
+    """One run's state, shared by `run_lifecycle` and its backend.
+
+    `context` is the error context every `LlemError` of the run carries; backends
+    add their ids to it, to `info` and to the bound logger (`bind`).
+    """
+
+    exchange: ExchangeDir
+    info: RunInfo
+    context: dict[str, Any]
+    bound: Any
+    capture: LogCapture | None = None
+
+    def bind(self, **fields: Any) -> None:
+        """Add fields to every later log event of this run."""
+        self.bound = self.bound.bind(**fields)
+
+
+class RunSettings(Protocol):
+    """The runner options the lifecycle reads: public attributes both runners have."""
+
+    @property
+    def runner_type(self) -> str: ...
+    @property
+    def source(self) -> str: ...
+    @property
+    def image(self) -> str | None: ...
+    @property
+    def timeout(self) -> float | None: ...
+    @property
+    def silence_timeout(self) -> float | None: ...
+    @property
+    def result_model(self) -> type[BaseModel] | None: ...
+    @property
+    def max_result_bytes(self) -> int: ...
+    @property
+    def secret_env(self) -> Sequence[str]: ...
+    @property
+    def exchange_base(self) -> str | Path | None: ...
+
+
+class RunBackend(Protocol):
+    """One run's container or process, as `run_lifecycle` drives it.
+
+    Infrastructure failures raise `LlemError` subclasses. `noun` names the thing in
+    log events (`container_started`, `process_killed`, ...).
+    """
+
+    noun: str
+    log: Any
+    image_digest: str | None
+
+    async def prepare(self) -> None:
+        """Check what the run needs before any file is written (e.g. the image)."""
+
+    def exchange_root(self, exchange: ExchangeDir) -> str:
+        """The exchange dir as the experiment sees it."""
+
+    async def start(self, run: Run) -> None:
+        """Bring the experiment up, running; record its ids in `run`."""
+
+    def pumps(self, capture: LogCapture) -> Sequence[Pump]:
+        """Coroutines copying its output into `capture`, each returning at end of stream."""
+
+    async def wait(self, run: Run) -> None:
+        """Return once it has exited."""
+
+    async def kill(self, run: Run) -> None:
+        """SIGKILL it (at a limit); never raises for a thing already gone."""
+
+    async def exited(self, run: Run) -> ExitStatus:
+        """After the exit: how it ended; release whatever still holds its output open."""
+
+    async def stop(self, run: Run) -> None:
+        """On cancellation: end it gracefully within its grace period (bounded)."""
+
+    async def cleanup(self, run: Run) -> None:
+        """Remove what is left of it, success or not (bounded)."""
+
+
+async def run_lifecycle(
+    settings: RunSettings,
+    backend: RunBackend,
+    config: BaseModel | Mapping[str, Any],
+    *,
+    gpus: Sequence[str] | None,
+    observer: RunObserver | None,
+) -> Outcome:
+    """Run one experiment through `backend`; return its validated result or failure.
+
+    The exchange dir is removed after a success only; a clean-up error is a
+    warning and never changes the outcome.
+    """
+    data = config_to_dict(config)
+    config_hash = compute_config_hash(data)
+    await backend.prepare()
+    run = _open_run(settings, backend, config_hash, tuple(str(g) for g in gpus or ()))
+    succeeded = False
+    try:
+        run.exchange.write_config(data)
+        run.exchange.write_secrets(collect_secrets(settings.secret_env))
+        await backend.start(run)
+        run.capture = LogCapture(run.exchange.log_path)
+        error = await _supervise(settings, backend, run, run.capture, observer)
+        if error is not None:
+            raise error
+        metadata = RunnerMetadata(
+            runner_type=settings.runner_type,
+            runner_image=settings.image,
+            image_digest=run.info.image_digest,
+            runner_source=settings.source,
+            container_id=run.info.container_id,
+            process_id=run.info.process_id,
+            gpu_ids=list(run.info.gpu_ids),
+            exit_code=run.info.exit_code,
+        )
+        outcome = collect_outcome(
+            data,
+            run.exchange,
+            run.info,
+            metadata,
+            settings.result_model,
+            run.context,
+            run.bound,
+            max_result_bytes=settings.max_result_bytes,
+            location=backend.exchange_root(run.exchange),
+        )
+        succeeded = not isinstance(outcome, ExperimentFailure)
+        return outcome
+    except BaseException as exc:
+        await _on_failure(backend, run, exc)
+        raise
+    finally:
+        await _clean_up(backend, run, remove_exchange=succeeded)
+
+
+def _open_run(
+    settings: RunSettings, backend: RunBackend, config_hash: str, gpu_ids: tuple[str, ...]
+) -> Run:
+    exchange = ExchangeDir.create(config_hash, base_dir=settings.exchange_base)
+    info = RunInfo(
+        config_hash=config_hash,
+        gpu_ids=gpu_ids,
+        exchange_dir=str(exchange.path),
+        log_path=str(exchange.log_path),
+        runner_type=settings.runner_type,
+        image=settings.image,
+        image_digest=backend.image_digest,
+    )
+    context: dict[str, Any] = {
+        "config_hash": config_hash,
+        "exchange_dir": exchange.path,
+        "log_path": exchange.log_path,
+    }
+    bound = backend.log.bind(config_hash=config_hash, gpus=list(gpu_ids))
+    return Run(exchange=exchange, info=info, context=context, bound=bound)
+
+
+async def _supervise(
+    settings: RunSettings,
+    backend: RunBackend,
+    run: Run,
+    capture: LogCapture,
+    observer: RunObserver | None,
+) -> LlemError | None:
+    """From start to exit under the limits; the error for how it ended, if any."""
+    info = run.info
+    info.started_at = utcnow()
+    capture.touch()
+    run.bound.info(f"{backend.noun}_started")
+    if observer is not None:
+        observer.on_started(info)
+    async with anyio.create_task_group() as followers:
+        drained = [_follow(followers, pump) for pump in backend.pumps(capture)]
+        killed_for = await wait_bounded(
+            lambda: backend.wait(run),
+            capture,
+            timeout_s=settings.timeout,
+            silence_s=settings.silence_timeout,
+        )
+        if killed_for is not None:
+            run.bound.warning(f"{backend.noun}_killed", reason=killed_for)
+            await _kill_and_wait(backend, run)
+        info.exited_at = utcnow()
+        if observer is not None:
+            observer.on_exited(info)
+        status = await backend.exited(run)
+        with anyio.move_on_after(LOG_DRAIN_S):
+            for done in drained:
+                await done.wait()
+        followers.cancel_scope.cancel()
+    return _exit_error(settings, backend.noun, run, capture, status, killed_for)
+
+
+def _follow(followers: anyio.abc.TaskGroup, pump: Pump) -> anyio.Event:
+    """Start `pump` in `followers`; the event is set once it has returned."""
+    done = anyio.Event()
+
+    async def follow() -> None:
+        try:
+            await pump()
+        finally:
+            done.set()
+
+    followers.start_soon(follow)
+    return done
+
+
+async def _kill_and_wait(backend: RunBackend, run: Run) -> None:
+    await backend.kill(run)
+    try:
+        with anyio.fail_after(KILL_WAIT_S):
+            await backend.wait(run)
+    except TimeoutError as exc:
+        raise DockerError(
+            f"{backend.noun} did not exit within {KILL_WAIT_S}s of SIGKILL", **run.context
+        ) from exc
+
+
+def _exit_error(
+    settings: RunSettings,
+    noun: str,
+    run: Run,
+    capture: LogCapture,
+    status: ExitStatus,
+    killed_for: KilledFor | None,
+) -> LlemError | None:
+    """Record the exit; a kill at a limit, then the OOM killer, are errors."""
+    run.info.exit_code = status.code
+    run.context["exit_code"] = status.code
+    run.context["stderr_snippet"] = capture.tail("stderr") or capture.tail("stdout")
+    run.bound.info(f"{noun}_exited", exit_code=status.code, **status.log_fields)
+    killed = killed_error(
+        killed_for,
+        timeout=settings.timeout,
+        silence_timeout=settings.silence_timeout,
+        context=run.context,
+    )
+    if killed is not None:
+        return killed
+    if status.oom is not None:
+        return DockerOOMError(status.oom, **run.context)
+    return None
+
+
+async def _on_failure(backend: RunBackend, run: Run, exc: BaseException) -> None:
+    cancelled = isinstance(exc, anyio.get_cancelled_exc_class() | KeyboardInterrupt)
+    if isinstance(exc, LlemError) or cancelled:
+        run.bound.warning(
+            "run_failed", error=type(exc).__name__, exchange_dir=str(run.exchange.path)
+        )
+    if cancelled:
+        with anyio.CancelScope(shield=True):
+            await backend.stop(run)
+
+
+async def _clean_up(backend: RunBackend, run: Run, *, remove_exchange: bool) -> None:
+    """Secrets, log file, the container/process, then (after a success) the exchange dir.
+
+    Never raises an `Exception`: a clean-up failure is a warning and leaves the
+    run's outcome (result or error) as it was.
+    """
+    _attempt(run, "secrets", run.exchange.remove_secrets)
+    if run.capture is not None:
+        _attempt(run, "log", run.capture.close)
+    try:
+        with anyio.CancelScope(shield=True):
+            await backend.cleanup(run)
+    except Exception as exc:  # noqa: BLE001 - a clean-up error must not replace the outcome
+        run.bound.warning("cleanup_failed", step=backend.noun, error=repr(exc))
+    if remove_exchange:
+        _attempt(run, "exchange_dir", run.exchange.remove)
+
+
+def _attempt(run: Run, step: str, action: Callable[[], None]) -> None:
+    try:
+        action()
+    except Exception as exc:  # noqa: BLE001 - a clean-up error must not replace the outcome
+        run.bound.warning("cleanup_failed", step=step, error=repr(exc))

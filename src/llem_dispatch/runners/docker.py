@@ -13,8 +13,7 @@ import math
 import os
 import re
 import secrets as _secrets_mod
-from collections.abc import Mapping, Sequence
-from importlib import resources
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -26,43 +25,44 @@ import structlog
 from pydantic import BaseModel
 
 from llem_dispatch import _labels
-from llem_dispatch._docker import docker_url, translate_api_error
+from llem_dispatch._docker import (
+    docker_url,
+    image_missing_error,
+    inspect_image,
+    translate_api_error,
+)
 from llem_dispatch._exchange import (
     CONTAINER_EXCHANGE_DIR,
     DEFAULT_MAX_RESULT_BYTES,
     ExchangeDir,
 )
 from llem_dispatch._logcapture import LogCapture
-from llem_dispatch.errors import (
-    DockerError,
-    DockerOOMError,
-    LlemError,
-)
-from llem_dispatch.models import (
-    ExperimentFailure,
-    RunnerMetadata,
-    compute_config_hash,
-    config_to_dict,
-)
 from llem_dispatch.runners._lifecycle import (
     DEFAULT_SECRET_ENV,
     FORCE_KILL,
+    LOG_DRAIN_S,
+    ExitStatus,
+    Pump,
+    Run,
     check_run_options,
-    collect_outcome,
-    collect_secrets,
-    killed_error,
-    wait_bounded,
+    helper_script,
+    run_lifecycle,
     wait_until_forced,
 )
-from llem_dispatch.runners.protocol import Outcome, RunInfo, RunObserver, utcnow
+from llem_dispatch.runners.protocol import Outcome, RunObserver
 
-__all__ = ["HELPER_CONTAINER_PATH", "DockerRunner", "parse_size"]
+__all__ = [
+    "CLEANUP_TIMEOUT_S",
+    "HELPER_CONTAINER_PATH",
+    "LOG_DRAIN_S",
+    "DockerRunner",
+    "parse_size",
+]
 
 
 HELPER_CONTAINER_PATH = "/opt/llem/llem_container.py"
-KILL_WAIT_S = 15.0
+#: The bound on each Docker call made while cleaning up (kill, remove, a shielded create).
 CLEANUP_TIMEOUT_S = 20.0
-LOG_DRAIN_S = 5.0
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.I)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
@@ -79,10 +79,6 @@ def parse_size(value: int | str) -> int:
     if not match:
         raise ValueError(f"cannot parse size {value!r}; use e.g. '8g', '512m' or bytes")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-
-
-def _helper_source() -> Path:
-    return Path(str(resources.files("llem_dispatch") / "container.py"))
 
 
 class DockerRunner:
@@ -103,7 +99,8 @@ class DockerRunner:
         secret_env: host variables passed as a 0600 file, never as container Env.
         silence_timeout: kill with `DockerHangError` after this many seconds without output.
         network: Docker network mode ('none' for isolated, faster starts).
-        user: 'uid:gid' to run as; cap_add: capabilities kept (all others dropped).
+        user: 'uid:gid' to run as (default: the caller's own ids when the caller is
+            not root, else the image's user); cap_add: capabilities kept (all others dropped).
     """
 
     runner_type = "docker"
@@ -206,10 +203,9 @@ class DockerRunner:
     async def image_digest(self) -> str:
         """The image's repo digest (or id when it has none); looked up once."""
         if self._digest is None:
-            try:
-                info = await self._client().images.inspect(self.image)
-            except Exception as exc:
-                raise translate_api_error(exc, image=self.image, phase="image") from exc
+            info = await inspect_image(self._client(), self.image)
+            if info is None:
+                raise image_missing_error(self.image)
             repo_digests = info.get("RepoDigests") or []
             self._digest = str(repo_digests[0] if repo_digests else info["Id"])
         return self._digest
@@ -220,6 +216,32 @@ class DockerRunner:
         self, exchange: ExchangeDir, gpu_ids: Sequence[str], *, config_hash: str
     ) -> dict[str, Any]:
         """The Engine API create body for one experiment (also shown by --dry-run)."""
+        labels = {
+            **self.labels,
+            **_labels.base_labels(),
+            _labels.LABEL_CONFIG_HASH: config_hash,
+            _labels.LABEL_EXCHANGE_DIR: str(exchange.path),
+        }
+        env = self._container_env(exchange, gpu_ids)
+        spec: dict[str, Any] = {
+            "Image": self.image,
+            "Env": [f"{k}={v}" for k, v in sorted(env.items())],
+            "Labels": labels,
+            "HostConfig": self._host_config(exchange, gpu_ids),
+            "AttachStdout": False,
+            "AttachStderr": False,
+            "Tty": False,
+        }
+        if self.function is not None:
+            spec["Cmd"] = ["python3", HELPER_CONTAINER_PATH, self.function]
+        elif self.command is not None:
+            spec["Cmd"] = self.command
+        user = self.container_user()
+        if user is not None:
+            spec["User"] = user
+        return spec
+
+    def _container_env(self, exchange: ExchangeDir, gpu_ids: Sequence[str]) -> dict[str, str]:
         env = {**self.env, **exchange.env(CONTAINER_EXCHANGE_DIR)}
         env["LLEM_GPU_IDS"] = ",".join(gpu_ids)
         if gpu_ids:
@@ -230,6 +252,9 @@ class DockerRunner:
             # CUDA images default to NVIDIA_VISIBLE_DEVICES=all: never share by accident.
             env["NVIDIA_VISIBLE_DEVICES"] = "void"
             env["CUDA_VISIBLE_DEVICES"] = ""
+        return env
+
+    def _host_config(self, exchange: ExchangeDir, gpu_ids: Sequence[str]) -> dict[str, Any]:
         mounts: list[dict[str, Any]] = [
             {
                 "Type": "bind",
@@ -242,7 +267,7 @@ class DockerRunner:
             mounts.append(
                 {
                     "Type": "bind",
-                    "Source": str(_helper_source()),
+                    "Source": str(helper_script()),
                     "Target": HELPER_CONTAINER_PATH,
                     "ReadOnly": True,
                 }
@@ -267,28 +292,19 @@ class DockerRunner:
             host_config["DeviceRequests"] = [
                 {"Driver": "nvidia", "DeviceIDs": list(gpu_ids), "Capabilities": [["gpu"]]}
             ]
-        labels = {
-            **self.labels,
-            **_labels.base_labels(),
-            _labels.LABEL_CONFIG_HASH: config_hash,
-            _labels.LABEL_EXCHANGE_DIR: str(exchange.path),
-        }
-        spec: dict[str, Any] = {
-            "Image": self.image,
-            "Env": [f"{k}={v}" for k, v in sorted(env.items())],
-            "Labels": labels,
-            "HostConfig": host_config,
-            "AttachStdout": False,
-            "AttachStderr": False,
-            "Tty": False,
-        }
-        if self.function is not None:
-            spec["Cmd"] = ["python3", HELPER_CONTAINER_PATH, self.function]
-        elif self.command is not None:
-            spec["Cmd"] = self.command
+        return host_config
+
+    def container_user(self) -> str | None:
+        """The 'uid:gid' the container runs as: `user`, else the caller's own when not root.
+
+        Root in the container has no capabilities (all dropped), so it could not
+        write into a non-root caller's 0700 exchange dir; the caller's ids can.
+        """
         if self.user is not None:
-            spec["User"] = self.user
-        return spec
+            return self.user
+        if os.geteuid() != 0:
+            return f"{os.geteuid()}:{os.getegid()}"
+        return None
 
     # -- run -----------------------------------------------------------------------
 
@@ -304,254 +320,7 @@ class DockerRunner:
         Raises `DockerError` subclasses for infrastructure failures and `ResultError`
         for unusable result files. Cancelling the caller kills and removes the container.
         """
-        data = config_to_dict(config)
-        config_hash = compute_config_hash(data)
-        gpu_ids = tuple(str(g) for g in gpus or ())
-        if self._pending_removal:
-            await self._remove_pending()
-        digest = await self.image_digest()
-        exchange = ExchangeDir.create(config_hash, base_dir=self.exchange_base)
-        info = RunInfo(
-            config_hash=config_hash,
-            gpu_ids=gpu_ids,
-            exchange_dir=str(exchange.path),
-            log_path=str(exchange.log_path),
-            runner_type=self.runner_type,
-            image=self.image,
-            image_digest=digest,
-        )
-        bound = log.bind(config_hash=config_hash, image=self.image, gpus=list(gpu_ids))
-        context: dict[str, Any] = {
-            "config_hash": config_hash,
-            "exchange_dir": exchange.path,
-            "log_path": exchange.log_path,
-        }
-        container: Any = None
-        capture: LogCapture | None = None
-        succeeded = False
-        try:
-            exchange.write_config(data)
-            exchange.write_secrets(collect_secrets(self.secret_env))
-            if self.user is not None and os.geteuid() == 0:
-                uid, _, gid = self.user.partition(":")
-                if uid.isdigit():
-                    exchange.chown(int(uid), int(gid) if gid.isdigit() else int(uid))
-            spec = self.container_spec(exchange, gpu_ids, config_hash=config_hash)
-            name = f"llem-{config_hash}-{_secrets_mod.token_hex(3)}"
-            try:
-                # Shielded: a create cancelled mid-request can still make a container
-                # whose id we would never learn. Let it finish (bounded), then clean up.
-                with anyio.CancelScope(shield=True), anyio.fail_after(CLEANUP_TIMEOUT_S):
-                    container = await self._client().containers.create(spec, name=name)
-            except Exception as exc:
-                raise translate_api_error(exc, image=self.image, phase="create", **context) from exc
-            info.container_id = container.id
-            context["container_id"] = container.id
-            bound = bound.bind(container_id=container.id[:12])
-            capture = LogCapture(exchange.log_path)
-            outcome = await self._supervise(container, capture, info, observer, context, bound)
-            if isinstance(outcome, LlemError):
-                raise outcome
-            metadata = RunnerMetadata(
-                runner_type=self.runner_type,
-                runner_image=self.image,
-                image_digest=info.image_digest,
-                runner_source=self.source,
-                container_id=info.container_id,
-                gpu_ids=list(info.gpu_ids),
-                exit_code=info.exit_code,
-            )
-            result = collect_outcome(
-                data,
-                exchange,
-                info,
-                metadata,
-                self.result_model,
-                context,
-                bound,
-                max_result_bytes=self.max_result_bytes,
-                location=CONTAINER_EXCHANGE_DIR,
-            )
-            succeeded = not isinstance(result, ExperimentFailure)
-            return result
-        except BaseException as exc:
-            succeeded = False
-            cancelled = isinstance(exc, anyio.get_cancelled_exc_class() | KeyboardInterrupt)
-            if isinstance(exc, LlemError) or cancelled:
-                bound.warning(
-                    "run_failed", error=type(exc).__name__, exchange_dir=str(exchange.path)
-                )
-            if cancelled and container is not None:
-                await self._stop(container, bound)
-            raise
-        finally:
-            exchange.remove_secrets()
-            if capture is not None:
-                capture.close()
-            if container is not None:
-                await self._remove(container, bound)
-            if succeeded:
-                exchange.remove()
-
-    async def _supervise(
-        self,
-        container: Any,
-        capture: LogCapture,
-        info: RunInfo,
-        observer: RunObserver | None,
-        context: dict[str, Any],
-        bound: Any,
-    ) -> dict[str, Any] | LlemError:
-        """Attach, start, wait with timeout and silence watchdog; return the State."""
-        # Attach before start: the raw stdio stream misses nothing (the logs endpoint
-        # with follow=True drops a last line without newline) and, with the "none" log
-        # driver, costs the daemon no JSON encoding per line.
-        try:
-            stream = container.attach(stdout=True, stderr=True)
-            await stream.__aenter__()
-        except Exception as exc:
-            raise translate_api_error(exc, image=self.image, phase="attach", **context) from exc
-        try:
-            return await self._run_attached(
-                container, stream, capture, info, observer, context, bound
-            )
-        finally:
-            with (
-                anyio.CancelScope(shield=True),
-                anyio.move_on_after(5),
-                contextlib.suppress(Exception),
-            ):
-                await stream.close()
-
-    async def _run_attached(
-        self,
-        container: Any,
-        stream: Any,
-        capture: LogCapture,
-        info: RunInfo,
-        observer: RunObserver | None,
-        context: dict[str, Any],
-        bound: Any,
-    ) -> dict[str, Any] | LlemError:
-        try:
-            await container.start()
-        except Exception as exc:
-            raise translate_api_error(exc, image=self.image, phase="start", **context) from exc
-        info.started_at = utcnow()
-        capture.touch()
-        bound.info("container_started")
-        if observer is not None:
-            observer.on_started(info)
-        drained = anyio.Event()
-        async with anyio.create_task_group() as followers:
-            followers.start_soon(self._pump, stream, capture, drained)
-            killed_for = await wait_bounded(
-                lambda: self._wait(container, context),
-                capture,
-                timeout_s=self.timeout,
-                silence_s=self.silence_timeout,
-            )
-            if killed_for is not None:
-                bound.warning("container_killed", reason=killed_for)
-                await self._kill(container)
-                try:
-                    with anyio.fail_after(KILL_WAIT_S):
-                        await container.wait()
-                except TimeoutError as exc:
-                    raise DockerError(
-                        f"container did not exit within {KILL_WAIT_S}s of SIGKILL", **context
-                    ) from exc
-            info.exited_at = utcnow()
-            if observer is not None:
-                observer.on_exited(info)
-            # The attached stream ends by itself once the container has exited.
-            with anyio.move_on_after(LOG_DRAIN_S):
-                await drained.wait()
-            followers.cancel_scope.cancel()
-        try:
-            state = (await container.show())["State"]
-        except Exception as exc:
-            raise translate_api_error(exc, image=self.image, phase="inspect", **context) from exc
-        info.exit_code = int(state.get("ExitCode", -1))
-        context["exit_code"] = info.exit_code
-        context["stderr_snippet"] = capture.tail("stderr") or capture.tail("stdout")
-        bound.info(
-            "container_exited", exit_code=info.exit_code, oom_killed=bool(state.get("OOMKilled"))
-        )
-        killed = killed_error(
-            killed_for,
-            timeout=self.timeout,
-            silence_timeout=self.silence_timeout,
-            context=context,
-        )
-        if killed is not None:
-            return killed
-        if state.get("OOMKilled") or info.exit_code == 137:
-            return DockerOOMError(
-                "container was killed by the OOM killer"
-                + (" (State.OOMKilled)" if state.get("OOMKilled") else " (exit 137, not by us)"),
-                **context,
-            )
-        return dict(state)
-
-    async def _wait(self, container: Any, context: dict[str, Any]) -> None:
-        try:
-            await container.wait()
-        except Exception as exc:
-            raise translate_api_error(exc, image=self.image, phase="wait", **context) from exc
-
-    @staticmethod
-    async def _pump(stream: Any, capture: LogCapture, done: anyio.Event) -> None:
-        """Copy the attached stdout/stderr frames into the capture until EOF."""
-        decoders = {
-            1: codecs.getincrementaldecoder("utf-8")(errors="replace"),
-            2: codecs.getincrementaldecoder("utf-8")(errors="replace"),
-        }
-        try:
-            while True:
-                message = await stream.read_out()
-                if message is None:
-                    break
-                fileno = 2 if message.stream == 2 else 1
-                capture.feed(
-                    "stderr" if fileno == 2 else "stdout", decoders[fileno].decode(message.data)
-                )
-        except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
-            log.debug("attach_stream_ended", error=repr(exc))
-        finally:
-            done.set()
-
-    async def _stop(self, container: Any, bound: Any) -> None:
-        """On cancellation: SIGTERM, SIGKILL after the grace period (at once if forced)."""
-        grace = 0 if FORCE_KILL.is_set() else self.stop_grace_s
-        with anyio.CancelScope(shield=True), anyio.move_on_after(grace + CLEANUP_TIMEOUT_S):
-            try:
-                if grace > 0:
-                    bound.info("container_stopping", grace_s=grace)
-                    # Docker sends SIGTERM, then SIGKILL once `t` seconds have passed.
-                    with anyio.move_on_after(grace + 5):
-                        async with anyio.create_task_group() as tg:
-                            tg.start_soon(self._kill_when_forced, container, tg.cancel_scope)
-                            await container.stop(t=math.ceil(grace))
-                            tg.cancel_scope.cancel()
-                else:
-                    await container.kill(signal="SIGKILL")
-            except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
-                bound.debug("stop_failed", error=repr(exc))
-
-    @staticmethod
-    async def _kill_when_forced(container: Any, scope: anyio.CancelScope) -> None:
-        await wait_until_forced()
-        with contextlib.suppress(aiodocker.DockerError, aiohttp.ClientError, OSError):
-            await container.kill(signal="SIGKILL")
-        scope.cancel()
-
-    async def _kill(self, container: Any) -> None:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
-            try:
-                await container.kill(signal="SIGKILL")
-            except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
-                log.debug("kill_failed", error=repr(exc))
+        return await run_lifecycle(self, _ContainerRun(self), config, gpus=gpus, observer=observer)
 
     async def _remove(self, container: Any, bound: Any) -> None:
         """Force-remove the container; shielded from cancellation and bounded.
@@ -581,3 +350,144 @@ class DockerRunner:
         for container_id in list(self._pending_removal):
             container = self._client().containers.container(container_id)
             await self._remove(container, log.bind(container_id=container_id[:12]))
+
+
+class _ContainerRun:
+    """One run's container: the `RunBackend` that `run_lifecycle` drives for DockerRunner."""
+
+    noun = "container"
+
+    def __init__(self, runner: DockerRunner) -> None:
+        self.runner = runner
+        self.log = log.bind(image=runner.image)
+        self.image_digest: str | None = None
+        self.container: Any = None
+        self.stream: Any = None
+
+    def exchange_root(self, exchange: ExchangeDir) -> str:
+        return CONTAINER_EXCHANGE_DIR
+
+    async def prepare(self) -> None:
+        if self.runner._pending_removal:
+            await self.runner._remove_pending()
+        self.image_digest = await self.runner.image_digest()
+
+    async def start(self, run: Run) -> None:
+        """Create, attach, start; every Docker error translated with the run's context."""
+        runner, exchange = self.runner, run.exchange
+        if runner.user is not None and os.geteuid() == 0:
+            uid, _, gid = runner.user.partition(":")
+            if uid.isdigit():
+                exchange.chown(int(uid), int(gid) if gid.isdigit() else int(uid))
+        spec = runner.container_spec(exchange, run.info.gpu_ids, config_hash=exchange.config_hash)
+        name = f"llem-{exchange.config_hash}-{_secrets_mod.token_hex(3)}"
+
+        async def create() -> Any:
+            # Shielded: a create cancelled mid-request can still make a container
+            # whose id we would never learn. Let it finish (bounded), then clean up.
+            with anyio.CancelScope(shield=True), anyio.fail_after(CLEANUP_TIMEOUT_S):
+                return await runner._client().containers.create(spec, name=name)
+
+        self.container = await self._call("create", run, create)
+        run.info.container_id = self.container.id
+        run.context["container_id"] = self.container.id
+        run.bind(container_id=self.container.id[:12])
+        # Attach before start: the raw stdio stream misses nothing (the logs endpoint
+        # with follow=True drops a last line without newline) and, with the "none" log
+        # driver, costs the daemon no JSON encoding per line.
+        self.stream = await self._call("attach", run, self._attach)
+        await self._call("start", run, self.container.start)
+
+    async def _attach(self) -> Any:
+        stream = self.container.attach(stdout=True, stderr=True)
+        await stream.__aenter__()
+        return stream
+
+    async def _call(self, phase: str, run: Run, call: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            return await call()
+        except Exception as exc:
+            raise translate_api_error(
+                exc, image=self.runner.image, phase=phase, **run.context
+            ) from exc
+
+    def pumps(self, capture: LogCapture) -> Sequence[Pump]:
+        return [lambda: _pump(self.stream, capture)]
+
+    async def wait(self, run: Run) -> None:
+        await self._call("wait", run, self.container.wait)
+
+    async def kill(self, run: Run) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
+            try:
+                await self.container.kill(signal="SIGKILL")
+            except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
+                run.bound.debug("kill_failed", error=repr(exc))
+
+    async def exited(self, run: Run) -> ExitStatus:
+        state = (await self._call("inspect", run, self.container.show))["State"]
+        code = int(state.get("ExitCode", -1))
+        oom_killed = bool(state.get("OOMKilled"))
+        oom = None
+        if oom_killed or code == 137:
+            oom = "container was killed by the OOM killer" + (
+                " (State.OOMKilled)" if oom_killed else " (exit 137, not by us)"
+            )
+        return ExitStatus(code=code, oom=oom, log_fields={"oom_killed": oom_killed})
+
+    async def stop(self, run: Run) -> None:
+        """SIGTERM, SIGKILL after the grace period (at once if forced)."""
+        if self.container is None:
+            return
+        grace = 0 if FORCE_KILL.is_set() else self.runner.stop_grace_s
+        with anyio.CancelScope(shield=True), anyio.move_on_after(grace + CLEANUP_TIMEOUT_S):
+            try:
+                if grace > 0:
+                    run.bound.info("container_stopping", grace_s=grace)
+                    # Docker sends SIGTERM, then SIGKILL once `t` seconds have passed.
+                    with anyio.move_on_after(grace + 5):
+                        async with anyio.create_task_group() as tg:
+                            tg.start_soon(self._kill_when_forced, tg.cancel_scope)
+                            await self.container.stop(t=math.ceil(grace))
+                            tg.cancel_scope.cancel()
+                else:
+                    await self.container.kill(signal="SIGKILL")
+            except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
+                run.bound.debug("stop_failed", error=repr(exc))
+
+    async def _kill_when_forced(self, scope: anyio.CancelScope) -> None:
+        await wait_until_forced()
+        with contextlib.suppress(aiodocker.DockerError, aiohttp.ClientError, OSError):
+            await self.container.kill(signal="SIGKILL")
+        scope.cancel()
+
+    async def cleanup(self, run: Run) -> None:
+        """Close the attached stream, then force-remove the container."""
+        if self.stream is not None:
+            with (
+                anyio.CancelScope(shield=True),
+                anyio.move_on_after(5),
+                contextlib.suppress(Exception),
+            ):
+                await self.stream.close()
+        if self.container is not None:
+            await self.runner._remove(self.container, run.bound)
+
+
+async def _pump(stream: Any, capture: LogCapture) -> None:
+    """Copy the attached stdout/stderr frames into the capture until EOF."""
+    decoders = {
+        1: codecs.getincrementaldecoder("utf-8")(errors="replace"),
+        2: codecs.getincrementaldecoder("utf-8")(errors="replace"),
+    }
+    try:
+        while True:
+            message = await stream.read_out()
+            if message is None:
+                break
+            fileno = 2 if message.stream == 2 else 1
+            capture.feed(
+                "stderr" if fileno == 2 else "stdout", decoders[fileno].decode(message.data)
+            )
+    except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
+        log.debug("attach_stream_ended", error=repr(exc))

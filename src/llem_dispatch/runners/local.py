@@ -1,8 +1,8 @@
 """LocalRunner: the container protocol as a host subprocess, for machines without Docker.
 
 Same exchange dir, env, result/error files, timeout, silence limit, cancellation
-and error classes as DockerRunner; the process runs in its own process group so
-a kill reaches every child, as stopping a container would.
+and error classes as DockerRunner (one shared lifecycle); the process runs in its
+own process group so a kill reaches every child, as stopping a container would.
 """
 
 from __future__ import annotations
@@ -24,32 +24,23 @@ from pydantic import BaseModel
 
 from llem_dispatch._exchange import DEFAULT_MAX_RESULT_BYTES, ExchangeDir
 from llem_dispatch._logcapture import LogCapture
-from llem_dispatch.errors import (
-    ConfigError,
-    DockerOOMError,
-    LlemError,
-)
-from llem_dispatch.models import (
-    ExperimentFailure,
-    RunnerMetadata,
-    compute_config_hash,
-    config_to_dict,
-)
+from llem_dispatch.errors import ConfigError
 from llem_dispatch.runners._lifecycle import (
     DEFAULT_SECRET_ENV,
     FORCE_KILL,
+    KILL_WAIT_S,
+    ExitStatus,
+    Pump,
+    Run,
     check_run_options,
-    collect_outcome,
-    collect_secrets,
-    killed_error,
-    wait_bounded,
+    helper_script,
+    run_lifecycle,
     wait_until_forced,
 )
-from llem_dispatch.runners.protocol import Outcome, RunInfo, RunObserver, utcnow
+from llem_dispatch.runners.protocol import Outcome, RunObserver
 
 __all__ = ["LocalRunner"]
 
-KILL_WAIT_S = 15.0
 CHUNK = 64 * 1024
 
 log = structlog.get_logger("llem_dispatch.local")
@@ -61,7 +52,7 @@ class LocalRunner:
     Args:
         command: argv to run (it finds its paths in the LLEM_* environment).
         function: `module:function` run through the stdlib helper with this
-            Python; exclusive with `command`.
+            Python (by file path: the package is not imported); exclusive with `command`.
         cwd: working directory (the experiment's module must be importable from it).
         Other arguments as for `DockerRunner`.
     """
@@ -89,9 +80,7 @@ class LocalRunner:
             raise ValueError("give exactly one of command= or function=")
         check_run_options(timeout=timeout, silence_timeout=silence_timeout, function=function)
         self.command = (
-            list(command)
-            if command is not None
-            else [python, "-m", "llem_dispatch.container", str(function)]
+            list(command) if command is not None else [python, str(helper_script()), str(function)]
         )
         self.function = function
         self.timeout = timeout
@@ -139,158 +128,96 @@ class LocalRunner:
         observer: RunObserver | None = None,
     ) -> Outcome:
         """Run one experiment as a subprocess; same outcomes and errors as DockerRunner."""
-        data = config_to_dict(config)
-        config_hash = compute_config_hash(data)
-        gpu_ids = tuple(str(g) for g in gpus or ())
-        exchange = ExchangeDir.create(config_hash, base_dir=self.exchange_base)
-        info = RunInfo(
-            config_hash=config_hash,
-            gpu_ids=gpu_ids,
-            exchange_dir=str(exchange.path),
-            log_path=str(exchange.log_path),
-            runner_type=self.runner_type,
-        )
-        bound = log.bind(config_hash=config_hash, gpus=list(gpu_ids))
-        context: dict[str, Any] = {
-            "config_hash": config_hash,
-            "exchange_dir": exchange.path,
-            "log_path": exchange.log_path,
-        }
-        capture = LogCapture(exchange.log_path)
-        succeeded = False
+        return await run_lifecycle(self, _ProcessRun(self), config, gpus=gpus, observer=observer)
+
+
+class _ProcessRun:
+    """One run's process group: the `RunBackend` that `run_lifecycle` drives for LocalRunner.
+
+    The process leads its own group, so a kill reaches every child, as stopping
+    a container would.
+    """
+
+    noun = "process"
+    log = log
+    image_digest: str | None = None
+
+    def __init__(self, runner: LocalRunner) -> None:
+        self.runner = runner
+        self.process: anyio.abc.Process | None = None
+
+    def exchange_root(self, exchange: ExchangeDir) -> str:
+        return str(exchange.path)
+
+    async def prepare(self) -> None:
+        """Nothing to check before the exchange dir: a missing program fails at start."""
+
+    async def start(self, run: Run) -> None:
+        runner = self.runner
+        env = runner.process_env(run.exchange, run.info.gpu_ids)
         try:
-            exchange.write_config(data)
-            exchange.write_secrets(collect_secrets(self.secret_env))
-            env = self.process_env(exchange, gpu_ids)
-            try:
-                process = await anyio.open_process(
-                    self.command,
-                    env=env,
-                    cwd=self.cwd,
-                    start_new_session=True,
-                    stdin=None,
-                )
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot start {self.command[0]!r}: {exc.strerror}",
-                    fix_suggestion="Check the study's command / function and that the "
-                    "program exists on this host.",
-                    **{k: v for k, v in context.items() if k != "log_path"},
-                ) from exc
-            info.process_id = process.pid
-            bound = bound.bind(pid=process.pid)
-            try:
-                outcome = await self._supervise(process, capture, info, observer, context, bound)
-            except anyio.get_cancelled_exc_class():
-                with anyio.CancelScope(shield=True):
-                    await self._terminate(process, bound)
-                raise
-            finally:
-                # Like a stopped container: nothing of the experiment outlives it.
-                with anyio.CancelScope(shield=True), anyio.move_on_after(KILL_WAIT_S):
-                    await _kill_group(process)
-                    await process.aclose()
-            if isinstance(outcome, LlemError):
-                raise outcome
-            metadata = RunnerMetadata(
-                runner_type=self.runner_type,
-                runner_source=self.source,
-                process_id=info.process_id,
-                gpu_ids=list(gpu_ids),
-                exit_code=info.exit_code,
+            self.process = await anyio.open_process(
+                runner.command, env=env, cwd=runner.cwd, start_new_session=True, stdin=None
             )
-            result = collect_outcome(
-                data,
-                exchange,
-                info,
-                metadata,
-                self.result_model,
-                context,
-                bound,
-                max_result_bytes=self.max_result_bytes,
-                location=str(exchange.path),
-            )
-            succeeded = not isinstance(result, ExperimentFailure)
-            return result
-        except BaseException as exc:
-            if isinstance(exc, LlemError | anyio.get_cancelled_exc_class()):
-                bound.warning(
-                    "run_failed", error=type(exc).__name__, exchange_dir=str(exchange.path)
-                )
-            raise
-        finally:
-            exchange.remove_secrets()
-            capture.close()
-            if succeeded:
-                exchange.remove()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot start {runner.command[0]!r}: {exc.strerror}",
+                fix_suggestion="Check the study's command / function and that the "
+                "program exists on this host.",
+                **{k: v for k, v in run.context.items() if k != "log_path"},
+            ) from exc
+        run.info.process_id = self.process.pid
+        run.bind(pid=self.process.pid)
 
-    async def _terminate(self, process: anyio.abc.Process, bound: Any) -> None:
-        """On cancellation: SIGTERM the group, SIGKILL after the grace period (or if forced)."""
-        if FORCE_KILL.is_set() or self.stop_grace_s <= 0:
-            return
-        bound.info("process_stopping", grace_s=self.stop_grace_s)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGTERM)
-        with anyio.move_on_after(self.stop_grace_s):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(wait_until_forced)
-                await process.wait()
-                tg.cancel_scope.cancel()
+    def _running(self) -> anyio.abc.Process:
+        assert self.process is not None
+        return self.process
 
-    async def _supervise(
-        self,
-        process: anyio.abc.Process,
-        capture: LogCapture,
-        info: RunInfo,
-        observer: RunObserver | None,
-        context: dict[str, Any],
-        bound: Any,
-    ) -> int | LlemError:
-        info.started_at = utcnow()
-        capture.touch()
-        bound.info("process_started")
-        if observer is not None:
-            observer.on_started(info)
-        async with anyio.create_task_group() as readers:
-            assert process.stdout is not None
-            assert process.stderr is not None
-            readers.start_soon(_pump, process.stdout, capture, "stdout")
-            readers.start_soon(_pump, process.stderr, capture, "stderr")
-            killed_for = await wait_bounded(
-                process.wait,
-                capture,
-                timeout_s=self.timeout,
-                silence_s=self.silence_timeout,
-            )
-            if killed_for is not None:
-                bound.warning("process_killed", reason=killed_for)
-                await _kill_group(process)
-                with anyio.fail_after(KILL_WAIT_S):
-                    await process.wait()
-            info.exited_at = utcnow()
-            if observer is not None:
-                observer.on_exited(info)
-            # Orphaned children may hold the pipes open: end them so the readers stop.
-            await _kill_group(process)
+    def pumps(self, capture: LogCapture) -> Sequence[Pump]:
+        process = self._running()
+        assert process.stdout is not None
+        assert process.stderr is not None
+        stdout, stderr = process.stdout, process.stderr
+        return [lambda: _pump(stdout, capture, "stdout"), lambda: _pump(stderr, capture, "stderr")]
+
+    async def wait(self, run: Run) -> None:
+        await self._running().wait()
+
+    async def kill(self, run: Run) -> None:
+        _kill_group(self._running())
+
+    async def exited(self, run: Run) -> ExitStatus:
+        process = self._running()
+        # Orphaned children may hold the pipes open: end them so the readers stop.
+        _kill_group(process)
         code = process.returncode
         assert code is not None
-        info.exit_code = 128 - code if code < 0 else code
-        context["exit_code"] = info.exit_code
-        context["stderr_snippet"] = capture.tail("stderr") or capture.tail("stdout")
-        bound.info("process_exited", exit_code=info.exit_code)
-        killed = killed_error(
-            killed_for,
-            timeout=self.timeout,
-            silence_timeout=self.silence_timeout,
-            context=context,
-        )
-        if killed is not None:
-            return killed
+        oom = None
         if code == -signal.SIGKILL:
-            return DockerOOMError(
-                "process was killed with SIGKILL, not by us (the kernel OOM killer?)", **context
-            )
-        return info.exit_code
+            oom = "process was killed with SIGKILL, not by us (the kernel OOM killer?)"
+        return ExitStatus(code=128 - code if code < 0 else code, oom=oom)
+
+    async def stop(self, run: Run) -> None:
+        """SIGTERM the group, then wait out the grace period (the clean-up SIGKILLs)."""
+        grace = self.runner.stop_grace_s
+        if self.process is None or FORCE_KILL.is_set() or grace <= 0:
+            return
+        run.bound.info("process_stopping", grace_s=grace)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        with anyio.move_on_after(grace):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait_until_forced)
+                await self.process.wait()
+                tg.cancel_scope.cancel()
+
+    async def cleanup(self, run: Run) -> None:
+        """Like a stopped container: nothing of the experiment outlives it."""
+        if self.process is None:
+            return
+        with anyio.CancelScope(shield=True), anyio.move_on_after(KILL_WAIT_S):
+            _kill_group(self.process)
+            await self.process.aclose()
 
 
 async def _pump(stream: anyio.abc.ByteReceiveStream, capture: LogCapture, name: str) -> None:
@@ -303,7 +230,7 @@ async def _pump(stream: anyio.abc.ByteReceiveStream, capture: LogCapture, name: 
             capture.feed(name, decoder.decode(chunk))
 
 
-async def _kill_group(process: anyio.abc.Process) -> None:
+def _kill_group(process: anyio.abc.Process) -> None:
     """SIGKILL the whole process group; it is gone or ours, never anyone else's."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
