@@ -159,7 +159,8 @@ async def test_study_resume_after_cancel_gives_each_result_once(
     assert all(r["status"] == "succeeded" for r in records)
     if docker_problem() is None:
         leftover = subprocess.run(
-            ["docker", "ps", "-aq", "--filter", "label=llem.test=1"],
+            # This study's containers only: other suites may share the daemon.
+            ["docker", "ps", "-aq", "--filter", f"label=llem.results_dir={out.resolve()}"],
             capture_output=True,
             text=True,
             check=True,
