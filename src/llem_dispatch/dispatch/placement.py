@@ -13,8 +13,9 @@ from typing import Protocol
 
 import anyio
 
-from llem_dispatch.dispatch.records import RecordDraft
+from llem_dispatch.dispatch.records import GpuAtStart, RecordDraft
 from llem_dispatch.gpu import GpuLease, GpuPool
+from llem_dispatch.gpu.discovery import nvml_thermal
 from llem_dispatch.models import HashedConfig
 from llem_dispatch.runners.protocol import Outcome, RunInfo, Runner
 
@@ -107,7 +108,7 @@ class LocalPlacement:
     ) -> Outcome:
         """Lease `gpus` GPUs, run the config on them, record the hand-off gap."""
         async with self.pool.acquire(gpus) as lease:
-            draft.gpu_ids = list(lease)
+            self._describe(lease, draft)
             released = [self.pool.last_released(i) for i in lease]
             observer = _LeaseObserver(lease, draft, on_started)
             try:
@@ -117,6 +118,30 @@ class LocalPlacement:
                 if known and observer.started_mono is not None:
                     # From the GPUs' last release to this run's start on them.
                     draft.handoff_gap_s = max(0.0, observer.started_mono - max(known))
+
+    def _describe(self, lease: GpuLease, draft: RecordDraft) -> None:
+        """Which GPUs the attempt got: ids, UUIDs, model, and their state at hand-on."""
+        draft.gpu_ids = list(lease)
+        uuids, names = self.pool.uuids, self.pool.names
+        draft.gpu_uuids = [uuids[i] for i in lease if i in uuids]
+        draft.gpu_name = ", ".join(sorted({names[i] for i in lease if i in names})) or None
+        draft.gpus_at_start = []
+        if self.pool.virtual:
+            return
+        for gpu in lease:
+            settle = lease.settle.get(gpu)
+            reading = (settle.temperature_c, settle.power_w) if settle else nvml_thermal(gpu)
+            draft.gpus_at_start.append(
+                GpuAtStart(
+                    id=gpu,
+                    uuid=uuids.get(gpu),
+                    name=names.get(gpu),
+                    temperature_c=reading[0] if reading else None,
+                    power_w=reading[1] if reading else None,
+                    settle_wait_s=settle.waited_s if settle else None,
+                    settled=settle.settled if settle else None,
+                )
+            )
 
     async def aclose(self) -> None:
         """Close the runner (idempotent)."""

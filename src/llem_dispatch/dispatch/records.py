@@ -20,6 +20,7 @@ __all__ = [
     "ExperimentQueued",
     "ExperimentRetried",
     "ExperimentStarted",
+    "GpuAtStart",
     "NodeInfo",
     "RecordDraft",
     "RunRecord",
@@ -65,6 +66,22 @@ class NodeInfo(BaseModel):
         return f"{self.hostname}[{self.node_id[:6]}]"
 
 
+class GpuAtStart(BaseModel):
+    """One GPU of a run as it was handed to it: which device, and its thermal state."""
+
+    id: str
+    uuid: str | None = None
+    name: str | None = None
+    temperature_c: float | None = None
+    power_w: float | None = None
+    settle_wait_s: float | None = Field(
+        default=None, description="Seconds from its last release to this hand-on."
+    )
+    settled: bool | None = Field(
+        default=None, description="With a thermal gate: False when `max_s` ran out first."
+    )
+
+
 class RunRecord(BaseModel):
     """Everything known about one experiment's run: outcome, where, when, how often."""
 
@@ -92,6 +109,14 @@ class RunRecord(BaseModel):
     handoff_gap_s: float | None = Field(
         default=None,
         description="Seconds from the last release of these GPUs to this run's start.",
+    )
+    gpu_uuids: list[str] = Field(
+        default_factory=list, description="The GPUs' UUIDs where NVML knows them (real GPUs)."
+    )
+    gpu_name: str | None = Field(default=None, description="The GPUs' model, per NVML.")
+    gpus_at_start: list[GpuAtStart] = Field(
+        default_factory=list,
+        description="Per GPU: UUID, model, temperature and power at start, settle wait.",
     )
     tags: dict[str, Any] = Field(default_factory=dict)
     node: NodeInfo | None = Field(
@@ -141,6 +166,9 @@ class RecordDraft:
     exited_at: datetime | None = None
     ended_at: datetime | None = None
     handoff_gap_s: float | None = None
+    gpu_uuids: list[str] = field(default_factory=list)
+    gpu_name: str | None = None
+    gpus_at_start: list[GpuAtStart] = field(default_factory=list)
     node: NodeInfo | None = None
     outcome: Any = None
     exception: BaseException | None = None

@@ -14,6 +14,7 @@ import structlog
 __all__ = [
     "match_visible",
     "nvml_inventory",
+    "nvml_names",
     "nvml_processes",
     "nvml_thermal",
     "nvml_used_memory_mb",
@@ -38,6 +39,23 @@ def nvml_used_memory_mb(device_id: str) -> float | None:
     except Exception as exc:  # noqa: BLE001 - unknown memory is not a reason to stop
         log.debug("gpu_memory_unknown", device=device_id, error=repr(exc))
         return None
+
+
+def nvml_names(indices: list[str]) -> dict[str, str]:
+    """The product name ('NVIDIA H200') of each NVML device index given; {} without NVML."""
+    pynvml = _pynvml()
+    if pynvml is None or not indices:
+        return {}
+    try:
+        _nvml_init()
+        return {
+            i: _text(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(int(i))))
+            for i in indices
+            if i.isdigit()
+        }
+    except Exception as exc:  # noqa: BLE001 - a name is a record detail, never a failure
+        log.debug("gpu_names_unknown", error=repr(exc))
+        return {}
 
 
 def nvml_thermal(device_id: str) -> tuple[float, float] | None:

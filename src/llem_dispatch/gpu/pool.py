@@ -23,6 +23,7 @@ from llem_dispatch.errors import ConfigError, GpuRequestError
 from llem_dispatch.gpu.discovery import (
     match_visible,
     nvml_inventory,
+    nvml_names,
     nvml_processes,
     nvml_thermal,
     nvml_used_memory_mb,
@@ -149,6 +150,8 @@ class GpuPool:
     virtual: bool
     cooldown_s: float
     uuids: dict[str, str]
+    #: NVML product names ('NVIDIA H200') by id, where NVML knows them.
+    names: dict[str, str]
 
     def __init__(
         self,
@@ -181,6 +184,7 @@ class GpuPool:
         self.virtual = virtual
         self.cooldown_s = float(cooldown_s)
         self.uuids = {}
+        self.names = {}
         self.max_backfill = len(ids) if max_backfill is None else max_backfill
         self.residual_memory_mb = residual_memory_mb
         self.on_busy_memory = on_busy_memory
@@ -231,6 +235,7 @@ class GpuPool:
             log.info("gpu_nvml_unavailable", reason=reason, fallback="empty pool")
         pool = cls(ids, **options)
         pool.uuids = uuids
+        pool.names = nvml_names(list(uuids))
         log.info("gpu_pool_detected", source=source, devices=list(pool.devices))
         return pool
 

@@ -197,3 +197,43 @@ def test_settle_is_ignored_on_virtual_gpus_and_said_once() -> None:
 
     assert run_mock(main) == 0.0
     assert [e["event"] for e in logs].count("gpu_settle_ignored") == 1
+
+
+def test_records_carry_uuid_model_and_state_at_start() -> None:
+    from llem_dispatch.dispatch import Dispatcher
+    from llem_dispatch.testing import FakeRunner
+
+    gpu = CoolingGpu(cool_s=4)
+    pool = GpuPool(["0"], settle=SettleSpec(min_s=1, hold_s=1, max_s=60), sensor=gpu)
+    pool.uuids = {"0": "GPU-1234"}
+    pool.names = {"0": "NVIDIA H200"}
+
+    def heat(config: dict[str, Any], gpus: tuple[str, ...]) -> dict[str, Any]:
+        gpu.heat_until_freed_at(anyio.current_time())
+        return {"ok": 1}
+
+    async def main() -> list[Any]:
+        async with Dispatcher(FakeRunner(heat), pool=pool) as dispatcher:
+            return [await dispatcher.run({"i": i}, gpus=1) for i in range(2)]
+
+    first, second = run_mock(main)
+    assert (first.gpu_uuids, first.gpu_name) == (["GPU-1234"], "NVIDIA H200")
+    start = second.gpus_at_start[0]
+    assert (start.id, start.uuid, start.name) == ("0", "GPU-1234", "NVIDIA H200")
+    assert (start.temperature_c, start.power_w) == IDLE
+    assert start.settled
+    assert start.settle_wait_s == pytest.approx(5.0, abs=0.6)
+    assert first.gpus_at_start[0].settle_wait_s is None  # first use
+
+
+def test_virtual_gpus_record_no_uuid_or_state() -> None:
+    from llem_dispatch.dispatch import Dispatcher
+    from llem_dispatch.testing import FakeRunner
+
+    async def main() -> Any:
+        async with Dispatcher(FakeRunner(), pool=GpuPool.virtual_devices(1)) as dispatcher:
+            return await dispatcher.run({"i": 1}, gpus=1)
+
+    record = anyio.run(main)
+    assert record.gpu_ids == ["0"]
+    assert (record.gpu_uuids, record.gpu_name, record.gpus_at_start) == ([], None, [])
