@@ -297,3 +297,31 @@ def test_quickstart_example_runs(tmp_path: Path, runner: str) -> None:
     subprocess.run(
         ["docker", "ps", "-aq", "--filter", f"label=llem.results_dir={out.resolve()}"], check=False
     )
+
+
+def test_auto_detected_runner_is_recorded_as_auto(tmp_path: Path) -> None:
+    # No daemon at DOCKER_HOST: auto-detection picks the local runner, and every
+    # record must say the choice was `auto`, not `explicit`.
+    (tmp_path / "exp.py").write_text("def run(config):\n    return {'x': config['x']}\n")
+    study = tmp_path / "study.yaml"
+    study.write_text("name: auto\nfunction: exp:run\nvirtual_gpus: 1\ngrid: {x: [1, 2]}\n")
+    env = {
+        **os.environ,
+        "DOCKER_HOST": f"unix://{tmp_path}/no-daemon.sock",
+        "LLEM_RUNNER": "",
+    }
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [*CLI, "run", str(study), "--results", str(out), "--plain"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "falling back to the local subprocess runner" in proc.stdout + proc.stderr
+    assert json.loads((out / "study.json").read_text())["runner_source"] == "auto"
+    records = [json.loads(p.read_text()) for p in (out / "records").glob("*.json")]
+    assert len(records) == 2
+    assert {r["result"]["runner"]["runner_source"] for r in records} == {"auto"}

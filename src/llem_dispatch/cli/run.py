@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -167,7 +166,6 @@ def run(
     except LlemError as exc:
         raise fail_usage(exc.message, exc.fix_suggestion) from exc
     results_dir = results or Path("llem-results") / plan.study.name
-    os.environ.setdefault("LLEM_RUNNER_SOURCE", spec.source)
     study_run = functools.partial(
         run_study,
         plan.study,
@@ -176,7 +174,7 @@ def run(
         resume=resume,
         max_concurrency=max_concurrency,
         study_dir=study_file.parent,
-        runner_value=_runner_value(spec),
+        runner_spec=spec,
         cluster=plan.cluster,
     )
     interactive = console.is_terminal and not plain and not json_logs
@@ -252,11 +250,6 @@ def _choose_runner_and_build(
                 output=lambda line: console.print(line, markup=False),
             )
     return spec
-
-
-def _runner_value(spec: RunnerSpec) -> str:
-    """The runner as recorded in every result: `docker:IMAGE` when the image is fixed."""
-    return f"{spec.kind}:{spec.image}" if spec.kind == "docker" and spec.image else spec.kind
 
 
 def _run_with_progress(

@@ -74,6 +74,7 @@ async def run_study(
     max_concurrency: int | None = None,
     study_dir: str | Path | None = None,
     runner_value: str | None = None,
+    runner_spec: RunnerSpec | None = None,
     retry_policy: RetryPolicy | None = None,
     reap_orphans: bool = True,
     cluster: str | None = None,
@@ -85,6 +86,8 @@ async def run_study(
     failed or interrupted ones run again; each experiment ends with one record file.
     With `cluster` (or the study's `cluster:`), a Ray cluster's address, the
     experiments run on its nodes; records and the journal are still written here only.
+    The runner is `runner`, else `runner_spec` (a choice already made, recorded with
+    its source), else chosen from `runner_value` > LLEM_RUNNER > the study > auto.
     `cluster_options` go to `RayDispatcher` (e.g. `placement_timeout_s`, `runtime_env`).
     The results dir is held exclusively for the whole run: a second run on it is
     refused at once with `ResultsDirBusyError`.
@@ -105,6 +108,7 @@ async def run_study(
             max_concurrency=max_concurrency,
             study_dir=Path(study_dir) if study_dir is not None else Path.cwd(),
             runner_value=runner_value,
+            runner_spec=runner_spec,
             retries=retry_policy or RetryPolicy(max_attempts=study.retries + 1),
             cluster=cluster or study.cluster,
             cluster_options=cluster_options,
@@ -286,6 +290,7 @@ async def _place(
     max_concurrency: int | None,
     study_dir: Path,
     runner_value: str | None,
+    runner_spec: RunnerSpec | None,
     retries: RetryPolicy,
     cluster: str | None,
     cluster_options: Mapping[str, Any] | None,
@@ -303,7 +308,7 @@ async def _place(
                 fix_suggestion="Drop runner=/pool= (choose with runner_value=), or run "
                 "without a cluster.",
             )
-        spec = cluster_runner_spec(runner_value, study)
+        spec = runner_spec or cluster_runner_spec(runner_value, study)
         return await _place_on_cluster(
             study,
             experiments,
@@ -320,7 +325,7 @@ async def _place(
     pool.check_request(needed)
     spec_used: RunnerSpec | None = None
     if runner is None:
-        spec_used = resolve_runner(runner_value, study)
+        spec_used = runner_spec or resolve_runner(runner_value, study)
         runner = make_runner(
             study,
             spec_used,
