@@ -48,6 +48,8 @@ class ReadOutcome:
 
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+    #: The file the result was read from (not always `{hash}_result.json`: see read_outcome).
+    result_file: str | None = None
 
 
 def is_error_payload(data: object) -> bool:
@@ -58,6 +60,14 @@ def is_error_payload(data: object) -> bool:
         and data.keys() <= ERROR_KEYS
         and isinstance(data.get("type"), str)
     )
+
+
+class _NonFiniteNumberError(ValueError):
+    """A NaN or Infinity in a result file."""
+
+
+def _no_constants(name: str) -> Any:
+    raise _NonFiniteNumberError(name)
 
 
 class ExchangeDir:
@@ -137,7 +147,8 @@ class ExchangeDir:
             if not is_error_payload(error):
                 error = {"type": "MalformedErrorPayload", "message": repr(error)[:2000]}
             return ReadOutcome(error=error)
-        result = self._read_json(self.result_name, max_bytes)
+        name = self._result_file()
+        result = self._read_json(name, max_bytes) if name is not None else None
         if result is None:
             return ReadOutcome()
         if is_error_payload(result):
@@ -150,7 +161,27 @@ class ExchangeDir:
                 config_hash=self.config_hash,
                 exchange_dir=self.path,
             )
-        return ReadOutcome(result=result)
+        return ReadOutcome(result=result, result_file=name)
+
+    def _result_file(self) -> str | None:
+        """`{hash}_result.json`, else the one `*_result.json` there is, else None.
+
+        Images that name the result by their own hash (llenergymeasure's entrypoint
+        hashes its config with its defaults filled in) still work unchanged; two
+        candidates are ambiguous and refused by name.
+        """
+        if os.path.lexists(self.path / self.result_name):
+            return self.result_name
+        found = sorted(p.name for p in self.path.glob("*_result.json"))
+        if len(found) > 1:
+            raise ResultError(
+                f"no {self.result_name}, and {len(found)} other result files: "
+                f"{', '.join(found)}; cannot tell which is this experiment's",
+                fix_suggestion="Write exactly one result, to $LLEM_RESULT_PATH.",
+                config_hash=self.config_hash,
+                exchange_dir=self.path,
+            )
+        return found[0] if found else None
 
     def _read_json(self, name: str, max_bytes: int) -> Any:
         """Read `name` inside the dir; never follow a link, never read unbounded."""
@@ -199,13 +230,29 @@ class ExchangeDir:
                 exchange_dir=self.path,
             )
         try:
-            return json.loads(raw)
+            return json.loads(raw, parse_constant=_no_constants)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ResultError(
                 f"{name} is not valid JSON ({exc}); it may be truncated or half-written",
                 config_hash=self.config_hash,
                 exchange_dir=self.path,
             ) from exc
+        except _NonFiniteNumberError as exc:
+            raise ResultError(
+                f"{name} holds {exc.args[0]}, which JSON does not allow (it would be stored "
+                "as null without a word)",
+                fix_suggestion="Write null, or the value as a string, where a number is "
+                "NaN or infinite (json.dumps(..., allow_nan=False) catches it).",
+                config_hash=self.config_hash,
+                exchange_dir=self.path,
+            ) from None
+        except RecursionError:
+            raise ResultError(
+                f"{name} is nested too deeply to read",
+                fix_suggestion="Flatten the result: a result needs only a few levels.",
+                config_hash=self.config_hash,
+                exchange_dir=self.path,
+            ) from None
 
     def remove(self) -> None:
         """Delete the dir; a failure is a warning and never masks the run's outcome."""

@@ -22,6 +22,7 @@ __all__ = [
     "canonical_json",
     "compute_config_hash",
     "config_to_dict",
+    "llenergymeasure_config_hash",
 ]
 
 HASH_LENGTH = 16
@@ -112,6 +113,18 @@ def compute_config_hash(config: BaseModel | Mapping[str, Any]) -> str:
     return hashed_config(config).config_hash
 
 
+def llenergymeasure_config_hash(config: BaseModel | Mapping[str, Any]) -> str:
+    """llenergymeasure's hash: SHA-256 over `json.dumps(config, sort_keys=True)`, 16 hex chars.
+
+    It differs from `compute_config_hash` in its separators (`", "`, `": "`), and
+    llenergymeasure hashes its `ExperimentConfig` after filling in defaults: pass
+    `ExperimentConfig(**raw).model_dump()` for the two to agree. The runners read
+    a result named by this hash on their own (the one `*_result.json` there is).
+    """
+    data = config_to_dict(config)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:HASH_LENGTH]
+
+
 class RunnerMetadata(BaseModel):
     """Where and how one experiment ran: enough to reproduce it."""
 
@@ -127,6 +140,9 @@ class RunnerMetadata(BaseModel):
     process_id: int | None = None
     gpu_ids: list[str] = Field(default_factory=list)
     exit_code: int | None = None
+    result_file: str | None = Field(
+        default=None, description="The file the result was read from, in the exchange dir."
+    )
 
     def as_effective_config(self) -> dict[str, Any]:
         """The keys injected into a result's `effective_config`."""

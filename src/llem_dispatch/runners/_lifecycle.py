@@ -214,6 +214,9 @@ def collect_outcome(
             fix_suggestion="Write the result JSON to $LLEM_RESULT_PATH before exiting.",
             **context,
         )
+    if read.result_file != exchange.result_name:
+        bound.info("result_read_from", result_file=read.result_file)
+    metadata = metadata.model_copy(update={"result_file": read.result_file})
     return finish_success(read.result, data, exchange, metadata, result_model)
 
 
