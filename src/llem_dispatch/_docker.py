@@ -41,6 +41,7 @@ __all__ = [
     "image_present",
     "inspect_image",
     "missing_images",
+    "run_once",
     "run_probe",
     "runtimes",
     "translate_api_error",
@@ -162,11 +163,35 @@ async def run_probe(image: str, *, url: str | None = None) -> None:
     `DockerContainerError` (with its stderr tail) when it exits non-zero, and the
     translated API error when the daemon refuses a step.
     """
+    exit_code, stderr, container_id = await run_once(image, ["true"], url=url)
+    if exit_code != 0:
+        raise DockerContainerError(
+            f"the probe container of {image} exited with {exit_code}",
+            stderr=stderr,
+            container_id=container_id,
+            exit_code=exit_code,
+        )
+
+
+async def run_once(
+    image: str,
+    cmd: list[str],
+    *,
+    mounts: list[dict[str, Any]] | None = None,
+    env: Mapping[str, str] | None = None,
+    url: str | None = None,
+) -> tuple[int, str, str]:
+    """Run `cmd` in a throwaway, network-less container; (exit code, stderr, container id).
+
+    Bounded by PROBE_TIMEOUT_S (`DockerTimeoutError`); the container is removed
+    whatever happens, and carries the owner's labels for `reap` and llem.probe=1.
+    """
     body: dict[str, Any] = {
         "Image": image,
-        "Cmd": ["true"],
+        "Cmd": cmd,
+        "Env": [f"{k}={v}" for k, v in (env or {}).items()],
         "Labels": {**base_labels(), LABEL_PROBE: "1"},
-        "HostConfig": {"NetworkMode": "none"},
+        "HostConfig": {"NetworkMode": "none", "Mounts": mounts or []},
     }
     phase = "create"
     async with _client(url) as docker:
@@ -178,15 +203,9 @@ async def run_probe(image: str, *, url: str | None = None) -> None:
                 await container.start()
                 phase = "wait"
                 exit_code = int((await container.wait()).get("StatusCode", -1))
-                if exit_code != 0:
-                    phase = "logs"
-                    stderr = await container.log(stdout=False, stderr=True)
-                    raise DockerContainerError(
-                        f"the probe container of {image} exited with {exit_code}",
-                        stderr="".join(stderr),
-                        container_id=container.id,
-                        exit_code=exit_code,
-                    )
+                phase = "logs"
+                stderr = "" if exit_code == 0 else "".join(await container.log(stderr=True))
+                return exit_code, stderr, container.id
         except TimeoutError as exc:
             raise DockerTimeoutError(
                 f"the probe container of {image} did not finish within {PROBE_TIMEOUT_S:g}s "

@@ -96,5 +96,5 @@ async def test_two_result_files_are_a_clear_error(
         exchange_base=exchange_base,
     )
     async with r:
-        with pytest.raises(ResultError, match="aaaa_result.json, bbbb_result.json"):
+        with pytest.raises(ResultError, match=r"aaaa_result\.json, bbbb_result\.json"):
             await r.run({"x": 1})

@@ -36,7 +36,7 @@ def test_two_foreign_results_are_refused_by_name(tmp_path: Path) -> None:
     ex = exchange(tmp_path)
     for name in ("aaaa_result.json", "bbbb_result.json"):
         (ex.path / name).write_text("{}")
-    with pytest.raises(ResultError, match="aaaa_result.json, bbbb_result.json"):
+    with pytest.raises(ResultError, match=r"aaaa_result\.json, bbbb_result\.json"):
         ex.read_outcome()
 
 

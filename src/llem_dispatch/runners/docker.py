@@ -55,12 +55,15 @@ __all__ = [
     "CLEANUP_TIMEOUT_S",
     "HELPER_CONTAINER_PATH",
     "LOG_DRAIN_S",
+    "SOURCE_CONTAINER_PATH",
     "DockerRunner",
     "parse_size",
 ]
 
 
 HELPER_CONTAINER_PATH = "/opt/llem/llem_container.py"
+#: Where `source_dir` is mounted (read-only) and put on PYTHONPATH.
+SOURCE_CONTAINER_PATH = "/opt/llem/src"
 #: The bound on each Docker call made while cleaning up (kill, remove, a shielded create).
 CLEANUP_TIMEOUT_S = 20.0
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.I)
@@ -101,6 +104,8 @@ class DockerRunner:
         network: Docker network mode ('none' for isolated, faster starts).
         user: 'uid:gid' to run as (default: the caller's own ids when the caller is
             not root, else the image's user); cap_add: capabilities kept (all others dropped).
+        source_dir: a host folder mounted read-only and put on PYTHONPATH (development
+            runs of a `function:` whose module is not in the image).
     """
 
     runner_type = "docker"
@@ -129,6 +134,7 @@ class DockerRunner:
         docker_host: str | None = None,
         stop_grace_s: float = 10.0,
         log_driver: str = "none",
+        source_dir: str | Path | None = None,
     ) -> None:
         if command is not None and function is not None:
             raise ValueError("give either command= or function=, not both")
@@ -162,6 +168,7 @@ class DockerRunner:
         self._docker_host = docker_host
         self.stop_grace_s = stop_grace_s
         self.log_driver = log_driver
+        self.source_dir = Path(source_dir).resolve() if source_dir is not None else None
         self._docker: aiodocker.Docker | None = None
         self._digest: str | None = None
         self._pending_removal: set[str] = set()
@@ -244,6 +251,10 @@ class DockerRunner:
     def _container_env(self, exchange: ExchangeDir, gpu_ids: Sequence[str]) -> dict[str, str]:
         env = {**self.env, **exchange.env(CONTAINER_EXCHANGE_DIR)}
         env["LLEM_GPU_IDS"] = ",".join(gpu_ids)
+        if self.source_dir is not None:
+            env["PYTHONPATH"] = ":".join(
+                p for p in (SOURCE_CONTAINER_PATH, self.env.get("PYTHONPATH")) if p
+            )
         if gpu_ids:
             env["NVIDIA_VISIBLE_DEVICES"] = ",".join(gpu_ids)
             # Inside the container the runtime renumbers the devices from 0.
@@ -269,6 +280,15 @@ class DockerRunner:
                     "Type": "bind",
                     "Source": str(helper_script()),
                     "Target": HELPER_CONTAINER_PATH,
+                    "ReadOnly": True,
+                }
+            )
+        if self.source_dir is not None:
+            mounts.append(
+                {
+                    "Type": "bind",
+                    "Source": str(self.source_dir),
+                    "Target": SOURCE_CONTAINER_PATH,
                     "ReadOnly": True,
                 }
             )

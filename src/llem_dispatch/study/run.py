@@ -39,6 +39,7 @@ from llem_dispatch.study.results import Journal, ResultsDir, StudySummary
 from llem_dispatch.study.runner_choice import (
     StudyRunnerFactory,
     build_pool,
+    check_function_importable,
     cluster_requirements,
     cluster_runner_spec,
     make_runner,
@@ -335,6 +336,7 @@ async def _place(
             virtual=pool.virtual,
             exchange_base=results.exchange,
         )
+        await check_function_importable(study, spec_used, experiments)
     dispatcher = Dispatcher(
         runner, pool=pool, max_concurrency=limit, retries=retries, on_event=on_event
     )

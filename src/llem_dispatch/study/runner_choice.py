@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from llem_dispatch._docker import build_image, docker_available, image_present
-from llem_dispatch.errors import ConfigError, DockerImagePullError
+from llem_dispatch._docker import build_image, docker_available, image_present, run_once
+from llem_dispatch.errors import ConfigError, DockerError, DockerImagePullError
 from llem_dispatch.gpu import GpuPool, SettleSpec
 from llem_dispatch.runners import DockerRunner, LocalRunner, RoutingRunner, Runner
 from llem_dispatch.study.schema import (
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "StudyRunnerFactory",
     "build_pool",
+    "check_function_importable",
     "cluster_requirements",
     "cluster_runner_spec",
     "detect_runner",
@@ -217,6 +218,7 @@ def make_runner(
             labels={**study.labels, **(labels or {})},
             stop_grace_s=study.stop_grace_s,
             exchange_base=exchange_base,
+            source_dir=study_dir if study.mount_study_dir else None,
         )
 
     if spec.image is None and study.images:
@@ -261,6 +263,45 @@ class StudyRunnerFactory:
             virtual=node.virtual,
             exchange_base=exchange,
         )
+
+
+async def check_function_importable(
+    study: Study, spec: RunnerSpec, experiments: Iterable[Experiment]
+) -> None:
+    """Before anything runs: is the `function:` module importable in each image?
+
+    A module that sits beside the study file works with the local runner but not
+    in an image that lacks it; say so now, with the fix, instead of as a bare
+    ModuleNotFoundError in every experiment.
+    """
+    if spec.kind != "docker" or study.function is None or study.mount_study_dir:
+        return
+    top = study.function.split(":")[0].split(".")[0]
+    code = (
+        "import importlib.util as u, os, sys; sys.path.insert(0, os.getcwd()); "
+        f"sys.exit(0 if u.find_spec({top!r}) else 3)"
+    )
+    for image in study_images(study, spec, experiments):
+        try:
+            exit_code, stderr, _ = await run_once(image, ["python3", "-c", code], env=study.env)
+        except DockerError as exc:
+            if "executable file not found" in exc.message:
+                raise ConfigError(
+                    f"image {image} has no python3, which `function: {study.function}` needs",
+                    fix_suggestion="Use an image with python3, or run the experiment with "
+                    "`command: [argv]` instead of `function:`.",
+                ) from exc
+            raise
+        if exit_code == 3:
+            raise ConfigError(
+                f"`function: {study.function}`: module {top!r} is not importable in image "
+                f"{image} (a file beside the study is not in the image); nothing was run",
+                fix_suggestion=f"COPY {top}.py (or its package) into the image in its "
+                "Dockerfile, or set `mount_study_dir: true` to mount the study folder "
+                "read-only (development runs).",
+            )
+        if exit_code != 0:
+            log.warning("function_check_inconclusive", image=image, stderr=stderr[-500:])
 
 
 def ensure_image(

@@ -156,6 +156,12 @@ class Study(BaseModel):
         default=None,
         description="module:function run by the mounted helper (or `command: [argv]`).",
     )
+    mount_study_dir: bool = Field(
+        default=False,
+        description="Development runs: mount the study's folder read-only in each container "
+        "and put it on PYTHONPATH, so a `function:` module beside the study file is found "
+        "without rebuilding the image (for measurements, COPY it into the image instead).",
+    )
     workdir: str | None = Field(
         default=None, description="Local runner's cwd (default: the study's folder)."
     )
