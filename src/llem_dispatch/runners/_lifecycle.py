@@ -319,6 +319,10 @@ class Run:
     context: dict[str, Any]
     bound: Any
     capture: LogCapture | None = None
+    #: `anyio.current_time()` by which the experiment's timeout ends (inf: none).
+    deadline: float = math.inf
+    #: Once cancelled: by when stopping and removing it must be over, hung daemon or not.
+    cleanup_deadline: float = math.inf
 
     def bind(self, **fields: Any) -> None:
         """Add fields to every later log event of this run."""
@@ -346,6 +350,8 @@ class RunSettings(Protocol):
     def secret_env(self) -> Sequence[str]: ...
     @property
     def exchange_base(self) -> str | Path | None: ...
+    @property
+    def stop_grace_s(self) -> float: ...
 
 
 class RunBackend(Protocol):
@@ -402,13 +408,17 @@ async def run_lifecycle(
     """
     data = config_to_dict(config)
     config_hash = compute_config_hash(data)
+    # The timeout covers the whole attempt, from the first API call on: a daemon
+    # stuck at `create` or `start` cannot hold an experiment past it.
+    deadline = anyio.current_time() + (settings.timeout or math.inf)
     await backend.prepare()
     run = _open_run(settings, backend, config_hash, tuple(str(g) for g in gpus or ()))
+    run.deadline = deadline
     succeeded = False
     try:
         run.exchange.write_config(data)
         run.exchange.write_secrets(collect_secrets(settings.secret_env))
-        await backend.start(run)
+        await _start(settings, backend, run)
         run.capture = LogCapture(run.exchange.log_path)
         error = await _supervise(settings, backend, run, run.capture, observer)
         if error is not None:
@@ -437,10 +447,22 @@ async def run_lifecycle(
         succeeded = not isinstance(outcome, ExperimentFailure)
         return outcome
     except BaseException as exc:
-        await _on_failure(backend, run, exc)
+        await _on_failure(settings, backend, run, exc)
         raise
     finally:
         await _clean_up(backend, run, remove_exchange=succeeded)
+
+
+async def _start(settings: RunSettings, backend: RunBackend, run: Run) -> None:
+    """Bring it up, within what is left of the experiment's timeout."""
+    with anyio.CancelScope(deadline=run.deadline) as scope:
+        await backend.start(run)
+    if scope.cancelled_caught:
+        raise DockerTimeoutError(
+            f"timed out after {settings.timeout}s before the {backend.noun} had started "
+            "(the Docker daemon is slow or stuck)",
+            **run.context,
+        )
 
 
 def _open_run(
@@ -484,7 +506,7 @@ async def _supervise(
         killed_for = await wait_bounded(
             lambda: backend.wait(run),
             capture,
-            timeout_s=settings.timeout,
+            timeout_s=None if math.isinf(run.deadline) else run.deadline - anyio.current_time(),
             silence_s=settings.silence_timeout,
         )
         if killed_for is not None:
@@ -552,14 +574,23 @@ def _exit_error(
     return None
 
 
-async def _on_failure(backend: RunBackend, run: Run, exc: BaseException) -> None:
+#: Once cancelled, seconds beyond the stop grace period for stopping and removing a
+#: run: enough for a healthy daemon, and a bound on an exit against a hung one.
+CANCEL_SLACK_S = 4.0
+
+
+async def _on_failure(
+    settings: RunSettings, backend: RunBackend, run: Run, exc: BaseException
+) -> None:
     cancelled = isinstance(exc, anyio.get_cancelled_exc_class() | KeyboardInterrupt)
     if isinstance(exc, LlemError) or cancelled:
         run.bound.warning(
             "run_failed", error=type(exc).__name__, exchange_dir=str(run.exchange.path)
         )
     if cancelled:
-        with anyio.CancelScope(shield=True):
+        grace = 0.0 if FORCE_KILL.is_set() else settings.stop_grace_s
+        run.cleanup_deadline = anyio.current_time() + grace + CANCEL_SLACK_S
+        with anyio.CancelScope(shield=True, deadline=run.cleanup_deadline):
             await backend.stop(run)
 
 
@@ -573,8 +604,10 @@ async def _clean_up(backend: RunBackend, run: Run, *, remove_exchange: bool) -> 
     if run.capture is not None:
         _attempt(run, "log", run.capture.close)
     try:
-        with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True, deadline=run.cleanup_deadline) as scope:
             await backend.cleanup(run)
+        if scope.cancelled_caught:
+            run.bound.warning("cleanup_cut_short", step=backend.noun, reason="interrupted")
     except Exception as exc:  # noqa: BLE001 - a clean-up error must not replace the outcome
         run.bound.warning("cleanup_failed", step=backend.noun, error=repr(exc))
     if remove_exchange:

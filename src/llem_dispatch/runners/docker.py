@@ -26,6 +26,9 @@ from pydantic import BaseModel
 
 from llem_dispatch import _labels
 from llem_dispatch._docker import (
+    DEFAULT_DEADLINES,
+    ApiDeadlines,
+    bounded,
     docker_url,
     image_missing_error,
     inspect_image,
@@ -37,6 +40,7 @@ from llem_dispatch._exchange import (
     ExchangeDir,
 )
 from llem_dispatch._logcapture import LogCapture
+from llem_dispatch.errors import DockerDaemonHungError
 from llem_dispatch.runners._lifecycle import (
     DEFAULT_SECRET_ENV,
     FORCE_KILL,
@@ -52,7 +56,6 @@ from llem_dispatch.runners._lifecycle import (
 from llem_dispatch.runners.protocol import Outcome, RunObserver
 
 __all__ = [
-    "CLEANUP_TIMEOUT_S",
     "HELPER_CONTAINER_PATH",
     "LOG_DRAIN_S",
     "SOURCE_CONTAINER_PATH",
@@ -62,10 +65,11 @@ __all__ = [
 
 
 HELPER_CONTAINER_PATH = "/opt/llem/llem_container.py"
+#: At close, how long to retry removals that already failed once (daemon down or stuck).
+PENDING_RETRY_S = 5.0
 #: Where `source_dir` is mounted (read-only) and put on PYTHONPATH.
 SOURCE_CONTAINER_PATH = "/opt/llem/src"
 #: The bound on each Docker call made while cleaning up (kill, remove, a shielded create).
-CLEANUP_TIMEOUT_S = 20.0
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.I)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
@@ -106,6 +110,8 @@ class DockerRunner:
             not root, else the image's user); cap_add: capabilities kept (all others dropped).
         source_dir: a host folder mounted read-only and put on PYTHONPATH (development
             runs of a `function:` whose module is not in the image).
+        api_deadlines: how long each Docker API call may take before the daemon counts
+            as hung (`DockerDaemonHungError`, retried as transient).
     """
 
     runner_type = "docker"
@@ -135,6 +141,7 @@ class DockerRunner:
         stop_grace_s: float = 10.0,
         log_driver: str = "none",
         source_dir: str | Path | None = None,
+        api_deadlines: ApiDeadlines = DEFAULT_DEADLINES,
     ) -> None:
         if command is not None and function is not None:
             raise ValueError("give either command= or function=, not both")
@@ -169,6 +176,7 @@ class DockerRunner:
         self.stop_grace_s = stop_grace_s
         self.log_driver = log_driver
         self.source_dir = Path(source_dir).resolve() if source_dir is not None else None
+        self.deadlines = api_deadlines
         self._docker: aiodocker.Docker | None = None
         self._digest: str | None = None
         self._pending_removal: set[str] = set()
@@ -190,8 +198,17 @@ class DockerRunner:
     async def aclose(self) -> None:
         """Remove any container still pending removal, close the API client; idempotent."""
         if self._pending_removal and self._docker is not None and not self._closed:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
+            # Only removals that already failed are pending: the daemon is down or
+            # stuck, so a short try, then the ids are named for `reap`.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(PENDING_RETRY_S):
                 await self._remove_pending()
+        if self._pending_removal:
+            log.warning(
+                "containers_left_for_reap",
+                containers=sorted(c[:12] for c in self._pending_removal),
+                fix="The Docker daemon did not remove them; once it answers again, run "
+                "`llem-dispatch reap` (their logs are kept).",
+            )
         self._closed = True
         if self._docker is not None:
             docker, self._docker = self._docker, None
@@ -210,7 +227,7 @@ class DockerRunner:
     async def image_digest(self) -> str:
         """The image's repo digest (or id when it has none); looked up once."""
         if self._digest is None:
-            info = await inspect_image(self._client(), self.image)
+            info = await inspect_image(self._client(), self.image, deadline=self.deadlines.image)
             if info is None:
                 raise image_missing_error(self.image)
             repo_digests = info.get("RepoDigests") or []
@@ -342,14 +359,15 @@ class DockerRunner:
         """
         return await run_lifecycle(self, _ContainerRun(self), config, gpus=gpus, observer=observer)
 
-    async def _remove(self, container: Any, bound: Any) -> None:
+    async def _remove(self, container: Any, bound: Any, *, by: float = math.inf) -> None:
         """Force-remove the container; shielded from cancellation and bounded.
 
         If the daemon cannot be reached (restarting), the id is kept and removal is
         tried again before the next run and at `aclose()`, so nothing is left behind.
         """
         with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(CLEANUP_TIMEOUT_S) as scope:
+            limit = min(anyio.current_time() + self.deadlines.delete, by)
+            with anyio.CancelScope(deadline=limit) as scope:
                 try:
                     await container.delete(force=True, v=True)
                     self._pending_removal.discard(container.id)
@@ -403,12 +421,17 @@ class _ContainerRun:
         name = f"llem-{exchange.config_hash}-{_secrets_mod.token_hex(3)}"
 
         async def create() -> Any:
-            # Shielded: a create cancelled mid-request can still make a container
-            # whose id we would never learn. Let it finish (bounded), then clean up.
-            with anyio.CancelScope(shield=True), anyio.fail_after(CLEANUP_TIMEOUT_S):
-                return await runner._client().containers.create(spec, name=name)
+            return await runner._client().containers.create(spec, name=name)
 
-        self.container = await self._call("create", run, create)
+        # Shielded: a create cancelled mid-request can still make a container whose
+        # id we would never learn. Let it finish (bounded), then clean up; one that
+        # hangs is removed by name later, if the daemon ever makes it.
+        try:
+            with anyio.CancelScope(shield=True):
+                self.container = await self._call("create", run, create)
+        except DockerDaemonHungError:
+            runner._pending_removal.add(name)
+            raise
         run.info.container_id = self.container.id
         run.context["container_id"] = self.container.id
         run.bind(container_id=self.container.id[:12])
@@ -424,25 +447,44 @@ class _ContainerRun:
         return stream
 
     async def _call(self, phase: str, run: Run, call: Callable[[], Awaitable[Any]]) -> Any:
-        try:
-            return await call()
-        except Exception as exc:
-            raise translate_api_error(
-                exc, image=self.runner.image, phase=phase, **run.context
-            ) from exc
+        """One API call of this run, under its deadline (`DockerDaemonHungError` past it)."""
+        return await bounded(
+            phase, self.runner.deadlines.of(phase), call, image=self.runner.image, **run.context
+        )
 
     def pumps(self, capture: LogCapture) -> Sequence[Pump]:
         return [lambda: _pump(self.stream, capture)]
 
     async def wait(self, run: Run) -> None:
-        await self._call("wait", run, self.container.wait)
+        """Until the container exits; a bounded inspect every `liveness_every` s meanwhile.
+
+        The wait itself may last as long as the experiment: a daemon that hangs
+        meanwhile is caught by the inspects, which then pass their deadline.
+        """
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._prove_alive, run)
+            try:
+                await self.container.wait()
+            except Exception as exc:
+                raise translate_api_error(
+                    exc, image=self.runner.image, phase="wait", **run.context
+                ) from exc
+            tg.cancel_scope.cancel()
+
+    async def _prove_alive(self, run: Run) -> None:
+        while True:
+            await anyio.sleep(self.runner.deadlines.liveness_every)
+            await self._call("inspect", run, self.container.show)
 
     async def kill(self, run: Run) -> None:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.runner.deadlines.kill):
             try:
                 await self.container.kill(signal="SIGKILL")
+                return
             except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
                 run.bound.debug("kill_failed", error=repr(exc))
+                return
+        run.bound.warning("kill_timed_out", deadline_s=self.runner.deadlines.kill)
 
     async def exited(self, run: Run) -> ExitStatus:
         state = (await self._call("inspect", run, self.container.show))["State"]
@@ -460,7 +502,8 @@ class _ContainerRun:
         if self.container is None:
             return
         grace = 0 if FORCE_KILL.is_set() else self.runner.stop_grace_s
-        with anyio.CancelScope(shield=True), anyio.move_on_after(grace + CLEANUP_TIMEOUT_S):
+        limit = min(anyio.current_time() + grace + self.runner.deadlines.stop, run.cleanup_deadline)
+        with anyio.CancelScope(shield=True, deadline=limit):
             try:
                 if grace > 0:
                     run.bound.info("container_stopping", grace_s=grace)
@@ -484,14 +527,11 @@ class _ContainerRun:
     async def cleanup(self, run: Run) -> None:
         """Close the attached stream, then force-remove the container."""
         if self.stream is not None:
-            with (
-                anyio.CancelScope(shield=True),
-                anyio.move_on_after(5),
-                contextlib.suppress(Exception),
-            ):
+            limit = min(anyio.current_time() + 5, run.cleanup_deadline)
+            with anyio.CancelScope(shield=True, deadline=limit), contextlib.suppress(Exception):
                 await self.stream.close()
         if self.container is not None:
-            await self.runner._remove(self.container, run.bound)
+            await self.runner._remove(self.container, run.bound, by=run.cleanup_deadline)
 
 
 async def _pump(stream: Any, capture: LogCapture) -> None:
