@@ -268,3 +268,40 @@ def test_gpus_field_over_the_pool_fails_before_running(tmp_path: Path) -> None:
             lambda: run_study(study, tmp_path / "o", runner=runner, pool=GpuPool.virtual_devices(4))
         )
     assert runner.calls == []
+
+
+async def test_a_daemon_hung_past_the_retries_stops_the_study(tmp_path: Path) -> None:
+    from llem_dispatch.dispatch import RetryPolicy
+    from llem_dispatch.errors import DockerDaemonHungError
+
+    calls: list[int] = []
+
+    async def hung(config: dict[str, Any], gpus: tuple[str, ...]) -> dict[str, Any]:
+        calls.append(config["x"])
+        if config["x"] == 0:
+            raise DockerDaemonHungError("the Docker daemon did not answer `start` within 60s")
+        await anyio.sleep(60)  # the others would hang as long
+        return {}
+
+    study = Study.model_validate({"grid": {"x": list(range(10))}, "max_concurrency": 2})
+    out = tmp_path / "o"
+    with anyio.fail_after(20):
+        summary = await run_study(
+            study,
+            out,
+            runner=FakeRunner(hung),
+            pool=GpuPool.virtual_devices(2),
+            retry_policy=RetryPolicy(max_attempts=3, base_delay_s=0.01),
+        )
+    assert summary.stopped is not None
+    assert "did not answer `start`" in summary.stopped
+    assert summary.exit_code == 1
+    assert calls.count(0) == 3, "retried as transient before giving up"
+    assert len(set(calls)) <= 3, "nothing new was dispatched after the verdict"
+    records = list((out / "records").glob("*.json"))
+    assert len(records) == 1, "only the hung experiment has a record; the rest wait for --resume"
+    events = [
+        json.loads(line)["event"] for line in (out / "journal.jsonl").read_text().splitlines()
+    ]
+    assert "stopped" in events
+    assert events[-1] == "study_finished"

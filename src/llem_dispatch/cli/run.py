@@ -329,6 +329,14 @@ def _print_summary(summary: StudySummary, console: Console) -> None:
         f"{summary.errored} errors, {summary.skipped} skipped (already done) of "
         f"{summary.total} in {summary.duration_s:.1f}s -> {summary.results_dir}"
     )
+    if summary.stopped:
+        not_run = summary.total - summary.skipped - len(summary.records)
+        console.print(
+            f"[bold red]stopped early, {not_run} experiment(s) not run:[/] {summary.stopped}. "
+            "Restart the Docker daemon (`sudo systemctl restart docker`), then run again "
+            "with --resume.",
+            markup=True,
+        )
     bad = [r for r in summary.records if not r.ok]
     if not bad:
         return

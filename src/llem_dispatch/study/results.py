@@ -38,6 +38,11 @@ class StudySummary(BaseModel):
     errored: int
     skipped: int
     interrupted: bool = False
+    stopped: str | None = Field(
+        default=None,
+        description="Why the study stopped dispatching early (a hung Docker daemon); "
+        "what did not run is left for --resume.",
+    )
     duration_s: float
     runner: str
     records: list[RunRecord] = Field(default_factory=list, exclude=True)
@@ -46,7 +51,7 @@ class StudySummary(BaseModel):
     def exit_code(self) -> int:
         if self.interrupted:
             return 130
-        return 0 if self.failed == 0 and self.errored == 0 else 1
+        return 0 if self.failed == 0 and self.errored == 0 and not self.stopped else 1
 
 
 class Journal:

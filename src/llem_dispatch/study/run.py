@@ -138,7 +138,7 @@ async def run_study(
             session=_labels.SESSION_ID,
             **({"cluster": placement.facts["cluster"]} if "cluster" in placement.facts else {}),
         )
-        records, interrupted = await _run_all(study, todo, placement, results, reap_orphans)
+        records, stopped = await _run_all(study, todo, placement, results, reap_orphans)
         summary = StudySummary(
             name=study.name,
             results_dir=str(results.path),
@@ -147,7 +147,7 @@ async def run_study(
             failed=sum(r.status == "failed" for r in records),
             errored=sum(r.status in {"error", "cancelled"} for r in records),
             skipped=len(done),
-            interrupted=interrupted,
+            stopped=stopped,
             duration_s=round(time.monotonic() - started, 3),
             runner=placement.runner_name,
             records=records,
@@ -165,11 +165,17 @@ async def _run_all(
     placement: _Placement,
     results: ResultsDir,
     reap_orphans: bool,
-) -> tuple[list[RunRecord], bool]:
-    """Every experiment through the placement, cycle by cycle; records as they finish."""
+) -> tuple[list[RunRecord], str | None]:
+    """Every experiment through the placement, cycle by cycle; records as they finish.
+
+    Returns the records and, when the study stopped early because the Docker daemon
+    stayed hung past the retry budget, why (what did not run is left for --resume).
+    """
     dispatcher, journal = placement.dispatcher, results.journal
     in_flight: set[str] = set()
     records: list[RunRecord] = []
+    stopped: list[str] = []
+    stop_scope = anyio.CancelScope()
 
     async def one(exp: Experiment) -> RunRecord:
         in_flight.add(exp.key)
@@ -178,7 +184,15 @@ async def _run_all(
         # Written the moment it ends, by the task that ran it: a cancel or crash
         # right after loses nothing that finished.
         _record(results, exp, record)
+        records.append(record)
         in_flight.discard(exp.key)
+        if record.error is not None and record.error.type == _HUNG and not stopped:
+            stopped.append(f"{record.error.message} (experiment {exp.key})")
+            journal.write("stopped", sync=True, reason=stopped[0], in_flight=sorted(in_flight))
+            log.error("study_stopped", reason=stopped[0], fix=record.error.fix_suggestion)
+            # Everything else would only hang too: stop dispatching, and cancel what
+            # is in flight (it gets no record, so --resume runs it again).
+            stop_scope.cancel()
         return record
 
     groups: list[list[Experiment]] = [todo]
@@ -188,13 +202,16 @@ async def _run_all(
     try:
         async with dispatcher:
             try:
-                for index, group in enumerate(groups):
-                    if index and study.cycle_gap_s:
-                        journal.write("cycle_gap", seconds=study.cycle_gap_s)
-                        await anyio.sleep(study.cycle_gap_s)
-                    async with contextlib.aclosing(fan_out(group, one, workers=workers)) as done:
-                        async for record in done:
-                            records.append(record)
+                with stop_scope:
+                    for index, group in enumerate(groups):
+                        if index and study.cycle_gap_s:
+                            journal.write("cycle_gap", seconds=study.cycle_gap_s)
+                            await anyio.sleep(study.cycle_gap_s)
+                        async with contextlib.aclosing(
+                            fan_out(group, one, workers=workers)
+                        ) as done:
+                            async for _ in done:
+                                pass  # each record was written by the task that ran it
             finally:
                 if reap_orphans and placement.sweep is not None:
                     # Every experiment has its final record (or was cancelled and
@@ -211,7 +228,10 @@ async def _run_all(
             error=repr(exc)[:500],
         )
         raise
-    return records, False
+    return records, stopped[0] if stopped else None
+
+
+_HUNG = "DockerDaemonHungError"
 
 
 def _record(results: ResultsDir, exp: Experiment, record: RunRecord) -> None:
