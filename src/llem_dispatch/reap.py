@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiodocker
+import anyio
 import structlog
 
 from llem_dispatch import _labels
-from llem_dispatch._docker import docker_url, translate_api_error
+from llem_dispatch._docker import DEFAULT_DEADLINES, ApiDeadlines, bounded, docker_url
 from llem_dispatch._exchange import SECRETS_FILENAME
+from llem_dispatch.errors import DockerDaemonHungError, LlemError
 
 __all__ = ["ReapedContainer", "reap"]
 
@@ -45,6 +47,7 @@ async def reap(
     dry_run: bool = False,
     docker_host: str | None = None,
     study_over: bool = False,
+    deadlines: ApiDeadlines = DEFAULT_DEADLINES,
 ) -> list[ReapedContainer]:
     """Remove llem-managed containers of this host whose owner process is gone.
 
@@ -65,61 +68,87 @@ async def reap(
     found: list[ReapedContainer] = []
     docker = aiodocker.Docker(url=docker_host or docker_url())
     try:
-        try:
-            containers = await docker.containers.list(
-                all=True, filters=json.dumps({"label": label_filters})
-            )
-        except Exception as exc:
-            raise translate_api_error(exc, image="-", phase="list") from exc
+        filters = json.dumps({"label": label_filters})
+        containers = await bounded(
+            "list", deadlines.list, lambda: docker.containers.list(all=True, filters=filters)
+        )
         for container in containers:
             try:
-                info = await container.show()
-            except aiodocker.DockerError as exc:
-                # Listed, then gone or broken: skip it, never stop the whole reap.
-                log.warning("reap_inspect_failed", container_id=container.id[:12], error=str(exc))
+                reaped = await _reap_one(
+                    container, logs_dir, dry_run=dry_run, study_over=study_over, deadlines=deadlines
+                )
+            except LlemError as exc:
+                # Gone since the listing, broken, or the daemon hangs on it: skip it
+                # (bounded), never stop the whole reap.
+                log.warning("reap_skipped", container_id=container.id[:12], error=exc.message)
                 continue
-            labels: dict[str, str] = info["Config"].get("Labels") or {}
-            alive = _labels.owner_alive(labels)
-            if alive is None or (alive and not study_over):
-                continue
-            log_path = await _save_logs(container, labels, logs_dir)
-            if not dry_run:
-                try:
-                    await container.delete(force=True, v=True)
-                except aiodocker.DockerError as exc:
-                    if exc.status != 404:
-                        log.warning(
-                            "reap_remove_failed", container_id=container.id[:12], error=str(exc)
-                        )
-                        continue
-            if not dry_run:
-                _remove_secrets(labels.get(_labels.LABEL_EXCHANGE_DIR))
-            reaped = ReapedContainer(
-                container_id=container.id,
-                name=str(info.get("Name", "")).lstrip("/"),
-                config_hash=labels.get(_labels.LABEL_CONFIG_HASH),
-                owner_pid=labels.get(_labels.LABEL_PID),
-                results_dir=labels.get(_labels.LABEL_RESULTS_DIR),
-                log_path=log_path,
-                removed=not dry_run,
-            )
-            log.warning(
-                "orphan_reaped" if not dry_run else "orphan_found",
-                container_id=container.id[:12],
-                config_hash=reaped.config_hash,
-                owner_pid=reaped.owner_pid,
-                log_path=log_path,
-            )
-            found.append(reaped)
+            if reaped is not None:
+                found.append(reaped)
     finally:
-        await docker.close()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await docker.close()
     return found
+
+
+async def _reap_one(
+    container: aiodocker.containers.DockerContainer,
+    logs_dir: str | Path | None,
+    *,
+    dry_run: bool,
+    study_over: bool,
+    deadlines: ApiDeadlines,
+) -> ReapedContainer | None:
+    """Logs kept, then removed, if its owner is gone; None when it is not ours to reap."""
+    # The listing carries the labels: no inspect, which a stuck daemon may never answer.
+    labels: dict[str, str] = dict((container["Labels"] if "Labels" in container else None) or {})
+    alive = _labels.owner_alive(labels)
+    if alive is None or (alive and not study_over):
+        return None
+    short = container.id[:12]
+    # Read before the delete: aiodocker drops the listing's fields once it is deleted.
+    name = str(((container["Names"] if "Names" in container else None) or [""])[0]).lstrip("/")
+    log_path = await _save_logs(container, labels, logs_dir, deadlines.logs)
+    if not dry_run:
+        try:
+            await bounded("delete", deadlines.delete, lambda: _delete(container))
+        except DockerDaemonHungError:
+            raise
+        except LlemError as exc:
+            log.warning("reap_remove_failed", container_id=short, error=exc.message)
+            return None
+        _remove_secrets(labels.get(_labels.LABEL_EXCHANGE_DIR))
+    reaped = ReapedContainer(
+        container_id=container.id,
+        name=name,
+        config_hash=labels.get(_labels.LABEL_CONFIG_HASH),
+        owner_pid=labels.get(_labels.LABEL_PID),
+        results_dir=labels.get(_labels.LABEL_RESULTS_DIR),
+        log_path=log_path,
+        removed=not dry_run,
+    )
+    log.warning(
+        "orphan_reaped" if not dry_run else "orphan_found",
+        container_id=short,
+        config_hash=reaped.config_hash,
+        owner_pid=reaped.owner_pid,
+        log_path=log_path,
+    )
+    return reaped
+
+
+async def _delete(container: aiodocker.containers.DockerContainer) -> None:
+    try:
+        await container.delete(force=True, v=True)
+    except aiodocker.DockerError as exc:
+        if exc.status != 404:  # already gone is what we wanted
+            raise
 
 
 async def _save_logs(
     container: aiodocker.containers.DockerContainer,
     labels: dict[str, str],
     logs_dir: str | Path | None,
+    deadline: float,
 ) -> str | None:
     exchange = labels.get(_labels.LABEL_EXCHANGE_DIR)
     target: Path | None = None
@@ -131,14 +160,14 @@ async def _save_logs(
     if target is None:
         return None
     try:
-        lines = await container.log(stdout=True, stderr=True)
-    except aiodocker.DockerError as exc:
+        lines = await bounded("logs", deadline, lambda: container.log(stdout=True, stderr=True))
+    except LlemError as exc:
         # The default "none" log driver keeps no logs in the daemon: the dispatcher
         # streamed them into the exchange dir's container.log as they came.
         captured = Path(exchange, "container.log") if exchange else None
         if captured is not None and captured.is_file() and not captured.is_symlink():
             return str(captured)
-        log.warning("reap_logs_failed", container_id=container.id[:12], error=str(exc))
+        log.warning("reap_logs_failed", container_id=container.id[:12], error=exc.message)
         return None
     # The exchange dir was writable by the container: never follow a link planted there.
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
