@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiodocker
 import anyio
@@ -100,13 +101,13 @@ async def _reap_one(
 ) -> ReapedContainer | None:
     """Logs kept, then removed, if its owner is gone; None when it is not ours to reap."""
     # The listing carries the labels: no inspect, which a stuck daemon may never answer.
-    labels: dict[str, str] = dict((container["Labels"] if "Labels" in container else None) or {})
+    labels: dict[str, str] = dict(_listed(container, "Labels") or {})
     alive = _labels.owner_alive(labels)
     if alive is None or (alive and not study_over):
         return None
     short = container.id[:12]
     # Read before the delete: aiodocker drops the listing's fields once it is deleted.
-    name = str(((container["Names"] if "Names" in container else None) or [""])[0]).lstrip("/")
+    name = str((_listed(container, "Names") or [""])[0]).lstrip("/")
     log_path = await _save_logs(container, labels, logs_dir, deadlines.logs)
     if not dry_run:
         try:
@@ -134,6 +135,14 @@ async def _reap_one(
         log_path=log_path,
     )
     return reaped
+
+
+def _listed(container: aiodocker.containers.DockerContainer, key: str) -> Any:
+    """A field of the container as the listing gave it (None if absent)."""
+    try:
+        return container[key]
+    except KeyError:
+        return None
 
 
 async def _delete(container: aiodocker.containers.DockerContainer) -> None:
