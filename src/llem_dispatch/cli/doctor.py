@@ -131,6 +131,7 @@ async def _daemon_checks() -> list[Check]:
         has_nvidia = False
     return [
         Check("Docker daemon", True, version),
+        _engine_check(version),
         Check(
             "NVIDIA container runtime",
             has_nvidia,
@@ -142,6 +143,31 @@ async def _daemon_checks() -> list[Check]:
             optional=True,
         ),
     ]
+
+
+#: Engines before this major version carry the libnetwork deadlock under container
+#: churn (moby/moby#46661, moby/libnetwork#2649), fixed after 20.10.24.
+FIXED_ENGINE_MAJOR = 23
+
+
+def _engine_check(version: str) -> Check:
+    """Warn about an engine with the known deadlock under our own container churn."""
+    major = version.split(".", 1)[0]
+    if not major.isdigit():
+        return Check("Docker Engine version", True, "unknown", optional=True)
+    affected = int(major) < FIXED_ENGINE_MAJOR
+    return Check(
+        "Docker Engine version",
+        not affected,
+        f"{version}: known to deadlock under container churn (moby/moby#46661)"
+        if affected
+        else f"{version}: without the 20.10 churn deadlock",
+        "Upgrade the engine (23.0 or later: Docker CE, or Debian trixie's docker.io "
+        "26.1.5); until then a hung daemon is detected and reported (DockerDaemonHungError)."
+        if affected
+        else "",
+        optional=True,
+    )
 
 
 def _gpu_check() -> Check:
