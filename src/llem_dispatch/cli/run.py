@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -269,7 +271,7 @@ def _run_with_progress(
             console.print(line, markup=False)
 
     with_events = functools.partial(study_run, on_event=on_event)
-    main = functools.partial(_run_until_signalled, with_events, console)
+    main = functools.partial(_run_until_signalled, with_events, console, plan.study.stop_grace_s)
     try:
         if interactive:
             with Live(LiveDisplay(state), console=console, refresh_per_second=8, transient=False):
@@ -284,20 +286,25 @@ def _run_with_progress(
 
 
 async def _run_until_signalled(
-    study_run: Callable[[], Awaitable[StudySummary]], console: Console
+    study_run: Callable[[], Awaitable[StudySummary]], console: Console, grace_s: float
 ) -> StudySummary | None:
     """Run the study beside a signal watcher; None when a signal stopped it."""
     summary: StudySummary | None = None
     study_scope = anyio.CancelScope()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_watch_signals, study_scope, console)
+        tg.start_soon(_watch_signals, study_scope, console, grace_s)
         with study_scope:
             summary = await study_run()
         tg.cancel_scope.cancel()
     return summary
 
 
-async def _watch_signals(study_scope: anyio.CancelScope, console: Console) -> None:
+#: After the first signal the process ends within the stop grace period plus this,
+#: whatever the Docker daemon does (a hung one never answers the clean-up calls).
+EXIT_SLACK_S = 5.0
+
+
+async def _watch_signals(study_scope: anyio.CancelScope, console: Console, grace_s: float) -> None:
     """First SIGINT/SIGTERM: stop the study (grace periods kept); any later one: force kills."""
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         count = 0
@@ -309,10 +316,27 @@ async def _watch_signals(study_scope: anyio.CancelScope, console: Console) -> No
                     "running experiments (again to force)...[/]"
                 )
                 study_scope.cancel()
+                _exit_by(grace_s + EXIT_SLACK_S, console)
             else:
                 # Tells the runners' cancellation cleanup to skip the stop grace period.
                 set_force_kill(True)
                 console.print("[red]forcing: killing containers now[/]")
+
+
+def _exit_by(seconds: float, console: Console) -> None:
+    """A last resort, in a thread (the event loop may be the thing waiting): exit 130."""
+
+    def give_up() -> None:
+        console.print(
+            f"[red]clean-up did not finish within {seconds:g}s (the Docker daemon may be "
+            "stuck): exiting now. Records so far are kept; once the daemon answers, run "
+            "`llem-dispatch reap`, then --resume.[/]"
+        )
+        os._exit(EXIT_INTERRUPTED)
+
+    timer = threading.Timer(seconds, give_up)
+    timer.daemon = True
+    timer.start()
 
 
 def _llem_error_in(exc: BaseException) -> LlemError | None:
