@@ -20,6 +20,7 @@ import structlog
 import yaml
 
 from llem_dispatch import _labels
+from llem_dispatch._docker import ApiDeadlines
 from llem_dispatch._exchange import remove_stale_secrets
 from llem_dispatch.dispatch import (
     Dispatcher,
@@ -364,7 +365,11 @@ async def _place(
 
     async def sweep(study_over: bool) -> None:
         if not study_over:
-            await reap(results_dir=results.path, logs_dir=results.path / "orphans")
+            await reap(
+                results_dir=results.path,
+                logs_dir=results.path / "orphans",
+                deadlines=ApiDeadlines(**study.docker_deadlines),
+            )
 
     return _Placement(
         dispatcher,

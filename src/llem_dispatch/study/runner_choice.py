@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from llem_dispatch._docker import build_image, docker_available, image_present, run_once
+from llem_dispatch._docker import (
+    ApiDeadlines,
+    build_image,
+    docker_available,
+    image_present,
+    run_once,
+)
 from llem_dispatch.errors import ConfigError, DockerError, DockerImagePullError
 from llem_dispatch.gpu import GpuPool, SettleSpec
 from llem_dispatch.runners import DockerRunner, LocalRunner, RoutingRunner, Runner
@@ -219,6 +225,7 @@ def make_runner(
             stop_grace_s=study.stop_grace_s,
             exchange_base=exchange_base,
             source_dir=study_dir if study.mount_study_dir else None,
+            api_deadlines=ApiDeadlines(**study.docker_deadlines),
         )
 
     if spec.image is None and study.images:

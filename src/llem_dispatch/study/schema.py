@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from llem_dispatch._docker import ApiDeadlines
 from llem_dispatch.errors import ConfigError
 
 __all__ = [
@@ -255,6 +256,12 @@ class Study(BaseModel):
     env: dict[str, str] = Field(
         default_factory=dict, description="Extra environment (never secrets: see the README)."
     )
+    docker_deadlines: dict[str, float] = Field(
+        default_factory=dict,
+        description="Seconds each Docker API call may take before the daemon counts as hung "
+        "(create, attach, start, inspect, kill, stop, delete, image, list, logs, "
+        "liveness_every); the defaults suit a slow but healthy daemon.",
+    )
     max_experiments: int = Field(
         default=1_000_000,
         ge=1,
@@ -286,6 +293,16 @@ class Study(BaseModel):
                 f"{value!r} is not a safe directory name: use 1-100 letters, digits, '.', "
                 "'_' or '-', starting with a letter or digit (e.g. 'llama-sweep-1')"
             )
+        return value
+
+    @field_validator("docker_deadlines")
+    @classmethod
+    def _deadlines_ok(cls, value: dict[str, float]) -> dict[str, float]:
+        known = ApiDeadlines.__slots__
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise ValueError(f"unknown Docker call(s) {unknown}: known are {', '.join(known)}")
+        ApiDeadlines(**value)  # positive and finite, or a ValueError naming the call
         return value
 
     @field_validator("function")
