@@ -2,9 +2,10 @@
 
 A hung daemon cannot be made on demand, so this stands in for one, the way
 toxiproxy does for TCP: a unix-socket HTTP proxy that forwards to the real
-socket and holds back requests matching a rule until the rule is lifted (or
-forever). Each client connection carries one request (the proxy asks for
-`Connection: close`), except an attach, which is upgraded and piped raw.
+socket and holds back requests matching a rule, unanswered, until the rule is
+lifted (then they are dropped, and later ones go through) or forever. Each
+client connection carries one request (the proxy asks for `Connection: close`),
+except an attach, which is upgraded and piped raw.
 
 Runs its own event loop in a thread, so both in-process tests and CLI
 subprocesses (through DOCKER_HOST) can use it.
@@ -42,6 +43,7 @@ class DockerFaultProxy:
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _ready: threading.Event = field(default_factory=threading.Event)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def url(self) -> str:
@@ -59,7 +61,7 @@ class DockerFaultProxy:
         self._call(add)
 
     def release(self) -> None:
-        """Lift every stall: held requests go on (those whose client gave up are dropped)."""
+        """Lift every stall: later requests go through; those held are dropped, unanswered."""
 
         def lift() -> None:
             for rule in self._rules:
@@ -111,6 +113,7 @@ class DockerFaultProxy:
 
     def _serve_forever(self) -> None:
         loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
         self._loop = loop
         server = loop.run_until_complete(asyncio.start_unix_server(self._client, str(self.path)))
         self._ready.set()
@@ -118,19 +121,35 @@ class DockerFaultProxy:
             loop.run_forever()
         finally:
             server.close()
-            for task in asyncio.all_tasks(loop):
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
                 task.cancel()
-            with contextlib.suppress(Exception):
-                loop.run_until_complete(asyncio.sleep(0))
+            # Let every connection task run its `finally` (closing its sockets).
+            if tasks:
+                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            loop.run_until_complete(server.wait_closed())
             loop.close()
 
     # -- one client connection ---------------------------------------------------------
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # asyncio keeps only weak references to tasks: hold each connection's task
+        # so that none is collected while it waits on a closed peer.
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            writer.close()
             return
         request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
         self.requests.append(request_line)
@@ -139,9 +158,10 @@ class DockerFaultProxy:
             if rule.method == method and rule.path.search(path):
                 rule.held += 1
                 try:
-                    if not await _hold(rule.released, reader):
-                        writer.close()  # the client gave up while held: drop it
-                        return
+                    # Never forwarded, as a hung daemon never answers it: the
+                    # connection closes when the client gives up or at release.
+                    await _hold(rule.released, reader)
+                    return
                 finally:
                     rule.held -= 1
         await self._forward(_connection_close(head), reader, writer)
@@ -152,24 +172,28 @@ class DockerFaultProxy:
         try:
             up_reader, up_writer = await asyncio.open_unix_connection(self.target)
         except OSError:
-            writer.close()
             return
-        up_writer.write(head)
-        await asyncio.gather(
-            _pipe(reader, up_writer), _pipe(up_reader, writer), return_exceptions=True
-        )
+        try:
+            up_writer.write(head)
+            await asyncio.gather(
+                _pipe(reader, up_writer), _pipe(up_reader, writer), return_exceptions=True
+            )
+        finally:
+            up_writer.close()
+            with contextlib.suppress(Exception):
+                await up_writer.wait_closed()
 
 
-async def _hold(released: asyncio.Event, reader: asyncio.StreamReader) -> bool:
-    """Wait for the release; False if the client closed its end first."""
+async def _hold(released: asyncio.Event, reader: asyncio.StreamReader) -> None:
+    """Until the release, or until the client closes its end, whichever comes first."""
     wait = asyncio.ensure_future(released.wait())
     gone = asyncio.ensure_future(reader.read(1))
-    done, _ = await asyncio.wait({wait, gone}, return_when=asyncio.FIRST_COMPLETED)
-    if gone in done and gone.result() == b"":
-        wait.cancel()
-        return False
-    gone.cancel()
-    return True
+    try:
+        await asyncio.wait({wait, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (wait, gone):
+            task.cancel()
+        await asyncio.gather(wait, gone, return_exceptions=True)
 
 
 def _connection_close(head: bytes) -> bytes:
@@ -192,8 +216,6 @@ async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         with contextlib.suppress(Exception):
             if dst.can_write_eof():
                 dst.write_eof()
-            else:
-                dst.close()
 
 
 @contextlib.contextmanager
