@@ -25,7 +25,7 @@ from llem_dispatch.cli.app import (
     fail_usage,
     make_console,
 )
-from llem_dispatch.cli.progress import LiveDisplay, ProgressState
+from llem_dispatch.cli.progress import LiveDisplay, ProgressState, resumed_count
 from llem_dispatch.dispatch import (
     Event,
 )
@@ -199,7 +199,11 @@ def run(
         f"{spec.kind}:{spec.image}" if spec.kind == "docker" and spec.image else spec.kind
     )
     os.environ.setdefault("LLEM_RUNNER_SOURCE", spec.source)
-    state = ProgressState(total=len(experiments), gpu_ids=list(pool.devices) if pool else [])
+    state = ProgressState(
+        total=len(experiments),
+        skipped=resumed_count(experiments, results_dir) if resume else 0,
+        gpu_ids=list(pool.devices) if pool else [],
+    )
     interactive = console.is_terminal and not plain and not json_logs
     display = LiveDisplay(state)
     summary_box: list[StudySummary] = []
@@ -248,7 +252,6 @@ def run(
     try:
         if interactive:
             with Live(display, console=console, refresh_per_second=8, transient=False):
-                state.skipped = 0
                 anyio.run(main_task)
         else:
             anyio.run(main_task)
