@@ -12,11 +12,13 @@ import io
 import json
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich import box
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -28,6 +30,7 @@ from llem_dispatch.report import (
     StudyResults,
     flat_row,
     format_duration,
+    format_param,
     format_value,
     load_results,
     read_results,
@@ -84,7 +87,7 @@ def _header(results: StudyResults, selection: Selection, console: Console) -> No
         f"[bold]{results.name}[/]: {len(results.records)} experiments ({outcome}); {where}"
     )
     if selection.constants:
-        same = "  ".join(f"{k}={format_value(v)}" for k, v in selection.constants.items())
+        same = "  ".join(f"{k}={format_param(v)}" for k, v in selection.constants.items())
         console.print(f"[dim]same in every experiment:[/] {same}", markup=True)
     if selection.unknown:
         console.print(
@@ -92,41 +95,91 @@ def _header(results: StudyResults, selection: Selection, console: Console) -> No
         )
 
 
-def _people_table(results: StudyResults, rows: list[dict[str, Any]], selection: Selection) -> Table:
+@dataclass
+class _Column:
+    """One column of the people's table: its cells, and whether it may be cut to fit."""
+
+    header: str
+    cells: list[Text]
+    right: bool = False
+    flexible: bool = False
+    result: bool = False
+    cap: int | None = None
+
+    @property
+    def natural(self) -> int:
+        return max([cell_len(self.header), *(c.cell_len for c in self.cells)])
+
+
+def _fit(columns: list[_Column], width: int) -> list[str]:
+    """Make the table fit `width`; return the headers of columns left out.
+
+    First the text columns are cut (widest first, down to 6 characters), then
+    result columns are left out from the last (one always stays), then duration
+    and GPU. Keys, statuses and numbers are never cut: a cut number misleads.
+    """
+    widths = {id(c): c.natural for c in columns}
+
+    def total() -> int:
+        return sum(widths[id(c)] for c in columns) + 3 * len(columns) - 1
+
+    while total() > width:
+        flexible = [c for c in columns if c.flexible and widths[id(c)] > 6]
+        if not flexible:
+            break
+        widest = max(flexible, key=lambda c: widths[id(c)])
+        widths[id(widest)] -= 1
+        widest.cap = widths[id(widest)]
+    dropped: list[str] = []
+    droppable = [c for c in columns if c.result][1:][::-1]
+    droppable += [c for c in columns if c.header in {"duration", "GPU"} and not c.result]
+    while total() > width and droppable:
+        column = droppable.pop(0)
+        columns.remove(column)
+        dropped.append(column.header)
+    return dropped
+
+
+def _status_cell(row: dict[str, Any]) -> Text:
+    # A failure shows its class (DockerOOMError, MemoryError...): what a person acts on.
+    status = str(row["status"])
+    return Text(str(row["error"] or status), style=_STATUS_STYLE.get(status, ""))
+
+
+def _people_table(
+    results: StudyResults, rows: list[dict[str, Any]], selection: Selection, width: int
+) -> Table:
     shorts = short_keys(results.records)
-    failures = any(row["error"] for row in rows)
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, header_style="bold")
-    table.add_column("key", no_wrap=True)
-    table.add_column("status", no_wrap=True)
-    table.add_column("GPU", no_wrap=True, overflow="ellipsis")
-    table.add_column("duration", justify="right", no_wrap=True)
+    keys = [shorts.get(str(r["key"]), str(r["key"])) for r in rows]
+    gpus = [(f"{r['node']}:" if r.get("node") else "") + str(r["gpu_ids"] or "-") for r in rows]
+    columns = [
+        _Column("key", [Text(k) for k in keys]),
+        _Column("status", [_status_cell(r) for r in rows]),
+        _Column("GPU", [Text(g) for g in gpus], flexible=True),
+        _Column("duration", [Text(format_duration(r["duration_s"])) for r in rows], right=True),
+    ]
     for name in selection.params:
-        numeric = all(_is_number(row.get(f"param.{name}")) for row in rows)
+        values = [r.get(f"param.{name}") for r in rows]
+        numeric = all(_is_number(v) for v in values)
+        cells = [Text(format_param(v)) for v in values]
+        columns.append(_Column(name, cells, right=numeric, flexible=not numeric))
+    for name in selection.results:
+        cells = [Text(format_value(r.get(f"result.{name}"))) for r in rows]
+        columns.append(_Column(name, cells, right=True, result=True))
+    dropped = _fit(columns, width)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, header_style="bold")
+    for column in columns:
         table.add_column(
-            name,
-            justify="right" if numeric else "left",
+            column.header,
+            justify="right" if column.right else "left",
             no_wrap=True,
             overflow="ellipsis",
-            max_width=24,
+            max_width=column.cap,
         )
-    for name in selection.results:
-        table.add_column(name, justify="right", no_wrap=True)
-    if failures:
-        table.add_column("error", no_wrap=True, overflow="ellipsis")
-    for row in rows:
-        status = str(row["status"])
-        gpus = (f"{row['node']}:" if row.get("node") else "") + str(row["gpu_ids"] or "-")
-        cells = [
-            Text(shorts.get(str(row["key"]), str(row["key"]))),
-            Text(status, style=_STATUS_STYLE.get(status, "")),
-            Text(gpus),
-            Text(format_duration(row["duration_s"])),
-            *(Text(format_value(row.get(f"param.{p}"))) for p in selection.params),
-            *(Text(format_value(row.get(f"result.{c}"))) for c in selection.results),
-        ]
-        if failures:
-            cells.append(Text(str(row["error"] or ""), style="red"))
-        table.add_row(*cells)
+    for index in range(len(rows)):
+        table.add_row(*(column.cells[index] for column in columns))
+    if dropped:
+        table.caption = f"not shown for lack of width: {', '.join(dropped)} (see --all, or widen)"
     return table
 
 
@@ -209,6 +262,6 @@ def results(
         wide = console.options.update_width(100_000)
         console.width = max(console.width, console.measure(table, options=wide).maximum)
     else:
-        table = _people_table(data, rows, selection)
+        table = _people_table(data, rows, selection, console.width)
     _header(data, selection, console)
     console.print(table)

@@ -30,6 +30,7 @@ __all__ = [
     "failure_info",
     "flat_row",
     "format_duration",
+    "format_param",
     "format_value",
     "read_results",
     "require_extra",
@@ -257,6 +258,15 @@ def format_value(value: Any) -> str:
         # Trailing zeros kept: a column of 4-digit numbers lines up (46.70 over 125.6).
         return f"{value:#.4g}".rstrip(".")
     if isinstance(value, list | dict):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+def format_param(value: Any) -> str:
+    """A parameter as the study file wrote it (0.8, not 0.8000; true, not yes)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool | list | dict):
         return json.dumps(value, default=str)
     return str(value)
 

@@ -14,7 +14,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from llem_dispatch.report.data import format_duration, format_value, read_results, require_extra
+from llem_dispatch.report.data import (
+    format_duration,
+    format_param,
+    format_value,
+    read_results,
+    require_extra,
+)
 from llem_dispatch.report.model import ReportData, build_report_data, describe
 from llem_dispatch.study import ReportSpec
 
@@ -51,7 +57,7 @@ def _bar_hover(bar: Mapping[str, Any]) -> str:
     if bar["config"]:
         lines.append(_E(describe(bar["config"])))
     if bar["result"] and bar["kind"] != "cooldown":
-        lines.append(_E(describe(bar["result"])))
+        lines.append(_E(describe(bar["result"], rounded=True)))
     if bar.get("error"):
         lines.append(f"error: {_E(str(bar['error']))}")
     return "<br>".join(lines)
@@ -81,11 +87,37 @@ def _timeline_figure(data: ReportData, go: Any) -> Any:
                 text=[b["short"] if kind != "cooldown" else "" for b in bars],
                 textposition="inside",
                 insidetextanchor="middle",
+                textangle=0,
                 textfont={"size": 10},
             )
         )
-    for session in data.sessions[1:]:
-        # Each --resume starts a new session: mark where.
+    breaks = _mark_sessions(fig, data)
+    fig.update_layout(
+        barmode="overlay",
+        height=max(220, 34 * len(lanes) + 130),
+        margin={"l": 10, "r": 10, "t": 30, "b": 40},
+        legend={"orientation": "h", "y": -0.25 if len(lanes) < 4 else -0.12},
+        xaxis={
+            "type": "date",
+            "title": "time (UTC)",
+            "rangebreaks": breaks,
+            # The runs' span exactly (autorange pads oddly once pauses are cut out).
+            "range": [data.sessions[0]["start"], data.sessions[-1]["end"]]
+            if data.sessions
+            else None,
+        },
+        yaxis={"categoryorder": "array", "categoryarray": lanes[::-1], "automargin": True},
+        plot_bgcolor="#fafbfc",
+        uniformtext={"minsize": 8, "mode": "hide"},
+    )
+    return fig
+
+
+def _mark_sessions(fig: Any, data: ReportData) -> list[dict[str, Any]]:
+    """A dotted line where each --resume started; long pauses between runs cut out."""
+    breaks = []
+    wall = max(1.0, float(data.summary["wall_s"]))
+    for before, session in zip(data.sessions, data.sessions[1:], strict=False):
         fig.add_shape(
             type="line",
             x0=session["start"],
@@ -99,25 +131,22 @@ def _timeline_figure(data: ReportData, go: Any) -> Any:
             x=session["start"],
             y=1,
             yref="paper",
-            text="resumed",
+            text=" resumed",
             showarrow=False,
-            yanchor="bottom",
-            font={"size": 10},
+            xanchor="left",
+            yanchor="top",
+            font={"size": 10, "color": "#555"},
         )
-    fig.update_layout(
-        barmode="overlay",
-        height=max(220, 34 * len(lanes) + 130),
-        margin={"l": 10, "r": 10, "t": 30, "b": 40},
-        legend={"orientation": "h", "y": -0.25 if len(lanes) < 4 else -0.12},
-        xaxis={"type": "date", "title": "time (UTC)"},
-        yaxis={"categoryorder": "array", "categoryarray": lanes[::-1], "automargin": True},
-        plot_bgcolor="#fafbfc",
-    )
-    return fig
+        pause = session["start_s"] - before["end_s"]
+        if pause > max(5.0, 0.05 * wall):
+            # Keep a sliver of the pause so the cut is visible as a gap.
+            margin = 0.02 * wall
+            breaks.append({"values": [before["end"]], "dvalue": (pause - margin) * 1000})
+    return breaks
 
 
 def _group_label(values: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={format_value(v)}" for k, v in values.items()) or "all"
+    return ", ".join(f"{k}={format_param(v)}" for k, v in values.items()) or "all"
 
 
 def _x_value(row: Mapping[str, Any], x: str) -> Any:
@@ -267,7 +296,7 @@ def _experiments_table(data: ReportData) -> str:
                 f'<span class="status {_STATUS_CLASS.get(str(row["status"]), "")}">{status}</span>',
                 _E(((row["node"] + ":") if row.get("node") else "") + row["gpu_ids"]),
                 format_duration(row["duration_s"]),
-                *(_E(format_value(row["config"].get(p))) for p in selection.params),
+                *(_E(format_param(row["config"].get(p))) for p in selection.params),
                 *(_E(format_value(row["results"].get(c))) for c in selection.results),
             ]
         )
@@ -311,7 +340,13 @@ def _axes_hint(data: ReportData) -> str:
         parts.append("one line per " + ", ".join(axes.group))
     if axes.averaged:
         parts.append("averaged over " + ", ".join(axes.averaged))
-    parts.append("error bars: spread over repeated runs (cycles)")
+    points = [
+        json.dumps([_x_value(r, p) for p in (axes.x, *axes.group)], default=str)
+        for r in data.rows
+        if r["status"] == "succeeded"
+    ]
+    if len(set(points)) < len(points):
+        parts.append("points: the mean, error bars: the spread (standard deviation)")
     return " · ".join(parts)
 
 

@@ -17,6 +17,7 @@ from llem_dispatch.report.data import (
     StudyResults,
     failure_info,
     flat_row,
+    format_param,
     format_value,
     short_keys,
     sort_records,
@@ -192,7 +193,14 @@ def build_report_data(results: StudyResults, spec: ReportSpec | None = None) -> 
     shorts = short_keys(results.records)
     records = {str(r.get("key")): r for r in results.records}
     sessions = [
-        {"index": s.index, "start": iso(s.start), "end": iso(s.end), "resumed": s.resumed}
+        {
+            "index": s.index,
+            "start": iso(s.start),
+            "end": iso(s.end),
+            "start_s": s.start,
+            "end_s": s.end,
+            "resumed": s.resumed,
+        }
         for s in timeline.sessions
     ]
     return ReportData(
@@ -207,6 +215,7 @@ def build_report_data(results: StudyResults, spec: ReportSpec | None = None) -> 
     )
 
 
-def describe(values: Mapping[str, Any]) -> str:
-    """'size=128 · dtype=float64' for hover texts and table cells."""
-    return " · ".join(f"{k}={format_value(v)}" for k, v in values.items())
+def describe(values: Mapping[str, Any], *, rounded: bool = False) -> str:
+    """'size=128 · dtype=float64' for hover texts and table cells (results `rounded`)."""
+    show = format_value if rounded else format_param
+    return " · ".join(f"{k}={show(v)}" for k, v in values.items())
