@@ -112,13 +112,13 @@ if TYPE_CHECKING:
         translate_docker_error,
     )
     from llem_dispatch.gpu import GpuLease, GpuPool
-    from llem_dispatch.report import load_results
     from llem_dispatch.models import (
         ExperimentFailure,
         ExperimentResult,
         RunnerMetadata,
         compute_config_hash,
     )
+    from llem_dispatch.report import load_results
     from llem_dispatch.runners import (
         DockerRunner,
         LocalRunner,
