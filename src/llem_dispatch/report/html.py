@@ -95,8 +95,8 @@ def _timeline_figure(data: ReportData, go: Any) -> Any:
     fig.update_layout(
         barmode="overlay",
         height=max(220, 34 * len(lanes) + 130),
-        margin={"l": 10, "r": 10, "t": 30, "b": 40},
-        legend={"orientation": "h", "y": -0.25 if len(lanes) < 4 else -0.12},
+        margin={"l": 10, "r": 10, "t": 40, "b": 40},
+        legend={"orientation": "h", "x": 0, "y": 1.02, "yanchor": "bottom"},
         xaxis={
             "type": "date",
             "title": "time (UTC)",
@@ -184,18 +184,27 @@ def _result_figure(data: ReportData, rows: list[dict[str, Any]], column: str, go
                 "<br>n=%{customdata}<extra></extra>",
             )
         )
-    numeric = [x for by_x in groups.values() for x in by_x if isinstance(x, int | float)]
-    log_x = bool(numeric) and min(numeric) > 0 and max(numeric) / min(numeric) >= 100
+    xs_all = [x for by_x in groups.values() for x in by_x if isinstance(x, int | float)]
+    ys_all = [statistics.fmean(v) for by_x in groups.values() for v in by_x.values()]
     fig.update_layout(
         title={"text": _E(column), "font": {"size": 14}},
         height=360,
         margin={"l": 10, "r": 10, "t": 40, "b": 40},
-        xaxis={"title": _E(axes.x), "type": "log" if log_x else "-"},
-        yaxis={"title": _E(column), "automargin": True},
+        xaxis={"title": _E(axes.x), "type": "log" if _spans_decades(xs_all) else "-"},
+        yaxis={
+            "title": _E(column),
+            "automargin": True,
+            "type": "log" if _spans_decades(ys_all) else "-",
+        },
         legend={"font": {"size": 10}},
         plot_bgcolor="#fafbfc",
     )
     return fig
+
+
+def _spans_decades(values: list[Any]) -> bool:
+    """Positive values over two decades or more read better on a log axis."""
+    return bool(values) and min(values) > 0 and max(values) / min(values) >= 100
 
 
 def _figure_html(fig: Any) -> str:
