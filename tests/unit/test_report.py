@@ -370,3 +370,26 @@ async def test_resumed_count_counts_only_this_studys_successes(tmp_path: Path) -
     experiments = expand_study(load_study(QUICKSTART_STUDY))
     assert resumed_count(experiments, out) == 10
     assert resumed_count(experiments[:3], out) == 3
+
+
+def test_report_escapes_what_experiments_wrote(tmp_path: Path) -> None:
+    from llem_dispatch.report import render_report
+
+    evil = "</script><script>alert(1)</script><!--"
+    t = 1_000_000.0
+    journal = [
+        {"event": "study_started", "ts": t, "resume": False},
+        {"event": "started", "ts": t, "key": "a_c1", "gpu_ids": ["0"], "attempt": 1},
+        {"event": "failed", "ts": t + 1, "key": "a_c1", "gpu_ids": ["0"]},
+        {"event": "study_finished", "ts": t + 1},
+    ]
+    record = {
+        **_record("a_c1", 0, "0", 0, 1, "failed"),
+        "config": {"i": evil},
+        "failure": {"type": "ValueError", "message": evil, "config_hash": "a"},
+    }
+    html = render_report(_write_dir(tmp_path / "d", journal, [record]))
+    assert "<script>alert" not in html
+    data = _embedded(html)
+    assert data["failures"][0]["message"] == evil
+    assert data["bars"][0]["config"] == {"i": evil}

@@ -50,7 +50,12 @@ def report(
         f"{summary['study']}: {summary['recorded']} experiments, {counts['succeeded']} "
         f"succeeded, {counts['failed'] + counts['error'] + counts['cancelled']} failed, "
         f"wall {format_duration(summary['wall_s'])}"
-        + (f", GPU utilisation {util:.0%}" if util is not None else "")
+        + (f", GPU utilisation {util:.0%}" if util is not None else ""),
+        soft_wrap=True,
     )
     size_mb = path.stat().st_size / 1e6
-    console.print(f"report: {path} ({size_mb:.1f} MB) -> file://{path.resolve()}", markup=False)
+    console.print(
+        f"report: {path} ({size_mb:.1f} MB) -> {path.resolve().as_uri()}",
+        markup=False,
+        soft_wrap=True,
+    )

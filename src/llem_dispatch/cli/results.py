@@ -78,7 +78,7 @@ def report_spec(results: StudyResults, columns: str | None, **axes: str | None) 
 
 def _header(results: StudyResults, selection: Selection, console: Console) -> None:
     counts = Counter(str(r.get("status")) for r in results.records)
-    outcome = ", ".join(f"{n} {status}" for status, n in counts.most_common())
+    outcome = ", ".join(f"{n} {status}" for status, n in counts.most_common()) or "none yet"
     gpus = results.gpu_count
     where = f"runner {results.facts.get('runner', '?')}" + (
         f", {gpus} {'virtual ' if results.facts.get('virtual_gpus') else ''}GPUs" if gpus else ""
@@ -108,6 +108,7 @@ class _Column:
 
     @property
     def natural(self) -> int:
+        """Width of the widest cell or the header."""
         return max([cell_len(self.header), *(c.cell_len for c in self.cells)])
 
 

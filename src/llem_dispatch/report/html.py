@@ -45,14 +45,14 @@ def _lane_label(lane: str) -> str:
     if lane.startswith("CPU "):
         return lane
     node, _, gpu = lane.rpartition(":")
-    return f"{node} GPU {gpu}" if node else f"GPU {gpu}"
+    # Plotly reads tick labels and trace names as a little HTML: escape what we pass.
+    return _E(f"{node} GPU {gpu}" if node else f"GPU {gpu}")
 
 
 def _bar_hover(bar: Mapping[str, Any]) -> str:
     lines = [
         f"<b>{_E(str(bar['short']))}</b> {_E(bar['kind'])} (attempt {bar['attempt']})",
-        f"{_E(_lane_label(bar['lane']))} · {bar['start'][11:23]} · "
-        f"{format_duration(bar['seconds'])}",
+        f"{_lane_label(bar['lane'])} · {bar['start'][11:23]} · {format_duration(bar['seconds'])}",
     ]
     if bar["config"]:
         lines.append(_E(describe(bar["config"])))
@@ -174,7 +174,7 @@ def _result_figure(data: ReportData, rows: list[dict[str, Any]], column: str, go
         spread = [statistics.pstdev(by_x[x]) if len(by_x[x]) > 1 else 0.0 for x in xs]
         fig.add_trace(
             go.Scatter(
-                name=label,
+                name=_E(label),
                 x=[x if isinstance(x, int | float) else str(x) for x in xs],
                 y=[statistics.fmean(by_x[x]) for x in xs],
                 customdata=[len(by_x[x]) for x in xs],
@@ -378,7 +378,9 @@ def _results_section(data: ReportData, go: Any) -> str:
 def _page(data: ReportData, plotly_js: str, go: Any) -> str:
     summary = data.summary
     constants = describe(data.selection.constants)
-    payload = json.dumps(data.as_json(), default=str).replace("</", "<\\/")
+    # No "<" at all inside the script element: "</script>" or "<!--" in a value
+    # (an error message, a path) must not end or confuse it. JSON reads \u003c as "<".
+    payload = json.dumps(data.as_json(), default=str).replace("<", "\\u003c")
     timeline = _figure_html(_timeline_figure(data, go)) if data.bars else "<p>No runs yet.</p>"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">

@@ -125,6 +125,7 @@ class _Builder:
     last_session_of: dict[str, int] = field(default_factory=dict)
 
     def session(self, index: int, events: list[dict[str, Any]]) -> None:
+        """The bars of one run (a `study_started` and the events up to the next one)."""
         starts: dict[tuple[str, int], dict[str, Any]] = {}
         retried: dict[tuple[str, int], dict[str, Any]] = {}
         ends: dict[str, dict[str, Any]] = {}
