@@ -13,7 +13,7 @@ PYTHON = ["3.11"]
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """Unit and integration tests (integration needs a Docker daemon; see README)."""
-    session.install("-e", ".[dev,ray]")
+    session.install("-e", ".[dev,ray,analysis]")
     session.run("pytest", *session.posargs)
 
 

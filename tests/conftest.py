@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,6 +60,7 @@ def _ray_problem() -> str | None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _mark_browser_tests(items)
     needs_ray = [item for item in items if item.get_closest_marker("ray")]
     if needs_ray and (ray_problem := _ray_problem()) is not None:
         if os.environ.get("LLEM_REQUIRE_RAY") == "1":
@@ -144,3 +147,131 @@ def exchange_base(tmp_path: Path) -> Path:
     base = tmp_path / "exchange"
     base.mkdir()
     return base
+
+
+# -- headless Chromium (report tests) and CI artifacts -----------------------------
+
+ARTIFACTS_DIR = Path(os.environ.get("LLEM_ARTIFACTS_DIR", REPO_ROOT / "artifacts"))
+_artifacts: list[Path] = []
+
+
+def chromium_binary() -> str | None:
+    """Debian's `chromium` (or another Chromium-based browser on PATH)."""
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if found := shutil.which(name):
+            return found
+    return None
+
+
+def _mark_browser_tests(items: list[pytest.Item]) -> None:
+    needs = [item for item in items if item.get_closest_marker("browser")]
+    if not needs or chromium_binary() is not None:
+        return
+    if os.environ.get("LLEM_REQUIRE_BROWSER") == "1":
+        # In CI the report must be opened in a real browser, never skipped.
+        for item in needs:
+            item.add_marker(pytest.mark.usefixtures("_browser_required_but_missing"))
+        return
+    skip = pytest.mark.skip(
+        reason="headless Chromium not found on PATH (Debian: `apt-get install -y chromium`); "
+        "the report is not opened in a browser"
+    )
+    for item in needs:
+        item.add_marker(skip)
+
+
+@pytest.fixture
+def _browser_required_but_missing() -> None:
+    pytest.fail("LLEM_REQUIRE_BROWSER=1 but no chromium on PATH (apt-get install -y chromium)")
+
+
+@pytest.fixture
+def artifact_path() -> Any:
+    """`artifact_path(name)`: a path under the artifacts dir, listed at the end of the run."""
+
+    def make(name: str) -> Path:
+        ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
+        path = ARTIFACTS_DIR / name
+        _artifacts.append(path)
+        return path
+
+    return make
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    kept = [p for p in _artifacts if p.exists()]
+    if kept:
+        terminalreporter.section("artifacts")
+        for path in kept:
+            terminalreporter.write_line(f"artifact kept: {path}")
+
+
+# -- a quickstart results dir without Docker (report and results tests) -------------
+
+QUICKSTART_STUDY = REPO_ROOT / "examples" / "quickstart" / "study.yaml"
+
+
+async def make_quickstart_results(
+    out: Path, *, trouble: bool = False, gpus_per_experiment: int = 1, gap_s: float = 0.0
+) -> Path:
+    """The quickstart study (its parameters and `report:`) run by a FakeRunner into `out`.
+
+    With `trouble`: one attempt hits a transient daemon error and is retried, one
+    experiment reports its own failure, and one ends with an infrastructure error.
+    """
+    import anyio
+
+    from llem_dispatch import (
+        DockerOOMError,
+        DockerUnavailableError,
+        ExperimentFailure,
+        GpuPool,
+        RetryPolicy,
+        compute_config_hash,
+        load_study,
+        run_study,
+    )
+    from llem_dispatch.testing import FakeRunner
+
+    study = load_study(QUICKSTART_STUDY).model_copy(
+        update={"gpus_per_experiment": gpus_per_experiment, "experiment_gap_s": gap_s}
+    )
+    flaky_left = [1]
+
+    async def handler(config: dict[str, Any], gpu_ids: tuple[str, ...]) -> Any:
+        size, dtype, batch = config["size"], config["dtype"], config["batch"]
+        await anyio.sleep(0.01 + 0.04 * size / 128)
+        if trouble and (size, dtype, batch) == (64, "float32", 1) and flaky_left:
+            flaky_left.pop()
+            raise DockerUnavailableError("Docker daemon restarting")
+        if trouble and (size, dtype, batch) == (128, "float64", 4):
+            return ExperimentFailure(
+                type="MemoryError",
+                message="matrix too large for this GPU",
+                config_hash=compute_config_hash(config),
+            )
+        if trouble and (size, dtype, batch) == (128, "float32", 4):
+            raise DockerOOMError("killed by the OOM killer", exchange_dir=out / "exchange" / "x")
+        gflops = (20 + size / 2) * (2 if dtype == "float32" else 1) * (1 + 0.1 * batch)
+        seconds = 2.0 * size**3 * batch / (gflops * 1e9)
+        return {
+            "impl": "fake",
+            "size": size,
+            "dtype": dtype,
+            "batch": batch,
+            "time_per_op_ms": seconds / batch * 1e3,
+            "gflops": gflops,
+            "times_s": [seconds, seconds * 1.1, seconds * 0.9],
+            "energy_j": None,
+            "energy_source": "unavailable: fake runner",
+        }
+
+    await run_study(
+        study,
+        out,
+        runner=FakeRunner(handler),
+        pool=GpuPool.virtual_devices(4, cooldown_s=gap_s),
+        retry_policy=RetryPolicy(max_attempts=2, base_delay_s=0.01, jitter=False),
+        reap_orphans=False,
+    )
+    return out

@@ -49,6 +49,7 @@ __all__ = [
     "StudySummary",
     "capture_stderr_snippet",
     "compute_config_hash",
+    "load_results",
     "load_study",
     "run_study",
     "translate_docker_error",
@@ -69,6 +70,7 @@ _HOMES = {
         ("DockerRunner", "LocalRunner", "Outcome", "RunInfo", "RunObserver", "Runner"), "runners"
     ),
     **dict.fromkeys(("Study", "StudySummary", "load_study", "run_study"), "study"),
+    "load_results": "report",
 }
 
 
@@ -116,6 +118,7 @@ if TYPE_CHECKING:
         RunnerMetadata,
         compute_config_hash,
     )
+    from llem_dispatch.report import load_results
     from llem_dispatch.runners import (
         DockerRunner,
         LocalRunner,

@@ -58,6 +58,21 @@ def redact_secrets(
     return {k: _redact_value(v) for k, v in event_dict.items()}
 
 
+class _CurrentStderr:
+    """Writes to whatever `sys.stderr` is now, not to the one at configure time.
+
+    The live display (rich's Live) swaps `sys.stderr` for a proxy that prints
+    above the bars; a logger holding the original file would write through the
+    display, and the next refresh would paint over the line.
+    """
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(*, json_logs: bool = False, level: int = logging.INFO) -> None:
     """Configure structlog for the CLI: console or JSON lines on stderr, secrets redacted."""
     renderer: Any = (
@@ -74,6 +89,6 @@ def configure_logging(*, json_logs: bool = False, level: int = logging.INFO) -> 
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import os
@@ -26,9 +27,9 @@ CLI = [sys.executable, "-m", "llem_dispatch.cli"]
 
 
 def cli(
-    *args: str, timeout: float = 120, cwd: Path | None = None
+    *args: str, timeout: float = 120, cwd: Path | None = None, columns: int = 200
 ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "COLUMNS": str(columns), "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
         [*CLI, *args],
         capture_output=True,
@@ -294,6 +295,16 @@ def test_quickstart_example_runs(tmp_path: Path, runner: str) -> None:
     assert all(d["gflops"] > 0 and d["time_per_op_ms"] > 0 for d in data)
     assert {d["gpu_ids"] for d in data} <= {"0", "1", "2", "3"}
     assert all(d["energy_source"].startswith(("nvml", "unavailable")) for d in data)
+    # What a person reads next: the table fits 100 columns, the report is written.
+    table = cli("results", str(out), columns=100)
+    assert table.returncode == 0, table.stderr
+    assert max(len(line) for line in table.stdout.splitlines()) <= 100, table.stdout
+    assert "gflops" in table.stdout
+    assert "repeats=3" in table.stdout
+    if importlib.util.find_spec("plotly") is not None:
+        report = cli("report", str(out))
+        assert report.returncode == 0, report.stderr
+        assert (out / "report.html").stat().st_size > 1_000_000  # plotly.js inlined
     subprocess.run(
         ["docker", "ps", "-aq", "--filter", f"label=llem.results_dir={out.resolve()}"], check=False
     )

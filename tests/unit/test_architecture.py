@@ -24,6 +24,7 @@ LAYERS: list[set[str]] = [
     {"dispatch"},
     {"cluster"},
     {"study"},
+    {"report"},
     {"cli", "__main__"},
 ]
 

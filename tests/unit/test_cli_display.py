@@ -49,8 +49,8 @@ def test_display_shows_a_line_per_gpu_with_what_runs_there() -> None:
     assert "idle" in gpu_lines["1"]
     assert "exp_b" in gpu_lines["2"]
     assert "exp_b" in gpu_lines["3"]
-    assert "running 2" in text
-    assert "queued 3" in text
+    assert "2 running" in text
+    assert "3 queued" in text
 
 
 def test_display_counts_done_and_failed_and_frees_gpus() -> None:
@@ -62,9 +62,7 @@ def test_display_counts_done_and_failed_and_frees_gpus() -> None:
     assert line is not None
     assert "DockerOOMError" in line
     text = render(state)
-    assert "done 1" in text
-    assert "failed 1" in text
-    assert "running 0" in text
+    assert "1 done · 1 failed · 0 running · 1 queued" in text
     assert "2/3" in text
     assert "failed: exp_b: DockerOOMError" in text
     assert text.count("idle") == 2

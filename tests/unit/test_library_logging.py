@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 APP = textwrap.dedent(
     """
     import json, sys
@@ -47,3 +49,25 @@ def test_importing_and_using_the_library_keeps_the_apps_structlog_config() -> No
     events = [json.loads(line) for line in lines[:-1]]  # every log line is the app's JSON
     assert {"event": "app_event", "n": 1, "level": "info"} in events
     assert any(e["event"] == "unexpected_error" for e in events)
+
+
+def test_cli_logging_follows_the_current_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under the live display sys.stderr is rich's proxy: log lines must go through it,
+    or the next refresh paints over them (and over the display's own lines)."""
+    import io
+    import logging
+
+    import structlog
+
+    from llem_dispatch import _logging
+
+    saved = structlog.get_config()
+    try:
+        _logging.configure_logging(level=logging.WARNING)
+        swapped = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", swapped)
+        structlog.get_logger("t").warning("experiment_failed", key="k1")
+        assert "experiment_failed" in swapped.getvalue()
+        assert "k1" in swapped.getvalue()
+    finally:
+        structlog.configure(**saved)

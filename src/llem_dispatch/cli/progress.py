@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rich.console import Group
@@ -20,8 +21,19 @@ from llem_dispatch.dispatch import (
     ExperimentRetried,
     ExperimentStarted,
 )
+from llem_dispatch.study import Experiment, completed_keys
 
-__all__ = ["LiveDisplay", "ProgressState"]
+__all__ = ["LiveDisplay", "ProgressState", "resumed_count"]
+
+
+def resumed_count(experiments: Iterable[Experiment], results_dir: Path) -> int:
+    """How many of a study's experiments `--resume` skips: known before anything runs.
+
+    Only this study's keys count: records of configs since removed from the study
+    are not part of its total.
+    """
+    done = completed_keys(results_dir)
+    return sum(e.key in done for e in experiments)
 
 
 @dataclass
@@ -103,26 +115,29 @@ class LiveDisplay:
     def __init__(self, state: ProgressState) -> None:
         self.state = state
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
+            BarColumn(bar_width=None),
             TextColumn("{task.completed}/{task.total}"),
-            TextColumn("{task.fields[counts]}"),
             TimeElapsedColumn(),
-            TextColumn("ETA"),
+            TextColumn("elapsed · ETA"),
             TimeRemainingColumn(),
+            expand=True,
         )
-        self.task = self.progress.add_task(
-            "study", total=state.total, completed=state.skipped, counts=""
-        )
+        self.task = self.progress.add_task("study", total=state.total, completed=state.skipped)
 
     def __rich__(self) -> Group:
         s = self.state
-        counts = (
-            f"[green]done {s.done}[/] [red]failed {s.failed}[/] "
-            f"[yellow]running {s.in_flight}[/] queued {s.queued}"
-            + (f" skipped {s.skipped}" if s.skipped else "")
-        )
-        self.progress.update(self.task, completed=s.skipped + s.done + s.failed, counts=counts)
+        # Each number before its word, on a line of its own: "12 done · 0 failed",
+        # never "12/12 done 12 failed 0" (which reads as "12 failed").
+        pairs = [
+            f"[green]{s.done} done[/]",
+            f"[red]{s.failed} failed[/]" if s.failed else f"{s.failed} failed",
+            f"[yellow]{s.in_flight} running[/]",
+            f"{s.queued} queued",
+        ]
+        if s.skipped:
+            pairs.append(f"{s.skipped} skipped (done before)")
+        counts = Text.from_markup(" · ".join(pairs))
+        self.progress.update(self.task, completed=s.skipped + s.done + s.failed)
         table = Table.grid(padding=(0, 2))
         now = time.monotonic()
         # On a cluster the GPUs are only known once experiments land on them.
@@ -134,7 +149,7 @@ class LiveDisplay:
                 table.add_row(f"GPU {gpu}", slot.key, f"{now - slot.started:6.1f}s")
         for key, slot in list(s.cpu_running.items())[:8]:
             table.add_row("CPU", key, f"{now - slot.started:6.1f}s")
-        parts: list[Any] = [self.progress, table]
+        parts: list[Any] = [self.progress, counts, table]
         for line in s.recent_failures:
             parts.append(Text(f"failed: {line}", style="red"))
         return Group(*parts)

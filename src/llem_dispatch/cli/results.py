@@ -1,4 +1,9 @@
-"""`llem-dispatch results`: one row per experiment, as a table, CSV or JSON lines."""
+"""`llem-dispatch results`: one row per experiment, as a table to read, CSV, JSON lines or Parquet.
+
+The table shows what a person scans (short key, status, GPUs, duration, the
+parameters that vary, a few result fields, rounded); `--all` shows every column;
+CSV, JSON lines and Parquet are complete and unrounded.
+"""
 
 from __future__ import annotations
 
@@ -6,93 +11,258 @@ import csv
 import io
 import json
 import sys
-from datetime import datetime
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
+from rich.cells import cell_len
+from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from llem_dispatch.cli.app import (
-    app,
-    fail_usage,
-    make_console,
+from llem_dispatch.cli.app import app, fail_usage, make_console
+from llem_dispatch.errors import ConfigError
+from llem_dispatch.report import (
+    Selection,
+    StudyResults,
+    flat_row,
+    format_duration,
+    format_param,
+    format_value,
+    load_results,
+    read_results,
+    select_columns,
+    short_keys,
+    sort_records,
+    write_parquet,
 )
-from llem_dispatch.dispatch import (
-    NodeInfo,
-)
-from llem_dispatch.study import (
-    iter_records,
-)
+from llem_dispatch.study import ReportSpec
 
-__all__ = ["record_row", "results"]
+__all__ = ["open_results", "record_row", "report_spec", "results"]
+
+FORMATS = ("table", "csv", "jsonl", "parquet")
+_STATUS_STYLE = {"succeeded": "green", "failed": "red", "error": "red", "cancelled": "yellow"}
 
 
 def record_row(data: dict[str, Any]) -> dict[str, Any]:
-    """One flat row per record: params, status, timing, GPUs, scalar result fields."""
-    row: dict[str, Any] = {
-        "key": data.get("key"),
-        "config_hash": data.get("config_hash"),
-        "cycle": data.get("cycle"),
-        "status": data.get("status"),
-    }
-    for k, v in sorted((data.get("config") or {}).items()):
-        row[f"param.{k}"] = json.dumps(v) if isinstance(v, dict | list) else v
-    started, ended = data.get("started_at"), data.get("ended_at")
-    duration = None
-    if started and ended:
-        duration = (datetime.fromisoformat(ended) - datetime.fromisoformat(started)).total_seconds()
-    row["duration_s"] = round(duration, 3) if duration is not None else None
-    if node := data.get("node"):
-        # Cluster runs: GPU ids are per node, so the node goes beside them.
-        row["node"] = NodeInfo.model_validate(node).label
-    row["gpu_ids"] = ",".join(data.get("gpu_ids") or [])
-    row["image_digest"] = data.get("image_digest")
-    row["attempts"] = data.get("attempts")
-    result = data.get("result") or {}
-    payload = result.get("data", result) if isinstance(result, dict) else {}
-    for k, v in sorted(payload.items()):
-        if isinstance(v, str | int | float | bool) or v is None:
-            row[f"result.{k}"] = v
-    error = data.get("error") or data.get("failure") or {}
-    row["error"] = error.get("type") if isinstance(error, dict) else None
-    row["exchange_dir"] = data.get("exchange_dir")
-    return row
+    """One flat row per record, as CSV and JSON lines write it (see `report.flat_row`)."""
+    return flat_row(data)
+
+
+def open_results(results_dir: Path) -> StudyResults:
+    """Read a results dir, or exit 2 saying why it is not one."""
+    try:
+        return read_results(results_dir)
+    except ConfigError as exc:
+        raise fail_usage(exc.message, exc.fix_suggestion) from exc
+
+
+def report_spec(results: StudyResults, columns: str | None, **axes: str | None) -> ReportSpec:
+    """The study's `report:` section with the command line's choices on top, checked."""
+    spec = results.report
+    update: dict[str, Any] = {k: v for k, v in axes.items() if v is not None}
+    if columns is not None:
+        update["columns"] = [c.strip() for c in columns.split(",") if c.strip()]
+    params = [*results.param_order(), "cycle"]
+    for name, value in axes.items():
+        if value is not None and value not in params:
+            raise fail_usage(
+                f"--{name} {value!r} is not a parameter of {results.name}",
+                f"Use one of: {', '.join(params)}.",
+            )
+    return spec.model_copy(update=update)
+
+
+def _header(results: StudyResults, selection: Selection, console: Console) -> None:
+    counts = Counter(str(r.get("status")) for r in results.records)
+    outcome = ", ".join(f"{n} {status}" for status, n in counts.most_common()) or "none yet"
+    gpus = results.gpu_count
+    where = f"runner {results.facts.get('runner', '?')}" + (
+        f", {gpus} {'virtual ' if results.facts.get('virtual_gpus') else ''}GPUs" if gpus else ""
+    )
+    console.print(
+        f"[bold]{results.name}[/]: {len(results.records)} experiments ({outcome}); {where}"
+    )
+    if selection.constants:
+        same = "  ".join(f"{k}={format_param(v)}" for k, v in selection.constants.items())
+        console.print(f"[dim]same in every experiment:[/] {same}", markup=True)
+    if selection.unknown:
+        console.print(
+            f"[yellow]report columns not found in any result: {', '.join(selection.unknown)}[/]"
+        )
+
+
+@dataclass
+class _Column:
+    """One column of the people's table: its cells, and whether it may be cut to fit."""
+
+    header: str
+    cells: list[Text]
+    right: bool = False
+    flexible: bool = False
+    result: bool = False
+    cap: int | None = None
+
+    @property
+    def natural(self) -> int:
+        """Width of the widest cell or the header."""
+        return max([cell_len(self.header), *(c.cell_len for c in self.cells)])
+
+
+def _fit(columns: list[_Column], width: int) -> list[str]:
+    """Make the table fit `width`; return the headers of columns left out.
+
+    First the text columns are cut (widest first, down to 6 characters), then
+    result columns are left out from the last (one always stays), then duration
+    and GPU. Keys, statuses and numbers are never cut: a cut number misleads.
+    """
+    widths = {id(c): c.natural for c in columns}
+
+    def total() -> int:
+        return sum(widths[id(c)] for c in columns) + 3 * len(columns) - 1
+
+    while total() > width:
+        flexible = [c for c in columns if c.flexible and widths[id(c)] > 6]
+        if not flexible:
+            break
+        widest = max(flexible, key=lambda c: widths[id(c)])
+        widths[id(widest)] -= 1
+        widest.cap = widths[id(widest)]
+    dropped: list[str] = []
+    droppable = [c for c in columns if c.result][1:][::-1]
+    droppable += [c for c in columns if c.header in {"duration", "GPU"} and not c.result]
+    while total() > width and droppable:
+        column = droppable.pop(0)
+        columns.remove(column)
+        dropped.append(column.header)
+    return dropped
+
+
+def _status_cell(row: dict[str, Any]) -> Text:
+    # A failure shows its class (DockerOOMError, MemoryError...): what a person acts on.
+    status = str(row["status"])
+    return Text(str(row["error"] or status), style=_STATUS_STYLE.get(status, ""))
+
+
+def _people_table(
+    results: StudyResults, rows: list[dict[str, Any]], selection: Selection, width: int
+) -> Table:
+    shorts = short_keys(results.records)
+    keys = [shorts.get(str(r["key"]), str(r["key"])) for r in rows]
+    gpus = [(f"{r['node']}:" if r.get("node") else "") + str(r["gpu_ids"] or "-") for r in rows]
+    columns = [
+        _Column("key", [Text(k) for k in keys]),
+        _Column("status", [_status_cell(r) for r in rows]),
+        _Column("GPU", [Text(g) for g in gpus], flexible=True),
+        _Column("duration", [Text(format_duration(r["duration_s"])) for r in rows], right=True),
+    ]
+    for name in selection.params:
+        values = [r.get(f"param.{name}") for r in rows]
+        numeric = all(_is_number(v) for v in values)
+        cells = [Text(format_param(v)) for v in values]
+        columns.append(_Column(name, cells, right=numeric, flexible=not numeric))
+    for name in selection.results:
+        cells = [Text(format_value(r.get(f"result.{name}"))) for r in rows]
+        columns.append(_Column(name, cells, right=True, result=True))
+    dropped = _fit(columns, width)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, header_style="bold")
+    for column in columns:
+        table.add_column(
+            column.header,
+            justify="right" if column.right else "left",
+            no_wrap=True,
+            overflow="ellipsis",
+            max_width=column.cap,
+        )
+    for index in range(len(rows)):
+        table.add_row(*(column.cells[index] for column in columns))
+    if dropped:
+        table.caption = f"not shown for lack of width: {', '.join(dropped)} (see --all, or widen)"
+    return table
+
+
+def _is_number(value: Any) -> bool:
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+
+
+def _full_table(rows: list[dict[str, Any]], columns: list[str]) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, header_style="bold")
+    for column in columns:
+        table.add_column(column, no_wrap=True)
+    for row in rows:
+        table.add_row(*(Text(format_value(row.get(c))) for c in columns))
+    return table
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    names: dict[str, None] = {}
+    for row in rows:
+        names.update(dict.fromkeys(row))
+    return list(names)
+
+
+def _write_text(fmt: str, rows: list[dict[str, Any]], output: Path | None) -> None:
+    buffer = io.StringIO()
+    if fmt == "jsonl":
+        for row in rows:
+            buffer.write(json.dumps(row, default=str) + "\n")
+    else:
+        writer = csv.DictWriter(buffer, fieldnames=_columns(rows), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    if output is None:
+        sys.stdout.write(buffer.getvalue())
+    else:
+        output.write_text(buffer.getvalue())
 
 
 @app.command()
 def results(
     results_dir: Annotated[Path, typer.Argument(help="A results dir written by `run`.")],
-    fmt: Annotated[str, typer.Option("--format", help="table | csv | jsonl")] = "table",
+    fmt: Annotated[str, typer.Option("--format", help="table | csv | jsonl | parquet")] = "table",
+    show_all: Annotated[
+        bool, typer.Option("--all", help="Table: every column, full keys (wide).")
+    ] = False,
+    columns: Annotated[
+        str | None,
+        typer.Option(help="Table: result fields to show, 'a,b' (default: the study's report:)."),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write to this file (parquet needs it).")
+    ] = None,
 ) -> None:
     """One row per experiment: params, status, duration, GPU ids, key result fields."""
-    if fmt not in {"table", "csv", "jsonl"}:
-        raise fail_usage(f"--format {fmt!r} is not one of table, csv, jsonl")
-    if not (results_dir / "records").is_dir():
-        raise fail_usage(
-            f"{results_dir} holds no records/ folder",
-            "Point at a dir written by `llem-dispatch run`.",
-        )
-    rows = [record_row(r) for r in iter_records(results_dir)]
-    columns: list[str] = []
-    for row in rows:
-        columns.extend(k for k in row if k not in columns)
-    out = sys.stdout
-    if fmt == "jsonl":
-        for row in rows:
-            out.write(json.dumps(row, default=str) + "\n")
-    elif fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(row)
-        out.write(buffer.getvalue())
+    if fmt not in FORMATS:
+        raise fail_usage(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    data = open_results(results_dir)
+    records = sort_records(data.records, data.param_order())
+    rows = [flat_row(r) for r in records]
+    if fmt == "parquet":
+        if output is None:
+            raise fail_usage("Parquet is binary: give the file to write", "Add -o results.parquet.")
+        try:
+            write_parquet(load_results(results_dir), output)
+        except ImportError as exc:
+            raise fail_usage(str(exc)) from exc
+        make_console(stderr=True).print(f"wrote {len(rows)} rows to {output}")
+        return
+    if fmt in {"csv", "jsonl"}:
+        _write_text(fmt, rows, output)
+        return
+    if output is not None:
+        raise fail_usage("-o/--output writes csv, jsonl or parquet", "Add --format csv.")
+    console = make_console()
+    selection = select_columns(data, rows, report_spec(data, columns))
+    if show_all:
+        table = _full_table(rows, _columns(rows))
+        # Everything, one line per experiment: wider than the terminal on purpose
+        # (pipe to `less -S`); CSV is the way to analyse it.
+        wide = console.options.update_width(100_000)
+        console.width = max(console.width, console.measure(table, options=wide).maximum)
     else:
-        table = Table(title=f"{results_dir}: {len(rows)} experiments")
-        shown = [c for c in columns if c not in {"config_hash", "exchange_dir", "image_digest"}]
-        for column in shown:
-            table.add_column(column, overflow="fold")
-        for row in rows:
-            table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in shown))
-        make_console().print(table)
+        table = _people_table(data, rows, selection, console.width)
+    _header(data, selection, console)
+    console.print(table)

@@ -30,7 +30,7 @@ from llem_dispatch.cli.app import (
     fail_usage,
     make_console,
 )
-from llem_dispatch.cli.progress import LiveDisplay, ProgressState
+from llem_dispatch.cli.progress import LiveDisplay, ProgressState, resumed_count
 from llem_dispatch.dispatch import Event, RunRecord
 from llem_dispatch.errors import LlemError
 from llem_dispatch.gpu import GpuPool
@@ -181,7 +181,8 @@ def run(
     )
     interactive = console.is_terminal and not plain and not json_logs
     started = time.monotonic()
-    summary = _run_with_progress(plan, study_run, console, interactive=interactive)
+    skipped = resumed_count(plan.experiments, results_dir) if resume else 0
+    summary = _run_with_progress(plan, study_run, console, interactive=interactive, skipped=skipped)
     if summary is None:
         console.print(
             f"[yellow]interrupted after {time.monotonic() - started:.1f}s; "
@@ -260,10 +261,14 @@ def _run_with_progress(
     console: Console,
     *,
     interactive: bool,
+    skipped: int = 0,
 ) -> StudySummary | None:
-    """Run the study, shown live on a terminal or line by line; None when interrupted."""
+    """Run the study, shown live on a terminal or line by line; None when interrupted.
+
+    `skipped` is what a --resume finds done already, so the bar can reach the total.
+    """
     gpu_ids = list(plan.pool.devices) if plan.pool else []
-    state = ProgressState(total=len(plan.experiments), gpu_ids=gpu_ids)
+    state = ProgressState(total=len(plan.experiments), skipped=skipped, gpu_ids=gpu_ids)
 
     def on_event(event: Event) -> None:
         line = state.apply(event)

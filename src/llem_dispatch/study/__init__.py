@@ -23,12 +23,20 @@ from llem_dispatch.study.runner_choice import (
     runner_choice,
     study_images,
 )
-from llem_dispatch.study.schema import BuildSpec, Experiment, RunnerSpec, Study, parse_runner_value
+from llem_dispatch.study.schema import (
+    BuildSpec,
+    Experiment,
+    ReportSpec,
+    RunnerSpec,
+    Study,
+    parse_runner_value,
+)
 
 __all__ = [
     "BuildSpec",
     "Experiment",
     "Journal",
+    "ReportSpec",
     "ResultsDir",
     "RunnerSpec",
     "Study",

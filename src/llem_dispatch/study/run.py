@@ -121,7 +121,8 @@ async def run_study(
         for path in remove_stale_secrets(results.exchange):
             # A killed run's kept exchange dirs: plaintext secrets must not stay there.
             log.warning("stale_secrets_removed", path=str(path))
-        done = results.completed_keys() if resume else set()
+        # Records of configs no longer in the study are neither skipped nor run.
+        done = results.completed_keys() & {e.key for e in experiments} if resume else set()
         todo = [e for e in experiments if e.key not in done]
         _write_study(results, study, placement, len(experiments))
         journal = results.start()

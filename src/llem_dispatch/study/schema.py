@@ -5,6 +5,7 @@ Also the grammar of a runner value (`local | docker | docker:IMAGE | auto`).
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -26,6 +27,7 @@ from llem_dispatch.errors import ConfigError
 __all__ = [
     "BuildSpec",
     "Experiment",
+    "ReportSpec",
     "RunnerSpec",
     "SettleSettings",
     "Study",
@@ -108,6 +110,28 @@ class SettleSettings(BaseModel):
         if self.max_s < self.min_s:
             raise ValueError(f"max_s ({self.max_s}) must be >= min_s ({self.min_s})")
         return self
+
+
+class ReportSpec(BaseModel):
+    """What `results` and `report` show first: which result fields, plotted against what."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    columns: list[str] = Field(
+        default_factory=list,
+        description="Result fields shown in the `results` table and plotted in the report, "
+        "in this order (default: the first few numeric ones).",
+    )
+    x: str | None = Field(
+        default=None,
+        description="The parameter on the plots' x axis (default: the varying numeric "
+        "parameter with the most values).",
+    )
+    group: str | None = Field(
+        default=None,
+        description="The parameter whose values get one line each (default: every other "
+        "varying parameter).",
+    )
 
 
 class Study(BaseModel):
@@ -271,6 +295,11 @@ class Study(BaseModel):
     labels: dict[str, str] = Field(
         default_factory=dict, description="Extra Docker labels on every container."
     )
+    report: ReportSpec | None = Field(
+        default=None,
+        description="What `llem-dispatch results` and `report` show first: `columns` (result "
+        "fields), `x` and `group` (parameters the plots use).",
+    )
 
     @field_validator("image")
     @classmethod
@@ -365,6 +394,29 @@ class Study(BaseModel):
                 f"{self.max_experiments:,}: shrink the grid, or raise max_experiments"
             )
         return self
+
+    @field_validator("report")
+    @classmethod
+    def _report_ok(cls, value: ReportSpec | None, info: ValidationInfo) -> ReportSpec | None:
+        if value is None:
+            return None
+        # Parameters are known before anything runs; result fields only after.
+        params = {"cycle", *info.data.get("base", {})}
+        params.update(info.data.get("grid", {}))
+        for config in info.data.get("configs", []):
+            params.update(config)
+        for name in ("x", "group"):
+            chosen = getattr(value, name)
+            if chosen is not None and chosen not in params:
+                close = difflib.get_close_matches(chosen, sorted(params), n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ValueError(
+                    f"report.{name} {chosen!r} is not a parameter of the study; {hint}"
+                    f"(parameters: {', '.join(sorted(params))})"
+                )
+        if value.x is not None and value.x == value.group:
+            raise ValueError(f"report.x and report.group are both {value.x!r}: pick two")
+        return value
 
 
 @dataclass(frozen=True, slots=True)

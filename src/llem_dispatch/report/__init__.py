@@ -1,0 +1,51 @@
+"""Reading a results dir for people: the results table's columns, pandas, the HTML report.
+
+Between `study` (which writes results dirs) and `cli` (which shows them).
+pandas, pyarrow and plotly come with the `analysis` extra and are imported only
+by the functions that need them.
+"""
+
+from llem_dispatch.report.data import (
+    StudyResults,
+    failure_info,
+    flat_row,
+    format_duration,
+    format_param,
+    format_value,
+    read_results,
+    require_extra,
+    short_keys,
+    sort_records,
+)
+from llem_dispatch.report.frame import load_results, write_parquet
+from llem_dispatch.report.html import render_report, write_report
+from llem_dispatch.report.model import ReportData, build_report_data
+from llem_dispatch.report.selection import PlotAxes, Selection, plot_axes, select_columns
+from llem_dispatch.report.timeline import Bar, Session, Timeline, build_timeline
+
+__all__ = [
+    "Bar",
+    "PlotAxes",
+    "ReportData",
+    "Selection",
+    "Session",
+    "StudyResults",
+    "Timeline",
+    "build_report_data",
+    "build_timeline",
+    "failure_info",
+    "flat_row",
+    "format_duration",
+    "format_param",
+    "format_value",
+    "load_results",
+    "plot_axes",
+    "read_results",
+    "render_report",
+    "require_extra",
+    "select_columns",
+    "short_keys",
+    "sort_records",
+    "write_parquet",
+    "write_report",
+]

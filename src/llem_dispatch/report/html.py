@@ -1,0 +1,436 @@
+"""The HTML report: one self-contained file (plotly.js and the data inlined) per results dir.
+
+Sections: summary (counts, wall time, GPU utilisation), the per-GPU timeline,
+result fields plotted against a parameter, failures, and every experiment.
+Plotly draws the charts (the `analysis` extra); it is imported only here.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import statistics
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from llem_dispatch.report.data import (
+    format_duration,
+    format_param,
+    format_value,
+    read_results,
+    require_extra,
+)
+from llem_dispatch.report.model import ReportData, build_report_data, describe
+from llem_dispatch.study import ReportSpec
+
+__all__ = ["KIND_STYLE", "render_report", "write_report"]
+
+#: Legend label and colour of each bar kind, in legend order.
+KIND_STYLE: dict[str, tuple[str, str]] = {
+    "succeeded": ("succeeded", "#2e9e5b"),
+    "failed": ("failed (reported by the experiment)", "#e8822a"),
+    "error": ("error (infrastructure)", "#d23c3c"),
+    "cancelled": ("cancelled", "#8a8a8a"),
+    "retried": ("attempt retried", "#f2c14e"),
+    "unfinished": ("no end recorded", "#b58bd6"),
+    "cooldown": ("cooldown", "#d9dde3"),
+}
+_STATUS_CLASS = {"succeeded": "ok", "failed": "bad", "error": "bad", "cancelled": "dim"}
+_PLOT_CONFIG = {"displaylogo": False, "responsive": True}
+_E = html.escape
+
+
+def _lane_label(lane: str) -> str:
+    if lane.startswith("CPU "):
+        return lane
+    node, _, gpu = lane.rpartition(":")
+    # Plotly reads tick labels and trace names as a little HTML: escape what we pass.
+    return _E(f"{node} GPU {gpu}" if node else f"GPU {gpu}")
+
+
+def _bar_hover(bar: Mapping[str, Any]) -> str:
+    lines = [
+        f"<b>{_E(str(bar['short']))}</b> {_E(bar['kind'])} (attempt {bar['attempt']})",
+        f"{_lane_label(bar['lane'])} · {bar['start'][11:23]} · {format_duration(bar['seconds'])}",
+    ]
+    if bar["config"]:
+        lines.append(_E(describe(bar["config"])))
+    if bar["result"] and bar["kind"] != "cooldown":
+        lines.append(_E(describe(bar["result"], rounded=True)))
+    if bar.get("error"):
+        lines.append(f"error: {_E(str(bar['error']))}")
+    return "<br>".join(lines)
+
+
+def _timeline_figure(data: ReportData, go: Any) -> Any:
+    fig = go.Figure()
+    lanes = [_lane_label(lane) for lane in data.lanes]
+    for kind, (label, colour) in KIND_STYLE.items():
+        bars = [b for b in data.bars if b["kind"] == kind]
+        if not bars:
+            continue
+        fig.add_trace(
+            go.Bar(
+                name=label,
+                orientation="h",
+                y=[_lane_label(b["lane"]) for b in bars],
+                base=[b["start"] for b in bars],
+                x=[b["seconds"] * 1000 for b in bars],
+                marker={
+                    "color": colour,
+                    "line": {"width": 0.5, "color": "white"},
+                    "pattern": {"shape": "/" if kind in {"retried", "unfinished"} else ""},
+                },
+                customdata=[_bar_hover(b) for b in bars],
+                hovertemplate="%{customdata}<extra></extra>",
+                text=[b["short"] if kind != "cooldown" else "" for b in bars],
+                textposition="inside",
+                insidetextanchor="middle",
+                textangle=0,
+                textfont={"size": 10},
+            )
+        )
+    breaks = _mark_sessions(fig, data)
+    fig.update_layout(
+        barmode="overlay",
+        height=max(220, 34 * len(lanes) + 130),
+        margin={"l": 10, "r": 10, "t": 40, "b": 40},
+        legend={"orientation": "h", "x": 0, "y": 1.02, "yanchor": "bottom"},
+        xaxis={
+            "type": "date",
+            "title": "time (UTC)",
+            "rangebreaks": breaks,
+            # The runs' span exactly (autorange pads oddly once pauses are cut out).
+            "range": [data.sessions[0]["start"], data.sessions[-1]["end"]]
+            if data.sessions
+            else None,
+        },
+        yaxis={"categoryorder": "array", "categoryarray": lanes[::-1], "automargin": True},
+        plot_bgcolor="#fafbfc",
+        uniformtext={"minsize": 8, "mode": "hide"},
+    )
+    return fig
+
+
+def _mark_sessions(fig: Any, data: ReportData) -> list[dict[str, Any]]:
+    """A dotted line where each --resume started; long pauses between runs cut out."""
+    breaks = []
+    wall = max(1.0, float(data.summary["wall_s"]))
+    for before, session in zip(data.sessions, data.sessions[1:], strict=False):
+        fig.add_shape(
+            type="line",
+            x0=session["start"],
+            x1=session["start"],
+            yref="paper",
+            y0=0,
+            y1=1,
+            line={"color": "#555", "dash": "dot", "width": 1},
+        )
+        fig.add_annotation(
+            x=session["start"],
+            y=1,
+            yref="paper",
+            text=" resumed",
+            showarrow=False,
+            xanchor="left",
+            yanchor="top",
+            font={"size": 10, "color": "#555"},
+        )
+        pause = session["start_s"] - before["end_s"]
+        if pause > max(5.0, 0.05 * wall):
+            # Keep a sliver of the pause so the cut is visible as a gap.
+            margin = 0.02 * wall
+            breaks.append({"values": [before["end"]], "dvalue": (pause - margin) * 1000})
+    return breaks
+
+
+def _group_label(values: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={format_param(v)}" for k, v in values.items()) or "all"
+
+
+def _x_value(row: Mapping[str, Any], x: str) -> Any:
+    return row["cycle"] if x == "cycle" else row["config"].get(x)
+
+
+def _result_figure(data: ReportData, rows: list[dict[str, Any]], column: str, go: Any) -> Any:
+    axes = data.axes
+    groups: dict[str, dict[Any, list[float]]] = {}
+    for row in rows:
+        value = row["results"].get(column)
+        if row["status"] != "succeeded" or not isinstance(value, int | float):
+            continue
+        label = _group_label({g: _x_value(row, g) for g in axes.group})
+        groups.setdefault(label, {}).setdefault(_x_value(row, axes.x), []).append(float(value))
+    fig = go.Figure()
+    for label, by_x in groups.items():
+        xs = sorted(
+            by_x,
+            key=lambda v: (
+                not isinstance(v, int | float),
+                str(v) if not isinstance(v, int | float) else v,
+            ),
+        )
+        spread = [statistics.pstdev(by_x[x]) if len(by_x[x]) > 1 else 0.0 for x in xs]
+        fig.add_trace(
+            go.Scatter(
+                name=_E(label),
+                x=[x if isinstance(x, int | float) else str(x) for x in xs],
+                y=[statistics.fmean(by_x[x]) for x in xs],
+                customdata=[len(by_x[x]) for x in xs],
+                error_y={"type": "data", "array": spread, "visible": any(spread)},
+                mode="lines+markers",
+                hovertemplate=f"{_E(label)}<br>{_E(axes.x)}=%{{x}}<br>{_E(column)}=%{{y:.4g}}"
+                "<br>n=%{customdata}<extra></extra>",
+            )
+        )
+    xs_all = [x for by_x in groups.values() for x in by_x if isinstance(x, int | float)]
+    ys_all = [statistics.fmean(v) for by_x in groups.values() for v in by_x.values()]
+    fig.update_layout(
+        title={"text": _E(column), "font": {"size": 14}},
+        height=360,
+        margin={"l": 10, "r": 10, "t": 40, "b": 40},
+        xaxis={"title": _E(axes.x), "type": "log" if _spans_decades(xs_all) else "-"},
+        yaxis={
+            "title": _E(column),
+            "automargin": True,
+            "type": "log" if _spans_decades(ys_all) else "-",
+        },
+        legend={"font": {"size": 10}},
+        plot_bgcolor="#fafbfc",
+    )
+    return fig
+
+
+def _spans_decades(values: list[Any]) -> bool:
+    """Positive values over two decades or more read better on a log axis."""
+    return bool(values) and min(values) > 0 and max(values) / min(values) >= 100
+
+
+def _figure_html(fig: Any) -> str:
+    return str(
+        fig.to_html(
+            full_html=False, include_plotlyjs=False, config=_PLOT_CONFIG, default_width="100%"
+        )
+    )
+
+
+def _cards(summary: Mapping[str, Any]) -> str:
+    counts = summary["counts"]
+    util = summary["utilisation"]
+    gpus = summary["gpus"]
+    cards = [
+        (
+            "experiments",
+            f"{summary['recorded']}"
+            + (f" of {summary['planned']}" if summary.get("not_run") else ""),
+            "",
+        ),
+        ("succeeded", str(counts["succeeded"]), "ok"),
+        ("failed", str(counts["failed"]), "bad" if counts["failed"] else ""),
+        (
+            "errors",
+            str(counts["error"] + counts["cancelled"]),
+            "bad" if counts["error"] + counts["cancelled"] else "",
+        ),
+        ("retries", str(summary["retries"]), ""),
+        (
+            "wall time",
+            format_duration(summary["wall_s"]),
+            f"{summary['sessions']} runs" if summary["sessions"] > 1 else "",
+        ),
+        (
+            "GPUs",
+            "-" if gpus is None else str(gpus),
+            "virtual" if summary.get("virtual_gpus") else "",
+        ),
+        ("GPU utilisation", "-" if util is None else f"{util:.0%}", "busy GPU-s / (GPUs x wall)"),
+    ]
+    if summary["cooldown_gpu_s"]:
+        share = summary["cooldown_gpu_s"] / max(1e-9, (gpus or 1) * summary["wall_s"])
+        cards.append(("in cooldown", f"{share:.0%}", "of GPU time"))
+    items = "".join(
+        f'<div class="card {"ok" if note == "ok" else "bad" if note == "bad" else ""}">'
+        f"<div class=label>{_E(label)}</div><div class=value>{_E(value)}</div>"
+        f"<div class=note>{_E(note) if note not in {'ok', 'bad'} else ''}</div></div>"
+        for label, value, note in cards
+    )
+    return f'<div class="cards">{items}</div>'
+
+
+def _table(headers: list[str], rows: list[list[str]], numeric: set[int]) -> str:
+    head = "".join(
+        f'<th class="{"num" if i in numeric else ""}">{_E(h)}</th>' for i, h in enumerate(headers)
+    )
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f'<td class="{"num" if i in numeric else ""}">{cell}</td>' for i, cell in enumerate(row)
+        )
+        + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _failures_table(data: ReportData) -> str:
+    if not data.failures:
+        return "<p class=hint>No failures.</p>"
+    rows = [
+        [
+            f'<span title="{_E(str(f["key"]))}">{_E(str(f["short"]))}</span>',
+            _E(describe(f["params"])),
+            f'<span class="status bad">{_E(str(f["error"] or f["status"]))}</span>',
+            _E((f["message"] or "")[:400]),
+            _E(f["fix"] or ""),
+            "<code>"
+            + _E((f"{f['node']}: " if f.get("node") else "") + (f["exchange_dir"] or ""))
+            + "</code>",
+        ]
+        for f in data.failures
+    ]
+    headers = ["key", "parameters", "error", "message", "fix", "exchange dir (kept)"]
+    return _table(headers, rows, set())
+
+
+def _experiments_table(data: ReportData) -> str:
+    selection = data.selection
+    headers = ["key", "status", "GPU", "duration", *selection.params, *selection.results]
+    rows = []
+    for row in data.rows:
+        status = _E(str(row["status"])) + (f": {_E(row['error'])}" if row.get("error") else "")
+        rows.append(
+            [
+                f'<span title="{_E(str(row["key"]))}">{_E(str(row["short"]))}</span>',
+                f'<span class="status {_STATUS_CLASS.get(str(row["status"]), "")}">{status}</span>',
+                _E(((row["node"] + ":") if row.get("node") else "") + row["gpu_ids"]),
+                format_duration(row["duration_s"]),
+                *(_E(format_param(row["config"].get(p))) for p in selection.params),
+                *(_E(format_value(row["results"].get(c))) for c in selection.results),
+            ]
+        )
+    numeric = {3, *range(4 + len(selection.params), len(headers))}
+    for index, param in enumerate(selection.params):
+        values = [row["config"].get(param) for row in data.rows]
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            numeric.add(4 + index)
+    table = _table(headers, rows, numeric)
+    if len(rows) > 200:
+        return f"<details><summary>{len(rows)} experiments</summary>{table}</details>"
+    return table
+
+
+_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d2430;
+background:#fff}
+main{max-width:1360px;margin:0 auto;padding:18px 24px 40px}
+h1{font-size:22px;margin:0 0 2px}h2{font-size:17px;margin:28px 0 6px}
+.sub,.hint{color:#5b6472;font-size:13px;margin:2px 0 8px}
+.cards{display:flex;flex-wrap:wrap;gap:10px;margin:14px 0}
+.card{border:1px solid #e1e5ea;border-radius:8px;padding:8px 14px;min-width:110px}
+.card .label{color:#5b6472;font-size:12px}.card .value{font-size:20px;font-weight:600}
+.card .note{color:#8a93a0;font-size:11px;min-height:14px}
+.card.ok .value{color:#2e9e5b}.card.bad .value{color:#d23c3c}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:12px}
+.grid>div{min-width:0}
+table{border-collapse:collapse;font-size:13px}
+th,td{padding:4px 8px;border-bottom:1px solid #eceff3;text-align:left;vertical-align:top}
+th{background:#f5f7f9;font-weight:600;position:sticky;top:0}
+td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
+.status.ok{color:#2e9e5b}.status.bad{color:#d23c3c;font-weight:600}.status.dim{color:#8a8a8a}
+code{font-size:12px;word-break:break-all}
+"""
+
+
+def _axes_hint(data: ReportData) -> str:
+    axes = data.axes
+    parts = [f"x: {axes.x}"]
+    if axes.group:
+        parts.append("one line per " + ", ".join(axes.group))
+    if axes.averaged:
+        parts.append("averaged over " + ", ".join(axes.averaged))
+    points = [
+        json.dumps([_x_value(r, p) for p in (axes.x, *axes.group)], default=str)
+        for r in data.rows
+        if r["status"] == "succeeded"
+    ]
+    if len(set(points)) < len(points):
+        parts.append("points: the mean, error bars: the spread (standard deviation)")
+    return " · ".join(parts)
+
+
+def _results_section(data: ReportData, go: Any) -> str:
+    if not data.selection.results:
+        return "<p class=hint>No numeric result fields to plot.</p>"
+    figures = "".join(
+        f"<div>{_figure_html(_result_figure(data, data.rows, column, go))}</div>"
+        for column in data.selection.results
+    )
+    unknown = data.selection.unknown
+    warn = (
+        f"<p class=hint>report.columns names no result field: {_E(', '.join(unknown))}</p>"
+        if unknown
+        else ""
+    )
+    return f"<p class=hint>{_E(_axes_hint(data))}</p>{warn}<div class=grid>{figures}</div>"
+
+
+def _page(data: ReportData, plotly_js: str, go: Any) -> str:
+    summary = data.summary
+    constants = describe(data.selection.constants)
+    # No "<" at all inside the script element: "</script>" or "<!--" in a value
+    # (an error message, a path) must not end or confuse it. JSON reads \u003c as "<".
+    payload = json.dumps(data.as_json(), default=str).replace("<", "\\u003c")
+    timeline = _figure_html(_timeline_figure(data, go)) if data.bars else "<p>No runs yet.</p>"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_E(summary["study"])}: llem-dispatch report</title>
+<style>{_CSS}</style>
+<script type="text/javascript">{plotly_js}</script>
+</head><body><main>
+<h1>{_E(summary["study"])}</h1>
+<p class=sub>{_E(summary["results_dir"])} · runner {_E(str(summary["runner"]))} ·
+report generated {_E(summary["generated_at"])}</p>
+{f"<p class=sub>constant parameters: {_E(constants)}</p>" if constants else ""}
+{_cards(summary)}
+<h2>GPU timeline</h2>
+<p class=hint>Each bar is one attempt of an experiment on one GPU, from its start to its exit
+(hover for its config and result). Grey after a bar: the cooldown gap; hatched: an attempt
+that failed and was retried; blank: the GPU was idle.</p>
+{timeline}
+<h2>Results</h2>
+{_results_section(data, go)}
+<h2>Failures ({len(data.failures)})</h2>
+{_failures_table(data)}
+<h2>All experiments ({len(data.rows)})</h2>
+{_experiments_table(data)}
+</main>
+<script type="application/json" id="llem-report-data">{payload}</script>
+</body></html>
+"""
+
+
+def render_report(results_dir: str | Path, spec: ReportSpec | None = None) -> str:
+    """The report of a results dir as one self-contained HTML document.
+
+    `spec` overrides the study's `report:` section (columns, x, group). Needs
+    plotly (`pip install 'llem-dispatch[analysis]'`).
+    """
+    require_extra("plotly", "The HTML report")
+    go = require_extra("plotly.graph_objects", "The HTML report")
+    offline = require_extra("plotly.offline", "The HTML report")
+    data = build_report_data(read_results(results_dir), spec)
+    return _page(data, offline.get_plotlyjs(), go)
+
+
+def write_report(
+    results_dir: str | Path, output: str | Path | None = None, spec: ReportSpec | None = None
+) -> Path:
+    """Write the report (default: `<results_dir>/report.html`) and return its path."""
+    target = Path(output) if output is not None else Path(results_dir) / "report.html"
+    text = render_report(results_dir, spec)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(target)
+    return target

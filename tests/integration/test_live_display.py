@@ -1,0 +1,104 @@
+"""The live `run` display as a person sees it: under a pseudo-terminal, local runner.
+
+No Docker needed: the experiments are host subprocesses (`--runner local`).
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+CLI = [sys.executable, "-m", "llem_dispatch.cli"]
+
+EXPERIMENT = """
+import os, time
+def run(config):
+    time.sleep(config["sleep"])
+    if config["i"] % 4 == 0 and not os.path.exists(config["flag"]):
+        raise RuntimeError("fails until the flag file exists")
+    return {"value": config["i"] * 1.5}
+"""
+
+
+def study(tmp_path: Path) -> Path:
+    (tmp_path / "exp.py").write_text(EXPERIMENT)
+    path = tmp_path / "study.yaml"
+    path.write_text(
+        f"""name: live
+function: exp:run
+virtual_gpus: 2
+gpus_per_experiment: 1
+base: {{sleep: 0.6, flag: "{tmp_path / "flag"}"}}
+grid:
+  i: [0, 1, 2, 3, 4, 5, 6, 7]
+"""
+    )
+    return path
+
+
+def run_in_pty(*args: str, timeout: float = 90) -> tuple[int, str]:
+    """Run the CLI on a pseudo-terminal (110x30); return its exit code and all it drew."""
+    primary, secondary = pty.openpty()
+    env = {**os.environ, "COLUMNS": "110", "LINES": "30", "TERM": "xterm-256color"}
+    proc = subprocess.Popen(
+        [*CLI, *args], stdin=secondary, stdout=secondary, stderr=secondary, env=env
+    )
+    os.close(secondary)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([primary], [], [], 0.5)
+            if ready:
+                try:
+                    data = os.read(primary, 65536)
+                except OSError:
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(primary)
+        proc.wait(timeout=30)
+    drawn = b"".join(chunks).decode("utf-8", errors="replace")
+    # Colours and cursor moves out: what remains is the text the terminal showed.
+    return proc.returncode, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", drawn)
+
+
+def test_live_display_counts_eta_and_resume_reach_the_total(tmp_path: Path) -> None:
+    path = study(tmp_path)
+    out = tmp_path / "out"
+    code, screen = run_in_pty("run", str(path), "--runner", "local", "--results", str(out))
+    assert code == 1, screen[-3000:]  # two experiments failed
+    assert "━" in screen, "the bar is drawn"
+    assert "GPU 0" in screen
+    assert "GPU 1" in screen
+    assert re.search(r"GPU 0\s+[0-9a-f]{16}_c1\s+\d+\.\ds", screen), "a GPU line names its run"
+    # Each number before its word: never "done 6 failed 2", which reads as "6 failed".
+    assert "6 done · 2 failed · 0 running · 0 queued" in screen
+    etas = set(re.findall(r"ETA (\d+:\d\d:\d\d)", screen))
+    assert len(etas) >= 2, f"the ETA moves: {etas}"
+    assert "8/8" in screen
+
+    (tmp_path / "flag").touch()
+    code, screen = run_in_pty(
+        "run", str(path), "--runner", "local", "--results", str(out), "--resume"
+    )
+    assert code == 0, screen[-3000:]
+    assert "6 skipped (done before)" in screen
+    assert re.search(r"━+ 6/8", screen), "the resumed bar starts at what was done"
+    assert "8/8" in screen, "a resumed study's bar completes"
+    assert "2 done · 0 failed · 0 running · 0 queued · 6 skipped" in screen
+    assert "2 succeeded, 0 failed, 0 errors, 6 skipped" in screen
