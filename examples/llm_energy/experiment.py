@@ -125,6 +125,8 @@ def build_model(config: dict[str, Any], devices: list[Any]) -> Any:
         model = dispatch_model(model, device_map=device_map)
         # What from_pretrained(device_map=...) leaves on the model; generate reads it.
         model.hf_device_map = device_map
+        # The first GPU held the whole model while it was built; give back what moved.
+        torch.cuda.empty_cache()
     return model
 
 
