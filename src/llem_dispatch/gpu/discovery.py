@@ -35,7 +35,7 @@ def nvml_used_memory_mb(device_id: str) -> float | None:
             handle = pynvml.nvmlDeviceGetHandleByIndex(int(device_id))
         else:
             handle = pynvml.nvmlDeviceGetHandleByUUID(device_id)
-        return float(pynvml.nvmlDeviceGetMemoryInfo(handle).used) / 2**20
+        return float(_memory_used(pynvml, handle)) / 2**20
     except Exception as exc:  # noqa: BLE001 - unknown memory is not a reason to stop
         log.debug("gpu_memory_unknown", device=device_id, error=repr(exc))
         return None
@@ -103,6 +103,21 @@ def _process_name(pid: int) -> str:
         return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return "not visible here"
+
+
+def _memory_used(pynvml: Any, handle: Any) -> int:
+    """Bytes in use, without the driver's own reserve where NVML can tell them apart.
+
+    NVML's v1 `used` counts the driver's reserve (about 600 MiB on an idle H200,
+    where nvidia-smi shows 0 MiB): that alone would hold back an idle GPU.
+    """
+    version = getattr(pynvml, "nvmlMemory_v2", None)
+    if version is not None:
+        try:
+            return int(pynvml.nvmlDeviceGetMemoryInfo(handle, version=version).used)
+        except Exception as exc:  # noqa: BLE001 - older drivers: the v1 figure below
+            log.debug("gpu_memory_v2_unavailable", error=repr(exc))
+    return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
 
 
 def _pynvml() -> Any | None:
