@@ -11,8 +11,46 @@ BUSYBOX_IMAGE="${LLEM_TEST_BUSYBOX_IMAGE:-llem-test/busybox:latest}"
 PYTHON_IMAGE="${LLEM_TEST_PYTHON_IMAGE:-llem-test/python:bookworm}"
 SOCKET=/var/run/docker.sock
 
+# Debian bookworm's docker.io (20.10.24) deadlocks under our own container churn
+# (moby/moby#46661, moby/libnetwork#2649; see DESIGN.md). Debian trixie's 26.1.5
+# runs on bookworm (it needs libc6 >= 2.34; bookworm has 2.36) and keeps
+# bookworm's runc, tini and iptables: fetch just its three packages from a
+# separate, trixie-only apt configuration, and let apt resolve the rest here.
+ENGINE_MIN_MAJOR=23
+TRIXIE_PACKAGES=(docker.io docker-cli containerd)
+
+engine_major() {
+  local v
+  v=$(dockerd --version 2>/dev/null | sed -n 's/^Docker version \([0-9]*\)\..*/\1/p')
+  echo "${v:-0}"
+}
+
+install_trixie_engine() {
+  local apt_dir="$1/apt" opts
+  mkdir -p "$apt_dir/parts" "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$1/debs"
+  printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: trixie\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+    >"$apt_dir/parts/trixie.sources"
+  opts=(-o "Dir::Etc::SourceList=/dev/null" -o "Dir::Etc::SourceParts=$apt_dir/parts"
+        -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache")
+  log "fetching Docker Engine 26 from Debian trixie: ${TRIXIE_PACKAGES[*]}"
+  apt-get "${opts[@]}" update -qq
+  (cd "$1/debs" && apt-get "${opts[@]}" download "${TRIXIE_PACKAGES[@]}" 2>/dev/null)
+  stop_dockerd
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq  # bookworm's lists, for runc, tini and iptables
+  apt-get install -y -qq --no-install-recommends "$1"/debs/*.deb >/dev/null
+}
+
+stop_dockerd() {  # the old engine must not hold the socket or the data dir
+  local p
+  for p in $(pgrep -x dockerd || true); do kill "$p" 2>/dev/null || true; done
+  for _ in $(seq 1 60); do pgrep -x dockerd >/dev/null || break; sleep 0.5; done
+  for p in $(pgrep -x dockerd || true); do kill -9 "$p" 2>/dev/null || true; done
+  pkill -x containerd 2>/dev/null || true
+  rm -f /var/run/docker.pid /var/run/docker.sock
+}
+
 need=()
-command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 [ -x /bin/busybox ] && /bin/busybox --list >/dev/null 2>&1 && dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 command -v mmdebstrap >/dev/null 2>&1 || need+=(mmdebstrap)
 if [ ${#need[@]} -gt 0 ]; then
@@ -20,6 +58,11 @@ if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+if [ "$(engine_major)" -lt "$ENGINE_MIN_MAJOR" ]; then
+  engine_work="$(mktemp -d /tmp/llem-engine.XXXXXX)"
+  install_trixie_engine "$engine_work"
+  rm -rf "$engine_work"
 fi
 
 daemon_up() { timeout 5 docker -H "unix://$SOCKET" version >/dev/null 2>&1; }
