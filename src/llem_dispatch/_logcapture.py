@@ -1,7 +1,8 @@
 """Bounded capture of an experiment's output: streamed to a file, tail kept in memory.
 
-A container may print gigabytes; memory use stays constant because every chunk
-goes straight to the log file and only the last lines are kept.
+A container may print gigabytes: the log file keeps its first and last
+`max_bytes / 2` characters (the cut marked), memory keeps the last lines, and
+secrets are redacted even when written in several pieces.
 """
 
 from __future__ import annotations
@@ -13,20 +14,34 @@ from typing import IO
 
 import anyio
 
-from llem_dispatch._logging import redact
+from llem_dispatch._logging import redact, redact_stream
 from llem_dispatch.errors import STDERR_TAIL_LINES
 
-__all__ = ["LogCapture", "watch_silence"]
+__all__ = ["DEFAULT_MAX_LOG_BYTES", "LogCapture", "watch_silence"]
 
 _MAX_LINE_CHARS = 4096
+#: container.log keeps this much: the first half and the last half of the output.
+DEFAULT_MAX_LOG_BYTES = 32 * 1024 * 1024
 
 
 class LogCapture:
     """Writes stdout/stderr chunks to one log file; keeps the last lines of each stream."""
 
-    def __init__(self, path: Path, *, tail_lines: int = STDERR_TAIL_LINES) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        tail_lines: int = STDERR_TAIL_LINES,
+        max_bytes: int = DEFAULT_MAX_LOG_BYTES,
+    ) -> None:
         self.path = path
         self._file: IO[str] | None = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        self._head_left = max_bytes // 2
+        self._tail_limit = max_bytes - max_bytes // 2
+        self._file_tail: collections.deque[str] = collections.deque()
+        self._file_tail_size = 0
+        self._omitted = 0
+        self._held: dict[str, str] = {"stdout": "", "stderr": ""}
         self._tails: dict[str, collections.deque[str]] = {
             "stdout": collections.deque(maxlen=tail_lines),
             "stderr": collections.deque(maxlen=tail_lines),
@@ -45,10 +60,34 @@ class LogCapture:
         tail = self._tails[stream]
         for line in lines[-(tail.maxlen or 1) :]:
             tail.append(redact(line[-_MAX_LINE_CHARS:]))
-        if self._file is not None:
-            self._file.write(redact(chunk))
-            # Flushed per chunk: if the dispatcher is killed, the log on disk is complete.
+        ready, self._held[stream] = redact_stream(self._held[stream], chunk)
+        self._write(ready)
+
+    def _write(self, text: str) -> None:
+        """To the file while its head lasts (flushed: a killed dispatcher loses nothing
+        of it), then into a bounded tail written at close."""
+        if self._file is None or not text:
+            return
+        if self._head_left > 0:
+            head, text = text[: self._head_left], text[self._head_left :]
+            self._head_left -= len(head)
+            self._file.write(head)
             self._file.flush()
+        if not text:
+            return
+        self._file_tail.append(text)
+        self._file_tail_size += len(text)
+        while self._file_tail_size > self._tail_limit:
+            extra = self._file_tail_size - self._tail_limit
+            first = self._file_tail[0]
+            if len(first) <= extra:
+                self._file_tail.popleft()
+                self._file_tail_size -= len(first)
+                self._omitted += len(first)
+            else:
+                self._file_tail[0] = first[extra:]
+                self._file_tail_size -= extra
+                self._omitted += extra
 
     def touch(self) -> None:
         """Count as output (e.g. at start) for the silence watchdog."""
@@ -62,9 +101,17 @@ class LogCapture:
         return "\n".join(lines[-(self._tails[stream].maxlen or 1) :])
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """Write what is held back (redacted) and the kept tail; close the file."""
+        if self._file is None:
+            return
+        for stream in ("stdout", "stderr"):
+            self._write(redact(self._held[stream]))
+            self._held[stream] = ""
+        if self._omitted:
+            self._file.write(f"\n[... {self._omitted} characters of output omitted ...]\n")
+        self._file.write("".join(self._file_tail))
+        self._file.close()
+        self._file = None
 
 
 async def watch_silence(

@@ -16,7 +16,17 @@ from typing import Any
 
 import structlog
 
-__all__ = ["REDACTED", "configure_logging", "redact", "redact_secrets", "register_secret"]
+__all__ = [
+    "REDACTED",
+    "TRUNCATE_AT",
+    "configure_logging",
+    "longest_secret",
+    "redact",
+    "redact_secrets",
+    "redact_stream",
+    "register_secret",
+    "truncate",
+]
 
 REDACTED = "***"
 _MIN_SECRET_LEN = 4
@@ -37,6 +47,44 @@ def redact(text: str) -> str:
         if secret in text:
             text = text.replace(secret, REDACTED)
     return text
+
+
+def longest_secret() -> int:
+    """Length of the longest registered secret (0 when none)."""
+    return max((len(s) for s in _secrets), default=0)
+
+
+def redact_stream(held: str, chunk: str) -> tuple[str, str]:
+    """Redact output that arrives in pieces: (what can be written now, what to hold back).
+
+    A secret written in two pieces is caught: the last `longest - 1` characters
+    are held back until the next piece shows whether they begin a secret. Pass
+    the held text back with the next chunk, and `redact` what is held at the end.
+    """
+    text = held + chunk
+    keep = longest_secret() - 1
+    if keep <= 0:
+        return redact(text), ""
+    cut = max(0, len(text) - keep)
+    for secret in list(_secrets):
+        # A whole secret that straddles the cut moves the cut to its end.
+        start = text.find(secret, max(0, cut - len(secret) + 1))
+        while start != -1 and start < cut:
+            cut = max(cut, start + len(secret))
+            start = text.find(secret, start + 1)
+    return redact(text[:cut]), text[cut:]
+
+
+TRUNCATE_AT = 64 * 1024
+
+
+def truncate(text: str, limit: int = TRUNCATE_AT) -> str:
+    """`text` within `limit` characters: its head and tail, the cut marked in between."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    omitted = len(text) - 2 * half
+    return f"{text[:half]}\n[... {omitted} characters truncated ...]\n{text[-half:]}"
 
 
 def _redact_value(value: Any) -> Any:

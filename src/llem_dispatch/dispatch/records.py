@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from llem_dispatch._logging import redact, truncate
 from llem_dispatch.errors import LlemError
 from llem_dispatch.models import ExperimentFailure
 
@@ -43,14 +44,20 @@ class ErrorInfo(BaseModel):
     def from_exception(cls, exc: BaseException) -> ErrorInfo:
         if isinstance(exc, LlemError):
             payload = exc.to_payload()
+            snippet = payload.get("stderr_snippet")
             return cls(
                 type=payload["type"],
-                message=payload["message"],
+                message=_bounded(payload["message"]),
                 fix_suggestion=payload["fix_suggestion"],
-                stderr_snippet=payload.get("stderr_snippet") or None,
+                stderr_snippet=_bounded(snippet) if snippet else None,
                 exit_code=payload.get("exit_code"),
             )
-        return cls(type=type(exc).__name__, message=str(exc) or repr(exc))
+        return cls(type=type(exc).__name__, message=_bounded(str(exc) or repr(exc)))
+
+
+def _bounded(text: str) -> str:
+    """Redacted, and cut to head and tail past 64 KiB: what a record may hold."""
+    return truncate(redact(text))
 
 
 class NodeInfo(BaseModel):

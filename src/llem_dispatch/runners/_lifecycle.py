@@ -25,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 
 from llem_dispatch._exchange import ExchangeDir
 from llem_dispatch._logcapture import LogCapture, watch_silence
-from llem_dispatch._logging import register_secret
+from llem_dispatch._logging import redact, register_secret, truncate
 from llem_dispatch.errors import (
     DockerContainerError,
     DockerError,
@@ -128,11 +128,17 @@ def collect_secrets(
 def make_failure(
     payload: Mapping[str, Any], exchange: ExchangeDir, info: RunInfo
 ) -> ExperimentFailure:
-    """Turn an error payload into an `ExperimentFailure` (the exchange dir is kept)."""
+    """Turn an error payload into an `ExperimentFailure` (the exchange dir is kept).
+
+    Message and traceback are redacted (a token in an exception's text stays out of
+    records, logs and the terminal) and cut to their head and tail past 64 KiB (the
+    whole payload stays in the kept exchange dir).
+    """
+    raw_traceback = payload.get("traceback")
     return ExperimentFailure(
-        type=str(payload.get("type", "UnknownError")),
-        message=str(payload.get("message", "")),
-        traceback=str(payload["traceback"]) if payload.get("traceback") is not None else None,
+        type=truncate(redact(str(payload.get("type", "UnknownError"))), 200),
+        message=truncate(redact(str(payload.get("message", "")))),
+        traceback=truncate(redact(str(raw_traceback))) if raw_traceback is not None else None,
         config_hash=exchange.config_hash,
         exchange_dir=str(exchange.path),
         container_id=info.container_id,

@@ -186,7 +186,9 @@ async def _run_all(
         # Written the moment it ends, by the task that ran it: a cancel or crash
         # right after loses nothing that finished.
         _record(results, exp, record)
-        records.append(record)
+        # The summary keeps the record, not the exception (its frames) nor the
+        # validated outcome object beside its JSON form.
+        records.append(record.model_copy(update={"outcome": None, "exception": None}))
         in_flight.discard(exp.key)
         if record.error is not None and record.error.type == _HUNG and not stopped:
             stopped.append(f"{record.error.message} (experiment {exp.key})")
