@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from llem_dispatch.study import BuildSpec, Study
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[3] / "README.md"
 
 
 def readme_study_example() -> dict[str, Any]:
