@@ -184,6 +184,13 @@ class ExchangeDir:
         return found[0] if found else None
 
     def _read_json(self, name: str, max_bytes: int) -> Any:
+        """Parse `name` inside the dir (None when absent): JSON only, bounded, no links."""
+        raw = self._read_bounded(name, max_bytes)
+        if raw is None:
+            return None
+        return self._parse(name, raw)
+
+    def _read_bounded(self, name: str, max_bytes: int) -> bytes | None:
         """Read `name` inside the dir; never follow a link, never read unbounded."""
         path = self.path / name
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
@@ -229,6 +236,9 @@ class ExchangeDir:
                 config_hash=self.config_hash,
                 exchange_dir=self.path,
             )
+        return raw
+
+    def _parse(self, name: str, raw: bytes) -> Any:
         try:
             return json.loads(raw, parse_constant=_no_constants)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -125,114 +125,136 @@ async def run_study(
         done = results.completed_keys() & {e.key for e in experiments} if resume else set()
         todo = [e for e in experiments if e.key not in done]
         _write_study(results, study, placement, len(experiments))
-        journal = results.start()
-        journal_box.append(journal)
-        journal.write(
-            "study_started",
-            sync=True,
-            name=study.name,
-            total=len(experiments),
-            todo=len(todo),
-            skipped=len(done),
-            resume=resume,
-            runner=placement.runner_name,
-            pid=os.getpid(),
-            session=_labels.SESSION_ID,
-            **({"cluster": placement.facts["cluster"]} if "cluster" in placement.facts else {}),
-        )
-        records, stopped = await _run_all(study, todo, placement, results, reap_orphans)
+        journal_box.append(results.start())
+        _journal_start(results.journal, study, placement, len(experiments), len(done), resume)
+        run = _StudyRun(study, placement, results, reap_orphans)
+        await run.all(todo)
+        return run.finish(total=len(experiments), skipped=len(done), started=started)
+
+
+def _journal_start(
+    journal: Journal, study: Study, placement: _Placement, total: int, skipped: int, resume: bool
+) -> None:
+    where = {"cluster": placement.facts["cluster"]} if "cluster" in placement.facts else {}
+    journal.write(
+        "study_started",
+        sync=True,
+        name=study.name,
+        total=total,
+        todo=total - skipped,
+        skipped=skipped,
+        resume=resume,
+        runner=placement.runner_name,
+        pid=os.getpid(),
+        session=_labels.SESSION_ID,
+        **where,
+    )
+
+
+class _StudyRun:
+    """Every experiment through the placement, cycle by cycle; a record as each ends.
+
+    When the Docker daemon stays hung past the retry budget, `stopped` says why and
+    the rest is left for --resume.
+    """
+
+    def __init__(
+        self, study: Study, placement: _Placement, results: ResultsDir, reap_orphans: bool
+    ) -> None:
+        self.study = study
+        self.placement = placement
+        self.results = results
+        self.reap_orphans = reap_orphans
+        self.in_flight: set[str] = set()
+        self.records: list[RunRecord] = []
+        self.stopped: str | None = None
+        self._stop_scope = anyio.CancelScope()
+
+    async def all(self, todo: list[Experiment]) -> None:
+        """Run `todo`; the journal says `interrupted` or `crashed` if it does not end."""
+        try:
+            async with self.placement.dispatcher:
+                try:
+                    with self._stop_scope:
+                        await self._cycles(todo)
+                finally:
+                    if self.reap_orphans and self.placement.sweep is not None:
+                        # Every experiment has its final record (or was cancelled and
+                        # waited for): whatever container of this study is left on a
+                        # node is abandoned, e.g. by a worker of a node that left.
+                        with anyio.move_on_after(90, shield=True):
+                            await self.placement.sweep(True)
+        except BaseException as exc:
+            interrupted = isinstance(exc, anyio.get_cancelled_exc_class() | KeyboardInterrupt)
+            self.results.journal.write(
+                "interrupted" if interrupted else "crashed",
+                sync=True,
+                in_flight=sorted(self.in_flight),
+                error=repr(exc)[:500],
+            )
+            raise
+
+    def finish(self, *, total: int, skipped: int, started: float) -> StudySummary:
+        """The summary, written to summary.json and journalled as `study_finished`."""
+        records = self.records
         summary = StudySummary(
-            name=study.name,
-            results_dir=str(results.path),
-            total=len(experiments),
+            name=self.study.name,
+            results_dir=str(self.results.path),
+            total=total,
             succeeded=sum(r.status == "succeeded" for r in records),
             failed=sum(r.status == "failed" for r in records),
             errored=sum(r.status in {"error", "cancelled"} for r in records),
-            skipped=len(done),
-            stopped=stopped,
+            skipped=skipped,
+            stopped=self.stopped,
             duration_s=round(time.monotonic() - started, 3),
-            runner=placement.runner_name,
+            runner=self.placement.runner_name,
             records=records,
         )
-        results.write_json("summary.json", summary.model_dump(mode="json"))
-        journal.write(
-            "study_finished", sync=True, **summary.model_dump(mode="json", exclude={"name"})
-        )
+        self.results.write_json("summary.json", summary.model_dump(mode="json"))
+        fields = summary.model_dump(mode="json", exclude={"name"})
+        self.results.journal.write("study_finished", sync=True, **fields)
         return summary
 
+    async def _cycles(self, todo: list[Experiment]) -> None:
+        study = self.study
+        groups: list[list[Experiment]] = [todo]
+        if study.cycle_gap_s > 0 and study.n_cycles > 1:
+            groups = [[e for e in todo if e.cycle == c] for c in range(1, study.n_cycles + 1)]
+        workers = 2 * self.placement.dispatcher.parallelism()
+        for index, group in enumerate(groups):
+            if index and study.cycle_gap_s:
+                self.results.journal.write("cycle_gap", seconds=study.cycle_gap_s)
+                await anyio.sleep(study.cycle_gap_s)
+            async with contextlib.aclosing(fan_out(group, self.one, workers=workers)) as done:
+                async for _ in done:
+                    pass  # each record was written by the task that ran it
 
-async def _run_all(
-    study: Study,
-    todo: list[Experiment],
-    placement: _Placement,
-    results: ResultsDir,
-    reap_orphans: bool,
-) -> tuple[list[RunRecord], str | None]:
-    """Every experiment through the placement, cycle by cycle; records as they finish.
-
-    Returns the records and, when the study stopped early because the Docker daemon
-    stayed hung past the retry budget, why (what did not run is left for --resume).
-    """
-    dispatcher, journal = placement.dispatcher, results.journal
-    in_flight: set[str] = set()
-    records: list[RunRecord] = []
-    stopped: list[str] = []
-    stop_scope = anyio.CancelScope()
-
-    async def one(exp: Experiment) -> RunRecord:
-        in_flight.add(exp.key)
+    async def one(self, exp: Experiment) -> RunRecord:
+        """Run one experiment and write its record the moment it ends."""
+        self.in_flight.add(exp.key)
         tags = {"key": exp.key, "cycle": exp.cycle}
-        record = await dispatcher.run(exp.config, gpus=exp.gpus, tags=tags)
-        # Written the moment it ends, by the task that ran it: a cancel or crash
-        # right after loses nothing that finished.
-        _record(results, exp, record)
+        record = await self.placement.dispatcher.run(exp.config, gpus=exp.gpus, tags=tags)
+        # Written by the task that ran it: a cancel or crash right after loses
+        # nothing that finished.
+        _record(self.results, exp, record)
         # The summary keeps the record, not the exception (its frames) nor the
         # validated outcome object beside its JSON form.
-        records.append(record.model_copy(update={"outcome": None, "exception": None}))
-        in_flight.discard(exp.key)
-        if record.error is not None and record.error.type == _HUNG and not stopped:
-            stopped.append(f"{record.error.message} (experiment {exp.key})")
-            journal.write("stopped", sync=True, reason=stopped[0], in_flight=sorted(in_flight))
-            log.error("study_stopped", reason=stopped[0], fix=record.error.fix_suggestion)
-            # Everything else would only hang too: stop dispatching, and cancel what
-            # is in flight (it gets no record, so --resume runs it again).
-            stop_scope.cancel()
+        self.records.append(record.model_copy(update={"outcome": None, "exception": None}))
+        self.in_flight.discard(exp.key)
+        if record.error is not None and record.error.type == _HUNG and self.stopped is None:
+            self._stop(f"{record.error.message} (experiment {exp.key})", record)
         return record
 
-    groups: list[list[Experiment]] = [todo]
-    if study.cycle_gap_s > 0 and study.n_cycles > 1:
-        groups = [[e for e in todo if e.cycle == c] for c in range(1, study.n_cycles + 1)]
-    workers = 2 * dispatcher.parallelism()
-    try:
-        async with dispatcher:
-            try:
-                with stop_scope:
-                    for index, group in enumerate(groups):
-                        if index and study.cycle_gap_s:
-                            journal.write("cycle_gap", seconds=study.cycle_gap_s)
-                            await anyio.sleep(study.cycle_gap_s)
-                        async with contextlib.aclosing(
-                            fan_out(group, one, workers=workers)
-                        ) as done:
-                            async for _ in done:
-                                pass  # each record was written by the task that ran it
-            finally:
-                if reap_orphans and placement.sweep is not None:
-                    # Every experiment has its final record (or was cancelled and
-                    # waited for): whatever container of this study is left on a
-                    # node is abandoned, e.g. by a worker of a node that left.
-                    with anyio.move_on_after(90, shield=True):
-                        await placement.sweep(True)
-    except BaseException as exc:
-        interrupted = isinstance(exc, anyio.get_cancelled_exc_class() | KeyboardInterrupt)
-        journal.write(
-            "interrupted" if interrupted else "crashed",
-            sync=True,
-            in_flight=sorted(in_flight),
-            error=repr(exc)[:500],
+    def _stop(self, reason: str, record: RunRecord) -> None:
+        """Everything else would only hang too: stop dispatching, and cancel what is
+        in flight (it gets no record, so --resume runs it again)."""
+        self.stopped = reason
+        self.results.journal.write(
+            "stopped", sync=True, reason=reason, in_flight=sorted(self.in_flight)
         )
-        raise
-    return records, stopped[0] if stopped else None
+        fix = record.error.fix_suggestion if record.error else None
+        log.error("study_stopped", reason=reason, fix=fix)
+        self._stop_scope.cancel()
 
 
 _HUNG = "DockerDaemonHungError"
@@ -346,38 +368,63 @@ async def _place(
             dict(cluster_options or {}),
             {"max_concurrency": limit, "retries": retries, "on_event": on_event},
         )
+    return await _place_locally(
+        study,
+        experiments,
+        results,
+        runner=runner,
+        pool=pool,
+        study_dir=study_dir,
+        spec=runner_spec if runner is None else None,
+        runner_value=runner_value,
+        labels=labels,
+        needed=needed,
+        dispatch={"max_concurrency": limit, "retries": retries, "on_event": on_event},
+    )
+
+
+async def _place_locally(
+    study: Study,
+    experiments: list[Experiment],
+    results: ResultsDir,
+    *,
+    runner: Runner | None,
+    pool: GpuPool | None,
+    study_dir: Path,
+    spec: RunnerSpec | None,
+    runner_value: str | None,
+    labels: dict[str, str],
+    needed: int,
+    dispatch: dict[str, Any],
+) -> _Placement:
+    """This host's GPU pool and the study's runner (or the ones given)."""
     pool = pool if pool is not None else build_pool(study)
     pool.check_request(needed)
-    spec_used: RunnerSpec | None = None
     if runner is None:
-        spec_used = runner_spec or resolve_runner(runner_value, study)
+        spec = spec or resolve_runner(runner_value, study)
         runner = make_runner(
             study,
-            spec_used,
+            spec,
             study_dir=study_dir,
             labels=labels,
             experiments=experiments,
             virtual=pool.virtual,
             exchange_base=results.exchange,
         )
-        await check_function_importable(study, spec_used, experiments)
-    dispatcher = Dispatcher(
-        runner, pool=pool, max_concurrency=limit, retries=retries, on_event=on_event
-    )
-    name = spec_used.kind if spec_used else (dispatcher.runner_type or "custom")
+        await check_function_importable(study, spec, experiments)
+    dispatcher = Dispatcher(runner, pool=pool, **dispatch)
+    name = spec.kind if spec else (dispatcher.runner_type or "custom")
+    deadlines = ApiDeadlines(**study.docker_deadlines)
 
     async def sweep(study_over: bool) -> None:
         if not study_over:
-            await reap(
-                results_dir=results.path,
-                logs_dir=results.path / "orphans",
-                deadlines=ApiDeadlines(**study.docker_deadlines),
-            )
+            logs = results.path / "orphans"
+            await reap(results_dir=results.path, logs_dir=logs, deadlines=deadlines)
 
     return _Placement(
         dispatcher,
         name,
-        spec_used.source if spec_used else "explicit",
+        spec.source if spec else "explicit",
         {"gpus": list(pool.devices), "virtual_gpus": pool.virtual},
         sweep if name == "docker" else None,
     )
