@@ -336,3 +336,16 @@ def test_auto_detected_runner_is_recorded_as_auto(tmp_path: Path) -> None:
     records = [json.loads(p.read_text()) for p in (out / "records").glob("*.json")]
     assert len(records) == 2
     assert {r["result"]["runner"]["runner_source"] for r in records} == {"auto"}
+
+
+def test_results_naming_a_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "exp.py").write_text("def run(config):\n    return {}\n")
+    study = tmp_path / "study.yaml"
+    study.write_text("name: f\nfunction: exp:run\nvirtual_gpus: 1\ngrid: {x: [1]}\n")
+    target = tmp_path / "a-file"
+    target.write_text("mine")
+    proc = cli("run", str(study), "--results", str(target), "--runner", "local", "--plain")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "is a file, not a directory" in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert target.read_text() == "mine"

@@ -25,7 +25,7 @@ from llem_dispatch.cli.app import (
 )
 from llem_dispatch.cluster import check_cluster
 from llem_dispatch.errors import LlemError
-from llem_dispatch.gpu import GpuPool
+from llem_dispatch.gpu import GpuPool, nvml_used_memory_mb
 from llem_dispatch.study import (
     RunnerSpec,
     cluster_requirements,
@@ -170,9 +170,17 @@ def _engine_check(version: str) -> Check:
     )
 
 
+def _gpu_line(pool: GpuPool, device: str) -> str:
+    """'0=GPU-1234 (NVIDIA H200, 3 MiB in use)': what a study's residual check will see."""
+    used = nvml_used_memory_mb(device)
+    facts = [pool.names.get(device, "")] + ([f"{used:.0f} MiB in use"] if used is not None else [])
+    detail = ", ".join(f for f in facts if f)
+    return f"{device}={pool.uuids.get(device, '?')}" + (f" ({detail})" if detail else "")
+
+
 def _gpu_check() -> Check:
     pool = GpuPool.detect()
-    gpu_detail = ", ".join(f"{i}={pool.uuids.get(i, '?')}" for i in pool.devices) or "none"
+    gpu_detail = ", ".join(_gpu_line(pool, i) for i in pool.devices) or "none"
     return Check(
         "GPUs (NVML)",
         bool(pool.devices),

@@ -89,8 +89,29 @@ def _print_dry_run(
         study, spec, study_dir=study_path.parent, experiments=experiments, virtual=virtual
     )
     console.print(f"runner: {spec.kind} (chosen by: {spec.source})")
+    console.print(_gpu_policy(study, virtual))
     if experiments:
         _print_first_experiment(runner, experiments[0], console)
+
+
+def _gpu_policy(study: Study, virtual: bool) -> str:
+    """How GPUs are handed on: cooldown, thermal gate, residual-memory hold-back."""
+    if virtual:
+        return f"GPUs: virtual ids, cooldown {study.experiment_gap_s:g}s"
+    parts = [f"cooldown {study.experiment_gap_s:g}s"]
+    if study.settle is not None:
+        parts.append(
+            f"thermal gate (within {study.settle.temperature_c:g} C / "
+            f"{study.settle.power_w:g} W of idle for {study.settle.hold_s:g}s, "
+            f"{study.settle.min_s:g}-{study.settle.max_s:g}s)"
+        )
+    held = study.residual_memory_mb
+    parts.append(
+        f"held back while over {held:g} MiB of memory is in use"
+        if held is not None
+        else "no residual-memory check"
+    )
+    return "GPUs: " + ", ".join(parts)
 
 
 def _print_first_experiment(runner: Runner, first: Experiment, console: Console) -> None:
