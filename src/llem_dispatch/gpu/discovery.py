@@ -31,10 +31,7 @@ def nvml_used_memory_mb(device_id: str) -> float | None:
         return None
     try:
         _nvml_init()
-        if device_id.isdigit():
-            handle = pynvml.nvmlDeviceGetHandleByIndex(int(device_id))
-        else:
-            handle = pynvml.nvmlDeviceGetHandleByUUID(device_id)
+        handle = _handle(pynvml, device_id)
         return float(_memory_used(pynvml, handle)) / 2**20
     except Exception as exc:  # noqa: BLE001 - unknown memory is not a reason to stop
         log.debug("gpu_memory_unknown", device=device_id, error=repr(exc))
@@ -65,10 +62,7 @@ def nvml_thermal(device_id: str) -> tuple[float, float] | None:
         return None
     try:
         _nvml_init()
-        if device_id.isdigit():
-            handle = pynvml.nvmlDeviceGetHandleByIndex(int(device_id))
-        else:
-            handle = pynvml.nvmlDeviceGetHandleByUUID(device_id)
+        handle = _handle(pynvml, device_id)
         temperature = pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)
         return float(temperature), float(pynvml.nvmlDeviceGetPowerUsage(handle)) / 1000.0
     except Exception as exc:  # noqa: BLE001 - an unknown reading is not a reason to stop
@@ -83,10 +77,7 @@ def nvml_processes(device_id: str) -> list[str]:
         return []
     try:
         _nvml_init()
-        if device_id.isdigit():
-            handle = pynvml.nvmlDeviceGetHandleByIndex(int(device_id))
-        else:
-            handle = pynvml.nvmlDeviceGetHandleByUUID(device_id)
+        handle = _handle(pynvml, device_id)
         found = []
         for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
             used = getattr(proc, "usedGpuMemory", None)
@@ -118,6 +109,13 @@ def _memory_used(pynvml: Any, handle: Any) -> int:
         except Exception as exc:  # noqa: BLE001 - older drivers: the v1 figure below
             log.debug("gpu_memory_v2_unavailable", error=repr(exc))
     return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+
+
+def _handle(pynvml: Any, device_id: str) -> Any:
+    """NVML's handle for a device index ("0") or UUID ("GPU-...", "MIG-...")."""
+    if device_id.isdigit():
+        return pynvml.nvmlDeviceGetHandleByIndex(int(device_id))
+    return pynvml.nvmlDeviceGetHandleByUUID(device_id)
 
 
 def _pynvml() -> Any | None:
