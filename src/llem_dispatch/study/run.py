@@ -22,6 +22,7 @@ import yaml
 from llem_dispatch import _labels
 from llem_dispatch._docker import ApiDeadlines
 from llem_dispatch._exchange import remove_stale_secrets
+from llem_dispatch.cluster import RayDispatcher, sweep_orphans
 from llem_dispatch.dispatch import (
     Dispatcher,
     Event,
@@ -443,8 +444,6 @@ async def _place_on_cluster(
     common: dict[str, Any],
 ) -> _Placement:
     """A RayDispatcher over the cluster at `address`, checked on every host first."""
-    from llem_dispatch.cluster import RayDispatcher, sweep_orphans
-
     if study.gpus is not None or study.virtual_gpus is not None:
         log.warning(
             "study_gpus_ignored_on_cluster",
