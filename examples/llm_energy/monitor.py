@@ -3,9 +3,9 @@
     python examples/llm_energy/monitor.py OUT.jsonl [--interval 0.2]
 
 One line per sample and GPU: wall time, index, UUID, total-energy counter (mJ), power
-(W), utilisation (%) and memory in use (MiB). `report.py --monitor OUT.jsonl` uses it
-to check each experiment's own energy reading against the counter over its window,
-and to show which GPUs were busy when. Stops cleanly on SIGTERM or SIGINT.
+(W), temperature (C), utilisation (%) and memory in use (MiB). `report.py --monitor
+OUT.jsonl` uses it to check each experiment's own energy reading against the counter
+over its window, and to show which GPUs were busy when. Stops cleanly on SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def sample(pynvml: Any, handles: list[tuple[int, str, Any]]) -> list[dict[str, A
                 "uuid": uuid,
                 "energy_mj": pynvml.nvmlDeviceGetTotalEnergyConsumption(handle),
                 "power_w": pynvml.nvmlDeviceGetPowerUsage(handle) / 1e3,
+                "temp_c": pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU),
                 "util": pynvml.nvmlDeviceGetUtilizationRates(handle).gpu,
                 "mem_mib": pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20,
             }
