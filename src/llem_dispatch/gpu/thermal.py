@@ -126,22 +126,25 @@ class ThermalGate:
     def ready(self, device_id: str, released_at: float, now: float) -> bool:
         """May this GPU, released at `released_at`, be handed on at `now`?"""
         waited = now - released_at
-        if waited < self.spec.min_s:
-            return False
         if waited >= self.spec.max_s:
             return True
+        # Sampled from the release on, so a GPU calm early goes on at `min_s`,
+        # not at `min_s + hold_s`.
         self.sample(device_id, now)
+        if waited < self.spec.min_s:
+            return False
         calm_since = self._state(device_id).calm_since
         return calm_since is not None and now - calm_since >= self.spec.hold_s
 
     def next_check(self, device_id: str, released_at: float, now: float) -> float:
         """When `ready` may next turn true for a GPU that is settling (inf when settled)."""
-        if now < released_at + self.spec.min_s:
-            return released_at + self.spec.min_s
         if now >= released_at + self.spec.max_s:
             return math.inf
         state = self._state(device_id)
-        return min(state.last_sample_at + self.spec.sample_s, released_at + self.spec.max_s)
+        due = min(state.last_sample_at + self.spec.sample_s, released_at + self.spec.max_s)
+        if now < released_at + self.spec.min_s:
+            due = min(due, released_at + self.spec.min_s)
+        return due
 
     def hand_on(self, device_id: str, released_at: float | None, now: float) -> SettleReport:
         """Sample once more and report, as the GPU is handed to its next experiment.

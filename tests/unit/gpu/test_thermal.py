@@ -237,3 +237,18 @@ def test_virtual_gpus_record_no_uuid_or_state() -> None:
     record = anyio.run(main)
     assert record.gpu_ids == ["0"]
     assert (record.gpu_uuids, record.gpu_name, record.gpus_at_start) == ([], None, [])
+
+
+def test_pool_a_gpu_calm_early_goes_on_at_min_s_not_min_plus_hold() -> None:
+    gpu = CoolingGpu(cool_s=1)
+    pool = _pool(gpu, min_s=5, hold_s=3)
+
+    async def main() -> float:
+        async with pool.acquire(1):
+            gpu.heat_until_freed_at(anyio.current_time())
+        freed = anyio.current_time()
+        async with pool.acquire(1):
+            return anyio.current_time() - freed
+
+    # Calm from 1 s on, sampled while waiting: by 5 s it has been calm for 4 s.
+    assert run_mock(main) == pytest.approx(5.0)
