@@ -8,6 +8,8 @@ secrets are redacted even when written in several pieces.
 from __future__ import annotations
 
 import collections
+import contextlib
+import shutil
 import time
 from pathlib import Path
 from typing import IO
@@ -37,10 +39,7 @@ class LogCapture:
         self.path = path
         self._file: IO[str] | None = open(path, "a", encoding="utf-8")  # noqa: SIM115
         self._head_left = max_bytes // 2
-        self._tail_limit = max_bytes - max_bytes // 2
-        self._file_tail: collections.deque[str] = collections.deque()
-        self._file_tail_size = 0
-        self._omitted = 0
+        self._tail = _SpilledTail(path, max_bytes - max_bytes // 2)
         self._held: dict[str, str] = {"stdout": "", "stderr": ""}
         self._tails: dict[str, collections.deque[str]] = {
             "stdout": collections.deque(maxlen=tail_lines),
@@ -65,7 +64,7 @@ class LogCapture:
 
     def _write(self, text: str) -> None:
         """To the file while its head lasts (flushed: a killed dispatcher loses nothing
-        of it), then into a bounded tail written at close."""
+        of it), then into a bounded tail kept on disk and appended at close."""
         if self._file is None or not text:
             return
         if self._head_left > 0:
@@ -73,21 +72,8 @@ class LogCapture:
             self._head_left -= len(head)
             self._file.write(head)
             self._file.flush()
-        if not text:
-            return
-        self._file_tail.append(text)
-        self._file_tail_size += len(text)
-        while self._file_tail_size > self._tail_limit:
-            extra = self._file_tail_size - self._tail_limit
-            first = self._file_tail[0]
-            if len(first) <= extra:
-                self._file_tail.popleft()
-                self._file_tail_size -= len(first)
-                self._omitted += len(first)
-            else:
-                self._file_tail[0] = first[extra:]
-                self._file_tail_size -= extra
-                self._omitted += extra
+        if text:
+            self._tail.write(text)
 
     def touch(self) -> None:
         """Count as output (e.g. at start) for the silence watchdog."""
@@ -107,9 +93,7 @@ class LogCapture:
         for stream in ("stdout", "stderr"):
             self._write(redact(self._held[stream]))
             self._held[stream] = ""
-        if self._omitted:
-            self._file.write(f"\n[... {self._omitted} characters of output omitted ...]\n")
-        self._file.write("".join(self._file_tail))
+        self._tail.append_to(self._file)
         self._file.close()
         self._file = None
 
@@ -125,3 +109,69 @@ async def watch_silence(
             scope.cancel()
             return
         await anyio.sleep(min(1.0, limit - idle + 0.05))
+
+
+class _SpilledTail:
+    """The last `limit` characters of a stream, kept on disk in two alternating files.
+
+    Memory stays constant however much is written: each file holds up to `limit`
+    characters; when the current one is full the other is emptied and takes over,
+    so the two together always hold at least the last `limit` characters.
+    """
+
+    def __init__(self, log_path: Path, limit: int) -> None:
+        self._paths = (log_path.with_name(".tail-a"), log_path.with_name(".tail-b"))
+        self._limit = max(1, limit)
+        self._current = 0
+        self._sizes = [0, 0]
+        self._total = 0
+        self._file: IO[str] | None = None
+
+    def write(self, text: str) -> None:
+        while text:
+            if self._file is None or self._sizes[self._current] >= self._limit:
+                self._switch()
+            assert self._file is not None
+            room = self._limit - self._sizes[self._current]
+            piece, text = text[:room], text[room:]
+            self._file.write(piece)
+            self._sizes[self._current] += len(piece)
+            self._total += len(piece)
+
+    def _switch(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._current = 1 - self._current
+        self._sizes[self._current] = 0
+        self._file = open(self._paths[self._current], "w", encoding="utf-8")  # noqa: SIM115
+
+    def append_to(self, out: IO[str]) -> None:
+        """Write the marker and the kept tail to `out`; remove the spill files."""
+        if self._file is None:
+            return
+        self._file.close()
+        previous = 1 - self._current
+        from_previous = max(0, self._limit - self._sizes[self._current])
+        skip_previous = max(0, self._sizes[previous] - from_previous)
+        kept = min(self._total, self._limit)
+        if self._total > kept:
+            out.write(f"\n[... {self._total - kept} characters of output omitted ...]\n")
+        if self._sizes[previous] and from_previous:
+            with open(self._paths[previous], encoding="utf-8") as handle:
+                handle.seek(0)
+                _skip_chars(handle, skip_previous)
+                shutil.copyfileobj(handle, out)
+        with open(self._paths[self._current], encoding="utf-8") as handle:
+            shutil.copyfileobj(handle, out)
+        for path in self._paths:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+def _skip_chars(handle: IO[str], count: int) -> None:
+    """Read past `count` characters of a text file, in bounded pieces."""
+    while count > 0:
+        got = len(handle.read(min(count, 1 << 20)))
+        if not got:
+            return
+        count -= got

@@ -237,6 +237,7 @@ def test_daemon_restart_mid_study_completes_without_duplicates(
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.communicate(timeout=30)  # reaped, its pipes closed, even on failure
     assert proc.returncode == 0, output
     final = records(out)
     assert len(final) == 8

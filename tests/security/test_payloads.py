@@ -90,3 +90,19 @@ def test_a_huge_error_payload_is_bounded_in_the_record_and_redacted(
         assert token not in failure.message + failure.traceback
         dumped = json.dumps(record.model_dump(mode="json"))  # type: ignore[attr-defined]
         assert len(dumped) < 200_000, "the record file stays small"
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 333, 5000])
+def test_the_kept_tail_is_exactly_the_last_of_the_output(tmp_path: Path, chunk: int) -> None:
+    stream = "".join(f"<{i}>" for i in range(3000))
+    capture = LogCapture(tmp_path / "container.log", max_bytes=2000)
+    for start in range(0, len(stream), chunk):
+        capture.feed("stdout", stream[start : start + chunk])
+    capture.close()
+    text = (tmp_path / "container.log").read_text()
+    head, _, rest = text.partition("\n[... ")
+    marker, _, tail = rest.partition(" ...]\n")
+    assert head == stream[:1000]
+    assert tail == stream[-1000:]
+    assert marker == f"{len(stream) - 2000} characters of output omitted"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["container.log"], "spill files gone"

@@ -254,14 +254,22 @@ async def wait_bounded(
     then kills it). An error raised by `wait` propagates.
     """
     hang = anyio.Event()
+    error: LlemError | None = None
     with anyio.CancelScope() as scope:
         if timeout_s is not None:
             scope.deadline = anyio.current_time() + timeout_s
         async with anyio.create_task_group() as watch:
             if silence_s is not None:
                 watch.start_soon(watch_silence, capture, silence_s, scope, hang)
-            await wait()
+            try:
+                await wait()
+            except LlemError as exc:
+                # Raised out of the task group it would arrive wrapped in an
+                # ExceptionGroup, which no caller (nor the retry policy) expects.
+                error = exc
             watch.cancel_scope.cancel()
+    if error is not None:
+        raise error
     if not scope.cancelled_caught:
         return None
     return "hang" if hang.is_set() else "timeout"
@@ -507,26 +515,45 @@ async def _supervise(
     run.bound.info(f"{backend.noun}_started")
     if observer is not None:
         observer.on_started(info)
+    errors: list[LlemError] = []
     async with anyio.create_task_group() as followers:
         drained = [_follow(followers, pump) for pump in backend.pumps(capture)]
-        killed_for = await wait_bounded(
-            lambda: backend.wait(run),
-            capture,
-            timeout_s=None if math.isinf(run.deadline) else run.deadline - anyio.current_time(),
-            silence_s=settings.silence_timeout,
-        )
-        if killed_for is not None:
-            run.bound.warning(f"{backend.noun}_killed", reason=killed_for)
-            await _kill_and_wait(backend, run)
-        info.exited_at = utcnow()
-        if observer is not None:
-            observer.on_exited(info)
-        status = await backend.exited(run)
-        with anyio.move_on_after(LOG_DRAIN_S):
-            for done in drained:
-                await done.wait()
+        try:
+            killed_for, status = await _until_exit(settings, backend, run, capture, observer)
+        except LlemError as exc:
+            # Kept out of the task group: it would arrive wrapped in an ExceptionGroup.
+            errors.append(exc)
+        else:
+            with anyio.move_on_after(LOG_DRAIN_S):
+                for done in drained:
+                    await done.wait()
         followers.cancel_scope.cancel()
+    if errors:
+        raise errors[0]
     return _exit_error(settings, backend.noun, run, capture, status, killed_for)
+
+
+async def _until_exit(
+    settings: RunSettings,
+    backend: RunBackend,
+    run: Run,
+    capture: LogCapture,
+    observer: RunObserver | None,
+) -> tuple[KilledFor | None, ExitStatus]:
+    """Wait under the limits (kill at one), tell the observer, read how it ended."""
+    killed_for = await wait_bounded(
+        lambda: backend.wait(run),
+        capture,
+        timeout_s=None if math.isinf(run.deadline) else run.deadline - anyio.current_time(),
+        silence_s=settings.silence_timeout,
+    )
+    if killed_for is not None:
+        run.bound.warning(f"{backend.noun}_killed", reason=killed_for)
+        await _kill_and_wait(backend, run)
+    run.info.exited_at = utcnow()
+    if observer is not None:
+        observer.on_exited(run.info)
+    return killed_for, await backend.exited(run)
 
 
 def _follow(followers: anyio.abc.TaskGroup, pump: Pump) -> anyio.Event:

@@ -40,7 +40,7 @@ from llem_dispatch._exchange import (
     ExchangeDir,
 )
 from llem_dispatch._logcapture import LogCapture
-from llem_dispatch.errors import DockerDaemonHungError
+from llem_dispatch.errors import DockerDaemonHungError, LlemError
 from llem_dispatch.runners._lifecycle import (
     DEFAULT_SECRET_ENV,
     FORCE_KILL,
@@ -459,22 +459,32 @@ class _ContainerRun:
         """Until the container exits; a bounded inspect every `liveness_every` s meanwhile.
 
         The wait itself may last as long as the experiment: a daemon that hangs
-        meanwhile is caught by the inspects, which then pass their deadline.
+        meanwhile is caught by the inspects, which then pass their deadline. Errors
+        leave the task group unwrapped, as the `LlemError` they are.
         """
+        errors: list[LlemError] = []
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._prove_alive, run)
+            tg.start_soon(self._prove_alive, run, errors, tg.cancel_scope)
             try:
                 await self.container.wait()
-            except Exception as exc:
-                raise translate_api_error(
-                    exc, image=self.runner.image, phase="wait", **run.context
-                ) from exc
+            except Exception as exc:  # noqa: BLE001 - translated, then raised below
+                errors.append(
+                    translate_api_error(exc, image=self.runner.image, phase="wait", **run.context)
+                )
             tg.cancel_scope.cancel()
+        if errors:
+            raise errors[0]
 
-    async def _prove_alive(self, run: Run) -> None:
-        while True:
-            await anyio.sleep(self.runner.deadlines.liveness_every)
-            await self._call("inspect", run, self.container.show)
+    async def _prove_alive(
+        self, run: Run, errors: list[LlemError], scope: anyio.CancelScope
+    ) -> None:
+        try:
+            while True:
+                await anyio.sleep(self.runner.deadlines.liveness_every)
+                await self._call("inspect", run, self.container.show)
+        except LlemError as exc:
+            errors.append(exc)
+            scope.cancel()
 
     async def kill(self, run: Run) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.runner.deadlines.kill):
