@@ -36,6 +36,8 @@ __all__ = [
 CONTAINER_EXCHANGE_DIR = "/run/llem"
 SECRETS_FILENAME = ".llem-secrets.json"
 LOG_FILENAME = "container.log"
+#: The gate's go file: a prestarted experiment waits for it before touching a GPU.
+GO_FILENAME = ".llem-go"
 DEFAULT_MAX_RESULT_BYTES = 64 * 1024 * 1024
 ERROR_KEYS = frozenset({"type", "message", "traceback", "config_hash"})
 
@@ -76,6 +78,8 @@ class ExchangeDir:
     def __init__(self, path: Path, config_hash: str) -> None:
         self.path = path
         self.config_hash = config_hash
+        #: Held at a gate (prestart): `env` names the go file, `open_gate` writes it.
+        self.gated = False
 
     @classmethod
     def create(cls, config_hash: str, *, base_dir: str | Path | None = None) -> ExchangeDir:
@@ -114,7 +118,13 @@ class ExchangeDir:
         }
         if self.secrets_path.exists():
             env["LLEM_SECRETS_PATH"] = f"{root}/{SECRETS_FILENAME}"
+        if self.gated:
+            env["LLEM_GO_PATH"] = f"{root}/{GO_FILENAME}"
         return env
+
+    def open_gate(self) -> None:
+        """Write the go file: the experiment held at its gate may use its GPUs now."""
+        (self.path / GO_FILENAME).touch(mode=0o644)
 
     def write_config(self, config: Mapping[str, Any]) -> Path:
         """Write the config as canonical JSON."""

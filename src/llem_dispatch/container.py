@@ -9,7 +9,10 @@ Usage::
     python -m llem_dispatch.container pkg.module:function
 
 It reads the config from $LLEM_CONFIG_PATH, loads secrets from
-$LLEM_SECRETS_PATH into the environment, calls `function(config)`, and writes
+$LLEM_SECRETS_PATH into the environment, imports the function and, when
+$LLEM_GO_PATH is set (a prestarted run held at its gate), waits until that
+file exists before it calls `function(config)` (the GPU is not the run's
+until then: touch nothing on it at import time). It writes
 its return value (a JSON-able dict, or an object with `model_dump()`) to
 $LLEM_RESULT_PATH atomically. On any exception it writes
 {"type", "message", "traceback"} to $LLEM_ERROR_PATH and exits 1.
@@ -22,11 +25,14 @@ import json
 import os
 import sys
 import tempfile
+import time
 import traceback
 from typing import Any
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+#: How often a run held at its gate looks for the go file (seconds).
+GATE_POLL_S = 0.002
 
 
 def _atomic_write_json(path: str, data: Any) -> None:
@@ -56,6 +62,15 @@ def _load_target(spec: str) -> Any:
     if not callable(obj):
         raise TypeError(f"{spec} is not callable")
     return obj
+
+
+def _wait_at_gate() -> None:
+    """Block until the go file exists, if this run was prestarted (LLEM_GO_PATH)."""
+    path = os.environ.get("LLEM_GO_PATH")
+    if not path:
+        return
+    while not os.path.exists(path):
+        time.sleep(GATE_POLL_S)
 
 
 def _to_jsonable(value: Any) -> Any:
@@ -95,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(config_path, encoding="utf-8") as handle:
             config = json.load(handle)
         function = _load_target(args[0])
+        _wait_at_gate()
         result = _to_jsonable(function(config))
         if not isinstance(result, dict):
             raise TypeError(

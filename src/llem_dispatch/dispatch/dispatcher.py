@@ -94,7 +94,9 @@ class Dispatcher:
     Use as `async with Dispatcher(runner, pool=pool) as d:`; `await d.run(config,
     gpus=k)` returns a `RunRecord`; `d.map(configs, gpus=k)` yields records as
     they finish. `runner` and `pool` make a `LocalPlacement` (this host); give
-    `placement=` instead to run attempts elsewhere. Closing the dispatcher closes
+    `placement=` instead to run attempts elsewhere. `prestart=True` (local only)
+    starts an experiment's container while its GPUs are still busy, held at a
+    gate until they free (see `LocalPlacement`). Closing the dispatcher closes
     its placement (and so the runner).
     """
 
@@ -107,10 +109,11 @@ class Dispatcher:
         max_concurrency: int | None = None,
         retries: RetryPolicy | int | None = None,
         on_event: Callable[[Event], None] | None = None,
+        prestart: bool = False,
     ) -> None:
         if max_concurrency is not None and max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
-        self.placement = _placement(runner, pool, placement)
+        self.placement = _placement(runner, pool, placement, prestart=prestart)
         local = self.placement if isinstance(self.placement, LocalPlacement) else None
         #: The runner and GPU pool of a local placement (None for any other).
         self.runner: Runner | None = local.runner if local else None
@@ -281,15 +284,21 @@ class Dispatcher:
 
 
 def _placement(
-    runner: Runner | None, pool: GpuPool | None, placement: Placement | None
+    runner: Runner | None,
+    pool: GpuPool | None,
+    placement: Placement | None,
+    *,
+    prestart: bool,
 ) -> Placement:
     """The placement the constructor's arguments describe (a runner and pool, or one given)."""
     if placement is None:
         if runner is None:
             raise TypeError("Dispatcher needs a runner (and a pool) or a placement")
-        return LocalPlacement(runner, pool)
+        return LocalPlacement(runner, pool, prestart=prestart)
     if runner is not None or pool is not None:
         raise TypeError("give Dispatcher a runner and pool, or a placement, not both")
+    if prestart:
+        raise TypeError("prestart= is a LocalPlacement option: pass it to the placement")
     return placement
 
 

@@ -4,11 +4,16 @@ The Dispatcher owns policy (retries, events, the concurrency cap, the record); a
 placement only runs one attempt, as an httpx transport only sends one request.
 `LocalPlacement` runs it through a Runner on GPUs from this host's pool; the Ray
 backend (`llem_dispatch.cluster`) places it on a cluster's nodes.
+
+With `prestart`, a local attempt that finds its GPUs busy is promised the GPUs
+of a running lease of its size, starts its container at once held at a gate,
+and has the gate opened when those GPUs are free and cooled down: the GPU idles
+for the gate, not for a container start.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import anyio
@@ -17,7 +22,7 @@ from llem_dispatch.dispatch.records import GpuAtStart, RecordDraft
 from llem_dispatch.gpu import GpuLease, GpuPool
 from llem_dispatch.gpu.discovery import nvml_thermal
 from llem_dispatch.models import HashedConfig
-from llem_dispatch.runners.protocol import Outcome, RunInfo, Runner
+from llem_dispatch.runners.protocol import GatedRunner, Outcome, RunInfo, Runner, utcnow
 
 __all__ = ["LocalPlacement", "Placement"]
 
@@ -62,6 +67,8 @@ class _LeaseObserver:
         self._draft = draft
         self._on_started = on_started
         self.started_mono: float | None = None
+        #: When the GPUs were last released before this run got them (known ones).
+        self.released: list[float] = []
 
     def on_started(self, info: RunInfo) -> None:
         self.started_mono = anyio.current_time()
@@ -83,21 +90,28 @@ class _LeaseObserver:
 class LocalPlacement:
     """This host: GPUs leased from `pool`, each attempt run by `runner`.
 
-    Closing the placement closes its runner.
+    With `prestart` and a runner that speaks the gate (`function:` runs), an
+    attempt whose GPUs are busy starts before they free, held at its gate (see
+    the module's docstring); otherwise `prestart` changes nothing. Closing the
+    placement closes its runner.
     """
 
-    def __init__(self, runner: Runner, pool: GpuPool | None = None) -> None:
+    def __init__(
+        self, runner: Runner, pool: GpuPool | None = None, *, prestart: bool = False
+    ) -> None:
         self.runner = runner
         self.pool = pool if pool is not None else GpuPool([])
         self.runner_type: str | None = getattr(runner, "runner_type", None)
+        #: Whether attempts are prestarted (asked for, and the runner speaks the gate).
+        self.prestart = prestart and isinstance(runner, GatedRunner) and runner.speaks_gate
 
     def check_request(self, gpus: int) -> None:
         """Raise `GpuRequestError` for more GPUs than the pool has."""
         self.pool.check_request(gpus)
 
     def parallelism(self) -> int:
-        """The pool's size, and at least 8 (GPU-less experiments share the host)."""
-        return max(self.pool.size, 8)
+        """The pool's size (twice it with prestart), and at least 8 (GPU-less ones share)."""
+        return max(self.pool.size * (2 if self.prestart else 1), 8)
 
     async def attempt(
         self,
@@ -106,18 +120,49 @@ class LocalPlacement:
         draft: RecordDraft,
         on_started: Callable[[], None],
     ) -> Outcome:
-        """Lease `gpus` GPUs, run the config on them, record the hand-off gap."""
-        async with self.pool.acquire(gpus) as lease:
-            self._describe(lease, draft)
-            released = [self.pool.last_released(i) for i in lease]
+        """Lease `gpus` GPUs, run the config on them, record the hand-off gap.
+
+        A prestarted attempt runs on a promise of busy GPUs, held at its gate
+        until `wait_ready` says they are its own.
+        """
+        async with self.pool.acquire(gpus, early=self.prestart) as lease:
             observer = _LeaseObserver(lease, draft, on_started)
-            try:
+            if not lease.pending:
+                self._hand_on(lease, draft, observer)
+                return await self._run(config, lease, draft, observer, None)
+            draft.prestarted = True
+            draft.gpu_ids = list(lease)
+
+            async def gate() -> None:
+                await lease.wait_ready()
+                self._hand_on(lease, draft, observer)
+                draft.gate_opened_at = utcnow()
+
+            return await self._run(config, lease, draft, observer, gate)
+
+    async def _run(
+        self,
+        config: HashedConfig,
+        lease: GpuLease,
+        draft: RecordDraft,
+        observer: _LeaseObserver,
+        gate: Callable[[], Awaitable[None]] | None,
+    ) -> Outcome:
+        try:
+            if gate is None:
                 return await self.runner.run(config, gpus=tuple(lease), observer=observer)
-            finally:
-                known = [t for t in released if t is not None]
-                if known and observer.started_mono is not None:
-                    # From the GPUs' last release to this run's start on them.
-                    draft.handoff_gap_s = max(0.0, observer.started_mono - max(known))
+            assert isinstance(self.runner, GatedRunner)
+            return await self.runner.run(config, gpus=tuple(lease), observer=observer, gate=gate)
+        finally:
+            if observer.released and observer.started_mono is not None:
+                # From the GPUs' last release to this run's start (its gate) on them.
+                draft.handoff_gap_s = max(0.0, observer.started_mono - max(observer.released))
+
+    def _hand_on(self, lease: GpuLease, draft: RecordDraft, observer: _LeaseObserver) -> None:
+        """The GPUs are the attempt's now: describe them, note when they were released."""
+        self._describe(lease, draft)
+        known = (self.pool.last_released(i) for i in lease)
+        observer.released = [t for t in known if t is not None]
 
     def _describe(self, lease: GpuLease, draft: RecordDraft) -> None:
         """Which GPUs the attempt got: ids, UUIDs, model, and their state at hand-on."""

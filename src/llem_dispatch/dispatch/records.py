@@ -125,6 +125,14 @@ class RunRecord(BaseModel):
         default_factory=list,
         description="Per GPU: UUID, model, temperature and power at start, settle wait.",
     )
+    prestarted: bool = Field(
+        default=False,
+        description="Started before its GPUs were free, held at a gate until they were.",
+    )
+    gate_opened_at: datetime | None = Field(
+        default=None,
+        description="Prestarted runs: when the gate opened (the measured window's start).",
+    )
     tags: dict[str, Any] = Field(default_factory=dict)
     node: NodeInfo | None = Field(
         default=None,
@@ -176,6 +184,8 @@ class RecordDraft:
     gpu_uuids: list[str] = field(default_factory=list)
     gpu_name: str | None = None
     gpus_at_start: list[GpuAtStart] = field(default_factory=list)
+    prestarted: bool = False
+    gate_opened_at: datetime | None = None
     node: NodeInfo | None = None
     outcome: Any = None
     exception: BaseException | None = None

@@ -1,7 +1,10 @@
 """The GPU pool: which device ids exist, and who may use which of them when.
 
 Hands each experiment k distinct ids, keeps a cooldown gap per GPU, and queues
-requests FIFO with bounded backfill so multi-GPU jobs never starve.
+requests FIFO with bounded backfill so multi-GPU jobs never starve. An `early`
+request may instead be promised the ids of a running lease of its size (its
+successor), so it can start up before they free; it may use them only once
+`GpuLease.wait_ready()` returns (released, cooled down, settled).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import itertools
 import math
 import os
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Literal, Self, TypedDict, Unpack
@@ -57,6 +60,11 @@ class GpuLease(tuple[str, ...]):
     _released: bool
     #: With a thermal gate: each id's reading and settle wait as it was handed on.
     settle: dict[str, SettleReport]
+    # A promise (`pending`): how to wait until the ids are ours, and the event
+    # that wakes that wait. A live lease: the pending lease promised its ids next.
+    _ready_wait: Callable[[GpuLease], Awaitable[None]] | None
+    _wake: anyio.Event | None
+    _successor: GpuLease | None
 
     def __new__(
         cls, ids: Iterable[str] = (), *, on_release: Callable[[GpuLease], None] | None = None
@@ -65,12 +73,25 @@ class GpuLease(tuple[str, ...]):
         lease._on_release = on_release
         lease._released = False
         lease.settle = {}
+        lease._ready_wait = None
+        lease._wake = None
+        lease._successor = None
         return lease
 
     @property
     def released(self) -> bool:
         """Whether the ids have gone back to the pool."""
         return self._released
+
+    @property
+    def pending(self) -> bool:
+        """A promise: the ids are still another lease's (or cooling down); see `wait_ready`."""
+        return self._ready_wait is not None
+
+    async def wait_ready(self) -> None:
+        """Until the ids are this lease's to use (at once for a lease that is not pending)."""
+        if self._ready_wait is not None:
+            await self._ready_wait(self)
 
     def release(self) -> None:
         """Give the ids back to the pool now; later calls do nothing."""
@@ -113,6 +134,8 @@ class GpuPoolOptions(TypedDict, total=False):
 class _Request:
     k: int
     holder: str | None
+    #: May be promised a running lease's ids (a pending lease) instead of waiting.
+    early: bool = False
     # Times later requests were granted ahead of this one while it was the head.
     jumps: int = 0
     lease: GpuLease | None = None
@@ -207,6 +230,11 @@ class GpuPool:
         self._memory_blocked_until: dict[str, float] = {}
         self._memory_flagged: set[str] = set()
         self._queue: deque[_Request] = deque()
+        # Granted leases not yet released, oldest first (successors are promised
+        # from these), and the ids promised to a pending lease.
+        self._live: list[GpuLease] = []
+        self._promised: dict[str, GpuLease] = {}
+        self._has_early = False
 
     @classmethod
     def detect(cls, **options: Unpack[GpuPoolOptions]) -> GpuPool:
@@ -279,7 +307,7 @@ class GpuPool:
         )
 
     def acquire(
-        self, k: int, *, holder: str | None = None
+        self, k: int, *, holder: str | None = None, early: bool = False
     ) -> AbstractAsyncContextManager[GpuLease]:
         """Wait for k distinct free, cooled-down ids; hold them for the block.
 
@@ -287,14 +315,23 @@ class GpuPool:
         a wait; k == 0 gives an empty lease at once. `holder` only labels the ids
         in `busy()`. Leaving the block (normally, by an exception or by
         cancellation) releases the lease if it was not released before.
+
+        With `early`, while no k ids are free the request may instead be promised
+        the ids of a running k-id lease (oldest first, one successor each; a
+        promise made past the oldest waiting request counts as a backfill): the
+        lease is then `pending`, and its ids may be used only once
+        `await lease.wait_ready()` has returned. Giving up a pending lease frees
+        the promise, with no cooldown.
         """
         self.check_request(k)
-        return self._lease(k, holder)
+        return self._lease(k, holder, early)
 
     def free_ids(self) -> tuple[str, ...]:
         """Ids that are free and cooled down now, in pool order (for display)."""
         now = anyio.current_time()
-        return tuple(d for d in self.devices if self._is_available(d, now))
+        return tuple(
+            d for d in self.devices if d not in self._promised and self._is_available(d, now)
+        )
 
     def busy(self) -> dict[str, GpuHolding]:
         """Held ids and who holds them since when, in pool order."""
@@ -309,12 +346,13 @@ class GpuPool:
         return self._last_released.get(device_id)
 
     @asynccontextmanager
-    async def _lease(self, k: int, holder: str | None) -> AsyncIterator[GpuLease]:
+    async def _lease(self, k: int, holder: str | None, early: bool) -> AsyncIterator[GpuLease]:
         await anyio.lowlevel.checkpoint_if_cancelled()
         if k == 0:
             lease = GpuLease()
         else:
-            lease = await self._wait_for(_Request(k, holder))
+            self._has_early = self._has_early or early
+            lease = await self._wait_for(_Request(k, holder, early))
         try:
             yield lease
         finally:
@@ -337,7 +375,10 @@ class GpuPool:
                 with anyio.CancelScope(deadline=request.deadline) as timer:
                     await request.event.wait()
                 request.deadline = -math.inf
-                if request.lease is None and timer.cancelled_caught:
+                # A head woken by its event (made head, or an earlier deadline) may
+                # run after that deadline has passed, which `_next_deadline` no
+                # longer counts: it looks now rather than sleep with no deadline.
+                if request.lease is None and (timer.cancelled_caught or self._queue[0] is request):
                     self._dispatch()
             # Granted, but the caller may have been cancelled meanwhile: then the
             # ids go back unused (no cooldown) instead of starting its work.
@@ -366,7 +407,7 @@ class GpuPool:
 
     def _candidates(self, now: float) -> list[str]:
         # Longest-free first spreads the heat; never-used ids tie, lowest first.
-        free = [d for d in self.devices if self._is_available(d, now)]
+        free = [d for d in self.devices if d not in self._promised and self._is_available(d, now)]
         free.sort(key=lambda d: (self._last_released.get(d, _NEVER), self._position[d]))
         return free
 
@@ -419,7 +460,92 @@ class GpuPool:
             for request, taken in backfilled:
                 self._queue.remove(request)
                 self._grant(request, taken, now)
+        if self._has_early and self._queue:
+            self._promise_successors()
         self._arm_timer()
+
+    def _promise_successors(self) -> None:
+        """Promise running leases' ids to early requests of their size, FIFO, bounded."""
+        open_leases = [lease for lease in self._live if lease._successor is None]
+        head = self._queue[0]
+        promised: list[tuple[_Request, GpuLease]] = []
+        for request in self._queue:
+            if not open_leases or (request is not head and head.jumps >= self.max_backfill):
+                break
+            if not request.early:
+                continue
+            lease = next((o for o in open_leases if len(o) == request.k), None)
+            if lease is None:
+                continue
+            open_leases.remove(lease)
+            if request is not head:
+                head.jumps += 1
+            promised.append((request, lease))
+        for request, predecessor in promised:
+            self._queue.remove(request)
+            lease = GpuLease(predecessor, on_release=self._release)
+            lease._ready_wait = self._wait_ready
+            predecessor._successor = lease
+            for d in lease:
+                self._promised[d] = lease
+            request.lease = lease
+            request.wake()
+
+    async def _wait_ready(self, lease: GpuLease) -> None:
+        """Until a promise's ids are released, cooled down, settled and not in use."""
+        while lease._ready_wait is not None:
+            now = anyio.current_time()
+            if all(self._is_available(d, now) for d in lease) and all(
+                self._memory_ok(d, now) for d in lease
+            ):
+                self._activate(lease, now)
+                return
+            lease._wake = anyio.Event()
+            with anyio.CancelScope(deadline=self._ready_deadline(lease, now)):
+                await lease._wake.wait()
+
+    def _ready_deadline(self, lease: GpuLease, now: float) -> float:
+        """When a promise should look again: never before its predecessor's release."""
+        if any(d in self._held for d in lease):
+            return math.inf
+        times = [
+            t
+            for d in lease
+            for t in (
+                self._last_released.get(d, _NEVER) + self.cooldown_s,
+                self._memory_blocked_until.get(d, _NEVER),
+                self._settle_check(d, now),
+            )
+            if t > now
+        ]
+        return min(times, default=now + self.memory_poll_s)
+
+    def _activate(self, lease: GpuLease, now: float) -> None:
+        """A promise's ids become its own: held from now on, like a grant."""
+        lease._ready_wait = None
+        holding = GpuHolding(tuple(lease), now, None)
+        for d in lease:
+            del self._promised[d]
+            self._held[d] = holding
+        if self._gate is not None:
+            lease.settle = {
+                d: self._gate.hand_on(d, self._last_released.get(d), now) for d in lease
+            }
+        self._live.append(lease)
+        self._dispatch()
+
+    def _abandon(self, lease: GpuLease) -> None:
+        """A promise given up before it was ready: its ids are as they were, no cooldown."""
+        lease._ready_wait = None
+        for d in lease:
+            if self._promised.get(d) is lease:
+                del self._promised[d]
+        for live in self._live:
+            if live._successor is lease:
+                live._successor = None
+        if lease._wake is not None:
+            lease._wake.set()
+        self._dispatch()
 
     def _arm_timer(self) -> None:
         """Make sure the head wakes by the next cooldown end or memory re-check.
@@ -458,24 +584,38 @@ class GpuPool:
         holding = GpuHolding(tuple(ids), now, request.holder)
         for d in ids:
             self._held[d] = holding
+        self._live.append(lease)
         request.lease = lease
         request.wake()
 
     def _release(self, lease: GpuLease) -> None:
+        if lease._ready_wait is not None:
+            self._abandon(lease)
+            return
         now = anyio.current_time()
         for d in lease:
             del self._held[d]
             self._last_released[d] = now
             if self._gate is not None:
                 self._gate.released(d)
+        self._live.remove(lease)
+        successor = lease._successor
+        if successor is not None and successor._wake is not None:
+            successor._wake.set()
         self._dispatch()
 
     def _revoke(self, lease: GpuLease) -> None:
         # Never used, so no cooldown: the ids are as free as before the grant.
         lease._on_release = None
         lease.release()
+        if lease._ready_wait is not None:
+            self._abandon(lease)
+            return
         for d in lease:
             del self._held[d]
+        self._live.remove(lease)
+        if lease._successor is not None and lease._successor._wake is not None:
+            lease._successor._wake.set()
         self._dispatch()
 
     def _memory_ok(self, device_id: str, now: float) -> bool:

@@ -7,11 +7,12 @@ from llem_dispatch.runners._lifecycle import (
 )
 from llem_dispatch.runners.docker import DockerRunner
 from llem_dispatch.runners.local import LocalRunner
-from llem_dispatch.runners.protocol import Outcome, RunInfo, Runner, RunObserver
+from llem_dispatch.runners.protocol import GatedRunner, Outcome, RunInfo, Runner, RunObserver
 from llem_dispatch.runners.routing import RoutingRunner
 
 __all__ = [
     "DockerRunner",
+    "GatedRunner",
     "LocalRunner",
     "Outcome",
     "RoutingRunner",

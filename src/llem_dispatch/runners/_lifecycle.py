@@ -50,6 +50,7 @@ __all__ = [
     "KILL_WAIT_S",
     "LOG_DRAIN_S",
     "ExitStatus",
+    "Gate",
     "KilledFor",
     "Pump",
     "Run",
@@ -305,6 +306,8 @@ def helper_script() -> Path:
 # -- the shared lifecycle ----------------------------------------------------------------
 
 Pump: TypeAlias = Callable[[], Awaitable[None]]
+#: Awaited after start-up, before the experiment may touch its GPUs (prestart).
+Gate: TypeAlias = Callable[[], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,9 +417,12 @@ async def run_lifecycle(
     *,
     gpus: Sequence[str] | None,
     observer: RunObserver | None,
+    gate: Gate | None = None,
 ) -> Outcome:
     """Run one experiment through `backend`; return its validated result or failure.
 
+    With `gate` (prestart), the experiment is started held at its gate, and
+    opened once `gate()` returns: its start, timeout and observer count from there.
     The exchange dir is removed after a success only; a clean-up error is a
     warning and never changes the outcome.
     """
@@ -428,11 +434,14 @@ async def run_lifecycle(
     await backend.prepare()
     run = _open_run(settings, backend, config_hash, tuple(str(g) for g in gpus or ()))
     run.deadline = deadline
+    run.exchange.gated = gate is not None
     succeeded = False
     try:
         run.exchange.write_config(data)
         run.exchange.write_secrets(collect_secrets(settings.secret_env))
         await _start(settings, backend, run)
+        if gate is not None:
+            await _pass_gate(settings, backend, run, gate)
         run.capture = LogCapture(run.exchange.log_path)
         error = await _supervise(settings, backend, run, run.capture, observer)
         if error is not None:
@@ -477,6 +486,27 @@ async def _start(settings: RunSettings, backend: RunBackend, run: Run) -> None:
             "(the Docker daemon is slow or stuck)",
             **run.context,
         )
+
+
+async def _pass_gate(settings: RunSettings, backend: RunBackend, run: Run, gate: Gate) -> None:
+    """Hold the started experiment until `gate()` returns, then open its gate.
+
+    Meanwhile it does its CPU-side start-up. If it exits first (an import
+    error), the gate stays shut and its exit is supervised as usual. The
+    experiment's timeout counts from here.
+    """
+    async with anyio.create_task_group() as watch:
+
+        async def exited_early() -> None:
+            await backend.wait(run)
+            run.bound.info(f"{backend.noun}_exited_at_gate")
+            watch.cancel_scope.cancel()
+
+        watch.start_soon(exited_early)
+        await gate()
+        run.exchange.open_gate()
+        watch.cancel_scope.cancel()
+    run.deadline = anyio.current_time() + (settings.timeout or math.inf)
 
 
 def _open_run(

@@ -46,6 +46,7 @@ from llem_dispatch.runners._lifecycle import (
     FORCE_KILL,
     LOG_DRAIN_S,
     ExitStatus,
+    Gate,
     Pump,
     Run,
     check_run_options,
@@ -345,19 +346,29 @@ class DockerRunner:
 
     # -- run -----------------------------------------------------------------------
 
+    @property
+    def speaks_gate(self) -> bool:
+        """Whether runs can be held at a gate: `function:` runs (the helper waits)."""
+        return self.function is not None
+
     async def run(
         self,
         config: BaseModel | Mapping[str, Any],
         *,
         gpus: Sequence[str] | None = None,
         observer: RunObserver | None = None,
+        gate: Gate | None = None,
     ) -> Outcome:
         """Run one experiment; return its validated result or `ExperimentFailure`.
 
         Raises `DockerError` subclasses for infrastructure failures and `ResultError`
         for unusable result files. Cancelling the caller kills and removes the container.
+        With `gate` (only when `speaks_gate`), the container starts held at its gate
+        and is let go once `gate()` returns (prestart).
         """
-        return await run_lifecycle(self, _ContainerRun(self), config, gpus=gpus, observer=observer)
+        return await run_lifecycle(
+            self, _ContainerRun(self), config, gpus=gpus, observer=observer, gate=gate
+        )
 
     async def _remove(self, container: Any, bound: Any, *, by: float = math.inf) -> None:
         """Force-remove the container; shielded from cancellation and bounded.

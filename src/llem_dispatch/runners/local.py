@@ -30,6 +30,7 @@ from llem_dispatch.runners._lifecycle import (
     FORCE_KILL,
     KILL_WAIT_S,
     ExitStatus,
+    Gate,
     Pump,
     Run,
     check_run_options,
@@ -120,15 +121,23 @@ class LocalRunner:
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
+    @property
+    def speaks_gate(self) -> bool:
+        """Whether runs can be held at a gate: `function:` runs (the helper waits)."""
+        return self.function is not None
+
     async def run(
         self,
         config: BaseModel | Mapping[str, Any],
         *,
         gpus: Sequence[str] | None = None,
         observer: RunObserver | None = None,
+        gate: Gate | None = None,
     ) -> Outcome:
-        """Run one experiment as a subprocess; same outcomes and errors as DockerRunner."""
-        return await run_lifecycle(self, _ProcessRun(self), config, gpus=gpus, observer=observer)
+        """Run one experiment as a subprocess; same outcomes, errors and gate as DockerRunner."""
+        return await run_lifecycle(
+            self, _ProcessRun(self), config, gpus=gpus, observer=observer, gate=gate
+        )
 
 
 class _ProcessRun:

@@ -6,7 +6,7 @@ everything about GPUs, concurrency, retries and journals lives above it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeAlias, runtime_checkable
@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from llem_dispatch.models import ExperimentFailure
 
-__all__ = ["Outcome", "RunInfo", "RunObserver", "Runner", "utcnow"]
+__all__ = ["GatedRunner", "Outcome", "RunInfo", "RunObserver", "Runner", "utcnow"]
 
 Outcome: TypeAlias = BaseModel | ExperimentFailure
 
@@ -72,3 +72,24 @@ class Runner(Protocol):
     ) -> Outcome: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class GatedRunner(Runner, Protocol):
+    """A Runner that can start a run held at a gate (prestart), when `speaks_gate`.
+
+    Such a run does its start-up (imports, config) at once, but does not touch
+    its GPUs until `gate()` has returned; its timeout counts from there.
+    """
+
+    @property
+    def speaks_gate(self) -> bool: ...
+
+    async def run(
+        self,
+        config: BaseModel | Mapping[str, Any],
+        *,
+        gpus: Sequence[str] | None = None,
+        observer: RunObserver | None = None,
+        gate: Callable[[], Awaitable[None]] | None = None,
+    ) -> Outcome: ...

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from pydantic import BaseModel
 
 from llem_dispatch.errors import ConfigError
-from llem_dispatch.runners.protocol import Outcome, Runner, RunObserver
+from llem_dispatch.runners.protocol import GatedRunner, Outcome, Runner, RunObserver
 
 __all__ = ["RoutingRunner"]
 
@@ -28,6 +28,7 @@ class RoutingRunner:
         *,
         gpus: Any = None,
         observer: RunObserver | None = None,
+        gate: Callable[[], Awaitable[None]] | None = None,
     ) -> Outcome:
         data = config.model_dump() if isinstance(config, BaseModel) else dict(config)
         backend = str(data.get(self.field_name))
@@ -38,7 +39,18 @@ class RoutingRunner:
                 fix_suggestion=f"Add images.{backend} to the study or set "
                 f"LLEM_IMAGE_{backend.upper()}.",
             )
-        return await runner.run(config, gpus=gpus, observer=observer)
+        if gate is None:
+            return await runner.run(config, gpus=gpus, observer=observer)
+        if not isinstance(runner, GatedRunner):
+            raise TypeError(f"the runner for {backend!r} cannot hold a run at a gate")
+        return await runner.run(config, gpus=gpus, observer=observer, gate=gate)
+
+    @property
+    def speaks_gate(self) -> bool:
+        """Whether every backend's runner can hold its runs at a gate."""
+        return bool(self.runners) and all(
+            isinstance(r, GatedRunner) and r.speaks_gate for r in self.runners.values()
+        )
 
     async def aclose(self) -> None:
         for runner in self.runners.values():
