@@ -413,7 +413,7 @@ async def _place_locally(
             exchange_base=results.exchange,
         )
         await check_function_importable(study, spec, experiments)
-    dispatcher = Dispatcher(runner, pool=pool, **dispatch)
+    dispatcher = Dispatcher(runner, pool=pool, prestart=study.prestart, **dispatch)
     name = spec.kind if spec else (dispatcher.runner_type or "custom")
     deadlines = ApiDeadlines(**study.docker_deadlines)
 
@@ -449,6 +449,12 @@ async def _place_on_cluster(
             "study_gpus_ignored_on_cluster",
             message="`gpus:`/`virtual_gpus:` choose GPUs of one host; on a Ray cluster, "
             "Ray assigns each node's GPUs (set them with `ray start --num-gpus N`).",
+        )
+    if study.prestart:
+        log.warning(
+            "study_prestart_ignored_on_cluster",
+            message="`prestart:` holds containers at a gate on this host's GPU pool; "
+            "a Ray cluster's placements start each experiment when its GPUs are free.",
         )
     # Shipped to every attempt: one experiment per backend, not the whole study.
     per_backend = {str(e.config.get(study.image_field)): e for e in experiments}

@@ -229,11 +229,19 @@ class Study(BaseModel):
         ge=0,
         description="Per-GPU cooldown between experiments (thermal settling), seconds.",
     )
+    prestart: bool = Field(
+        default=False,
+        description="Warm hand-off (`function:` studies, local GPUs): start the next "
+        "experiment's container while its GPUs are still busy and hold it at a gate "
+        "(LLEM_GO_PATH) until they are free and cooled down; its CPU start-up runs beside "
+        "the current experiment. Its timeout counts from the gate. Off by default.",
+    )
     cycle_gap_s: float = Field(default=0.0, ge=0, description="Pause between cycles, seconds.")
     timeout_s: float | None = Field(
         default=None,
         gt=0,
-        description="Kill and raise DockerTimeoutError after this many seconds.",
+        description="Kill and raise DockerTimeoutError after this many seconds "
+        "(from the gate, for a prestarted run).",
     )
     silence_timeout_s: float | None = Field(
         default=None,
