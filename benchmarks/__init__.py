@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, str] = {
     "handoff_gap": "benchmarks.handoff_gap",
     "log_flood": "benchmarks.log_flood",
     "cluster_overhead": "benchmarks.cluster_overhead",
+    "slow_start": "benchmarks.slow_start",
 }
 
 

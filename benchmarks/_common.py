@@ -27,6 +27,7 @@ __all__ = [
     "LABEL_FILTER",
     "NOOP_CMD",
     "NOOP_SCRIPT",
+    "PYTHON_IMAGE",
     "REPO_ROOT",
     "BenchmarkError",
     "Context",
@@ -50,6 +51,8 @@ __all__ = [
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 IMAGE = os.environ.get("LLEM_BENCH_IMAGE", "llem-test/busybox:latest")
+#: An image with python3, for `function:` runs (the helper, prestart's gate).
+PYTHON_IMAGE = os.environ.get("LLEM_BENCH_PYTHON_IMAGE", "llem-test/python:bookworm")
 LABEL_KEY = "llem.bench"
 LABELS: dict[str, str] = {LABEL_KEY: "1"}
 LABEL_FILTER = f"label={LABEL_KEY}=1"

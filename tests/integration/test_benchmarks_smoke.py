@@ -21,6 +21,7 @@ BENCHMARKS = (
     "handoff_gap",
     "log_flood",
     "cluster_overhead",
+    "slow_start",
 )
 BENCH_LABEL = "label=llem.bench=1"
 

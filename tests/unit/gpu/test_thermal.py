@@ -252,3 +252,35 @@ def test_pool_a_gpu_calm_early_goes_on_at_min_s_not_min_plus_hold() -> None:
 
     # Calm from 1 s on, sampled while waiting: by 5 s it has been calm for 4 s.
     assert run_mock(main) == pytest.approx(5.0)
+
+
+def test_pool_opens_a_prestarted_gate_only_once_its_gpu_settled() -> None:
+    gpu = CoolingGpu(cool_s=12)
+    pool = _pool(gpu)
+
+    async def main() -> tuple[float, Any]:
+        async with anyio.create_task_group() as tg:
+            result: list[tuple[float, Any]] = []
+            freed: list[float] = []
+
+            async def first() -> None:
+                async with pool.acquire(1):
+                    await anyio.sleep(30)
+                    gpu.heat_until_freed_at(anyio.current_time())
+                freed.append(anyio.current_time())
+
+            async def successor() -> None:
+                async with pool.acquire(1, early=True) as lease:
+                    assert lease.pending
+                    await lease.wait_ready()
+                    result.append((anyio.current_time() - freed[0], lease.settle["0"]))
+
+            tg.start_soon(first)
+            await anyio.sleep(1)
+            tg.start_soon(successor)
+        return result[0]
+
+    waited, report = run_mock(main)
+    # As for a plain acquire: cools 12 s, then reads calm for 3 s.
+    assert 15.0 <= waited <= 15.5
+    assert report.settled
