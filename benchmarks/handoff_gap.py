@@ -286,7 +286,6 @@ async def run(ctx: Context) -> None:
     ctx.check(
         "median hand-off gap / docker run floor", f"{gap / floor:.3f}", "<= 0.5", gap <= floor / 2
     )
-    report_prestart(ctx, warm, floor)
     if gap > floor / 2:
         print(
             f"  MISS by {fmt_ms(gap - floor / 2)} ms ({gap / (floor / 2):.2f}x the allowed gap). "
@@ -295,6 +294,7 @@ async def run(ctx: Context) -> None:
             f"start ({fmt_ms(to_start)} ms here) after {fmt_ms(to_create)} ms of release, "
             "acquire, exchange dir and create call. The daemon's start alone is "
             f"{phase['start'] / floor:.0%} of the floor: pre-creating would save only the "
-            "create; meeting the target needs the next container started before the GPU frees."
+            "create; meeting the target needs the next container started before the GPU frees "
+            "(prestart, below: `function:` runs only)."
         )
     report_prestart(ctx, warm, floor)
