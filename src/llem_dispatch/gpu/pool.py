@@ -235,6 +235,8 @@ class GpuPool:
         self._live: list[GpuLease] = []
         self._promised: dict[str, GpuLease] = {}
         self._has_early = False
+        # When `_dispatch` last looked (`_next_deadline` counts only later moments).
+        self._looked_at = -math.inf
 
     @classmethod
     def detect(cls, **options: Unpack[GpuPoolOptions]) -> GpuPool:
@@ -375,10 +377,7 @@ class GpuPool:
                 with anyio.CancelScope(deadline=request.deadline) as timer:
                     await request.event.wait()
                 request.deadline = -math.inf
-                # A head woken by its event (made head, or an earlier deadline) may
-                # run after that deadline has passed, which `_next_deadline` no
-                # longer counts: it looks now rather than sleep with no deadline.
-                if request.lease is None and (timer.cancelled_caught or self._queue[0] is request):
+                if request.lease is None and timer.cancelled_caught:
                     self._dispatch()
             # Granted, but the caller may have been cancelled meanwhile: then the
             # ids go back unused (no cooldown) instead of starting its work.
@@ -412,6 +411,12 @@ class GpuPool:
         return free
 
     def _next_deadline(self) -> float:
+        """The next cooldown end, memory re-check or settle sample the last look missed.
+
+        A moment already past counts while no `_dispatch` has looked since: the
+        clock moves between a look and this call, and a head woken late must
+        look at once rather than sleep with no deadline.
+        """
         now = anyio.current_time()
         times = [
             t
@@ -422,7 +427,7 @@ class GpuPool:
                 self._memory_blocked_until.get(d, _NEVER),
                 self._settle_check(d, now),
             )
-            if t > now
+            if t > self._looked_at
         ]
         return min(times, default=math.inf)
 
@@ -436,7 +441,7 @@ class GpuPool:
 
     def _dispatch(self) -> None:
         """Grant what can be granted now: the head first, then bounded backfill."""
-        now = anyio.current_time()
+        now = self._looked_at = anyio.current_time()
         free = self._candidates(now)
         while self._queue and free:
             head = self._queue[0]
