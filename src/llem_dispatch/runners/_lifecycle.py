@@ -493,19 +493,26 @@ async def _pass_gate(settings: RunSettings, backend: RunBackend, run: Run, gate:
 
     Meanwhile it does its CPU-side start-up. If it exits first (an import
     error), the gate stays shut and its exit is supervised as usual. The
-    experiment's timeout counts from here.
+    experiment's timeout counts from here. Errors leave the task group
+    unwrapped, as the `LlemError` they are.
     """
+    errors: list[LlemError] = []
     async with anyio.create_task_group() as watch:
 
         async def exited_early() -> None:
-            await backend.wait(run)
-            run.bound.info(f"{backend.noun}_exited_at_gate")
+            try:
+                await backend.wait(run)
+                run.bound.info(f"{backend.noun}_exited_at_gate")
+            except LlemError as exc:
+                errors.append(exc)
             watch.cancel_scope.cancel()
 
         watch.start_soon(exited_early)
         await gate()
         run.exchange.open_gate()
         watch.cancel_scope.cancel()
+    if errors:
+        raise errors[0]
     run.deadline = anyio.current_time() + (settings.timeout or math.inf)
 
 
