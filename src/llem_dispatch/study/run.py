@@ -450,6 +450,12 @@ async def _place_on_cluster(
             message="`gpus:`/`virtual_gpus:` choose GPUs of one host; on a Ray cluster, "
             "Ray assigns each node's GPUs (set them with `ray start --num-gpus N`).",
         )
+    if study.settle is not None:
+        log.warning(
+            "study_settle_ignored_on_cluster",
+            message="The thermal gate (`settle:`) is not applied on Ray nodes yet: each "
+            "node holds its GPUs for `experiment_gap_s` after an experiment instead.",
+        )
     if study.prestart:
         log.warning(
             "study_prestart_ignored_on_cluster",
