@@ -38,6 +38,7 @@ from llem_dispatch.cluster.hosts import (
 from llem_dispatch.cluster.node import RunnerFactory
 from llem_dispatch.cluster.placement import RayPlacement
 from llem_dispatch.dispatch import Dispatcher, Event, RetryPolicy
+from llem_dispatch.gpu import SettleSpec
 from llem_dispatch.models import ExperimentResult
 
 __all__ = ["RayDispatcher", "sweep_orphans"]
@@ -72,6 +73,7 @@ class RayDispatcher(Dispatcher):
         cancel_timeout_s: float = 60.0,
         placement_timeout_s: float = 300.0,
         init_options: Mapping[str, Any] | None = None,
+        settle: SettleSpec | None = None,
     ) -> None:
         placement = RayPlacement(
             runner_factory,
@@ -84,6 +86,7 @@ class RayDispatcher(Dispatcher):
             cancel_timeout_s=cancel_timeout_s,
             placement_timeout_s=placement_timeout_s,
             init_options=init_options,
+            settle=settle,
         )
         super().__init__(
             placement=placement,

@@ -13,7 +13,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -25,7 +25,8 @@ import structlog
 from llem_dispatch._docker import docker_available, missing_images
 from llem_dispatch.dispatch import NodeInfo
 from llem_dispatch.errors import ClusterError, LlemError
-from llem_dispatch.gpu.discovery import nvml_inventory
+from llem_dispatch.gpu.discovery import nvml_inventory, nvml_thermal
+from llem_dispatch.gpu.thermal import SettleSpec, ThermalGate
 from llem_dispatch.models import ExperimentFailure, HashedConfig
 from llem_dispatch.reap import reap
 from llem_dispatch.runners.protocol import RunInfo, Runner
@@ -119,9 +120,15 @@ def _node_gpus(ids: tuple[str, ...]) -> tuple[dict[str, str], bool]:
 class _QueueObserver:
     """Passes a run's progress from the node's event loop to the task's thread."""
 
-    def __init__(self, events: queue.Queue[Message], node: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        events: queue.Queue[Message],
+        node: dict[str, Any],
+        at_start: list[dict[str, Any]] | None = None,
+    ) -> None:
         self._events = events
         self._node = node
+        self._at_start = at_start or []
         self.exited_mono: float | None = None
 
     def on_started(self, info: RunInfo) -> None:
@@ -130,6 +137,7 @@ class _QueueObserver:
                 "kind": "started",
                 "node": self._node,
                 "gpu_ids": list(info.gpu_ids),
+                "gpus_at_start": self._at_start,
                 "info": {
                     "runner_type": info.runner_type,
                     "started_at": info.started_at,
@@ -215,6 +223,7 @@ def experiment_task(
     config_hash: str,
     cooldown_s: float,
     driver_host: str,
+    settle: SettleSpec | None = None,
 ) -> Iterator[Message]:
     """The Ray task (a streaming generator): run one attempt on this node."""
     ray = require_ray()
@@ -223,13 +232,74 @@ def experiment_task(
     uuids, virtual = _node_gpus(ids)
     context = NodeContext(node, ids, uuids, virtual, node.hostname == driver_host)
     events: queue.Queue[Message] = queue.Queue()
-    observer = _QueueObserver(events, node.model_dump())
+    at_start = [] if virtual else gpus_at_start(ids, uuids)
+    observer = _QueueObserver(events, node.model_dump(), at_start)
     yield from _relay(factory, context, HashedConfig(config, config_hash), observer, events)
-    # Hold the GPUs (this task's Ray resources) for the cooldown after the exit.
+    # Hold the GPUs (this task's Ray resources) for the cooldown after the exit,
+    # then, with a thermal gate, until they have settled.
     if observer.exited_mono is not None and cooldown_s > 0:
         deadline = observer.exited_mono + cooldown_s
         while (left := deadline - time.monotonic()) > 0:
             time.sleep(min(left, 0.1))
+    if observer.exited_mono is not None and settle is not None and not virtual:
+        settle_after_exit(ids, uuids, settle, observer.exited_mono)
+
+
+#: Idle (temperature, power) per GPU UUID (or id), learnt by this worker process at the
+#: first task that gets the GPU: Ray hands a GPU on only once its holder let it go.
+_IDLE: dict[str, tuple[float, float]] = {}
+
+
+def gpus_at_start(
+    ids: tuple[str, ...],
+    uuids: Mapping[str, str],
+    sensor: Callable[[str], tuple[float, float] | None] = nvml_thermal,
+) -> list[dict[str, Any]]:
+    """Each assigned GPU's id, UUID, temperature and power as the task begins."""
+    found = []
+    for gpu in ids:
+        reading = sensor(uuids.get(gpu, gpu))
+        if reading is not None:
+            _IDLE.setdefault(uuids.get(gpu, gpu), reading)
+        found.append(
+            {
+                "id": gpu,
+                "uuid": uuids.get(gpu),
+                "temperature_c": reading[0] if reading else None,
+                "power_w": reading[1] if reading else None,
+            }
+        )
+    return found
+
+
+def settle_after_exit(
+    ids: tuple[str, ...],
+    uuids: Mapping[str, str],
+    spec: SettleSpec,
+    exited_at: float,
+    *,
+    sensor: Callable[[str], tuple[float, float] | None] = nvml_thermal,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> bool:
+    """Hold this task (and its GPUs) until they have settled, or `max_s` has passed.
+
+    The same rule as the local pool's (`ThermalGate`), on this node's own GPUs;
+    returns whether they settled before `max_s`.
+    """
+    keys = [uuids.get(gpu, gpu) for gpu in ids]
+    baselines = {
+        k: spec.baselines.get(gpu) or _IDLE.get(k) for gpu, k in zip(ids, keys, strict=True)
+    }
+    known = {k: b for k, b in baselines.items() if b is not None}
+    gate = ThermalGate(replace(spec, baselines=known), sensor)
+    for key in keys:
+        gate.released(key)
+    while True:
+        now = clock()
+        if all(gate.ready(key, exited_at, now) for key in keys):
+            return now - exited_at < spec.max_s
+        sleep(spec.sample_s)
 
 
 def sweep_task(

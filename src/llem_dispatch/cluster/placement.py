@@ -27,7 +27,7 @@ from pydantic import BaseModel, ValidationError
 from llem_dispatch import _labels
 from llem_dispatch.cluster.connection import RayConnection, node_resource
 from llem_dispatch.cluster.node import RunnerFactory, remote_task
-from llem_dispatch.dispatch import NodeInfo, RecordDraft
+from llem_dispatch.dispatch import GpuAtStart, NodeInfo, RecordDraft
 from llem_dispatch.errors import (
     ClusterError,
     ClusterNodeLostError,
@@ -35,6 +35,7 @@ from llem_dispatch.errors import (
     LlemError,
     ResultError,
 )
+from llem_dispatch.gpu import SettleSpec
 from llem_dispatch.models import ExperimentFailure, ExperimentResult, HashedConfig
 from llem_dispatch.runners import force_kill_requested, wait_until_forced
 from llem_dispatch.runners.protocol import Outcome
@@ -191,6 +192,8 @@ def _note_started(draft: RecordDraft, message: Mapping[str, Any]) -> None:
     draft.log_path = info["log_path"]
     draft.image = info["image"]
     draft.image_digest = info["image_digest"]
+    draft.gpus_at_start = [GpuAtStart(**g) for g in message.get("gpus_at_start", [])]
+    draft.gpu_uuids = [g.uuid for g in draft.gpus_at_start if g.uuid]
 
 
 class RayPlacement:
@@ -215,12 +218,15 @@ class RayPlacement:
         cancel_timeout_s: float = 60.0,
         placement_timeout_s: float = 300.0,
         init_options: Mapping[str, Any] | None = None,
+        settle: SettleSpec | None = None,
     ) -> None:
         if cooldown_s < 0:
             raise ValueError(f"cooldown_s must be >= 0, got {cooldown_s}")
         self.runner_factory = runner_factory
         self.connection = RayConnection(address, init_options)
         self.cooldown_s = cooldown_s
+        #: The thermal gate, applied by each task on its node's GPUs after the exit.
+        self.settle = settle
         self.result_model = result_model
         self.runner_type = runner_type
         self.num_cpus = num_cpus
@@ -317,6 +323,7 @@ class RayPlacement:
                 config.config_hash,
                 self.cooldown_s,
                 _labels.HOSTNAME,
+                self.settle,
             )
         )
 

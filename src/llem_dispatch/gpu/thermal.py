@@ -25,7 +25,7 @@ log = structlog.get_logger("llem_dispatch.gpu")
 class Sensor(Protocol):
     """Reads one GPU's (temperature in C, power in W), or None when it cannot."""
 
-    def __call__(self, device_id: str) -> tuple[float, float] | None: ...
+    def __call__(self, device_id: str, /) -> tuple[float, float] | None: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,7 +33,7 @@ from llem_dispatch.dispatch import (
 )
 from llem_dispatch.dispatch.fanout import fan_out
 from llem_dispatch.errors import ConfigError
-from llem_dispatch.gpu import GpuPool
+from llem_dispatch.gpu import GpuPool, SettleSpec
 from llem_dispatch.reap import reap
 from llem_dispatch.runners import Runner
 from llem_dispatch.study.plan import expand_study
@@ -450,12 +450,6 @@ async def _place_on_cluster(
             message="`gpus:`/`virtual_gpus:` choose GPUs of one host; on a Ray cluster, "
             "Ray assigns each node's GPUs (set them with `ray start --num-gpus N`).",
         )
-    if study.settle is not None:
-        log.warning(
-            "study_settle_ignored_on_cluster",
-            message="The thermal gate (`settle:`) is not applied on Ray nodes yet: each "
-            "node holds its GPUs for `experiment_gap_s` after an experiment instead.",
-        )
     if study.prestart:
         log.warning(
             "study_prestart_ignored_on_cluster",
@@ -476,6 +470,8 @@ async def _place_on_cluster(
         factory,
         address=address,
         cooldown_s=study.experiment_gap_s,
+        # The thermal gate runs in each task, on its node's own GPUs.
+        settle=SettleSpec(**study.settle.model_dump()) if study.settle else None,
         runner_type=spec.kind,
         **common,
         **{"cancel_timeout_s": study.stop_grace_s + 30, **options},

@@ -1,0 +1,66 @@
+"""The thermal gate as a Ray task applies it on its node's GPUs (fake sensor, fake clock)."""
+
+from __future__ import annotations
+
+import pytest
+
+from llem_dispatch.cluster import node
+from llem_dispatch.cluster.node import gpus_at_start, settle_after_exit
+from llem_dispatch.gpu import SettleSpec
+
+IDLE = (35.0, 70.0)
+HOT = (70.0, 400.0)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture(autouse=True)
+def _fresh_baselines(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(node, "_IDLE", {})
+
+
+def test_task_start_reports_each_gpu_and_learns_its_idle_baseline() -> None:
+    found = gpus_at_start(("0", "1"), {"0": "GPU-a", "1": "GPU-b"}, sensor=lambda d: IDLE)
+    assert found == [
+        {"id": "0", "uuid": "GPU-a", "temperature_c": 35.0, "power_w": 70.0},
+        {"id": "1", "uuid": "GPU-b", "temperature_c": 35.0, "power_w": 70.0},
+    ]
+    assert node._IDLE == {"GPU-a": IDLE, "GPU-b": IDLE}
+
+
+def test_the_task_holds_its_gpus_until_both_have_settled() -> None:
+    clock = Clock()
+    exited = clock.now
+    cool_at = {"GPU-a": exited + 4, "GPU-b": exited + 9}
+    node._IDLE.update({"GPU-a": IDLE, "GPU-b": IDLE})
+
+    def sensor(device: str) -> tuple[float, float]:
+        return IDLE if clock.now >= cool_at[device] else HOT
+
+    spec = SettleSpec(min_s=2, hold_s=3, max_s=60, sample_s=0.5)
+    settled = settle_after_exit(
+        ("0", "1"), {"0": "GPU-a", "1": "GPU-b"}, spec, exited,
+        sensor=sensor, clock=clock, sleep=clock.sleep,
+    )  # fmt: skip
+    assert settled
+    assert clock.now - exited == pytest.approx(12.0, abs=0.6)  # the slower GPU, + hold
+
+
+def test_a_gpu_that_never_settles_is_let_go_at_max_s() -> None:
+    clock = Clock()
+    exited = clock.now
+    spec = SettleSpec(min_s=2, hold_s=3, max_s=20, sample_s=0.5, baselines={"0": IDLE})
+    settled = settle_after_exit(
+        ("0",), {}, spec, exited, sensor=lambda d: HOT, clock=clock, sleep=clock.sleep
+    )
+    assert not settled
+    assert clock.now - exited == pytest.approx(20.0, abs=0.6)
