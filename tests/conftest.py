@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import pty
+import re
+import select
 import shutil
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -275,3 +280,40 @@ async def make_quickstart_results(
         reap_orphans=False,
     )
     return out
+
+
+def run_in_pty(
+    *args: str, timeout: float = 90, columns: int = 110, lines: int = 30
+) -> tuple[int, str]:
+    """Run the CLI on a pseudo-terminal; return its exit code and the text it drew."""
+    primary, secondary = pty.openpty()
+    size = {"COLUMNS": str(columns), "LINES": str(lines), "TERM": "xterm-256color"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llem_dispatch.cli", *args],
+        stdin=secondary,
+        stdout=secondary,
+        stderr=secondary,
+        env={**os.environ, **size},
+    )
+    os.close(secondary)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([primary], [], [], 0.5)
+            if ready:
+                try:
+                    data = os.read(primary, 65536)
+                except OSError:
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(primary)
+        proc.wait(timeout=30)
+    drawn = b"".join(chunks).decode("utf-8", errors="replace")
+    # Colours and cursor moves out: what remains is the text the terminal showed.
+    return proc.returncode, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", drawn)

@@ -19,7 +19,7 @@ import pytest
 from llem_dispatch._docker import engine_version, run_probe, runtimes
 from llem_dispatch._labels import LABEL_SESSION, SESSION_ID
 from llem_dispatch.errors import DockerImagePullError
-from tests.conftest import BUSYBOX_IMAGE, labelled_containers
+from tests.conftest import BUSYBOX_IMAGE, labelled_containers, run_in_pty
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leaked_containers")]
 
@@ -190,40 +190,11 @@ def test_reap_removes_containers_of_a_killed_dispatcher(
 
 
 def test_live_display_under_a_pseudo_terminal(tmp_path: Path, test_labels: dict[str, str]) -> None:
-    import pty
-    import select
-
     study = study_file(tmp_path, test_labels, f"sleep 1; {OK_SCRIPT}", n=4)
-    primary, secondary = pty.openpty()
-    env = {**os.environ, "COLUMNS": "120", "LINES": "40", "TERM": "xterm"}
-    proc = subprocess.Popen(
-        [*CLI, "run", str(study), "--results", str(tmp_path / "out")],
-        stdin=secondary,
-        stdout=secondary,
-        stderr=secondary,
-        env=env,
+    returncode, screen = run_in_pty(
+        "run", str(study), "--results", str(tmp_path / "out"), columns=120, lines=40
     )
-    os.close(secondary)
-    chunks: list[bytes] = []
-    deadline = time.monotonic() + 90
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([primary], [], [], 0.5)
-            if ready:
-                try:
-                    data = os.read(primary, 65536)
-                except OSError:
-                    break
-                if not data:
-                    break
-                chunks.append(data)
-            elif proc.poll() is not None:
-                break
-    finally:
-        os.close(primary)
-        proc.wait(timeout=30)
-    screen = b"".join(chunks).decode("utf-8", errors="replace")
-    assert proc.returncode == 0, screen[-2000:]
+    assert returncode == 0, screen[-2000:]
     assert "GPU 0" in screen
     assert "GPU 1" in screen
     assert "_c1" in screen, "a GPU line named the experiment running on it"

@@ -5,20 +5,14 @@ No Docker needed: the experiments are host subprocesses (`--runner local`).
 
 from __future__ import annotations
 
-import os
-import pty
 import re
-import select
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+from tests.conftest import run_in_pty
 
-CLI = [sys.executable, "-m", "llem_dispatch.cli"]
+pytestmark = pytest.mark.slow
 
 EXPERIMENT = """
 import os, time
@@ -44,37 +38,6 @@ grid:
 """
     )
     return path
-
-
-def run_in_pty(*args: str, timeout: float = 90) -> tuple[int, str]:
-    """Run the CLI on a pseudo-terminal (110x30); return its exit code and all it drew."""
-    primary, secondary = pty.openpty()
-    env = {**os.environ, "COLUMNS": "110", "LINES": "30", "TERM": "xterm-256color"}
-    proc = subprocess.Popen(
-        [*CLI, *args], stdin=secondary, stdout=secondary, stderr=secondary, env=env
-    )
-    os.close(secondary)
-    chunks: list[bytes] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([primary], [], [], 0.5)
-            if ready:
-                try:
-                    data = os.read(primary, 65536)
-                except OSError:
-                    break
-                if not data:
-                    break
-                chunks.append(data)
-            elif proc.poll() is not None:
-                break
-    finally:
-        os.close(primary)
-        proc.wait(timeout=30)
-    drawn = b"".join(chunks).decode("utf-8", errors="replace")
-    # Colours and cursor moves out: what remains is the text the terminal showed.
-    return proc.returncode, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", drawn)
 
 
 def test_live_display_counts_eta_and_resume_reach_the_total(tmp_path: Path) -> None:
