@@ -6,8 +6,9 @@ Owns every call into NVML; the pool asks here and never imports pynvml itself.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -23,18 +24,51 @@ __all__ = [
 
 log = structlog.get_logger("llem_dispatch.gpu")
 
+_T = TypeVar("_T")
+
 
 def nvml_used_memory_mb(device_id: str) -> float | None:
     """Memory in use on a device (index or UUID) in MiB, per NVML; None if unknown."""
-    pynvml = _pynvml()
-    if pynvml is None:
+    return _ask_device(device_id, "memory", lambda nvml, handle: _memory_used(nvml, handle) / 2**20)
+
+
+def nvml_thermal(device_id: str) -> tuple[float, float] | None:
+    """(temperature in C, power in W) of a device, per NVML; None if unknown."""
+
+    def read(nvml: Any, handle: Any) -> tuple[float, float]:
+        temperature = nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)
+        return float(temperature), float(nvml.nvmlDeviceGetPowerUsage(handle)) / 1000.0
+
+    return _ask_device(device_id, "thermal", read)
+
+
+def nvml_processes(device_id: str) -> list[str]:
+    """'pid 1234 (python3, 812 MiB)' for each compute process on a device, per NVML."""
+
+    def read(nvml: Any, handle: Any) -> list[str]:
+        found = []
+        for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            used = getattr(proc, "usedGpuMemory", None)
+            size = f", {int(used) // 2**20} MiB" if isinstance(used, int) else ""
+            found.append(f"pid {proc.pid} ({_process_name(proc.pid)}{size})")
+        return found
+
+    return _ask_device(device_id, "processes", read) or []
+
+
+def _ask_device(device_id: str, what: str, ask: Callable[[Any, Any], _T]) -> _T | None:
+    """One question to NVML about one device; None when NVML cannot answer it.
+
+    An unknown reading is never a failure: it is logged at debug level.
+    """
+    nvml = _pynvml()
+    if nvml is None:
         return None
     try:
         _nvml_init()
-        handle = _handle(pynvml, device_id)
-        return float(_memory_used(pynvml, handle)) / 2**20
-    except Exception as exc:  # noqa: BLE001 - unknown memory is not a reason to stop
-        log.debug("gpu_memory_unknown", device=device_id, error=repr(exc))
+        return ask(nvml, _handle(nvml, device_id))
+    except Exception as exc:  # noqa: BLE001 - unknown is an answer, never a reason to stop
+        log.debug(f"gpu_{what}_unknown", device=device_id, error=repr(exc))
         return None
 
 
@@ -53,40 +87,6 @@ def nvml_names(indices: list[str]) -> dict[str, str]:
     except Exception as exc:  # noqa: BLE001 - a name is a record detail, never a failure
         log.debug("gpu_names_unknown", error=repr(exc))
         return {}
-
-
-def nvml_thermal(device_id: str) -> tuple[float, float] | None:
-    """(temperature in C, power in W) of a device, per NVML; None if unknown."""
-    pynvml = _pynvml()
-    if pynvml is None:
-        return None
-    try:
-        _nvml_init()
-        handle = _handle(pynvml, device_id)
-        temperature = pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)
-        return float(temperature), float(pynvml.nvmlDeviceGetPowerUsage(handle)) / 1000.0
-    except Exception as exc:  # noqa: BLE001 - an unknown reading is not a reason to stop
-        log.debug("gpu_thermal_unknown", device=device_id, error=repr(exc))
-        return None
-
-
-def nvml_processes(device_id: str) -> list[str]:
-    """'pid 1234 (python3, 812 MiB)' for each compute process on a device, per NVML."""
-    pynvml = _pynvml()
-    if pynvml is None:
-        return []
-    try:
-        _nvml_init()
-        handle = _handle(pynvml, device_id)
-        found = []
-        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            used = getattr(proc, "usedGpuMemory", None)
-            size = f", {int(used) // 2**20} MiB" if isinstance(used, int) else ""
-            found.append(f"pid {proc.pid} ({_process_name(proc.pid)}{size})")
-        return found
-    except Exception as exc:  # noqa: BLE001 - who holds it is a hint, never a failure
-        log.debug("gpu_processes_unknown", device=device_id, error=repr(exc))
-        return []
 
 
 def _process_name(pid: int) -> str:
