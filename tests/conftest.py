@@ -117,9 +117,35 @@ def labelled_containers(label: str, *, running_only: bool = False) -> list[str]:
     return proc.stdout.split()
 
 
+#: Where a test not marked `docker` finds "the daemon": nothing. A test that needs a
+#: real daemon without saying so fails here on every machine, instead of passing where
+#: a daemon happens to run and being skipped nowhere.
+UNMARKED_DOCKER_HOST = "unix:///nonexistent/llem-test-not-marked-docker.sock"
+_CALLERS_DOCKER_HOST = pytest.StashKey[str | None]()
+
+
+@pytest.fixture(autouse=True)
+def _docker_only_for_marked_tests(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Point DOCKER_HOST nowhere for tests without the `docker` marker (their
+    subprocesses inherit it); a test that sets its own DOCKER_HOST is unaffected."""
+    if request.node.get_closest_marker("docker") is None:
+        request.node.stash[_CALLERS_DOCKER_HOST] = os.environ.get("DOCKER_HOST")
+        monkeypatch.setenv("DOCKER_HOST", UNMARKED_DOCKER_HOST)
+
+
 def require_docker(request: pytest.FixtureRequest) -> None:
     """For tests parametrized over runners: mark the docker variant, skip or fail as usual."""
     request.applymarker(pytest.mark.docker)
+    if os.environ.get("DOCKER_HOST") == UNMARKED_DOCKER_HOST:
+        # The autouse guard ran before this variant declared itself: undo it
+        # (monkeypatch restores the caller's value at teardown either way).
+        callers = request.node.stash.get(_CALLERS_DOCKER_HOST, None)
+        if callers is None:
+            del os.environ["DOCKER_HOST"]
+        else:
+            os.environ["DOCKER_HOST"] = callers
     problem = docker_problem()
     if problem and os.environ.get("LLEM_REQUIRE_DOCKER") != "1":
         pytest.skip(problem)

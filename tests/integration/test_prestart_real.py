@@ -16,7 +16,7 @@ from llem_dispatch.dispatch import Dispatcher, RunRecord
 from llem_dispatch.gpu import GpuPool
 from tests.conftest import BUSYBOX_IMAGE, PYTHON_IMAGE, labelled_containers
 
-pytestmark = pytest.mark.usefixtures("no_leaked_containers")
+pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leaked_containers")]
 
 STARTUP_S = 1.0
 COOLDOWN_S = 0.1

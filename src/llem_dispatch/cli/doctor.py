@@ -8,6 +8,7 @@ from typing import Annotated
 
 import anyio
 import typer
+from rich.text import Text
 
 from llem_dispatch._docker import (
     docker_available,
@@ -250,13 +251,13 @@ def doctor(
         raise fail_usage(exc.message, exc.fix_suggestion) from exc
     for check in checks:
         mark = (
-            "[green]PASS[/]"
+            ("PASS", "green")
             if check.ok
-            else "[yellow]WARN[/]"
+            else ("WARN", "yellow")
             if check.optional
-            else "[red]FAIL[/]"
+            else ("FAIL", "red")
         )
-        console.print(f"{mark} {check.name}: {check.detail}", markup=True)
+        console.print(Text.assemble(mark, f" {check.name}: {check.detail}"))
         if check.fix:
             console.print(f"     fix: {check.fix}")
     critical = [c for c in checks if not c.ok and not c.optional]

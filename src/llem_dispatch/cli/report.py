@@ -56,6 +56,5 @@ def report(
     size_mb = path.stat().st_size / 1e6
     console.print(
         f"report: {path} ({size_mb:.1f} MB) -> {path.resolve().as_uri()}",
-        markup=False,
         soft_wrap=True,
     )

@@ -84,14 +84,19 @@ def _header(results: StudyResults, selection: Selection, console: Console) -> No
         f", {gpus} {'virtual ' if results.facts.get('virtual_gpus') else ''}GPUs" if gpus else ""
     )
     console.print(
-        f"[bold]{results.name}[/]: {len(results.records)} experiments ({outcome}); {where}"
+        Text.assemble(
+            (results.name, "bold"), f": {len(results.records)} experiments ({outcome}); {where}"
+        )
     )
     if selection.constants:
         same = "  ".join(f"{k}={format_param(v)}" for k, v in selection.constants.items())
-        console.print(f"[dim]same in every experiment:[/] {same}", markup=True)
+        console.print(Text.assemble(("same in every experiment:", "dim"), f" {same}"))
     if selection.unknown:
         console.print(
-            f"[yellow]report columns not found in any result: {', '.join(selection.unknown)}[/]"
+            Text(
+                f"report columns not found in any result: {', '.join(selection.unknown)}",
+                style="yellow",
+            )
         )
 
 

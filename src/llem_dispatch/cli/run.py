@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from llem_dispatch import _logging
 from llem_dispatch._docker import docker_available
@@ -206,8 +207,11 @@ def run(
     summary = _run_with_progress(plan, study_run, console, interactive=interactive, skipped=skipped)
     if summary is None:
         console.print(
-            f"[yellow]interrupted after {time.monotonic() - started:.1f}s; "
-            f"records so far are in {results_dir}; continue with --resume[/]"
+            Text(
+                f"interrupted after {time.monotonic() - started:.1f}s; "
+                f"records so far are in {results_dir}; continue with --resume",
+                style="yellow",
+            )
         )
         raise typer.Exit(EXIT_INTERRUPTED)
     _print_summary(summary, console)
@@ -271,7 +275,7 @@ def _choose_runner_and_build(
                 plan.study,
                 image,
                 study_dir=study_file.parent,
-                output=lambda line: console.print(line, markup=False),
+                output=console.print,
             )
     return spec
 
@@ -294,7 +298,7 @@ def _run_with_progress(
     def on_event(event: Event) -> None:
         line = state.apply(event)
         if line and not interactive:
-            console.print(line, markup=False)
+            console.print(line)
 
     with_events = functools.partial(study_run, on_event=on_event)
     main = functools.partial(_run_until_signalled, with_events, console, plan.study.stop_grace_s)
@@ -338,15 +342,18 @@ async def _watch_signals(study_scope: anyio.CancelScope, console: Console, grace
             count += 1
             if count == 1:
                 console.print(
-                    f"[yellow]{signal.Signals(signum).name}: stopping "
-                    "running experiments (again to force)...[/]"
+                    Text(
+                        f"{signal.Signals(signum).name}: stopping "
+                        "running experiments (again to force)...",
+                        style="yellow",
+                    )
                 )
                 study_scope.cancel()
                 _exit_by(grace_s + EXIT_SLACK_S, console)
             else:
                 # Tells the runners' cancellation cleanup to skip the stop grace period.
                 set_force_kill(True)
-                console.print("[red]forcing: killing containers now[/]")
+                console.print(Text("forcing: killing containers now", style="red"))
 
 
 def _exit_by(seconds: float, console: Console) -> None:
@@ -354,9 +361,12 @@ def _exit_by(seconds: float, console: Console) -> None:
 
     def give_up() -> None:
         console.print(
-            f"[red]clean-up did not finish within {seconds:g}s (the Docker daemon may be "
-            "stuck): exiting now. Records so far are kept; once the daemon answers, run "
-            "`llem-dispatch reap`, then --resume.[/]"
+            Text(
+                f"clean-up did not finish within {seconds:g}s (the Docker daemon may be "
+                "stuck): exiting now. Records so far are kept; once the daemon answers, run "
+                "`llem-dispatch reap`, then --resume.",
+                style="red",
+            )
         )
         os._exit(EXIT_INTERRUPTED)
 
@@ -375,17 +385,21 @@ def _llem_error_in(exc: BaseException) -> LlemError | None:
 def _print_summary(summary: StudySummary, console: Console) -> None:
     """The counts line, then a table of the failed experiments with their fixes."""
     console.print(
-        f"[bold]{summary.name}[/]: {summary.succeeded} succeeded, {summary.failed} failed, "
-        f"{summary.errored} errors, {summary.skipped} skipped (already done) of "
-        f"{summary.total} in {summary.duration_s:.1f}s -> {summary.results_dir}"
+        Text.assemble(
+            (summary.name, "bold"),
+            f": {summary.succeeded} succeeded, {summary.failed} failed, "
+            f"{summary.errored} errors, {summary.skipped} skipped (already done) of "
+            f"{summary.total} in {summary.duration_s:.1f}s -> {summary.results_dir}",
+        )
     )
     if summary.stopped:
         not_run = summary.total - summary.skipped - len(summary.records)
         console.print(
-            f"[bold red]stopped early, {not_run} experiment(s) not run:[/] {summary.stopped}. "
-            "Restart the Docker daemon (`sudo systemctl restart docker`), then run again "
-            "with --resume.",
-            markup=True,
+            Text.assemble(
+                (f"stopped early, {not_run} experiment(s) not run:", "bold red"),
+                f" {summary.stopped}. Restart the Docker daemon "
+                "(`sudo systemctl restart docker`), then run again with --resume.",
+            )
         )
     bad = [r for r in summary.records if not r.ok]
     if not bad:
