@@ -1,10 +1,14 @@
-"""The single entry point for checks: `nox -s tests lint typecheck` (and `bench`)."""
+"""The single entry point for checks: `nox -s tests lint typecheck standalone` (and `bench`)."""
 
 from __future__ import annotations
 
+import glob
+import os
+from pathlib import Path
+
 import nox
 
-nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.sessions = ["tests", "lint", "typecheck", "standalone"]
 nox.options.reuse_existing_virtualenvs = True
 
 PYTHON = ["3.11"]
@@ -37,3 +41,36 @@ def bench(session: nox.Session) -> None:
     """Benchmarks: each prints its table and ratios (`-- --smoke` for a quick pass)."""
     session.install("-e", ".[dev]")
     session.run("python", "-m", "benchmarks", *session.posargs)
+
+
+@nox.session(python=PYTHON, venv_backend="venv")
+def standalone(session: nox.Session) -> None:
+    """The base package alone: its wheel in an empty venv, no extras, no test tools.
+
+    Every module imports (only the extras' own modules may be missing), and
+    `--help`, `doctor` and the README's quickstart on the local runner work.
+    """
+    root = Path(__file__).parent.resolve()
+    wheels = Path(session.create_tmp()) / "wheels"
+    session.run(
+        "python", "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(wheels), str(root)
+    )
+    (wheel,) = glob.glob(str(wheels / "llem_dispatch-*.whl"))
+    session.install("--force-reinstall", wheel)
+    session.run("python", str(root / ".ci" / "standalone_check.py"))
+    session.run("python", "-c", "import llem_dispatch; print(llem_dispatch.__name__, 'imports')")
+    session.run("llem-dispatch", "--help", silent=True)
+    # doctor: exit 0 or 1 (a failed check, e.g. no daemon) but never a crash.
+    session.run("llem-dispatch", "doctor", success_codes=[0, 1])
+    work = Path(session.create_tmp()) / "quickstart"
+    session.chdir(str(root))
+    session.run(
+        "llem-dispatch",
+        "run",
+        "examples/quickstart/study.yaml",
+        "--runner",
+        "local",
+        "--results",
+        str(work),
+        env={"PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "")},
+    )
