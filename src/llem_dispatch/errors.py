@@ -18,7 +18,7 @@ a one-line fix suggestion and the context a user needs to act on it::
         │   └── ExperimentHangError       no output for longer than the silence limit
         ├── ExperimentOOMError            killed by the kernel's OOM killer
         ├── ExperimentExitError           non-zero exit, or exit 0 without a result
-        ├── EnginePermissionError         the engine (daemon, service) refused us
+        ├── EnginePermissionError         the engine (socket, service) refused us
         ├── EngineUnavailableError        the engine is not running / unreachable (retried)
         │   └── EngineHungError           it answers, but one call never returns (retried)
         └── DockerError                   the Docker runner's failures, each below its
@@ -342,7 +342,7 @@ class ExperimentExitError(RunnerError):
 
 
 class EnginePermissionError(RunnerError):
-    """The engine that runs experiments (a daemon, a service) refused us access."""
+    """The engine that runs experiments refused us access (its socket or service)."""
 
     default_fix = "Get access to the engine's socket or service, or use another runner."
 
