@@ -180,7 +180,8 @@ class _ProcessRun:
                 f"cannot start {runner.command[0]!r}: {exc.strerror}",
                 fix_suggestion="Check the study's command / function and that the "
                 "program exists on this host and may be run by this user.",
-                **run.context,
+                # Nothing ran, so no log was written: point at none.
+                **{k: v for k, v in run.context.items() if k != "log_path"},
             ) from exc
         run.info.process_id = self.process.pid
         run.bind(pid=self.process.pid)

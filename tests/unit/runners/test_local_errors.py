@@ -94,6 +94,7 @@ async def test_a_program_that_cannot_start_is_a_start_error(tmp_path: Path, make
     assert f"cannot start {str(program)!r}" in error.message
     assert "exists on this host" in error.fix_suggestion
     assert error.exchange_dir is not None
+    assert error.log_path is None, "nothing ran, so there is no log to point at"
     assert_neutral(error, logs)
 
 
