@@ -64,6 +64,7 @@ from llem_dispatch.runners._lifecycle import DEFAULT_SECRET_ENV, run_lifecycle
 from llem_dispatch.runners.protocol import Outcome, RunObserver
 
 __all__ = [
+    "DOCKER_ERRORS",
     "HELPER_CONTAINER_PATH",
     "LOG_DRAIN_S",
     "SOURCE_CONTAINER_PATH",
