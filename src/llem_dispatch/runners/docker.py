@@ -78,7 +78,6 @@ HELPER_CONTAINER_PATH = "/opt/llem/llem_container.py"
 PENDING_RETRY_S = 5.0
 #: Where `source_dir` is mounted (read-only) and put on PYTHONPATH.
 SOURCE_CONTAINER_PATH = "/opt/llem/src"
-#: The bound on each Docker call made while cleaning up (kill, remove, a shielded create).
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.I)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 

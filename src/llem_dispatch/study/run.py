@@ -155,8 +155,8 @@ def _journal_start(
 class _StudyRun:
     """Every experiment through the placement, cycle by cycle; a record as each ends.
 
-    When the engine (the Docker daemon) stays hung past the retry budget, `stopped`
-    says why and the rest is left for --resume.
+    When the Docker daemon stays hung past the retry budget, `stopped` says why and
+    the rest is left for --resume.
     """
 
     def __init__(
@@ -242,6 +242,7 @@ class _StudyRun:
         # validated outcome object beside its JSON form.
         self.records.append(record.model_copy(update={"outcome": None, "exception": None}))
         self.in_flight.discard(exp.key)
+        # A class check (any engine's hang), on the exception the record was made from.
         hung = isinstance(record.exception, EngineHungError)
         if hung and record.error is not None and self.stopped is None:
             self._stop(f"{record.error.message} (experiment {exp.key})", record)
