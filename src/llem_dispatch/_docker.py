@@ -366,9 +366,11 @@ def translate_api_error(exc: BaseException, *, image: str, phase: str, **context
             return DockerGPUAccessError(
                 f"the daemon cannot give GPUs to containers: {message}", **context
             )
-        error = DockerError(f"Docker API error at {phase} (HTTP {status}): {message}", **context)
-        error.transient = status >= 500
-        return error
+        return DockerError(
+            f"Docker API error at {phase} (HTTP {status}): {message}",
+            transient=status >= 500,
+            **context,
+        )
     if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ClientOSError | OSError):
         return _connection_error(exc, phase, context)
     if isinstance(exc, aiohttp.ClientError | ConnectionError):

@@ -10,16 +10,37 @@ a one-line fix suggestion and the context a user needs to act on it::
     ├── GpuRequestError                   more GPUs asked for than the pool has
     ├── ClusterError                      the Ray cluster could not run an experiment
     │   └── ClusterNodeLostError          its node or worker died mid-run (retried)
-    └── DockerError                       anything that went wrong running a container
-        ├── DockerImagePullError          image missing locally and not pullable
-        ├── DockerGPUAccessError          no NVIDIA runtime / device not selectable
-        ├── DockerOOMError                killed by the kernel's OOM killer
-        ├── DockerTimeoutError            our own timeout killed it
-        │   └── DockerHangError           no output for longer than the silence limit
-        ├── DockerPermissionError         socket permission denied
-        │   └── DockerUnavailableError    daemon not running / unreachable
-        │       └── DockerDaemonHungError daemon answers, but one API call never returns
-        └── DockerContainerError          any other non-zero exit, or no result file
+    └── RunnerError                       a runner could not run an experiment to its end
+        ├── ExperimentStartError          its process/container could not start
+        │   └── GpuAccessError            the engine cannot hand it its GPUs
+        ├── ImageError                    its image is missing and cannot be had
+        ├── ExperimentTimeoutError        our own timeout killed it
+        │   └── ExperimentHangError       no output for longer than the silence limit
+        ├── ExperimentOOMError            killed by the kernel's OOM killer
+        ├── ExperimentExitError           non-zero exit, or exit 0 without a result
+        ├── EnginePermissionError         the engine (socket, service) refused us
+        ├── EngineUnavailableError        the engine is not running / unreachable (retried)
+        │   └── EngineHungError           it answers, but one call never returns (retried)
+        └── DockerError                   the Docker runner's failures, each below its
+            │                             neutral class too (in brackets):
+            ├── DockerImagePullError      (ImageError)
+            ├── DockerGPUAccessError      (GpuAccessError) no NVIDIA runtime / device
+            ├── DockerOOMError            (ExperimentOOMError)
+            ├── DockerTimeoutError        (ExperimentTimeoutError)
+            │   └── DockerHangError       (ExperimentHangError)
+            ├── DockerPermissionError     (EnginePermissionError) socket permission denied
+            ├── DockerUnavailableError    (EngineUnavailableError) daemon down / unreachable
+            │   └── DockerDaemonHungError (EngineHungError) one API call never returns
+            └── DockerContainerError      (ExperimentExitError)
+
+Catch the neutral class to handle a failure whatever ran it (`except
+ExperimentTimeoutError` catches a local run's timeout and `DockerTimeoutError`);
+catch `DockerError` or a Docker class for the Docker runner's own. Each Docker
+class lists its neutral base first: `DockerTimeoutError(ExperimentTimeoutError,
+DockerError)` has the MRO DockerTimeoutError, ExperimentTimeoutError,
+DockerError, RunnerError, LlemError, so the Docker class's own `default_fix`
+wins, then the neutral meaning, then the Docker runner's shared behaviour. The
+local runner raises only the neutral classes.
 
 Experiments that report their own failure (an error payload) are not errors:
 they come back as `ExperimentFailure` values.
@@ -29,7 +50,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +68,21 @@ __all__ = [
     "DockerPermissionError",
     "DockerTimeoutError",
     "DockerUnavailableError",
+    "EngineHungError",
+    "EnginePermissionError",
+    "EngineUnavailableError",
+    "ExperimentExitError",
+    "ExperimentHangError",
+    "ExperimentOOMError",
+    "ExperimentStartError",
+    "ExperimentTimeoutError",
+    "GpuAccessError",
     "GpuRequestError",
+    "ImageError",
     "LlemError",
     "ResultError",
     "ResultsDirBusyError",
+    "RunnerError",
     "capture_stderr_snippet",
     "translate_docker_error",
 ]
@@ -61,9 +93,14 @@ _EXTRA_FIELDS = ("stderr_snippet", "container_id", "exit_code", "log_path", "nod
 
 
 class LlemError(Exception):
-    """Root of every error llem-dispatch raises on purpose."""
+    """Root of every error llem-dispatch raises on purpose.
+
+    `transient` says the failure is worth another attempt (an engine down or
+    answering 5xx); a class sets its default, an instance may differ from it.
+    """
 
     default_fix: str = "See the message above."
+    transient: bool = False
 
     def __init__(
         self,
@@ -72,12 +109,15 @@ class LlemError(Exception):
         fix_suggestion: str | None = None,
         config_hash: str | None = None,
         exchange_dir: str | Path | None = None,
+        transient: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.fix_suggestion = fix_suggestion or self.default_fix
         self.config_hash = config_hash
         self.exchange_dir = str(exchange_dir) if exchange_dir is not None else None
+        if transient is not None:
+            self.transient = transient
 
     def to_payload(self) -> dict[str, Any]:
         """The error as plain JSON data (records, the cluster's wire); see `from_payload`."""
@@ -87,6 +127,7 @@ class LlemError(Exception):
             "fix_suggestion": self.fix_suggestion,
             "config_hash": self.config_hash,
             "exchange_dir": self.exchange_dir,
+            "transient": self.transient,
         }
         for name in _EXTRA_FIELDS:
             if hasattr(self, name):
@@ -98,17 +139,22 @@ class LlemError(Exception):
         """Rebuild the error `to_payload` described, as its own class where it is ours.
 
         An unknown `type` comes back as a `ClusterError` holding the type in its
-        message; `suffix` is appended to the message (e.g. where it happened).
+        message; `suffix` is appended to the message (e.g. where it happened). A
+        payload without `transient` (an older sender) gets the class's default.
         """
-        cls = globals().get(str(payload.get("type")))
+        cls = _error_class(str(payload.get("type")))
         message = str(payload.get("message", ""))
-        if not (isinstance(cls, type) and issubclass(cls, LlemError)):
+        if cls is None:
             cls, message = ClusterError, f"{payload.get('type')}: {message}"
+        accepted = inspect.signature(cls.__init__).parameters
         kwargs = {
             name: payload.get(name)
             for name in ("fix_suggestion", "config_hash", "exchange_dir", *_EXTRA_FIELDS)
-            if name in inspect.signature(cls.__init__).parameters
+            if name in accepted
         }
+        transient = payload.get("transient")
+        if isinstance(transient, bool) and "transient" in accepted:
+            kwargs["transient"] = transient
         return cls(message + suffix, **kwargs)
 
     def __str__(self) -> str:
@@ -116,6 +162,20 @@ class LlemError(Exception):
         if self.exchange_dir:
             parts.append(f"Exchange dir kept: {self.exchange_dir}")
         return "\n".join(parts)
+
+
+def _subclasses(cls: type[LlemError]) -> Iterator[type[LlemError]]:
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+def _error_class(name: str) -> type[LlemError] | None:
+    """Our class of that name: this module's first, then any other package's subclass."""
+    ours = globals().get(name)
+    if isinstance(ours, type) and issubclass(ours, LlemError):
+        return ours
+    return next((cls for cls in _subclasses(LlemError) if cls.__name__ == name), None)
 
 
 class ConfigError(LlemError, ValueError):
@@ -155,7 +215,6 @@ class ClusterError(LlemError):
         "Check the cluster (`ray status`), that every node has llem-dispatch installed, "
         "and the address given to --ray / `cluster:`."
     )
-    transient: bool = False
 
     def __init__(
         self,
@@ -165,12 +224,14 @@ class ClusterError(LlemError):
         config_hash: str | None = None,
         exchange_dir: str | Path | None = None,
         node: str | None = None,
+        transient: bool | None = None,
     ) -> None:
         super().__init__(
             message,
             fix_suggestion=fix_suggestion,
             config_hash=config_hash,
             exchange_dir=exchange_dir,
+            transient=transient,
         )
         self.node = node
 
@@ -185,12 +246,17 @@ class ClusterNodeLostError(ClusterError):
     )
 
 
-class DockerError(LlemError):
-    """A container could not be created, started, or did not finish cleanly."""
+# -- runner-neutral failures of a run ------------------------------------------------
 
-    default_fix = "Check `docker info` and the container log kept in the exchange dir."
-    #: Worth retrying: the daemon was unreachable or answered 5xx (not the GPU error).
-    transient: bool = False
+
+class RunnerError(LlemError):
+    """A runner (any kind) could not run an experiment to its end.
+
+    Carries what the run left: the tail of its stderr, its exit code, its log and,
+    for container runners, the container id.
+    """
+
+    default_fix = "Read the experiment's log kept in the exchange dir."
 
     def __init__(
         self,
@@ -204,12 +270,14 @@ class DockerError(LlemError):
         config_hash: str | None = None,
         exit_code: int | None = None,
         log_path: str | Path | None = None,
+        transient: bool | None = None,
     ) -> None:
         super().__init__(
             message,
             fix_suggestion=fix_suggestion,
             config_hash=config_hash,
             exchange_dir=exchange_dir,
+            transient=transient,
         )
         if stderr_snippet is None and stderr is not None:
             stderr_snippet = capture_stderr_snippet(stderr)
@@ -228,7 +296,87 @@ class DockerError(LlemError):
         return text
 
 
-class DockerImagePullError(DockerError):
+class ExperimentStartError(RunnerError):
+    """The experiment's process or container could not be started."""
+
+    default_fix = "Check that the experiment's command exists and can run here."
+
+
+class GpuAccessError(ExperimentStartError):
+    """The runner's engine cannot hand the experiment the GPUs it was given."""
+
+    default_fix = "Check the host's GPU driver and the engine's GPU support."
+
+
+class ImageError(RunnerError):
+    """The experiment's image is not present and could not be built or pulled."""
+
+    default_fix = "Build or pull the image on this host first."
+
+
+class ExperimentTimeoutError(RunnerError):
+    """The experiment outran its timeout and was killed by the dispatcher."""
+
+    default_fix = "Raise the timeout (timeout_s / --timeout) or shrink the experiment."
+
+
+class ExperimentHangError(ExperimentTimeoutError):
+    """The experiment printed nothing for longer than the silence limit and was killed."""
+
+    default_fix = (
+        "Find where the experiment hangs (its log is kept in the exchange dir), "
+        "print progress more often, or raise silence_timeout."
+    )
+
+
+class ExperimentOOMError(RunnerError):
+    """The experiment was killed by the kernel's out-of-memory killer."""
+
+    default_fix = "Lower the batch size or sequence length, or free host memory."
+
+
+class ExperimentExitError(RunnerError):
+    """The experiment exited non-zero, or exited 0 without writing a result."""
+
+    default_fix = "Read the experiment's log kept in the exchange dir; the stderr tail is below."
+
+
+class EnginePermissionError(RunnerError):
+    """The engine that runs experiments refused us access (its socket or service)."""
+
+    default_fix = "Get access to the engine's socket or service, or use another runner."
+
+
+class EngineUnavailableError(RunnerError):
+    """The engine that runs experiments is not running or cannot be reached (retried)."""
+
+    transient = True
+    default_fix = "Start the engine, or use another runner (--runner local)."
+
+
+class EngineHungError(EngineUnavailableError):
+    """The engine answers, but one of its calls passed its deadline (retried).
+
+    A study stops dispatching when this outlasts the retries: every later run
+    would only hang too.
+    """
+
+    transient = True
+    default_fix = "Restart the engine, then continue with --resume."
+
+
+# -- the Docker runner's classes (the seed's names, llenergymeasure's contract) ------
+
+
+class DockerError(RunnerError):
+    """A container could not be created, started, or did not finish cleanly."""
+
+    default_fix = "Check `docker info` and the container log kept in the exchange dir."
+    #: Worth retrying: the daemon was unreachable or answered 5xx (not the GPU error).
+    transient: bool = False
+
+
+class DockerImagePullError(ImageError, DockerError):
     """The image is not present locally and could not be pulled."""
 
     default_fix = (
@@ -237,7 +385,7 @@ class DockerImagePullError(DockerError):
     )
 
 
-class DockerGPUAccessError(DockerError):
+class DockerGPUAccessError(GpuAccessError, DockerError):
     """The daemon cannot hand GPUs to containers (no NVIDIA Container Toolkit)."""
 
     default_fix = (
@@ -247,7 +395,7 @@ class DockerGPUAccessError(DockerError):
     )
 
 
-class DockerOOMError(DockerError):
+class DockerOOMError(ExperimentOOMError, DockerError):
     """The container was killed for exceeding its memory limit."""
 
     default_fix = (
@@ -256,13 +404,13 @@ class DockerOOMError(DockerError):
     )
 
 
-class DockerTimeoutError(DockerError):
+class DockerTimeoutError(ExperimentTimeoutError, DockerError):
     """The container outran its timeout and was killed by the dispatcher."""
 
     default_fix = "Raise the timeout (timeout=/--timeout) or shrink the experiment."
 
 
-class DockerHangError(DockerTimeoutError):
+class DockerHangError(ExperimentHangError, DockerTimeoutError):
     """The container printed nothing for longer than the silence limit and was killed."""
 
     default_fix = (
@@ -271,7 +419,7 @@ class DockerHangError(DockerTimeoutError):
     )
 
 
-class DockerPermissionError(DockerError):
+class DockerPermissionError(EnginePermissionError, DockerError):
     """The Docker socket refused us (permission denied)."""
 
     default_fix = (
@@ -280,7 +428,7 @@ class DockerPermissionError(DockerError):
     )
 
 
-class DockerUnavailableError(DockerPermissionError):
+class DockerUnavailableError(EngineUnavailableError, DockerError):
     """The Docker daemon is not running or cannot be reached."""
 
     transient = True
@@ -291,7 +439,7 @@ class DockerUnavailableError(DockerPermissionError):
     )
 
 
-class DockerDaemonHungError(DockerUnavailableError):
+class DockerDaemonHungError(EngineHungError, DockerUnavailableError):
     """A Docker API call passed its deadline: the daemon is stuck (transient, retried)."""
 
     transient = True
@@ -303,7 +451,7 @@ class DockerDaemonHungError(DockerUnavailableError):
     )
 
 
-class DockerContainerError(DockerError):
+class DockerContainerError(ExperimentExitError, DockerError):
     """The container exited non-zero, or exited 0 without writing a result."""
 
     default_fix = "Read the container log kept in the exchange dir; the stderr tail is below."

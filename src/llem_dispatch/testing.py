@@ -30,7 +30,8 @@ class FakeRunner:
     """A Runner that calls `handler(config, gpu_ids)` instead of starting anything.
 
     The handler (sync or async) returns a result dict, an `ExperimentFailure`, or
-    raises (e.g. a `DockerError` subclass) to simulate infrastructure failures.
+    raises (e.g. `ExperimentTimeoutError`, or a Docker class) to simulate
+    infrastructure failures.
     Observers see started/exited exactly as with real runners.
     """
 

@@ -13,6 +13,7 @@ import pytest
 from llem_dispatch import (
     DockerContainerError,
     DockerRunner,
+    ExperimentExitError,
     ExperimentFailure,
     ExperimentResult,
     LocalRunner,
@@ -88,16 +89,25 @@ async def test_error_payload(make: MakeRunner, exchange_base: Path) -> None:
     assert "progress" in Path(str(outcome.log_path)).read_text()
 
 
+def exit_error_class(runner: Runner) -> type[ExperimentExitError]:
+    """The Docker runner keeps its Docker class; the local runner raises the neutral one."""
+    return DockerContainerError if runner.runner_type == "docker" else ExperimentExitError
+
+
 async def test_nonzero_exit(make: MakeRunner) -> None:
-    with pytest.raises(DockerContainerError) as info:
-        await make("echo oops >&2; exit 7").run({"c": 1})
+    runner = make("echo oops >&2; exit 7")
+    with pytest.raises(ExperimentExitError) as info:
+        await runner.run({"c": 1})
+    assert type(info.value) is exit_error_class(runner)
     assert info.value.exit_code == 7
     assert info.value.stderr_snippet == "oops"
 
 
 async def test_no_result(make: MakeRunner) -> None:
-    with pytest.raises(DockerContainerError, match="wrote no result"):
-        await make("true").run({"d": 1})
+    runner = make("true")
+    with pytest.raises(ExperimentExitError, match="wrote no result") as info:
+        await runner.run({"d": 1})
+    assert type(info.value) is exit_error_class(runner)
 
 
 async def test_cancellation_leaves_nothing_running(make: MakeRunner) -> None:

@@ -12,12 +12,21 @@ import pytest
 
 from llem_dispatch import (
     DockerContainerError,
+    DockerError,
     DockerGPUAccessError,
     DockerImagePullError,
     DockerOOMError,
     DockerPermissionError,
     DockerTimeoutError,
     DockerUnavailableError,
+    EnginePermissionError,
+    EngineUnavailableError,
+    ExperimentExitError,
+    ExperimentOOMError,
+    ExperimentStartError,
+    ExperimentTimeoutError,
+    ImageError,
+    RunnerError,
     translate_docker_error,
 )
 
@@ -109,3 +118,32 @@ def test_snippet_is_the_last_lines() -> None:
     error = translate_docker_error(1, text, "img:1")
     assert error.stderr_snippet is not None
     assert error.stderr_snippet.splitlines() == [f"line {i}" for i in range(10, 30)]
+
+
+@pytest.mark.parametrize(
+    ("returncode", "stderr", "neutral"),
+    [
+        (1, SOCKET_DENIED, EnginePermissionError),
+        (125, "Unable to find image 'img:1' locally", ImageError),
+        (
+            1,
+            "Cannot connect to the Docker daemon. Is the docker daemon running?",
+            EngineUnavailableError,
+        ),
+        (
+            125,
+            'could not select device driver "nvidia" with capabilities: [[gpu]]',
+            ExperimentStartError,
+        ),
+        (124, "", ExperimentTimeoutError),
+        (137, "", ExperimentOOMError),
+        (1, "ValueError: bad", ExperimentExitError),
+    ],
+)
+def test_translated_errors_are_docker_errors_and_their_neutral_class(
+    returncode: int, stderr: str, neutral: type[RunnerError]
+) -> None:
+    # llenergymeasure catches the Docker classes; a caller handling any runner, the neutral.
+    error = translate_docker_error(returncode, stderr, "img:1")
+    assert isinstance(error, DockerError)
+    assert isinstance(error, neutral)

@@ -33,8 +33,8 @@ from llem_dispatch.dispatch.records import (
     RunRecord,
 )
 from llem_dispatch.errors import (
-    DockerOOMError,
-    DockerTimeoutError,
+    ExperimentOOMError,
+    ExperimentTimeoutError,
     LlemError,
 )
 from llem_dispatch.gpu import GpuPool
@@ -65,9 +65,10 @@ class RetryPolicy:
 
     def should_retry(self, exc: BaseException) -> bool:
         """Whether `exc` is worth another attempt at all (budget aside)."""
-        if isinstance(exc, DockerTimeoutError):
+        # The neutral classes: a local run's timeout is a timeout as a container's is.
+        if isinstance(exc, ExperimentTimeoutError):
             return self.retry_timeouts
-        if isinstance(exc, DockerOOMError):
+        if isinstance(exc, ExperimentOOMError):
             return self.retry_oom
         return bool(getattr(exc, "transient", False))
 

@@ -1,6 +1,6 @@
 """Runners: execute one experiment under the container protocol (Docker or local process)."""
 
-from llem_dispatch.runners._lifecycle import (
+from llem_dispatch.runners._cancel import (
     force_kill_requested,
     set_force_kill,
     wait_until_forced,

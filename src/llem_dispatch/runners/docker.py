@@ -40,23 +40,31 @@ from llem_dispatch._exchange import (
     ExchangeDir,
 )
 from llem_dispatch._logcapture import LogCapture
-from llem_dispatch.errors import DockerDaemonHungError, LlemError
-from llem_dispatch.runners._lifecycle import (
-    DEFAULT_SECRET_ENV,
-    FORCE_KILL,
+from llem_dispatch.errors import (
+    DockerContainerError,
+    DockerDaemonHungError,
+    DockerError,
+    DockerHangError,
+    DockerOOMError,
+    DockerTimeoutError,
+    LlemError,
+)
+from llem_dispatch.runners._backend import (
     LOG_DRAIN_S,
+    ErrorClasses,
     ExitStatus,
     Gate,
     Pump,
     Run,
     check_run_options,
     helper_script,
-    run_lifecycle,
-    wait_until_forced,
 )
+from llem_dispatch.runners._cancel import FORCE_KILL, wait_until_forced
+from llem_dispatch.runners._lifecycle import DEFAULT_SECRET_ENV, run_lifecycle
 from llem_dispatch.runners.protocol import Outcome, RunObserver
 
 __all__ = [
+    "DOCKER_ERRORS",
     "HELPER_CONTAINER_PATH",
     "LOG_DRAIN_S",
     "SOURCE_CONTAINER_PATH",
@@ -70,11 +78,21 @@ HELPER_CONTAINER_PATH = "/opt/llem/llem_container.py"
 PENDING_RETRY_S = 5.0
 #: Where `source_dir` is mounted (read-only) and put on PYTHONPATH.
 SOURCE_CONTAINER_PATH = "/opt/llem/src"
-#: The bound on each Docker call made while cleaning up (kill, remove, a shielded create).
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.I)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 log = structlog.get_logger("llem_dispatch.docker")
+
+#: What a container run raises for what the shared lifecycle detects: the Docker
+#: classes (llenergymeasure's contract), each a subclass of its neutral class.
+DOCKER_ERRORS = ErrorClasses(
+    timeout=DockerTimeoutError,
+    hang=DockerHangError,
+    oom=DockerOOMError,
+    bad_exit=DockerContainerError,
+    other=DockerError,
+    slow_start=" (the Docker daemon is slow or stuck)",
+)
 
 
 def parse_size(value: int | str) -> int:
@@ -405,6 +423,7 @@ class _ContainerRun:
     """One run's container: the `RunBackend` that `run_lifecycle` drives for DockerRunner."""
 
     noun = "container"
+    errors = DOCKER_ERRORS
 
     def __init__(self, runner: DockerRunner) -> None:
         self.runner = runner

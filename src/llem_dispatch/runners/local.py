@@ -1,8 +1,9 @@
 """LocalRunner: the container protocol as a host subprocess, for machines without Docker.
 
-Same exchange dir, env, result/error files, timeout, silence limit, cancellation
-and error classes as DockerRunner (one shared lifecycle); the process runs in its
-own process group so a kill reaches every child, as stopping a container would.
+Same exchange dir, env, result/error files, timeout, silence limit and cancellation
+as DockerRunner (one shared lifecycle); its errors are the runner-neutral classes
+(`ExperimentTimeoutError`, ...), which the Docker classes subclass. The process runs
+in its own process group so a kill reaches every child, as stopping a container would.
 """
 
 from __future__ import annotations
@@ -24,20 +25,19 @@ from pydantic import BaseModel
 
 from llem_dispatch._exchange import DEFAULT_MAX_RESULT_BYTES, ExchangeDir
 from llem_dispatch._logcapture import LogCapture
-from llem_dispatch.errors import ConfigError
-from llem_dispatch.runners._lifecycle import (
-    DEFAULT_SECRET_ENV,
-    FORCE_KILL,
+from llem_dispatch.errors import ExperimentStartError
+from llem_dispatch.runners._backend import (
     KILL_WAIT_S,
+    NEUTRAL_ERRORS,
     ExitStatus,
     Gate,
     Pump,
     Run,
     check_run_options,
     helper_script,
-    run_lifecycle,
-    wait_until_forced,
 )
+from llem_dispatch.runners._cancel import FORCE_KILL, wait_until_forced
+from llem_dispatch.runners._lifecycle import DEFAULT_SECRET_ENV, run_lifecycle
 from llem_dispatch.runners.protocol import Outcome, RunObserver
 
 __all__ = ["LocalRunner"]
@@ -134,7 +134,12 @@ class LocalRunner:
         observer: RunObserver | None = None,
         gate: Gate | None = None,
     ) -> Outcome:
-        """Run one experiment as a subprocess; same outcomes, errors and gate as DockerRunner."""
+        """Run one experiment as a subprocess; same outcomes and gate as DockerRunner.
+
+        Raises the runner-neutral classes: `ExperimentStartError` (the program could
+        not start), `ExperimentTimeoutError` / `ExperimentHangError`,
+        `ExperimentOOMError`, `ExperimentExitError` (bad exit or no result).
+        """
         return await run_lifecycle(
             self, _ProcessRun(self), config, gpus=gpus, observer=observer, gate=gate
         )
@@ -150,6 +155,8 @@ class _ProcessRun:
     noun = "process"
     log = log
     image_digest: str | None = None
+    # Runner-neutral: no engine is involved, so no engine's name or fix in them.
+    errors = NEUTRAL_ERRORS
 
     def __init__(self, runner: LocalRunner) -> None:
         self.runner = runner
@@ -169,10 +176,11 @@ class _ProcessRun:
                 runner.command, env=env, cwd=runner.cwd, start_new_session=True, stdin=None
             )
         except OSError as exc:
-            raise ConfigError(
+            raise ExperimentStartError(
                 f"cannot start {runner.command[0]!r}: {exc.strerror}",
                 fix_suggestion="Check the study's command / function and that the "
-                "program exists on this host.",
+                "program exists on this host and may be run by this user.",
+                # Nothing ran, so no log was written: point at none.
                 **{k: v for k, v in run.context.items() if k != "log_path"},
             ) from exc
         run.info.process_id = self.process.pid

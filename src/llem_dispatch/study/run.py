@@ -32,7 +32,7 @@ from llem_dispatch.dispatch import (
     RunRecord,
 )
 from llem_dispatch.dispatch.fanout import fan_out
-from llem_dispatch.errors import ConfigError
+from llem_dispatch.errors import ConfigError, EngineHungError
 from llem_dispatch.gpu import GpuPool, SettleSpec
 from llem_dispatch.reap import reap
 from llem_dispatch.runners import Runner
@@ -242,7 +242,9 @@ class _StudyRun:
         # validated outcome object beside its JSON form.
         self.records.append(record.model_copy(update={"outcome": None, "exception": None}))
         self.in_flight.discard(exp.key)
-        if record.error is not None and record.error.type == _HUNG and self.stopped is None:
+        # A class check (any engine's hang), on the exception the record was made from.
+        hung = isinstance(record.exception, EngineHungError)
+        if hung and record.error is not None and self.stopped is None:
             self._stop(f"{record.error.message} (experiment {exp.key})", record)
         return record
 
@@ -256,9 +258,6 @@ class _StudyRun:
         fix = record.error.fix_suggestion if record.error else None
         log.error("study_stopped", reason=reason, fix=fix)
         self._stop_scope.cancel()
-
-
-_HUNG = "DockerDaemonHungError"
 
 
 def _record(results: ResultsDir, exp: Experiment, record: RunRecord) -> None:

@@ -17,7 +17,14 @@ from structlog.testing import capture_logs
 from llem_dispatch import DockerRunner, ExperimentResult, LocalRunner
 from llem_dispatch._exchange import ExchangeDir
 from llem_dispatch._logcapture import LogCapture
-from llem_dispatch.runners._lifecycle import ExitStatus, Pump, Run, helper_script, run_lifecycle
+from llem_dispatch.runners._backend import (
+    NEUTRAL_ERRORS,
+    ExitStatus,
+    Pump,
+    Run,
+    helper_script,
+)
+from llem_dispatch.runners._lifecycle import run_lifecycle
 
 
 class FakeBackend:
@@ -26,6 +33,7 @@ class FakeBackend:
     noun = "fake"
     log = structlog.get_logger("tests.fake")
     image_digest: str | None = None
+    errors = NEUTRAL_ERRORS
 
     def __init__(self, *, cleanup_error: Exception | None = None) -> None:
         self.cleanup_error = cleanup_error
