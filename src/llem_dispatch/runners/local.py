@@ -38,9 +38,10 @@ from llem_dispatch.runners._lifecycle import (
     run_lifecycle,
     wait_until_forced,
 )
+from llem_dispatch.runners.kinds import RunnerKind, RunnerOptions
 from llem_dispatch.runners.protocol import Outcome, RunObserver
 
-__all__ = ["LocalRunner"]
+__all__ = ["LocalRunner", "LocalRunnerKind"]
 
 CHUNK = 64 * 1024
 
@@ -243,3 +244,35 @@ def _kill_group(process: anyio.abc.Process) -> None:
     """SIGKILL the whole process group; it is gone or ours, never anyone else's."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
+
+
+class LocalRunnerKind(RunnerKind):
+    """The `local` runner kind: each experiment a host subprocess (no image, no engine).
+
+    GPUs are handed over by visibility variables only. A kind that runs host
+    processes differently subclasses this and sets `runner_class`.
+    """
+
+    gpu_request = "env"
+    summary = "the local subprocess runner (experiments run on this host, not in containers)"
+    #: The runner this kind builds (a `LocalRunner` subclass keeps the whole lifecycle).
+    runner_class: type[LocalRunner] = LocalRunner
+
+    def build(self, options: RunnerOptions, image: str | None = None) -> LocalRunner:
+        """A `runner_class` running the study's `command:` or `function:` in its folder."""
+        if options.command is None and options.function is None:
+            raise ConfigError(
+                f"the {self.name} runner needs `command:` or `function:` in the study",
+                fix_suggestion="Add `function: module:function` to the study.",
+            )
+        return self.runner_class(
+            options.command,
+            function=options.function,
+            timeout=options.timeout_s,
+            source=options.source,
+            env=options.env,
+            cwd=options.cwd,
+            silence_timeout=options.silence_timeout_s,
+            exchange_base=options.exchange_base,
+            stop_grace_s=options.stop_grace_s,
+        )
