@@ -245,7 +245,7 @@ def _import(path: str) -> type[RunnerKind]:
 
 
 def unknown_kind_message(name: str) -> str:
-    """"unknown runner kind 'X'; did you mean 'Y'? (registered kinds: ...; or auto)"."""
+    """ "unknown runner kind 'X'; did you mean 'Y'? (registered kinds: ...; or auto)"."""
     names = registered_names()
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
