@@ -218,10 +218,19 @@ def register_runner_kind(
 def _load_entry_points() -> None:
     """Register the kinds other packages declare (once; a built-in name is not replaced)."""
     for point in entry_points(group=ENTRY_POINT_GROUP):
-        if point.name in _registry:
-            continue
         origin = point.dist.name if point.dist is not None else "entry point"
-        register_runner_kind(point.name, point.value, origin=origin)
+        if point.name in _registry:
+            log.warning(
+                "runner_kind_shadowed",
+                kind=point.name,
+                ignored=f"{point.value} (from {origin})",
+                kept=f"{_registry[point.name]!r} (from {_origins[point.name]})",
+            )
+            continue
+        try:
+            register_runner_kind(point.name, point.value, origin=origin)
+        except ValueError as exc:
+            log.warning("runner_kind_ignored", kind=point.name, origin=origin, reason=str(exc))
 
 
 def registered_names() -> list[str]:
@@ -256,6 +265,11 @@ def get_runner_kind(name: str) -> RunnerKind:
     """The kind registered under `name` (imported on first use), or a `ConfigError`."""
     if name in _instances:
         return _instances[name]
+    if name == AUTO:
+        raise ConfigError(
+            "`auto` is a choice rule, not a runner kind: it names no kind until decided",
+            fix_suggestion="Decide it first (`choose_auto`), or name a kind.",
+        )
     _load_entry_points()
     if name not in _registry:
         raise ConfigError(
@@ -295,7 +309,7 @@ def parse_runner_value(value: str) -> tuple[str, str | None]:
     if not colon:
         return name, None
     if not get_runner_kind(name).needs_image:
-        raise ValueError(f"runner {value!r}: the {name} runner runs no image")
+        raise ValueError(f"the {name} runner runs no image (NAME:IMAGE is for kinds that do)")
     return name, image
 
 

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import anyio
 import anyio.abc
@@ -256,7 +256,7 @@ class LocalRunnerKind(RunnerKind):
     gpu_request = "env"
     summary = "the local subprocess runner (experiments run on this host, not in containers)"
     #: The runner this kind builds (a `LocalRunner` subclass keeps the whole lifecycle).
-    runner_class: type[LocalRunner] = LocalRunner
+    runner_class: ClassVar[type[LocalRunner]] = LocalRunner
 
     def build(self, options: RunnerOptions, image: str | None = None) -> LocalRunner:
         """A `runner_class` running the study's `command:` or `function:` in its folder."""
