@@ -20,7 +20,7 @@ from llem_dispatch.cluster.connection import RayConnection, node_resource
 from llem_dispatch.cluster.node import remote_task
 from llem_dispatch.dispatch import NodeInfo
 from llem_dispatch.errors import ClusterError
-from llem_dispatch.runners.kinds import RunnerKind, decide_kind
+from llem_dispatch.runners.kinds import AUTO, RunnerKind, decide_kind
 
 __all__ = [
     "NodeCheck",
@@ -93,7 +93,7 @@ async def on_each_host(
 async def preflight_hosts(
     connection: RayConnection,
     *,
-    runner: str,
+    runner: str = AUTO,
     images: Sequence[str] = (),
     paths: Sequence[str] = (),
     gpus: int = 0,
@@ -207,7 +207,7 @@ async def sweep_cluster(
 async def check_cluster(
     address: str | None,
     *,
-    runner: str,
+    runner: str = AUTO,
     images: Sequence[str] = (),
     paths: Sequence[str] = (),
     timeout_s: float = 60.0,
