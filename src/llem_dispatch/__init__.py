@@ -55,14 +55,18 @@ __all__ = [
     "RunRecord",
     "Runner",
     "RunnerError",
+    "RunnerKind",
     "RunnerMetadata",
+    "RunnerOptions",
     "Study",
     "StudySummary",
     "capture_stderr_snippet",
     "compute_config_hash",
     "load_results",
     "load_study",
+    "register_runner_kind",
     "run_study",
+    "runner_kinds",
     "translate_docker_error",
 ]
 
@@ -78,7 +82,19 @@ _HOMES = {
         "models",
     ),
     **dict.fromkeys(
-        ("DockerRunner", "LocalRunner", "Outcome", "RunInfo", "RunObserver", "Runner"), "runners"
+        (
+            "DockerRunner",
+            "LocalRunner",
+            "Outcome",
+            "RunInfo",
+            "RunObserver",
+            "Runner",
+            "RunnerKind",
+            "RunnerOptions",
+            "register_runner_kind",
+            "runner_kinds",
+        ),
+        "runners",
     ),
     **dict.fromkeys(("Study", "StudySummary", "load_study", "run_study"), "study"),
     "load_results": "report",
@@ -147,6 +163,10 @@ if TYPE_CHECKING:
         Outcome,
         RunInfo,
         Runner,
+        RunnerKind,
+        RunnerOptions,
         RunObserver,
+        register_runner_kind,
+        runner_kinds,
     )
     from llem_dispatch.study import Study, StudySummary, load_study, run_study

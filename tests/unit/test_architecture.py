@@ -180,3 +180,66 @@ def test_cycle_finder_finds_cycles(graph: dict[str, set[str]], cyclic: bool) -> 
 def test_layer_check_catches_an_upward_import(tmp_path: Path) -> None:
     # The check itself can fail: a runner module importing study is upward.
     assert _layer(_unit("llem_dispatch.study.run")) > _layer(_unit("llem_dispatch.runners.docker"))
+
+
+#: The modules that may name runner kinds: the registry and the kinds themselves.
+KIND_MODULES = {
+    "llem_dispatch.runners.kinds",
+    "llem_dispatch.runners.local",
+    "llem_dispatch.runners.docker_kind",
+}
+#: Other modules whose literals happen to equal a kind's name, and why that is no kind.
+KIND_NAME_ALLOWED = {
+    "llem_dispatch.cluster.connection": "Ray's own address 'local' (start a local Ray)",
+}
+
+
+def _kind_name_comparisons(tree: ast.AST, names: set[str]) -> Iterator[int]:
+    """Lines comparing something with a kind name: `==`/`!=`/`in {...}`, or `case "docker":`."""
+
+    def named(node: ast.AST) -> bool:
+        if isinstance(node, ast.Constant):
+            return node.value in names
+        if isinstance(node, ast.Set | ast.List | ast.Tuple):
+            return any(named(item) for item in node.elts)
+        return False
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+        elif isinstance(node, ast.MatchValue):
+            operands = [node.value]
+        else:
+            continue
+        if any(named(operand) for operand in operands):
+            yield node.lineno
+
+
+def test_no_kind_name_comparisons_outside_the_registry() -> None:
+    from llem_dispatch.runners.kinds import known_runner_kinds
+
+    names = set(known_runner_kinds)
+    assert {"local", "docker"} <= names
+    found = [
+        f"{_module_name(path)}:{line} compares with a runner kind's name: ask the registry"
+        for path in _sources()
+        if _module_name(path) not in KIND_MODULES | set(KIND_NAME_ALLOWED)
+        for line in _kind_name_comparisons(ast.parse(path.read_text()), names)
+    ]
+    assert not found, "\n".join(found)
+
+
+def test_kind_name_check_catches_each_form() -> None:
+    names = {"local", "docker"}
+    source = """
+if spec.kind == "docker":
+    pass
+use = kind != 'local'
+ok = value in {"local", "auto"}
+also = value not in ("docker",)
+match kind:
+    case "local":
+        pass
+fine = kind == "auto" or f("docker") or {"docker": 1}
+"""
+    assert list(_kind_name_comparisons(ast.parse(source), names)) == [2, 4, 5, 6, 8]

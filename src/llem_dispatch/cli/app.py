@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any
+from typing import IO, Any, cast
 
 import structlog
 import typer
@@ -101,7 +101,7 @@ def make_console(stderr: bool = False) -> Console:
 
     On stdout it survives a closed pipe (see `_Stdout`)."""
     return Console(
-        file=None if stderr else _Stdout(),
+        file=None if stderr else cast("IO[str]", _Stdout()),
         stderr=stderr,
         highlight=False,
         soft_wrap=False,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
 from pathlib import Path
 from typing import Annotated
 
@@ -10,13 +10,6 @@ import anyio
 import typer
 from rich.text import Text
 
-from llem_dispatch._docker import (
-    docker_available,
-    engine_version,
-    missing_images,
-    run_probe,
-    runtimes,
-)
 from llem_dispatch.cli.app import (
     EXIT_FAILED,
     EXIT_OK,
@@ -27,56 +20,57 @@ from llem_dispatch.cli.app import (
 from llem_dispatch.cluster import check_cluster
 from llem_dispatch.errors import LlemError
 from llem_dispatch.gpu import GpuPool, nvml_used_memory_mb
+from llem_dispatch.runners import DoctorCheck, RunnerKind, get_runner_kind
+from llem_dispatch.runners.kinds import AUTO, kind_origin, registered_names
 from llem_dispatch.study import (
     RunnerSpec,
+    Study,
     cluster_requirements,
     cluster_runner_spec,
     expand_study,
     load_study,
-    resolve_runner,
+    runner_choice,
     study_images,
 )
 
 __all__ = ["Check", "doctor"]
 
-
-@dataclass
-class Check:
-    """One line of doctor's report: PASS when ok, else WARN (optional) or FAIL."""
-
-    name: str
-    ok: bool
-    detail: str
-    fix: str = ""
-    #: A failed optional check (no GPUs on a CPU host) warns instead of failing.
-    optional: bool = False
+#: One line of doctor's report (each runner kind adds its own).
+Check = DoctorCheck
 
 
 def _cluster_checks(address: str, study_file: Path | None) -> list[Check]:
-    """Per host of the cluster: Docker, and the study's images (or folder, run locally)."""
+    """Per host of the cluster: the runner's engine, the study's images (or its folder)."""
     images: list[str] = []
     folder: list[str] = []
-    spec: RunnerSpec | None = None
+    runner = AUTO
+    chosen: RunnerKind | None = None
     if study_file is not None:
         study = load_study(study_file)
         spec = cluster_runner_spec(None, study)
+        runner, chosen = spec.kind, None if spec.auto else spec.runner_kind()
         images, folder = cluster_requirements(study, spec, expand_study(study), study_file.parent)
-    gpus, found = anyio.run(lambda: check_cluster(address, images=images, paths=folder))
+    gpus, found = anyio.run(
+        lambda: check_cluster(address, runner=runner, images=images, paths=folder)
+    )
     summary = ", ".join(f"{node}: {n} GPU(s)" for node, n in sorted(gpus.items()))
     checks = [Check("Ray cluster", True, f"{len(gpus)} node(s): {summary}")]
     for node in found:
         where = f"{node.node.label} ({node.node.ip})"
-        needs_docker = bool(images) and (spec is None or spec.kind == "docker")
-        checks.append(
-            Check(
-                f"{where} Docker daemon",
-                node.docker,
-                "answers" if node.docker else "not reachable",
-                "" if node.docker else "Start dockerd on that host.",
-                optional=not needs_docker,
+        kind = node.kind(runner, has_image=bool(images))
+        for name, answers in node.engines.items():
+            engine_kind = get_runner_kind(name)
+            engine = engine_kind.engine
+            checks.append(
+                Check(
+                    f"{where} {engine}",
+                    answers,
+                    "answers" if answers else "not reachable",
+                    "" if answers else f"Start the {engine} on that host.",
+                    optional=not (images and chosen is engine_kind),
+                )
             )
-        )
-        if images and node.docker:
+        if images and kind.needs_image:
             checks.append(
                 Check(
                     f"{where} images",
@@ -94,81 +88,50 @@ def _cluster_checks(address: str, study_file: Path | None) -> list[Check]:
                     not node.missing_paths,
                     folder[0] + (" missing" if node.missing_paths else " present"),
                     "Copy the study folder to the same path there." if node.missing_paths else "",
-                    optional=spec is not None and spec.kind == "auto" and node.docker,
+                    optional=not kind.uses_study_folder,
                 )
             )
     return checks
 
 
-_START_DOCKER = "Start dockerd (`sudo systemctl start docker`) or use --runner local."
-
-
 def _doctor_checks(study_file: Path | None) -> list[Check]:
-    """This host's checks, in the order printed: daemon, NVIDIA runtime, GPUs, study images."""
-    up = docker_available()
-    checks = (
-        anyio.run(_daemon_checks)
-        if up
-        else [Check("Docker daemon", False, "not reachable", _START_DOCKER)]
-    )
+    """This host's checks: the runner kinds registered, each kind's own, then the GPUs.
+
+    A study given (or LLEM_RUNNER) that names a kind makes only that kind's
+    failures fail; under `auto` every kind's do. Its images are checked by the
+    kinds that run images.
+    """
+    study = load_study(study_file) if study_file is not None else None
+    spec = runner_choice(None, study) if study is not None else None
+    chosen = spec.runner_kind() if spec is not None else None
+    names = registered_names()
+    listing = ", ".join(f"{name} ({kind_origin(name)})" for name in names)
+    checks = [Check("runner kinds", True, listing)]
+    for name in names:
+        try:
+            kind = get_runner_kind(name)
+        except LlemError as exc:
+            checks.append(
+                Check(f"runner {name}", False, exc.message, exc.fix_suggestion, chosen is None)
+            )
+            continue
+        # With a kind chosen, the other kinds' lines are worth knowing but need not pass.
+        required = chosen is None or chosen is kind
+        images = _study_images(study, kind, explicit=chosen is kind) if study else []
+        buildable = study is not None and study.build is not None
+        checks += anyio.run(
+            functools.partial(kind.doctor_checks, images, required=required, buildable=buildable)
+        )
     checks.append(_gpu_check())
-    if study_file is not None and up:
-        study = load_study(study_file)
-        images = study_images(study, resolve_runner("docker", study), expand_study(study))
-        checks += anyio.run(_image_checks, images, study.build is not None)
     return checks
 
 
-async def _daemon_checks() -> list[Check]:
-    """The daemon (it answered the ping) and whether it can hand GPUs to containers."""
-    try:
-        server, api = await engine_version()
-        version = f"{server} (API {api})"
-    except LlemError:
-        version = "answers /_ping"
-    try:
-        has_nvidia = any("nvidia" in name for name in await runtimes())
-    except LlemError:
-        has_nvidia = False
-    return [
-        Check("Docker daemon", True, version),
-        _engine_check(version),
-        Check(
-            "NVIDIA container runtime",
-            has_nvidia,
-            "registered" if has_nvidia else "not registered",
-            ""
-            if has_nvidia
-            else "Install the NVIDIA Container Toolkit for GPU "
-            "passthrough; without it use --virtual-gpus.",
-            optional=True,
-        ),
-    ]
-
-
-#: Engines before this major version carry the libnetwork deadlock under container
-#: churn (moby/moby#46661, moby/libnetwork#2649), fixed after 20.10.24.
-FIXED_ENGINE_MAJOR = 23
-
-
-def _engine_check(version: str) -> Check:
-    """Warn about an engine with the known deadlock under our own container churn."""
-    major = version.split(".", 1)[0]
-    if not major.isdigit():
-        return Check("Docker Engine version", True, "unknown", optional=True)
-    affected = int(major) < FIXED_ENGINE_MAJOR
-    return Check(
-        "Docker Engine version",
-        not affected,
-        f"{version}: known to deadlock under container churn (moby/moby#46661)"
-        if affected
-        else f"{version}: without the 20.10 churn deadlock",
-        "Upgrade the engine (23.0 or later: Docker CE, or Debian trixie's docker.io "
-        "26.1.5); until then a hung daemon is detected and reported (DockerDaemonHungError)."
-        if affected
-        else "",
-        optional=True,
-    )
+def _study_images(study: Study, kind: RunnerKind, *, explicit: bool) -> list[str]:
+    """The study's images, for a kind that runs images (chosen, or the study names one)."""
+    if not kind.needs_image or not (explicit or study.image or study.images):
+        return []
+    spec = runner_choice(None, study) if explicit else None
+    return study_images(study, spec or RunnerSpec(kind.name, study.image), expand_study(study))
 
 
 def _gpu_line(pool: GpuPool, device: str) -> str:
@@ -191,44 +154,6 @@ def _gpu_check() -> Check:
     )
 
 
-async def _image_checks(images: list[str], buildable: bool) -> list[Check]:
-    """Per image: is it on the daemon, and does a container of it start and exit 0."""
-    checks: list[Check] = []
-    for image in images:
-        try:
-            present = not await missing_images([image])
-        except LlemError as exc:
-            checks.append(Check(f"image {image}", False, exc.message, exc.fix_suggestion))
-            continue
-        fix = (
-            "`llem-dispatch run` will build it from the study's build: context"
-            if buildable
-            else f"docker build -t {image} . / docker pull"
-        )
-        checks.append(
-            Check(
-                f"image {image}",
-                present,
-                "present" if present else "missing",
-                "" if present else fix,
-            )
-        )
-        if present:
-            checks.append(await _probe_check(image))
-    return checks
-
-
-async def _probe_check(image: str) -> Check:
-    name = f"probe container ({image})"
-    try:
-        await run_probe(image)
-    except LlemError as exc:
-        # The container's own stderr (its tail) says most; without any, the daemon's refusal.
-        stderr = getattr(exc, "stderr_snippet", "")
-        return Check(name, False, stderr[-200:] if stderr else exc.message, "See the error above.")
-    return Check(name, True, "ran `true`")
-
-
 @app.command()
 def doctor(
     study_file: Annotated[Path | None, typer.Argument(help="Optional study to check.")] = None,
@@ -239,7 +164,8 @@ def doctor(
         ),
     ] = None,
 ) -> None:
-    """Check the host: Docker daemon, NVIDIA runtime, GPUs, a study's images, a probe run."""
+    """Check the host: each runner kind (Docker daemon, NVIDIA runtime, a study's images,
+    a probe run), and the GPUs."""
     console = make_console()
     try:
         checks = (

@@ -22,7 +22,6 @@ from rich.table import Table
 from rich.text import Text
 
 from llem_dispatch import _logging
-from llem_dispatch._docker import docker_available
 from llem_dispatch._exchange import ExchangeDir
 from llem_dispatch.cli.app import (
     EXIT_INTERRUPTED,
@@ -162,7 +161,10 @@ def run(
     ] = False,
     gpus: Annotated[str | None, typer.Option(help="GPU ids '0,1,2' or 'auto' (NVML).")] = None,
     virtual_gpus: _VirtualGpusOption = None,
-    runner: Annotated[str | None, typer.Option(help="local | docker | docker:IMAGE")] = None,
+    runner: Annotated[
+        str | None,
+        typer.Option(help="A runner kind: local | docker | docker:IMAGE | a registered one | auto"),
+    ] = None,
     ray_address: _RayOption = None,
     max_concurrency: Annotated[int | None, typer.Option(min=1)] = None,
     timeout: Annotated[float | None, typer.Option(help="Per-experiment timeout, seconds.")] = None,
@@ -265,10 +267,11 @@ def _choose_runner_and_build(
         # Each node decides `auto` for itself; images are built here when this
         # host has a daemon (other nodes need the image too: see the README).
         spec = cluster_runner_spec(runner, plan.study)
-        build_here = spec.kind == "docker" and docker_available()
+        kind = None if spec.auto else spec.runner_kind()
+        build_here = kind is not None and kind.needs_image and kind.available()
     else:
         spec = resolve_runner(runner, plan.study)
-        build_here = spec.kind == "docker"
+        build_here = spec.runner_kind().needs_image
     if build_here:
         for image in study_images(plan.study, spec, plan.experiments):
             ensure_image(

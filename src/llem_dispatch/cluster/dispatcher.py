@@ -40,6 +40,7 @@ from llem_dispatch.cluster.placement import RayPlacement
 from llem_dispatch.dispatch import Dispatcher, Event, RetryPolicy
 from llem_dispatch.gpu import SettleSpec
 from llem_dispatch.models import ExperimentResult
+from llem_dispatch.runners.kinds import AUTO
 
 __all__ = ["RayDispatcher", "sweep_orphans"]
 
@@ -110,14 +111,17 @@ class RayDispatcher(Dispatcher):
     async def preflight(
         self,
         *,
+        runner: str = AUTO,
         images: Sequence[str] = (),
         paths: Sequence[str] = (),
         gpus: int = 0,
         timeout_s: float = 60.0,
     ) -> list[NodeCheck]:
-        """On each host that could run an experiment of `gpus` GPUs: Docker, images, paths."""
+        """On each host that could run an experiment of `gpus` GPUs: the engines of
+        `runner` (a kind's name or `auto`), images, paths."""
         return await preflight_hosts(
             self.placement.connection,
+            runner=runner,
             images=images,
             paths=paths,
             gpus=gpus,
@@ -135,11 +139,16 @@ class RayDispatcher(Dispatcher):
     ) -> None:
         """Before anything runs: can every host that may get an experiment run it?
 
-        `runner_kind` is docker, local or auto (docker where a daemon answers).
+        `runner_kind` is a kind's name or `auto` (decided on each host).
         Raises one `ClusterError` naming every problem on every node.
         """
-        checks = await self.preflight(images=images, paths=paths, gpus=gpus)
-        error = unready_error(checks, runner_kind=runner_kind, folder=paths[0] if paths else "")
+        checks = await self.preflight(runner=runner_kind, images=images, paths=paths, gpus=gpus)
+        error = unready_error(
+            checks,
+            runner_kind=runner_kind,
+            folder=paths[0] if paths else "",
+            has_image=bool(images),
+        )
         if error is not None:
             raise error
 

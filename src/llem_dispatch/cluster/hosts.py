@@ -20,6 +20,7 @@ from llem_dispatch.cluster.connection import RayConnection, node_resource
 from llem_dispatch.cluster.node import remote_task
 from llem_dispatch.dispatch import NodeInfo
 from llem_dispatch.errors import ClusterError
+from llem_dispatch.runners.kinds import AUTO, RunnerKind, decide_kind
 
 __all__ = [
     "NodeCheck",
@@ -40,9 +41,19 @@ class NodeCheck:
     """What `RayDispatcher.preflight` found on one host."""
 
     node: NodeInfo
-    docker: bool
+    #: Whether each engine the study's runner kinds need answers there, by kind name.
+    engines: dict[str, bool]
     missing_images: list[str]
     missing_paths: list[str]
+
+    def kind(self, runner: str, *, has_image: bool) -> RunnerKind:
+        """The kind `runner` (a name or `auto`) means on this host, by its answers."""
+        return decide_kind(
+            runner,
+            has_image=has_image,
+            probe=lambda kind: self.engines.get(kind.name, False),
+            quiet=True,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,26 +93,29 @@ async def on_each_host(
 async def preflight_hosts(
     connection: RayConnection,
     *,
+    runner: str = AUTO,
     images: Sequence[str] = (),
     paths: Sequence[str] = (),
     gpus: int = 0,
     num_cpus: float = 1.0,
     timeout_s: float = 60.0,
 ) -> list[NodeCheck]:
-    """On each host that could run an experiment of `gpus` GPUs: Docker, images, paths.
+    """On each host that could run an experiment of `gpus` GPUs: engines, images, paths.
 
-    A host counts when one of its nodes has `gpus` GPUs and `num_cpus` CPUs.
+    `runner` is a kind's name or `auto`. A host counts when one of its nodes has
+    `gpus` GPUs and `num_cpus` CPUs.
     """
     nodes = [
         n
         for n in connection.nodes()
         if node_resource(n, "GPU") >= gpus and node_resource(n, "CPU") >= num_cpus
     ]
-    found = await on_each_host(nodes, "preflight", (list(images), list(paths)), timeout_s)
+    args = (runner, list(images), list(paths))
+    found = await on_each_host(nodes, "preflight", args, timeout_s)
     return [
         NodeCheck(
             NodeInfo.model_validate(f["node"]),
-            f["docker"],
+            f["engines"],
             f["missing_images"],
             f["missing_paths"],
         )
@@ -110,22 +124,22 @@ async def preflight_hosts(
 
 
 def unready_error(
-    checks: Sequence[NodeCheck], *, runner_kind: str, folder: str
+    checks: Sequence[NodeCheck], *, runner_kind: str, folder: str, has_image: bool = True
 ) -> ClusterError | None:
     """One `ClusterError` naming every problem the checks found, or None if there is none.
 
-    `runner_kind` is docker, local or auto (docker where a daemon answers);
-    `folder` is the study folder a local runner needs on every host.
+    `runner_kind` is a kind's name or `auto` (decided per host by its answers);
+    `folder` is the study folder a host-process kind needs on every host.
     """
     problems: list[str] = []
     for check in checks:
         where = f"node {check.node.label} ({check.node.ip})"
-        use_docker = runner_kind == "docker" or (runner_kind == "auto" and check.docker)
-        if use_docker and not check.docker:
-            problems.append(f"{where}: no Docker daemon answers there")
-        elif use_docker:
+        kind = check.kind(runner_kind, has_image=has_image)
+        if kind.needs_engine and not check.engines.get(kind.name, False):
+            problems.append(f"{where}: no {kind.engine} answers there")
+        elif kind.needs_image:
             problems += [f"{where}: image {i} is not there" for i in check.missing_images]
-        elif check.missing_paths:
+        elif kind.uses_study_folder and check.missing_paths:
             problems.append(f"{where}: the study folder {folder} does not exist there")
     if not problems:
         return None
@@ -193,16 +207,22 @@ async def sweep_cluster(
 async def check_cluster(
     address: str | None,
     *,
+    runner: str = AUTO,
     images: Sequence[str] = (),
     paths: Sequence[str] = (),
     timeout_s: float = 60.0,
 ) -> tuple[dict[str, int], list[NodeCheck]]:
-    """GPUs per node, and on every host: a Docker daemon, `images` and `paths` present."""
+    """GPUs per node, and on every host: `runner`'s engines, `images` and `paths` present."""
     connection = RayConnection(address)
     try:
         gpus = connection.cluster_gpus()
         found = await preflight_hosts(
-            connection, images=images, paths=paths, num_cpus=1.0, timeout_s=timeout_s
+            connection,
+            runner=runner,
+            images=images,
+            paths=paths,
+            num_cpus=1.0,
+            timeout_s=timeout_s,
         )
         return gpus, found
     finally:

@@ -22,13 +22,14 @@ import anyio
 import anyio.from_thread
 import structlog
 
-from llem_dispatch._docker import docker_available, missing_images
+from llem_dispatch._docker import docker_available
 from llem_dispatch.dispatch import NodeInfo
 from llem_dispatch.errors import ClusterError, LlemError
 from llem_dispatch.gpu.discovery import nvml_inventory, nvml_thermal
 from llem_dispatch.gpu.thermal import SettleSpec, ThermalGate
 from llem_dispatch.models import ExperimentFailure, HashedConfig
 from llem_dispatch.reap import reap
+from llem_dispatch.runners.kinds import kinds_for
 from llem_dispatch.runners.protocol import RunInfo, Runner
 
 __all__ = [
@@ -326,13 +327,22 @@ def sweep_task(
     return {"node": node.model_dump(), "reaped": [asdict(r) for r in found], "skipped": None}
 
 
-def preflight_task(images: list[str], paths: list[str]) -> dict[str, Any]:
-    """The Ray task run once per host by the preflight: Docker, images, paths."""
-    docker = docker_available()
+def preflight_task(runner: str, images: list[str], paths: list[str]) -> dict[str, Any]:
+    """The Ray task run once per host by the preflight: engines, images, paths.
+
+    `runner` is a kind's name or `auto`: each engine those kinds need is asked
+    whether it answers here, and the first image kind that answers for `images`.
+    """
+    kinds = kinds_for(runner)
+    engines = {k.name: k.available() for k in kinds if k.needs_engine}
+    image_kind = next((k for k in kinds if k.needs_image and engines.get(k.name, True)), None)
+    missing: list[str] = []
+    if image_kind is not None and images:
+        missing = anyio.run(image_kind.missing_images, images)
     return {
         "node": this_node().model_dump(),
-        "docker": docker,
-        "missing_images": anyio.run(missing_images, images) if docker and images else [],
+        "engines": engines,
+        "missing_images": missing,
         "missing_paths": [p for p in paths if not Path(p).exists()],
     }
 

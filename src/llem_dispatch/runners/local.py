@@ -16,7 +16,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import anyio
 import anyio.abc
@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 from llem_dispatch._exchange import DEFAULT_MAX_RESULT_BYTES, ExchangeDir
 from llem_dispatch._logcapture import LogCapture
-from llem_dispatch.errors import ExperimentStartError
+from llem_dispatch.errors import ConfigError, ExperimentStartError
 from llem_dispatch.runners._backend import (
     KILL_WAIT_S,
     NEUTRAL_ERRORS,
@@ -38,9 +38,10 @@ from llem_dispatch.runners._backend import (
 )
 from llem_dispatch.runners._cancel import FORCE_KILL, wait_until_forced
 from llem_dispatch.runners._lifecycle import DEFAULT_SECRET_ENV, run_lifecycle
+from llem_dispatch.runners.kinds import RunnerKind, RunnerOptions
 from llem_dispatch.runners.protocol import Outcome, RunObserver
 
-__all__ = ["LocalRunner"]
+__all__ = ["LocalRunner", "LocalRunnerKind"]
 
 CHUNK = 64 * 1024
 
@@ -251,3 +252,35 @@ def _kill_group(process: anyio.abc.Process) -> None:
     """SIGKILL the whole process group; it is gone or ours, never anyone else's."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
+
+
+class LocalRunnerKind(RunnerKind):
+    """The `local` runner kind: each experiment a host subprocess (no image, no engine).
+
+    GPUs are handed over by visibility variables only. A kind that runs host
+    processes differently subclasses this and sets `runner_class`.
+    """
+
+    gpu_request = "env"
+    summary = "the local subprocess runner (experiments run on this host, not in containers)"
+    #: The runner this kind builds (a `LocalRunner` subclass keeps the whole lifecycle).
+    runner_class: ClassVar[type[LocalRunner]] = LocalRunner
+
+    def build(self, options: RunnerOptions, image: str | None = None) -> LocalRunner:
+        """A `runner_class` running the study's `command:` or `function:` in its folder."""
+        if options.command is None and options.function is None:
+            raise ConfigError(
+                f"the {self.name} runner needs `command:` or `function:` in the study",
+                fix_suggestion="Add `function: module:function` to the study.",
+            )
+        return self.runner_class(
+            options.command,
+            function=options.function,
+            timeout=options.timeout_s,
+            source=options.source,
+            env=options.env,
+            cwd=options.cwd,
+            silence_timeout=options.silence_timeout_s,
+            exchange_base=options.exchange_base,
+            stop_grace_s=options.stop_grace_s,
+        )

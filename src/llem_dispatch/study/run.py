@@ -36,6 +36,7 @@ from llem_dispatch.errors import ConfigError, EngineHungError
 from llem_dispatch.gpu import GpuPool, SettleSpec
 from llem_dispatch.reap import reap
 from llem_dispatch.runners import Runner
+from llem_dispatch.runners.kinds import find_runner_kind
 from llem_dispatch.study.plan import expand_study
 from llem_dispatch.study.results import Journal, ResultsDir, StudySummary
 from llem_dispatch.study.runner_choice import (
@@ -411,9 +412,12 @@ async def _place_locally(
             virtual=pool.virtual,
             exchange_base=results.exchange,
         )
-        await check_function_importable(study, spec, experiments)
+        await check_function_importable(study, spec, experiments, study_dir=study_dir)
     dispatcher = Dispatcher(runner, pool=pool, prestart=study.prestart, **dispatch)
     name = spec.kind if spec else (dispatcher.runner_type or "custom")
+    # A runner given ready-made is known by its runner_type (a custom one by no kind).
+    kind = spec.runner_kind() if spec else find_runner_kind(name)
+    reapable = kind is not None and kind.reapable
     deadlines = ApiDeadlines(**study.docker_deadlines)
 
     async def sweep(study_over: bool) -> None:
@@ -426,7 +430,7 @@ async def _place_locally(
         name,
         spec.source if spec else "explicit",
         {"gpus": list(pool.devices), "virtual_gpus": pool.virtual},
-        sweep if name == "docker" else None,
+        sweep if reapable else None,
     )
 
 

@@ -1,7 +1,8 @@
 """Runner choice: which runner (and image) a study runs on, built from its fields.
 
-explicit > LLEM_RUNNER > the study's `runner:` > auto-detection; per-backend
-images; the study's image built when missing; the GPU pool from options.
+explicit > LLEM_RUNNER > the study's `runner:` > the auto rule; per-backend
+images; the study's image built when missing; the GPU pool from options. What
+each kind needs and how it builds its runner is the kind's (`runners.kinds`).
 """
 
 from __future__ import annotations
@@ -15,16 +16,11 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from llem_dispatch._docker import (
-    ApiDeadlines,
-    build_image,
-    docker_available,
-    image_present,
-    run_once,
-)
-from llem_dispatch.errors import ConfigError, DockerError, DockerImagePullError
+from llem_dispatch._docker import build_image, image_present
+from llem_dispatch.errors import ConfigError, DockerImagePullError
 from llem_dispatch.gpu import GpuPool, SettleSpec
-from llem_dispatch.runners import DockerRunner, LocalRunner, RoutingRunner, Runner
+from llem_dispatch.runners import RoutingRunner, Runner, RunnerOptions
+from llem_dispatch.runners.kinds import AUTO, choose_auto, kinds_for
 from llem_dispatch.study.schema import (
     Experiment,
     RunnerSpec,
@@ -49,6 +45,7 @@ __all__ = [
     "make_runner",
     "resolve_runner",
     "runner_choice",
+    "runner_options",
     "sandbox_widenings",
     "study_images",
 ]
@@ -68,9 +65,10 @@ def runner_choice(
     ):
         if value:
             spec = parse_runner_value(value)
-            if spec.kind != "auto":
-                return RunnerSpec(spec.kind, spec.image or study.image, source)
-            return None
+            if spec.auto:
+                return None
+            image = spec.image or study.image if spec.runner_kind().needs_image else None
+            return RunnerSpec(spec.kind, image, source)
     return None
 
 
@@ -79,37 +77,46 @@ def resolve_runner(
     study: Study,
     *,
     environ: Mapping[str, str] | None = None,
-    probe: Callable[[], bool] = docker_available,
+    probe: Callable[[], bool] | None = None,
 ) -> RunnerSpec:
-    """explicit > LLEM_RUNNER > study file > auto-detect (docker if a daemon answers)."""
+    """explicit > LLEM_RUNNER > study file > the auto rule (`detect_runner`)."""
     chosen = runner_choice(explicit, study, environ=environ)
     return chosen if chosen is not None else detect_runner(study, probe=probe)
 
 
-def detect_runner(study: Study, *, probe: Callable[[], bool] = docker_available) -> RunnerSpec:
-    """`auto`: docker if a daemon answers here, else local (said in one warning)."""
-    if probe():
-        return RunnerSpec("docker", study.image, "auto")
-    log.warning(
-        "no_docker_daemon",
-        message="No Docker daemon reachable: falling back to the local subprocess "
-        "runner (experiments run on this host, not in containers).",
+def detect_runner(study: Study, *, probe: Callable[[], bool] | None = None) -> RunnerSpec:
+    """`auto`: docker if the study has an image and a daemon answers, else local (said once).
+
+    `probe` stands in for the engine's answer (tests).
+    """
+    kind = choose_auto(
+        has_image=_has_image(study),
+        probe=None if probe is None else (lambda _kind: probe()),
     )
-    return RunnerSpec("local", None, "auto")
+    return RunnerSpec(kind.name, study.image if kind.needs_image else None, "auto")
+
+
+def _has_image(study: Study) -> bool:
+    return bool(study.image or study.images)
 
 
 def cluster_runner_spec(explicit: str | None, study: Study) -> RunnerSpec:
     """On a cluster: explicit > LLEM_RUNNER > study file, else `auto`, decided on each node."""
-    return runner_choice(explicit, study) or RunnerSpec("auto", study.image, "auto")
+    return runner_choice(explicit, study) or RunnerSpec(AUTO, study.image, "auto")
 
 
 def cluster_requirements(
     study: Study, spec: RunnerSpec, experiments: Iterable[Experiment], study_dir: Path
 ) -> tuple[list[str], list[str]]:
-    """What a host needs to run the study: its images (docker) and its folder (local)."""
-    use_docker = spec.kind == "docker" or (spec.kind == "auto" and (study.image or study.images))
-    images = study_images(study, spec, experiments) if use_docker else []
-    paths = [str(study_dir.resolve())] if spec.kind != "docker" else []
+    """What a host needs to run the study: its images (docker) and its folder (local).
+
+    Under `auto` both: each node's own answer decides which it uses.
+    """
+    kinds = kinds_for(spec.kind)
+    # An explicit image kind needs its image (an error here if the study names none).
+    runs_image = any(k.needs_image for k in kinds) and (not spec.auto or _has_image(study))
+    images = study_images(study, spec, experiments) if runs_image else []
+    paths = [str(study_dir.resolve())] if any(k.uses_study_folder for k in kinds) else []
     return images, paths
 
 
@@ -141,7 +148,7 @@ def study_images(study: Study, spec: RunnerSpec, experiments: Iterable[Experimen
     if study.image:
         return [study.image]
     raise ConfigError(
-        "the study names no image and the runner is docker",
+        f"the study names no image and the runner is {spec.kind}",
         fix_suggestion="Add `image:` to the study, or run with --runner local.",
     )
 
@@ -172,6 +179,40 @@ def warn_sandbox_widenings(study: Study) -> None:
         )
 
 
+def runner_options(
+    study: Study,
+    spec: RunnerSpec,
+    *,
+    study_dir: Path,
+    labels: Mapping[str, str] | None = None,
+    virtual: bool = False,
+    exchange_base: Path | None = None,
+) -> RunnerOptions:
+    """The study's settings as the plain values a runner kind builds from."""
+    return RunnerOptions(
+        command=tuple(study.command) if study.command is not None else None,
+        function=study.function,
+        timeout_s=study.timeout_s,
+        silence_timeout_s=study.silence_timeout_s,
+        stop_grace_s=study.stop_grace_s,
+        source=spec.source,
+        env=dict(study.env),
+        study_dir=study_dir,
+        cwd=study_dir / study.workdir if study.workdir else study_dir,
+        mount_study_dir=study.mount_study_dir,
+        exchange_base=exchange_base,
+        labels={**study.labels, **(labels or {})},
+        virtual=virtual,
+        gpu_passthrough=study.gpu_passthrough,
+        shm_size=study.shm_size,
+        network=study.network,
+        user=study.user,
+        cap_add=tuple(study.cap_add),
+        mem_limit=study.mem_limit,
+        api_deadlines=dict(study.docker_deadlines),
+    )
+
+
 def make_runner(
     study: Study,
     spec: RunnerSpec,
@@ -182,60 +223,28 @@ def make_runner(
     virtual: bool = False,
     exchange_base: Path | None = None,
 ) -> Runner:
-    """Build the runner a study asks for."""
-    if spec.kind != "local":
-        warn_sandbox_widenings(study)
-    if spec.kind == "local":
-        if study.command is None and study.function is None:
-            raise ConfigError(
-                "the local runner needs `command:` or `function:` in the study",
-                fix_suggestion="Add `function: module:function` to the study.",
-            )
-        cwd = study_dir / study.workdir if study.workdir else study_dir
-        return LocalRunner(
-            study.command,
-            function=study.function,
-            timeout=study.timeout_s,
-            source=spec.source,
-            env=study.env,
-            cwd=cwd,
-            silence_timeout=study.silence_timeout_s,
-            exchange_base=exchange_base,
-            stop_grace_s=study.stop_grace_s,
-        )
-
-    def docker(image: str) -> DockerRunner:
-        return DockerRunner(
-            image,
-            timeout=study.timeout_s,
-            source=spec.source,
-            command=study.command,
-            function=study.function,
-            env=study.env,
-            shm_size=study.shm_size,
-            gpu_passthrough=study.gpu_passthrough
-            if study.gpu_passthrough is not None
-            else not virtual,
-            silence_timeout=study.silence_timeout_s,
-            network=study.network,
-            user=study.user,
-            cap_add=study.cap_add,
-            mem_limit=study.mem_limit,
-            labels={**study.labels, **(labels or {})},
-            stop_grace_s=study.stop_grace_s,
-            exchange_base=exchange_base,
-            source_dir=study_dir if study.mount_study_dir else None,
-            api_deadlines=ApiDeadlines(**study.docker_deadlines),
-        )
-
+    """Build the runner a study asks for, through its kind (one per backend with `images:`)."""
+    kind = spec.runner_kind()
+    options = runner_options(
+        study,
+        spec,
+        study_dir=study_dir,
+        labels=labels,
+        virtual=virtual,
+        exchange_base=exchange_base,
+    )
+    if not kind.needs_image:
+        return kind.build(options)
+    warn_sandbox_widenings(study)
     if spec.image is None and study.images:
         experiments = list(experiments)
         backends = sorted({str(e.config.get(study.image_field)) for e in experiments})
         return RoutingRunner(
-            study.image_field, {b: docker(get_default_image(b, study.images)) for b in backends}
+            study.image_field,
+            {b: kind.build(options, get_default_image(b, study.images)) for b in backends},
         )
     images = study_images(study, spec, experiments)
-    return docker(images[0])
+    return kind.build(options, images[0])
 
 
 @dataclass(frozen=True)
@@ -256,7 +265,7 @@ class StudyRunnerFactory:
     exchange_base: Path
 
     def __call__(self, node: NodeContext) -> Runner:
-        spec = detect_runner(self.study) if self.spec.kind == "auto" else self.spec
+        spec = detect_runner(self.study) if self.spec.auto else self.spec
         exchange: Path | None = None
         if node.driver_host:
             exchange = self.exchange_base
@@ -273,42 +282,18 @@ class StudyRunnerFactory:
 
 
 async def check_function_importable(
-    study: Study, spec: RunnerSpec, experiments: Iterable[Experiment]
+    study: Study,
+    spec: RunnerSpec,
+    experiments: Iterable[Experiment],
+    *,
+    study_dir: Path | None = None,
 ) -> None:
-    """Before anything runs: is the `function:` module importable in each image?
-
-    A module that sits beside the study file works with the local runner but not
-    in an image that lacks it; say so now, with the fix, instead of as a bare
-    ModuleNotFoundError in every experiment.
-    """
-    if spec.kind != "docker" or study.function is None or study.mount_study_dir:
-        return
-    top = study.function.split(":")[0].split(".")[0]
-    code = (
-        "import importlib.util as u, os, sys; sys.path.insert(0, os.getcwd()); "
-        f"sys.exit(0 if u.find_spec({top!r}) else 3)"
-    )
-    for image in study_images(study, spec, experiments):
-        try:
-            exit_code, stderr, _ = await run_once(image, ["python3", "-c", code], env=study.env)
-        except DockerError as exc:
-            if "executable file not found" in exc.message:
-                raise ConfigError(
-                    f"image {image} has no python3, which `function: {study.function}` needs",
-                    fix_suggestion="Use an image with python3, or run the experiment with "
-                    "`command: [argv]` instead of `function:`.",
-                ) from exc
-            raise
-        if exit_code == 3:
-            raise ConfigError(
-                f"`function: {study.function}`: module {top!r} is not importable in image "
-                f"{image} (a file beside the study is not in the image); nothing was run",
-                fix_suggestion=f"COPY {top}.py (or its package) into the image in its "
-                "Dockerfile, or set `mount_study_dir: true` to mount the study folder "
-                "read-only (development runs).",
-            )
-        if exit_code != 0:
-            log.warning("function_check_inconclusive", image=image, stderr=stderr[-500:])
+    """Before anything runs: what the kind can check once for every run (for docker:
+    is the `function:` module importable in each image?)."""
+    kind = spec.runner_kind()
+    images = study_images(study, spec, experiments) if kind.needs_image else []
+    options = runner_options(study, spec, study_dir=study_dir or Path.cwd())
+    await kind.check_study(options, images)
 
 
 def ensure_image(

@@ -1,6 +1,6 @@
 """The study file's schema: what a user may write, each field documented and checked.
 
-Also the grammar of a runner value (`local | docker | docker:IMAGE | auto`).
+Also the grammar of a runner value (`NAME | NAME:IMAGE | auto`, NAME a registered kind).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from pydantic import (
 
 from llem_dispatch._docker import ApiDeadlines
 from llem_dispatch.errors import ConfigError
+from llem_dispatch.runners.kinds import AUTO, RunnerKind, get_runner_kind
+from llem_dispatch.runners.kinds import parse_runner_value as parse_kind_value
 
 __all__ = [
     "BuildSpec",
@@ -150,8 +152,9 @@ class Study(BaseModel):
     )
     runner: str | None = Field(
         default=None,
-        description="local | docker | docker:IMAGE | auto; --runner and LLEM_RUNNER override "
-        "it (default: Docker if a daemon answers, else local).",
+        description="A runner kind (local | docker | docker:IMAGE | a registered kind) or auto; "
+        "--runner and LLEM_RUNNER override it (default auto: Docker if the study has an image "
+        "and a daemon answers, else local).",
     )
     cluster: str | None = Field(
         default=None,
@@ -443,29 +446,39 @@ class Experiment:
 
 @dataclass(frozen=True, slots=True)
 class RunnerSpec:
-    """Which runner to use, with which image, and why (recorded in every result)."""
+    """Which runner to use, with which image, and why (recorded in every result).
 
-    kind: Literal["local", "docker", "auto"]
+    `kind` is a registered runner kind's name, or `auto` (decided where it runs).
+    """
+
+    kind: str
     image: str | None = None
     source: str = "explicit"
 
+    @property
+    def auto(self) -> bool:
+        """Left to the auto rule (`choose_auto`), decided on the host that runs it."""
+        return self.kind == AUTO
+
+    def runner_kind(self) -> RunnerKind:
+        """The registered kind (a `ConfigError` for `auto`, which names none yet)."""
+        return get_runner_kind(self.kind)
+
 
 def parse_runner_value(value: str) -> RunnerSpec:
-    """'local' | 'docker' | 'docker:IMAGE' | 'auto' -> RunnerSpec, or a clear error."""
-    text = value.strip()
-    if text in {"local", "docker", "auto"}:
-        return RunnerSpec(kind=text)  # type: ignore[arg-type]
-    if text.startswith("docker:"):
-        image = text.removeprefix("docker:")
-        try:
+    """'NAME' | 'NAME:IMAGE' | 'auto' -> RunnerSpec, or a clear error (did-you-mean).
+
+    NAME is a registered runner kind (`llem_dispatch.runners.kinds`); `:IMAGE` is
+    for kinds that run an image (`docker:IMAGE`).
+    """
+    try:
+        kind, image = parse_kind_value(value)
+        if image is not None:
             check_image(image)
-        except ValueError as exc:
-            raise ConfigError(
-                f"runner {value!r}: {exc}", fix_suggestion="Use docker:name:tag."
-            ) from exc
-        return RunnerSpec(kind="docker", image=image)
-    raise ConfigError(
-        f"runner value {value!r} is not one of: local, docker, docker:IMAGE, auto",
-        fix_suggestion="Set --runner / LLEM_RUNNER / the study's `runner:` to local, docker, "
-        "docker:IMAGE or auto.",
-    )
+    except ValueError as exc:
+        raise ConfigError(
+            f"runner {value!r}: {exc}",
+            fix_suggestion="Set --runner / LLEM_RUNNER / the study's `runner:` to a registered "
+            "kind (NAME or NAME:IMAGE for one that runs images) or auto.",
+        ) from exc
+    return RunnerSpec(kind=kind, image=image)

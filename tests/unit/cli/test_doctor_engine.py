@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llem_dispatch.cli.doctor import _engine_check
+from llem_dispatch.runners.docker_kind import engine_check as _engine_check
 
 
 @pytest.mark.parametrize(

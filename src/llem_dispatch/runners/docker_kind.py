@@ -1,0 +1,219 @@
+"""The `docker` runner kind: what it needs, how it builds a DockerRunner, its doctor checks.
+
+Registered by dotted path, so aiodocker is imported only once a study uses Docker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import structlog
+
+from llem_dispatch._docker import (
+    ApiDeadlines,
+    docker_available,
+    engine_version,
+    missing_images,
+    run_once,
+    run_probe,
+    runtimes,
+)
+from llem_dispatch.errors import ConfigError, DockerError, LlemError
+from llem_dispatch.runners.docker import DockerRunner
+from llem_dispatch.runners.kinds import DoctorCheck, RunnerKind, RunnerOptions
+
+__all__ = ["FIXED_ENGINE_MAJOR", "DockerRunnerKind", "engine_check"]
+
+log = structlog.get_logger("llem_dispatch.docker")
+
+#: Engines before this major version carry the libnetwork deadlock under container
+#: churn (moby/moby#46661, moby/libnetwork#2649), fixed after 20.10.24.
+FIXED_ENGINE_MAJOR = 23
+
+_START_DOCKER = "Start dockerd (`sudo systemctl start docker`) or use --runner local."
+
+
+class DockerRunnerKind(RunnerKind):
+    """The `docker` runner kind: each experiment in an ephemeral container of an image.
+
+    Needs the Docker daemon; GPUs are asked for by device requests (visibility
+    variables only on virtual GPUs); its containers are labelled for `reap`.
+    """
+
+    needs_image = True
+    needs_engine = True
+    engine = "Docker daemon"
+    gpu_request = "device_requests"
+    uses_study_folder = False
+    reapable = True
+    summary = "Docker containers"
+
+    def available(self) -> bool:
+        """Whether a Docker daemon answers here (a quick API ping)."""
+        return docker_available()
+
+    def build(self, options: RunnerOptions, image: str | None = None) -> DockerRunner:
+        """A DockerRunner for `image` with the study's container settings."""
+        if image is None:
+            raise ConfigError(
+                f"the study names no image and the runner is {self.name}",
+                fix_suggestion="Add `image:` to the study, or run with --runner local.",
+            )
+        passthrough = options.gpu_passthrough
+        return DockerRunner(
+            image,
+            timeout=options.timeout_s,
+            source=options.source,
+            command=options.command,
+            function=options.function,
+            env=options.env,
+            shm_size=options.shm_size,
+            gpu_passthrough=passthrough if passthrough is not None else not options.virtual,
+            silence_timeout=options.silence_timeout_s,
+            network=options.network,
+            user=options.user,
+            cap_add=options.cap_add,
+            mem_limit=options.mem_limit,
+            labels=options.labels,
+            stop_grace_s=options.stop_grace_s,
+            exchange_base=options.exchange_base,
+            source_dir=options.study_dir if options.mount_study_dir else None,
+            api_deadlines=ApiDeadlines(**options.api_deadlines),
+        )
+
+    async def missing_images(self, images: Sequence[str]) -> list[str]:
+        """Those of `images` the daemon does not have."""
+        return await missing_images(images) if images else []
+
+    async def check_study(self, options: RunnerOptions, images: Sequence[str]) -> None:
+        """Is the `function:` module importable in each image?
+
+        A module that sits beside the study file works with the local runner but
+        not in an image that lacks it; say so now, with the fix, instead of as a
+        bare ModuleNotFoundError in every experiment.
+        """
+        if options.function is None or options.mount_study_dir:
+            return
+        function = options.function
+        top = function.split(":")[0].split(".")[0]
+        code = (
+            "import importlib.util as u, os, sys; sys.path.insert(0, os.getcwd()); "
+            f"sys.exit(0 if u.find_spec({top!r}) else 3)"
+        )
+        for image in images:
+            try:
+                exit_code, stderr, _ = await run_once(
+                    image, ["python3", "-c", code], env=options.env
+                )
+            except DockerError as exc:
+                if "executable file not found" in exc.message:
+                    raise ConfigError(
+                        f"image {image} has no python3, which `function: {function}` needs",
+                        fix_suggestion="Use an image with python3, or run the experiment with "
+                        "`command: [argv]` instead of `function:`.",
+                    ) from exc
+                raise
+            if exit_code == 3:
+                raise ConfigError(
+                    f"`function: {function}`: module {top!r} is not importable in image "
+                    f"{image} (a file beside the study is not in the image); nothing was run",
+                    fix_suggestion=f"COPY {top}.py (or its package) into the image in its "
+                    "Dockerfile, or set `mount_study_dir: true` to mount the study folder "
+                    "read-only (development runs).",
+                )
+            if exit_code != 0:
+                log.warning("function_check_inconclusive", image=image, stderr=stderr[-500:])
+
+    async def doctor_checks(
+        self, images: Sequence[str] = (), *, required: bool = True, buildable: bool = False
+    ) -> list[DoctorCheck]:
+        """The daemon, its version and NVIDIA runtime; then each image and a probe run."""
+        if not self.available():
+            return [
+                DoctorCheck("Docker daemon", False, "not reachable", _START_DOCKER, not required)
+            ]
+        checks = await _daemon_checks()
+        for image in images:
+            checks += await _image_checks(image, buildable)
+        return checks
+
+
+async def _daemon_checks() -> list[DoctorCheck]:
+    """The daemon (it answered the ping) and whether it can hand GPUs to containers."""
+    try:
+        server, api = await engine_version()
+        version = f"{server} (API {api})"
+    except LlemError:
+        version = "answers /_ping"
+    try:
+        has_nvidia = any("nvidia" in name for name in await runtimes())
+    except LlemError:
+        has_nvidia = False
+    return [
+        DoctorCheck("Docker daemon", True, version),
+        engine_check(version),
+        DoctorCheck(
+            "NVIDIA container runtime",
+            has_nvidia,
+            "registered" if has_nvidia else "not registered",
+            ""
+            if has_nvidia
+            else "Install the NVIDIA Container Toolkit for GPU "
+            "passthrough; without it use --virtual-gpus.",
+            optional=True,
+        ),
+    ]
+
+
+def engine_check(version: str) -> DoctorCheck:
+    """Warn about an engine with the known deadlock under our own container churn."""
+    major = version.split(".", 1)[0]
+    if not major.isdigit():
+        return DoctorCheck("Docker Engine version", True, "unknown", optional=True)
+    affected = int(major) < FIXED_ENGINE_MAJOR
+    return DoctorCheck(
+        "Docker Engine version",
+        not affected,
+        f"{version}: known to deadlock under container churn (moby/moby#46661)"
+        if affected
+        else f"{version}: without the 20.10 churn deadlock",
+        "Upgrade the engine (23.0 or later: Docker CE, or Debian trixie's docker.io "
+        "26.1.5); until then a hung daemon is detected and reported (DockerDaemonHungError)."
+        if affected
+        else "",
+        optional=True,
+    )
+
+
+async def _image_checks(image: str, buildable: bool) -> list[DoctorCheck]:
+    """Is the image on the daemon, and does a container of it start and exit 0."""
+    try:
+        present = not await missing_images([image])
+    except LlemError as exc:
+        return [DoctorCheck(f"image {image}", False, exc.message, exc.fix_suggestion)]
+    fix = (
+        "`llem-dispatch run` will build it from the study's build: context"
+        if buildable
+        else f"docker build -t {image} . / docker pull"
+    )
+    checks = [
+        DoctorCheck(
+            f"image {image}", present, "present" if present else "missing", "" if present else fix
+        )
+    ]
+    if present:
+        checks.append(await _probe_check(image))
+    return checks
+
+
+async def _probe_check(image: str) -> DoctorCheck:
+    name = f"probe container ({image})"
+    try:
+        await run_probe(image)
+    except LlemError as exc:
+        # The container's own stderr (its tail) says most; without any, the daemon's refusal.
+        stderr = getattr(exc, "stderr_snippet", "")
+        return DoctorCheck(
+            name, False, stderr[-200:] if stderr else exc.message, "See the error above."
+        )
+    return DoctorCheck(name, True, "ran `true`")
