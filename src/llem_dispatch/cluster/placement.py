@@ -15,8 +15,8 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -27,7 +27,13 @@ from pydantic import BaseModel, ValidationError
 
 from llem_dispatch import _labels
 from llem_dispatch.cluster.connection import RayConnection, node_resource
-from llem_dispatch.cluster.hosts import NodeCheck, NodeSweep, preflight_hosts, sweep_hosts, unready_error
+from llem_dispatch.cluster.hosts import (
+    NodeCheck,
+    NodeSweep,
+    preflight_hosts,
+    sweep_hosts,
+    unready_error,
+)
 from llem_dispatch.cluster.node import RunnerFactory, remote_task
 from llem_dispatch.cluster.settings import RaySettings
 from llem_dispatch.dispatch import GpuAtStart, NodeInfo, Placement, PlacementRequest, RecordDraft

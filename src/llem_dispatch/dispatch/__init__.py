@@ -1,4 +1,4 @@
-"""Dispatch: concurrency, retries and events around a placement; the RunRecord; placements by name."""
+"""Dispatch: concurrency, retries and events around a placement (by name); the RunRecord."""
 
 from llem_dispatch.dispatch.dispatcher import NO_RETRIES, Dispatcher, RetryPolicy
 from llem_dispatch.dispatch.placement import (

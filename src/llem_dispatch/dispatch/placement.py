@@ -95,7 +95,9 @@ class HostGpus:
         residual = self.residual_memory_mb
         if self.ids is None or self.ids == "auto":
             return GpuPool.detect(cooldown_s=cooldown_s, residual_memory_mb=residual, settle=settle)
-        return GpuPool(list(self.ids), cooldown_s=cooldown_s, residual_memory_mb=residual, settle=settle)
+        return GpuPool(
+            list(self.ids), cooldown_s=cooldown_s, residual_memory_mb=residual, settle=settle
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,10 +136,10 @@ class PlacementRequest:
     host_needs: HostNeeds = HostNeeds()
     #: Checks of the runner on this host before anything runs (e.g. the `function:`
     #: module importable in the image); run by placements that run attempts here.
-    check_here: Callable[[], Awaitable[None]] | None = None
+    check_here: Callable[[], Awaitable[object]] | None = None
     #: Reaps this host's leftovers of the study's dead runs (a container runner's
     #: orphans, logs kept), before it starts; None when the runner leaves none.
-    reap_here: Callable[[], Awaitable[None]] | None = None
+    reap_here: Callable[[], Awaitable[object]] | None = None
 
 
 class Placement(abc.ABC):
@@ -212,6 +214,7 @@ class Placement(abc.ABC):
         Called before the study (`study_over=False`: only orphans of dead owners)
         and after it (`True`: anything of this study is left over). Default: nothing.
         """
+        return  # a placement that leaves nothing behind has nothing to sweep
 
     def describe(self) -> Mapping[str, Any]:
         """Where the study ran, as JSON facts for study.json and the journal."""

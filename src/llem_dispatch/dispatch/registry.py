@@ -83,7 +83,9 @@ def register_placement(
         _known[name] = PlacementEntry(cls, install_hint, requires)
         _classes.pop(name, None)
     else:
-        _known[name] = PlacementEntry(f"{cls.__module__}:{cls.__qualname__}", install_hint, requires)
+        _known[name] = PlacementEntry(
+            f"{cls.__module__}:{cls.__qualname__}", install_hint, requires
+        )
         _classes[name] = cls
 
 

@@ -142,6 +142,8 @@ def load_study(path: str | Path, *, overrides: Mapping[str, Any] | None = None) 
             loc = tuple(err["loc"])
             line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
             where = f"{path}:{line}" if line else str(path)
+            if loc and loc[0] in (overrides or {}):
+                where = f"{path} (overridden on the command line)"
             field_name = ".".join(str(p) for p in loc) or "<study>"
             message = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
