@@ -147,7 +147,7 @@ _RayOption = Annotated[
         "--ray",
         metavar="ADDRESS",
         help="Run on a Ray cluster: auto, HOST:6379 or ray://HOST:10001 (overrides the "
-        "study's `cluster:`).",
+        "study's `placement:` and the address in its `ray:` / `cluster:`).",
     ),
 ]
 

@@ -279,8 +279,7 @@ class LocalPlacement(Placement):
         return cls(runner, pool, prestart=request.prestart)
 
     async def prepare(self, request: PlacementRequest) -> None:
-        """The largest request against the pool, then the runner's own checks here."""
-        self.check_request(request.gpu_count)
+        """The runner's own checks here (the pool was checked when it was built)."""
         if request.check_here is not None:
             await request.check_here()
 

@@ -120,7 +120,7 @@ class Study(BaseModel):
     example says the same; a unit test keeps the two in step).
     """
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid")
 
     name: str = Field(
         default="study",
@@ -380,6 +380,14 @@ class Study(BaseModel):
             counts = [(f"base.{field}", value[field])] if field in value else []
         for where, count in counts:
             _check_gpu_count(count, where)
+        return value
+
+    @field_validator("gpu_ids", mode="before")
+    @classmethod
+    def _gpu_ids_as_text(cls, value: Any) -> Any:
+        """`gpus: [0, 1]` names devices 0 and 1: ids are text (indices or UUIDs)."""
+        if isinstance(value, list):
+            return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
         return value
 
     @field_validator("timeout_s", "silence_timeout_s")
