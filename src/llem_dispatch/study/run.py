@@ -97,17 +97,18 @@ async def run_study(
     The study's `placement:` says where experiments run (this host's GPUs by default).
     `cluster` (a Ray cluster's address) runs it on that cluster's nodes, as
     `placement: ray` with `ray: {address: ...}` would, and `cluster_options` go over
-    its `ray:` settings (`RaySettings`, e.g. `placement_timeout_s`); records and the
+    the placement's settings block (`RaySettings`, e.g. `placement_timeout_s`); records and the
     journal are still written here only. The runner is `runner` (with `pool`, this
     host only), else `runner_spec` (a choice already made, recorded with its
     source), else chosen from `runner_value` > LLEM_RUNNER > the study > auto.
     The results dir is held exclusively for the whole run: a second run on it is
     refused at once with `ResultsDirBusyError`.
     """
-    if cluster is not None or cluster_options:
-        study = study.on_placement(
-            "ray", {**({"address": cluster} if cluster else {}), **(cluster_options or {})}
-        )
+    if cluster is not None:
+        study = study.on_placement("ray", {"address": cluster, **(cluster_options or {})})
+    elif cluster_options:
+        # Over the settings block of the study's own placement (`ray:`).
+        study = study.on_placement(study.placement, cluster_options)
     started = time.monotonic()
     if study.cycle_order == "shuffled" and study.seed is None:
         # Record the seed (in study.yaml) so the order can be reproduced.

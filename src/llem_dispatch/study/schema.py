@@ -452,6 +452,11 @@ class Study(BaseModel):
 
         How `--ray ADDRESS` and `run_study(cluster=...)` override the study file.
         """
+        if settings and name not in _PLACEMENT_BLOCKS:
+            raise ConfigError(
+                f"placement {name!r} takes no settings, but {dict(settings)} were given",
+                fix_suggestion="Drop them, or choose a placement they belong to.",
+            )
         data = self.model_dump(by_alias=True, exclude={"cluster", "placement", *_PLACEMENT_BLOCKS})
         data["placement"] = name
         current = self.placement_settings() if name == self.placement else None

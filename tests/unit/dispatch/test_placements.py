@@ -196,8 +196,11 @@ async def test_a_remote_placement_refuses_a_runner_built_here(tmp_path: Path) ->
     study = Study.model_validate({"grid": {"x": [1]}})
     with pytest.raises(ConfigError, match="builds its runners on each host"):
         await run_study(study, tmp_path / "o", runner=FakeRunner(), cluster="127.0.0.1:1")
-    with pytest.raises(ConfigError, match="placement_timeout_s"):
-        await run_study(study, tmp_path / "o", cluster_options={"placement_timeout_s": 0})
+    with pytest.raises(ConfigError, match="placement 'local' takes no settings"):
+        await run_study(study, tmp_path / "o", cluster_options={"placement_timeout_s": 3})
+    on_ray = Study.model_validate({"grid": {"x": [1]}, "placement": "ray"})
+    with pytest.raises(ConfigError, match="placement_timeout_s: Input should be greater than 0"):
+        await run_study(on_ray, tmp_path / "o", cluster_options={"placement_timeout_s": 0})
 
 
 @pytest.mark.parametrize("gpus", [-1, True, 1.5])
