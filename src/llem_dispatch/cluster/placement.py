@@ -297,12 +297,12 @@ class RayPlacement(Placement):
                 message="`prestart:` holds containers at a gate on this host's GPU pool; "
                 "a Ray cluster's placements start each experiment when its GPUs are free.",
             )
-        self.check_request(request.gpu_count)
+        self.check_request(request.max_gpu_count)
         await self.require_ready(
             images=request.host_needs.images,
             paths=request.host_needs.paths,
             runner_kind=request.runner_kind,
-            gpus=request.gpu_count,
+            gpus=request.max_gpu_count,
         )
 
     async def sweep(self, request: PlacementRequest, *, study_over: bool) -> None:

@@ -121,8 +121,8 @@ class PlacementRequest:
     runner_factory: HostRunnerFactory
     #: The runner kind chosen (docker, local, ...), or `auto` to decide on each host.
     runner_kind: str
-    #: The largest GPU count of any experiment (checked before anything runs).
-    gpu_count: int
+    #: The most GPUs any one experiment asks for (checked before anything runs).
+    max_gpu_count: int
     results_dir: Path
     #: Per-GPU cooldown after each experiment, seconds.
     cooldown_s: float = 0.0
@@ -206,7 +206,7 @@ class Placement(abc.ABC):
 
         By default, the largest request is checked against what this placement has.
         """
-        self.check_request(request.gpu_count)
+        self.check_request(request.max_gpu_count)
 
     async def sweep(self, request: PlacementRequest, *, study_over: bool) -> None:
         """Remove what a crashed run of this study left where attempts run.
@@ -274,7 +274,7 @@ class LocalPlacement(Placement):
         if pool is None:
             pool = request.host_gpus.pool(cooldown_s=request.cooldown_s, settle=request.settle)
         # Before the runner is built: a request no GPU set here can meet is the first error.
-        pool.check_request(request.gpu_count)
+        pool.check_request(request.max_gpu_count)
         runner = request.runner_factory(ThisHost(virtual=pool.virtual))
         return cls(runner, pool, prestart=request.prestart)
 

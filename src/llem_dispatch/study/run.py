@@ -132,17 +132,23 @@ async def run_study(
             retries=retry_policy or RetryPolicy(max_attempts=study.retries + 1),
             on_event=_journalling(journal_box, on_event),
         )
-        if reap_orphans:
-            await placed.placement.sweep(placed.request, study_over=False)
-        for path in remove_stale_secrets(results.exchange):
-            # A killed run's kept exchange dirs: plaintext secrets must not stay there.
-            log.warning("stale_secrets_removed", path=str(path))
-        # Records of configs no longer in the study are neither skipped nor run.
-        done = results.completed_keys() & {e.key for e in experiments} if resume else set()
-        todo = [e for e in experiments if e.key not in done]
-        _write_study(results, study, placed, len(experiments))
-        journal_box.append(results.start())
-        _journal_start(results.journal, study, placed, len(experiments), len(done), resume)
+        try:
+            if reap_orphans:
+                await placed.placement.sweep(placed.request, study_over=False)
+            for path in remove_stale_secrets(results.exchange):
+                # A killed run's kept exchange dirs: plaintext secrets must not stay there.
+                log.warning("stale_secrets_removed", path=str(path))
+            # Records of configs no longer in the study are neither skipped nor run.
+            done = results.completed_keys() & {e.key for e in experiments} if resume else set()
+            todo = [e for e in experiments if e.key not in done]
+            _write_study(results, study, placed, len(experiments))
+            journal_box.append(results.start())
+            _journal_start(results.journal, study, placed, len(experiments), len(done), resume)
+        except BaseException:
+            # Not yet handed to the run, which closes it: close the placement here.
+            with anyio.move_on_after(30, shield=True):
+                await dispatcher.aclose()
+            raise
         run = _StudyRun(study, placed, dispatcher, results, reap_orphans)
         await run.all(todo)
         return run.finish(total=len(experiments), skipped=len(done), started=started)
@@ -438,7 +444,7 @@ def _request(
     return PlacementRequest(
         runner_factory=factory,
         runner_kind=spec.kind if spec else "custom",
-        gpu_count=max((e.gpu_count for e in experiments), default=0),
+        max_gpu_count=max((e.gpu_count for e in experiments), default=0),
         results_dir=results.path,
         cooldown_s=study.experiment_gap_s,
         settle=study.settle,

@@ -86,7 +86,7 @@ def request(**fields: Any) -> PlacementRequest:
     defaults: dict[str, Any] = {
         "runner_factory": lambda host: FakeRunner(),
         "runner_kind": "docker",
-        "gpu_count": 1,
+        "max_gpu_count": 1,
         "results_dir": Path("/tmp/r"),
     }
     return PlacementRequest(**{**defaults, **fields})
@@ -121,7 +121,7 @@ def test_the_local_placement_builds_its_pool_and_runner_here() -> None:
     assert [(h.virtual, h.driver_host) for h in hosts] == [(True, True)]
     assert built.describe() == {"gpus": ["0", "1", "2"], "virtual_gpus": True}
     with pytest.raises(GpuRequestError):
-        LocalPlacement.for_study(request(host_gpus=HostGpus(virtual=1), gpu_count=2), None)
+        LocalPlacement.for_study(request(host_gpus=HostGpus(virtual=1), max_gpu_count=2), None)
 
 
 class Elsewhere(LocalPlacement):
@@ -131,7 +131,7 @@ class Elsewhere(LocalPlacement):
 
     @classmethod
     def for_study(cls, request: PlacementRequest, settings: BaseModel | None) -> Elsewhere:
-        cls.calls.append(f"for_study gpus={request.gpu_count} settings={settings}")
+        cls.calls.append(f"for_study gpus={request.max_gpu_count} settings={settings}")
         return cls(request.runner_factory(_Host()), request.pool or HostGpus(virtual=2).pool())
 
     async def prepare(self, request: PlacementRequest) -> None:
