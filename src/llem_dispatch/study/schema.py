@@ -396,7 +396,7 @@ class Study(BaseModel):
         """A time limit is finite and > 0 (null: none); the runners take it as it is."""
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ValueError(
-                f"{info.field_name} must be a finite number of seconds > 0, got {value!r}: "
+                f"must be a finite number of seconds > 0, got {value!r}: "
                 f"give the longest an experiment may take (e.g. {info.field_name}: 3600), "
                 "or leave it out for no limit"
             )

@@ -5,9 +5,11 @@ No Docker, no Ray: the loader, the schema and `llem-dispatch run --dry-run`.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from llem_dispatch.cli import app
@@ -37,9 +39,15 @@ def test_a_time_limit_that_is_not_finite_and_positive_is_a_located_error(
     with pytest.raises(ConfigError) as info:
         load_study(path)
     message = info.value.message
-    assert f"{path}:4: {field}: {field} must be a finite number of seconds > 0" in message
+    assert f"{path}:4: {field}: must be a finite number of seconds > 0" in message
     assert "leave it out for no limit" in message  # the fix, in the line itself
     assert "1 problem(s)" in message
+
+
+@pytest.mark.parametrize("value", [math.inf, math.nan, 0, -1])
+def test_a_study_built_in_python_cannot_hold_a_bad_limit(value: float) -> None:
+    with pytest.raises(ValidationError, match="must be a finite number of seconds > 0"):
+        Study.model_validate({"grid": {"x": [1]}, "timeout_s": value})
 
 
 def test_a_finite_positive_limit_and_null_load() -> None:
@@ -63,7 +71,7 @@ def test_the_cli_exits_2_with_the_located_error(tmp_path: Path, value: str) -> N
     path = write(tmp_path, BASE + f"timeout_s: {value}\n")
     code, output = run_cli(str(path), "--dry-run", "--virtual-gpus", "1")
     assert code == 2, output
-    assert "study.yaml:4: timeout_s: timeout_s must be a finite number of seconds > 0" in output
+    assert "study.yaml:4: timeout_s: must be a finite number of seconds > 0" in output
     assert "Traceback" not in output
 
 
@@ -72,7 +80,7 @@ def test_the_timeout_option_is_checked_by_the_same_rule(tmp_path: Path, value: s
     path = write(tmp_path, BASE + "timeout_s: 60\n")
     code, output = run_cli(str(path), "--dry-run", "--virtual-gpus", "1", "--timeout", value)
     assert code == 2, output
-    assert "(overridden on the command line): timeout_s: timeout_s must be a finite" in output
+    assert "(overridden on the command line): timeout_s: must be a finite number" in output
 
 
 def test_a_good_study_dry_runs(tmp_path: Path) -> None:
