@@ -224,3 +224,12 @@ def test_a_bad_settle_block_is_located(tmp_path: Path, block: str, said: str) ->
         load_study(path)
     assert f"{path}:4: " in info.value.message
     assert said in info.value.message
+
+
+def test_the_ray_flag_still_chooses_the_ray_placement(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE + "runner: local\n")
+    code, output = run_cli(str(path), "--dry-run", "--ray", "10.0.0.1:6379", "--virtual-gpus", "1")
+    assert code == 2, output
+    assert "on a Ray cluster Ray assigns them" in output
+    code, output = run_cli(str(path), "--dry-run", "--ray", "10.0.0.1:6379")
+    assert code == 0, output
