@@ -146,8 +146,9 @@ class Placement(abc.ABC):
     """Where attempts run: the one seam between the dispatcher and the hosts.
 
     A `Dispatcher` calls only the attempt-level methods (`check_request`,
-    `parallelism`, `attempt`, `aclose`, and reads `runner_type`), so any object
-    with those plugs into `Dispatcher(placement=...)`. A placement chosen by
+    `parallelism`, `attempt`, `aclose`, and reads `runner_type`), so a subclass
+    that defines those (at run time, any object that has them) plugs into
+    `Dispatcher(placement=...)`. A placement chosen by
     name from a study (`placement:` in the study file, see
     `llem_dispatch.dispatch.registry`) also has `for_study`, and `run_study`
     calls its study-level hooks: `prepare` before anything runs, `sweep`

@@ -208,3 +208,22 @@ async def test_the_dispatcher_checks_a_gpu_count_once_for_every_placement(gpus: 
     async with Dispatcher(FakeRunner()) as dispatcher:
         with pytest.raises(GpuRequestError, match="whole number >= 0"):
             await dispatcher.run({"a": 1}, gpus=gpus)
+
+
+@pytest.mark.usefixtures("restore_registry")
+def test_placements_of_other_packages_arrive_through_entry_points(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from importlib.metadata import EntryPoint
+
+    point = EntryPoint(
+        name="elsewhere",
+        value="tests.unit.dispatch.test_placements:Elsewhere",
+        group=registry.ENTRY_POINT_GROUP,
+    )
+    monkeypatch.setattr(registry, "entry_points", lambda group: [point] if group else [])
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    assert "elsewhere" in placement_names()
+    assert placement_class("elsewhere") is Elsewhere
+    study = Study.model_validate({"grid": {"x": [1]}, "placement": "elsewhere"})
+    assert study.placement == "elsewhere"
