@@ -42,11 +42,16 @@ __all__ = [
     "GpuRequestError",
     "ImageError",
     "LlemError",
+    "LocalPlacement",
     "LocalRunner",
     "NodeContext",
     "NodeInfo",
     "Outcome",
+    "Placement",
+    "PlacementRequest",
     "RayDispatcher",
+    "RayPlacement",
+    "RaySettings",
     "ResultError",
     "ResultsDirBusyError",
     "RetryPolicy",
@@ -64,6 +69,7 @@ __all__ = [
     "compute_config_hash",
     "load_results",
     "load_study",
+    "register_placement",
     "register_runner_kind",
     "run_study",
     "runner_kinds",
@@ -74,8 +80,20 @@ __version__ = "0.1.0"
 
 #: Where each public name lives (module under llem_dispatch).
 _HOMES = {
-    **dict.fromkeys(("NodeContext", "RayDispatcher"), "cluster"),
-    **dict.fromkeys(("Dispatcher", "NodeInfo", "RetryPolicy", "RunRecord"), "dispatch"),
+    **dict.fromkeys(("NodeContext", "RayDispatcher", "RayPlacement", "RaySettings"), "cluster"),
+    **dict.fromkeys(
+        (
+            "Dispatcher",
+            "LocalPlacement",
+            "NodeInfo",
+            "Placement",
+            "PlacementRequest",
+            "RetryPolicy",
+            "RunRecord",
+            "register_placement",
+        ),
+        "dispatch",
+    ),
     **dict.fromkeys(("GpuLease", "GpuPool"), "gpu"),
     **dict.fromkeys(
         ("ExperimentFailure", "ExperimentResult", "RunnerMetadata", "compute_config_hash"),
@@ -115,8 +133,17 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from llem_dispatch.cluster import NodeContext, RayDispatcher
-    from llem_dispatch.dispatch import Dispatcher, NodeInfo, RetryPolicy, RunRecord
+    from llem_dispatch.cluster import NodeContext, RayDispatcher, RayPlacement, RaySettings
+    from llem_dispatch.dispatch import (
+        Dispatcher,
+        LocalPlacement,
+        NodeInfo,
+        Placement,
+        PlacementRequest,
+        RetryPolicy,
+        RunRecord,
+        register_placement,
+    )
     from llem_dispatch.errors import (
         ClusterError,
         ClusterNodeLostError,

@@ -96,8 +96,8 @@ def test_device_map_covers_every_weight_in_contiguous_blocks(experiment: ModuleT
 def test_study_files_expand_with_their_gpu_counts(name: str, count: int, two_gpu: int) -> None:
     experiments = expand_study(load_study(EXAMPLE / f"{name}.yaml"))
     assert len(experiments) == count
-    assert sum(e.gpus == 2 for e in experiments) == two_gpu
-    assert all(e.gpus == 2 for e in experiments if e.config["model"] == "llama-8b")
+    assert sum(e.gpu_count == 2 for e in experiments) == two_gpu
+    assert all(e.gpu_count == 2 for e in experiments if e.config["model"] == "llama-8b")
     assert {e.config["batch_size"] for e in experiments} == {1, 8, 32}
     assert {e.config["dtype"] for e in experiments} == {"bf16", "fp16"}
 

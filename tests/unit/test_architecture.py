@@ -243,3 +243,34 @@ match kind:
 fine = kind == "auto" or f("docker") or {"docker": 1}
 """
     assert list(_kind_name_comparisons(ast.parse(source), names)) == [2, 4, 5, 6, 8]
+
+
+def _placement_name_comparisons(tree: ast.AST) -> Iterator[int]:
+    """Lines comparing something named `placement` (or `.placement`) with a string literal."""
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Compare):
+            continue
+        sides = [node.left, *node.comparators]
+        named = any(
+            (isinstance(s, ast.Attribute) and s.attr == "placement")
+            or (isinstance(s, ast.Name) and s.id == "placement")
+            for s in sides
+        )
+        literal = any(isinstance(s, ast.Constant) and isinstance(s.value, str) for s in sides)
+        if named and literal:
+            yield node.lineno
+
+
+def test_no_module_branches_on_a_placement_name() -> None:
+    # A placement is chosen once by name (dispatch.registry); everyone else calls its hooks.
+    found = [
+        f"{_module_name(path)}:{line}"
+        for path in _sources()
+        for line in _placement_name_comparisons(ast.parse(path.read_text()))
+    ]
+    assert found == []
+
+
+def test_the_placement_name_check_can_fail() -> None:
+    tree = ast.parse('if study.placement == "ray":\n    pass\nok = placement is None\n')
+    assert list(_placement_name_comparisons(tree)) == [1]

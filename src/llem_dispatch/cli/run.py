@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 import typer
@@ -31,7 +31,7 @@ from llem_dispatch.cli.app import (
     make_console,
 )
 from llem_dispatch.cli.progress import LiveDisplay, ProgressState, resumed_count
-from llem_dispatch.dispatch import Event, RunRecord
+from llem_dispatch.dispatch import Event, RunRecord, placement_class
 from llem_dispatch.errors import LlemError
 from llem_dispatch.gpu import GpuPool
 from llem_dispatch.runners import Runner, set_force_kill
@@ -56,7 +56,7 @@ from llem_dispatch.study import (
 __all__ = ["run"]
 
 
-def _parse_gpus(value: str | None) -> list[str] | str | None:
+def _parse_gpus(value: str | None) -> list[str] | Literal["auto"] | None:
     if value is None:
         return None
     if value.strip() == "auto":
@@ -80,7 +80,7 @@ def _print_dry_run(
             str(index),
             exp.config_hash,
             str(exp.cycle),
-            str(exp.gpus),
+            str(exp.gpu_count),
             json.dumps(exp.config, sort_keys=True),
         )
     console.print(table)
@@ -117,7 +117,7 @@ def _gpu_policy(study: Study, virtual: bool) -> str:
 def _print_first_experiment(runner: Runner, first: Experiment, console: Console) -> None:
     """What the runner would start for `first`: a container body or a process."""
     placeholder = ExchangeDir(Path("/tmp/llem-XXXXXXXX"), first.config_hash)
-    gpu_ids = [str(i) for i in range(first.gpus)]
+    gpu_ids = [str(i) for i in range(first.gpu_count)]
     if isinstance(runner, DockerRunner):
         body = runner.container_spec(placeholder, gpu_ids, config_hash=first.config_hash)
         console.print("container spec of the first experiment (Engine API create body):")
@@ -147,7 +147,7 @@ _RayOption = Annotated[
         "--ray",
         metavar="ADDRESS",
         help="Run on a Ray cluster: auto, HOST:6379 or ray://HOST:10001 (overrides the "
-        "study's `cluster:`).",
+        "study's `placement:` and the address in its `ray:` / `cluster:`).",
     ),
 ]
 
@@ -201,7 +201,6 @@ def run(
         max_concurrency=max_concurrency,
         study_dir=study_file.parent,
         runner_spec=spec,
-        cluster=plan.cluster,
     )
     interactive = console.is_terminal and not plain and not json_logs
     started = time.monotonic()
@@ -226,9 +225,13 @@ class _Plan:
 
     study: Study
     experiments: list[Experiment]
-    #: This host's GPUs; None on a Ray cluster, where Ray assigns them.
+    #: This host's GPUs; None where the placement assigns GPUs elsewhere (a Ray cluster).
     pool: GpuPool | None
-    cluster: str | None
+
+    @property
+    def on_this_host(self) -> bool:
+        """Whether experiments run here (the runner is then chosen and built here)."""
+        return self.pool is not None
 
 
 def _load_plan(
@@ -239,31 +242,29 @@ def _load_plan(
     ray_address: str | None,
 ) -> _Plan:
     """Load and expand the study with the command's overrides; check its GPU requests."""
-    overrides: dict[str, Any] = {}
-    if timeout is not None:
-        if timeout <= 0:
-            raise fail_usage(f"--timeout must be positive, got {timeout}")
-        overrides["timeout_s"] = timeout
+    # Checked by the study's schema, as if the file said it (one rule, one message).
+    overrides: dict[str, Any] = {"timeout_s": timeout} if timeout is not None else {}
     study = load_study(study_file, overrides=overrides)
-    cluster = ray_address or study.cluster
+    if ray_address:
+        study = study.on_placement("ray", {"address": ray_address})
     experiments = expand_study(study)
-    if cluster:
+    if not placement_class(study.placement).on_this_host:
         if gpus is not None or virtual_gpus is not None:
             raise fail_usage(
                 "--gpus/--virtual-gpus choose GPUs of this host; on a Ray cluster Ray assigns them",
                 "Drop them; set each node's GPUs with `ray start --num-gpus N`.",
             )
-        return _Plan(study, experiments, None, cluster)
-    pool = build_pool(study, gpus=_parse_gpus(gpus), virtual_gpus=virtual_gpus)
-    pool.check_request(max((e.gpus for e in experiments), default=0))
-    return _Plan(study, experiments, pool, cluster)
+        return _Plan(study, experiments, None)
+    pool = build_pool(study, gpu_ids=_parse_gpus(gpus), virtual_gpus=virtual_gpus)
+    pool.check_request(max((e.gpu_count for e in experiments), default=0))
+    return _Plan(study, experiments, pool)
 
 
 def _choose_runner_and_build(
     plan: _Plan, runner: str | None, study_file: Path, console: Console
 ) -> RunnerSpec:
     """The runner to use; builds the study's missing images where this host runs them."""
-    if plan.cluster:
+    if not plan.on_this_host:
         # Each node decides `auto` for itself; images are built here when this
         # host has a daemon (other nodes need the image too: see the README).
         spec = cluster_runner_spec(runner, plan.study)

@@ -4,6 +4,7 @@ from llem_dispatch.cluster.dispatcher import RayDispatcher, sweep_orphans
 from llem_dispatch.cluster.hosts import NodeCheck, NodeSweep, check_cluster, sweep_cluster
 from llem_dispatch.cluster.node import NodeContext, RunnerFactory
 from llem_dispatch.cluster.placement import RayPlacement
+from llem_dispatch.cluster.settings import RaySettings
 
 __all__ = [
     "NodeCheck",
@@ -11,6 +12,7 @@ __all__ = [
     "NodeSweep",
     "RayDispatcher",
     "RayPlacement",
+    "RaySettings",
     "RunnerFactory",
     "check_cluster",
     "sweep_cluster",

@@ -2,8 +2,8 @@
 
 `RayDispatcher` is the local `Dispatcher` (its `run`, `map`, events, `RunRecord`,
 retries and concurrency cap) over a `RayPlacement`, plus what a cluster study
-needs before and after: per-host preflight checks and the sweep of orphaned
-containers. On the node where an attempt lands, the task:
+needs before and after (the placement's own per-host preflight checks and sweep
+of orphaned containers). On the node where an attempt lands, the task:
 
 1. builds the configured runner there from a picklable factory (DockerRunner
    against that node's own daemon, or LocalRunner), handing it the GPU ids Ray
@@ -28,13 +28,7 @@ from typing import Any
 import structlog
 from pydantic import BaseModel
 
-from llem_dispatch.cluster.hosts import (
-    NodeCheck,
-    NodeSweep,
-    preflight_hosts,
-    sweep_hosts,
-    unready_error,
-)
+from llem_dispatch.cluster.hosts import NodeCheck, NodeSweep
 from llem_dispatch.cluster.node import RunnerFactory
 from llem_dispatch.cluster.placement import RayPlacement
 from llem_dispatch.dispatch import Dispatcher, Event, RetryPolicy
@@ -119,14 +113,8 @@ class RayDispatcher(Dispatcher):
     ) -> list[NodeCheck]:
         """On each host that could run an experiment of `gpus` GPUs: the engines of
         `runner` (a kind's name or `auto`), images, paths."""
-        return await preflight_hosts(
-            self.placement.connection,
-            runner=runner,
-            images=images,
-            paths=paths,
-            gpus=gpus,
-            num_cpus=self.placement.num_cpus,
-            timeout_s=timeout_s,
+        return await self.placement.preflight(
+            runner=runner, images=images, paths=paths, gpus=gpus, timeout_s=timeout_s
         )
 
     async def require_ready(
@@ -142,15 +130,9 @@ class RayDispatcher(Dispatcher):
         `runner_kind` is a kind's name or `auto` (decided on each host).
         Raises one `ClusterError` naming every problem on every node.
         """
-        checks = await self.preflight(runner=runner_kind, images=images, paths=paths, gpus=gpus)
-        error = unready_error(
-            checks,
-            runner_kind=runner_kind,
-            folder=paths[0] if paths else "",
-            has_image=bool(images),
+        await self.placement.require_ready(
+            images=images, paths=paths, runner_kind=runner_kind, gpus=gpus
         )
-        if error is not None:
-            raise error
 
     async def sweep(
         self,
@@ -162,8 +144,7 @@ class RayDispatcher(Dispatcher):
         timeout_s: float = 120.0,
     ) -> list[NodeSweep]:
         """Reap orphaned containers on every host of the cluster (see `sweep_cluster`)."""
-        return await sweep_hosts(
-            self.placement.connection,
+        return await self.placement.sweep_hosts(
             results_dir=results_dir,
             logs_dir=logs_dir,
             study_over=study_over,
@@ -176,17 +157,4 @@ async def sweep_orphans(
     dispatcher: RayDispatcher, results: Path, *, study_over: bool, timeout_s: float = 60
 ) -> None:
     """Reap a study's orphaned containers on every host, logging each (logs kept)."""
-    for sweep in await dispatcher.sweep(
-        results_dir=results,
-        logs_dir=results / "orphans",
-        study_over=study_over,
-        timeout_s=timeout_s,
-    ):
-        for item in sweep.reaped:
-            log.warning(
-                "cluster_orphan_reaped",
-                node=sweep.node.label,
-                container_id=str(item["container_id"])[:12],
-                config_hash=item["config_hash"],
-                log_path=item["log_path"],
-            )
+    await dispatcher.placement.sweep_study(results, study_over=study_over, timeout_s=timeout_s)

@@ -13,7 +13,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -293,7 +293,7 @@ def settle_after_exit(
         k: spec.baselines.get(gpu) or _IDLE.get(k) for gpu, k in zip(ids, keys, strict=True)
     }
     known = {k: b for k, b in baselines.items() if b is not None}
-    gate = ThermalGate(replace(spec, baselines=known), sensor)
+    gate = ThermalGate(spec.model_copy(update={"baselines": known}), sensor)
     for key in keys:
         gate.released(key)
     while True:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -26,8 +27,16 @@ from pydantic import BaseModel, ValidationError
 
 from llem_dispatch import _labels
 from llem_dispatch.cluster.connection import RayConnection, node_resource
+from llem_dispatch.cluster.hosts import (
+    NodeCheck,
+    NodeSweep,
+    preflight_hosts,
+    sweep_hosts,
+    unready_error,
+)
 from llem_dispatch.cluster.node import RunnerFactory, remote_task
-from llem_dispatch.dispatch import GpuAtStart, NodeInfo, RecordDraft
+from llem_dispatch.cluster.settings import RaySettings
+from llem_dispatch.dispatch import GpuAtStart, NodeInfo, Placement, PlacementRequest, RecordDraft
 from llem_dispatch.errors import (
     ClusterError,
     ClusterNodeLostError,
@@ -38,6 +47,7 @@ from llem_dispatch.errors import (
 from llem_dispatch.gpu import SettleSpec
 from llem_dispatch.models import ExperimentFailure, ExperimentResult, HashedConfig
 from llem_dispatch.runners import force_kill_requested, wait_until_forced
+from llem_dispatch.runners.kinds import AUTO
 from llem_dispatch.runners.protocol import Outcome
 
 __all__ = ["PlacementWatcher", "RayPlacement", "lost_error", "node_error"]
@@ -196,14 +206,20 @@ def _note_started(draft: RecordDraft, message: Mapping[str, Any]) -> None:
     draft.gpu_uuids = [g.uuid for g in draft.gpus_at_start if g.uuid]
 
 
-class RayPlacement:
+class RayPlacement(Placement):
     """Runs each attempt as a Ray task on a node of the cluster at `address`.
 
     `runner_factory(NodeContext) -> Runner` is shipped to the nodes and called
     there for every attempt; results are validated with `result_model` here. A
     task keeps its GPUs for `cooldown_s` after its container exits. See
-    `RayDispatcher` for the other options.
+    `RayDispatcher` for the other options. Chosen by a study as `placement: ray`
+    (or `cluster: ADDRESS`), with its `ray:` block (`RaySettings`); before the
+    study it checks every host that may get an experiment, and it sweeps every
+    host for the study's orphaned containers before and after.
     """
+
+    #: Each node decides `runner: auto` for itself and builds the runner there.
+    on_this_host = False
 
     def __init__(
         self,
@@ -249,10 +265,137 @@ class RayPlacement:
         self._factory_ref = None
         self.connection.close()
 
+    @classmethod
+    def for_study(cls, request: PlacementRequest, settings: BaseModel | None) -> RayPlacement:
+        """The study's runner factory shipped to the cluster its `ray:` block names."""
+        ray = RaySettings.model_validate(settings) if settings is not None else RaySettings()
+        cancel_s = ray.cancel_timeout_s
+        return cls(
+            request.runner_factory,
+            address=ray.address,
+            cooldown_s=request.cooldown_s,
+            # The thermal gate runs in each task, on its node's own GPUs.
+            settle=request.settle,
+            runner_type=request.runner_kind,
+            num_cpus=ray.num_cpus,
+            runtime_env=ray.runtime_env,
+            cancel_timeout_s=cancel_s if cancel_s is not None else request.stop_grace_s + 30,
+            placement_timeout_s=ray.placement_timeout_s,
+            init_options=ray.init_options,
+        )
+
+    async def prepare(self, request: PlacementRequest) -> None:
+        """No node too small, and every host that may get an experiment ready to run it."""
+        if request.host_gpus.chosen or request.pool is not None:
+            log.warning(
+                "study_gpus_ignored_on_cluster",
+                message="`gpus:`/`virtual_gpus:` choose GPUs of one host; on a Ray cluster, "
+                "Ray assigns each node's GPUs (set them with `ray start --num-gpus N`).",
+            )
+        if request.prestart:
+            log.warning(
+                "study_prestart_ignored_on_cluster",
+                message="`prestart:` holds containers at a gate on this host's GPU pool; "
+                "a Ray cluster's placements start each experiment when its GPUs are free.",
+            )
+        self.check_request(request.max_gpu_count)
+        await self.require_ready(
+            images=request.host_needs.images,
+            paths=request.host_needs.paths,
+            runner_kind=request.runner_kind,
+            gpus=request.max_gpu_count,
+        )
+
+    async def sweep(self, request: PlacementRequest, *, study_over: bool) -> None:
+        """Reap the study's orphaned containers on every host (see `sweep_study`)."""
+        await self.sweep_study(request.results_dir, study_over=study_over)
+
+    async def sweep_study(self, results: Path, *, study_over: bool, timeout_s: float = 60) -> None:
+        """Reap a study's orphaned containers on every host, logging each (logs kept)."""
+        for swept in await self.sweep_hosts(
+            results_dir=results,
+            logs_dir=results / "orphans",
+            study_over=study_over,
+            timeout_s=timeout_s,
+        ):
+            for item in swept.reaped:
+                log.warning(
+                    "cluster_orphan_reaped",
+                    node=swept.node.label,
+                    container_id=str(item["container_id"])[:12],
+                    config_hash=item["config_hash"],
+                    log_path=item["log_path"],
+                )
+
+    def describe(self) -> Mapping[str, Any]:
+        """The cluster's address and its GPUs per node."""
+        return {"cluster": self.connection.address, "cluster_gpus": self.connection.cluster_gpus()}
+
+    async def preflight(
+        self,
+        *,
+        runner: str = AUTO,
+        images: Sequence[str] = (),
+        paths: Sequence[str] = (),
+        gpus: int = 0,
+        timeout_s: float = 60.0,
+    ) -> list[NodeCheck]:
+        """On each host that could run an experiment of `gpus` GPUs: the engines of
+        `runner` (a kind's name or `auto`), images, paths."""
+        return await preflight_hosts(
+            self.connection,
+            runner=runner,
+            images=images,
+            paths=paths,
+            gpus=gpus,
+            num_cpus=self.num_cpus,
+            timeout_s=timeout_s,
+        )
+
+    async def require_ready(
+        self,
+        *,
+        images: Sequence[str],
+        paths: Sequence[str],
+        runner_kind: str,
+        gpus: int = 0,
+    ) -> None:
+        """Before anything runs: can every host that may get an experiment run it?
+
+        `runner_kind` is a kind's name or `auto` (decided on each host).
+        Raises one `ClusterError` naming every problem on every node.
+        """
+        checks = await self.preflight(runner=runner_kind, images=images, paths=paths, gpus=gpus)
+        error = unready_error(
+            checks,
+            runner_kind=runner_kind,
+            folder=paths[0] if paths else "",
+            has_image=bool(images),
+        )
+        if error is not None:
+            raise error
+
+    async def sweep_hosts(
+        self,
+        *,
+        results_dir: str | Path | None = None,
+        logs_dir: str | Path | None = None,
+        study_over: bool = False,
+        dry_run: bool = False,
+        timeout_s: float = 120.0,
+    ) -> list[NodeSweep]:
+        """Reap orphaned containers on every host of the cluster (see `sweep_cluster`)."""
+        return await sweep_hosts(
+            self.connection,
+            results_dir=results_dir,
+            logs_dir=logs_dir,
+            study_over=study_over,
+            dry_run=dry_run,
+            timeout_s=timeout_s,
+        )
+
     def check_request(self, gpus: int) -> None:
         """One experiment runs on one node: no node big enough is an immediate error."""
-        if gpus < 0:
-            raise GpuRequestError(f"gpus must be >= 0, got {gpus}")
         if gpus == 0:
             return
         per_node = self.connection.cluster_gpus()

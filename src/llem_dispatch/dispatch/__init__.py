@@ -1,7 +1,16 @@
-"""Dispatch: concurrency, retries and events around a placement; the RunRecord."""
+"""Dispatch: concurrency, retries and events around a placement (by name); the RunRecord."""
 
 from llem_dispatch.dispatch.dispatcher import NO_RETRIES, Dispatcher, RetryPolicy
-from llem_dispatch.dispatch.placement import LocalPlacement, Placement
+from llem_dispatch.dispatch.placement import (
+    HostContext,
+    HostGpus,
+    HostNeeds,
+    HostRunnerFactory,
+    LocalPlacement,
+    Placement,
+    PlacementRequest,
+    ThisHost,
+)
 from llem_dispatch.dispatch.records import (
     ErrorInfo,
     Event,
@@ -16,6 +25,12 @@ from llem_dispatch.dispatch.records import (
     RunRecord,
     RunStatus,
 )
+from llem_dispatch.dispatch.registry import (
+    known_placements,
+    placement_class,
+    placement_names,
+    register_placement,
+)
 
 __all__ = [
     "NO_RETRIES",
@@ -28,11 +43,21 @@ __all__ = [
     "ExperimentRetried",
     "ExperimentStarted",
     "GpuAtStart",
+    "HostContext",
+    "HostGpus",
+    "HostNeeds",
+    "HostRunnerFactory",
     "LocalPlacement",
     "NodeInfo",
     "Placement",
+    "PlacementRequest",
     "RecordDraft",
     "RetryPolicy",
     "RunRecord",
     "RunStatus",
+    "ThisHost",
+    "known_placements",
+    "placement_class",
+    "placement_names",
+    "register_placement",
 ]

@@ -35,6 +35,7 @@ from llem_dispatch.dispatch.records import (
 from llem_dispatch.errors import (
     ExperimentOOMError,
     ExperimentTimeoutError,
+    GpuRequestError,
     LlemError,
 )
 from llem_dispatch.gpu import GpuPool
@@ -164,7 +165,16 @@ class Dispatcher:
     # -- running ----------------------------------------------------------------------
 
     def check_request(self, gpus: int) -> None:
-        """Raise `GpuRequestError` at once for a request that can never be met."""
+        """Raise `GpuRequestError` at once for a request that can never be met.
+
+        The count itself is checked here, for every placement (a study's counts
+        were checked at load); a placement checks only what it has.
+        """
+        if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
+            raise GpuRequestError(
+                f"the number of GPUs must be a whole number >= 0, got {gpus!r}",
+                fix_suggestion="Pass gpus=0 (no GPU) or a positive whole number.",
+            )
         self.placement.check_request(gpus)
 
     def parallelism(self) -> int:

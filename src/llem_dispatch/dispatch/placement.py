@@ -1,9 +1,13 @@
-"""Placement: how and where one attempt of an experiment runs (the Dispatcher's seam).
+"""Placement: where the attempts of an experiment run (the Dispatcher's seam, and a study's).
 
 The Dispatcher owns policy (retries, events, the concurrency cap, the record); a
 placement only runs one attempt, as an httpx transport only sends one request.
 `LocalPlacement` runs it through a Runner on GPUs from this host's pool; the Ray
-backend (`llem_dispatch.cluster`) places it on a cluster's nodes.
+placement (`llem_dispatch.cluster.RayPlacement`) runs it on a cluster's nodes; a
+Slurm one will plug in the same way. A study names its placement once
+(`placement: local | ray`, see `llem_dispatch.dispatch.registry`); `run_study`
+builds it from a `PlacementRequest` with `for_study` and then only calls the
+methods below, whatever the placement.
 
 With `prestart`, a local attempt that finds its GPUs busy is promised the GPUs
 of a running lease of its size, starts its container at once held at a gate,
@@ -13,33 +17,172 @@ for the gate, not for a container start.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Protocol
+import abc
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Protocol
 
 import anyio
+from pydantic import BaseModel
 
 from llem_dispatch.dispatch.records import GpuAtStart, RecordDraft
-from llem_dispatch.gpu import GpuLease, GpuPool
+from llem_dispatch.errors import ConfigError
+from llem_dispatch.gpu import GpuLease, GpuPool, SettleSpec
 from llem_dispatch.gpu.discovery import nvml_thermal
 from llem_dispatch.models import HashedConfig
 from llem_dispatch.runners.protocol import GatedRunner, Outcome, RunInfo, Runner, utcnow
 
-__all__ = ["LocalPlacement", "Placement"]
+__all__ = [
+    "HostContext",
+    "HostGpus",
+    "HostNeeds",
+    "HostRunnerFactory",
+    "LocalPlacement",
+    "Placement",
+    "PlacementRequest",
+    "ThisHost",
+]
 
 
-class Placement(Protocol):
-    """Runs one attempt of an experiment somewhere; the Dispatcher decides everything else."""
+class HostContext(Protocol):
+    """What a runner factory knows about the host it builds a runner on."""
 
     @property
-    def runner_type(self) -> str | None:
-        """The runner type records name (None when not known)."""
+    def virtual(self) -> bool:
+        """No real GPUs there: run without device requests."""
 
+    @property
+    def driver_host(self) -> bool:
+        """The host is the driver's own (the driver's paths are valid there)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ThisHost:
+    """The `HostContext` of this host (the local placement's only one)."""
+
+    virtual: bool
+    driver_host: bool = True
+
+
+#: Builds the runner on the host where attempts run: called once on this host by
+#: the local placement, once per attempt on the node by the Ray one (so it must
+#: pickle there: a module-level function, a `functools.partial`, a dataclass).
+HostRunnerFactory = Callable[[HostContext], Runner]
+
+
+@dataclass(frozen=True, slots=True)
+class HostGpus:
+    """Which GPUs of this host a study asked for: ids, `auto` (NVML), or N virtual ids.
+
+    `ids` None and `virtual` None: nothing was chosen (detect them, as `auto`).
+    """
+
+    ids: tuple[str, ...] | Literal["auto"] | None = None
+    virtual: int | None = None
+    #: Hold back a real GPU while more than this much of its memory is in use.
+    residual_memory_mb: float | None = 512
+
+    @property
+    def chosen(self) -> bool:
+        """Whether the study (or the command line) chose this host's GPUs at all."""
+        return self.ids is not None or self.virtual is not None
+
+    def pool(self, *, cooldown_s: float = 0.0, settle: SettleSpec | None = None) -> GpuPool:
+        """The GPU pool these describe (NVML detection for `auto` or nothing chosen)."""
+        if self.virtual is not None:
+            return GpuPool.virtual_devices(self.virtual, cooldown_s=cooldown_s, settle=settle)
+        residual = self.residual_memory_mb
+        if self.ids is None or self.ids == "auto":
+            return GpuPool.detect(cooldown_s=cooldown_s, residual_memory_mb=residual, settle=settle)
+        return GpuPool(
+            list(self.ids), cooldown_s=cooldown_s, residual_memory_mb=residual, settle=settle
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class HostNeeds:
+    """What every host that may run an experiment must have, checked before anything runs."""
+
+    #: Images the runner starts (a Docker runner's; empty otherwise).
+    images: tuple[str, ...] = ()
+    #: Folders the runner reads (a local runner's study folder; empty otherwise).
+    paths: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementRequest:
+    """What a study asks of its placement, as typed plain values (built once by `run_study`).
+
+    A placement takes what it can use and says (one warning) what it cannot honour.
+    """
+
+    #: Builds the study's runner where attempts run.
+    runner_factory: HostRunnerFactory
+    #: The runner kind chosen (docker, local, ...), or `auto` to decide on each host.
+    runner_kind: str
+    #: The most GPUs any one experiment asks for (checked before anything runs).
+    max_gpu_count: int
+    results_dir: Path
+    #: Per-GPU cooldown after each experiment, seconds.
+    cooldown_s: float = 0.0
+    settle: SettleSpec | None = None
+    #: This host's GPUs (the local placement's pool).
+    host_gpus: HostGpus = HostGpus()
+    #: A pool built by the caller, used instead of `host_gpus` (local placement only).
+    pool: GpuPool | None = None
+    prestart: bool = False
+    stop_grace_s: float = 10.0
+    host_needs: HostNeeds = HostNeeds()
+    #: Checks of the runner on this host before anything runs (e.g. the `function:`
+    #: module importable in the image); run by placements that run attempts here.
+    check_here: Callable[[], Awaitable[object]] | None = None
+    #: Reaps this host's leftovers of the study's dead runs (a container runner's
+    #: orphans, logs kept), before it starts; None when the runner leaves none.
+    reap_here: Callable[[], Awaitable[object]] | None = None
+
+
+class Placement(abc.ABC):
+    """Where attempts run: the one seam between the dispatcher and the hosts.
+
+    A `Dispatcher` calls only the attempt-level methods (`check_request`,
+    `parallelism`, `attempt`, `aclose`, and reads `runner_type`), so a subclass
+    that defines those (at run time, any object that has them) plugs into
+    `Dispatcher(placement=...)`. A placement chosen by
+    name from a study (`placement:` in the study file, see
+    `llem_dispatch.dispatch.registry`) also has `for_study`, and `run_study`
+    calls its study-level hooks: `prepare` before anything runs, `sweep`
+    before and after, `describe` for the results dir. Nothing else knows which
+    placement it is.
+    """
+
+    #: Whether attempts run on this host: then the runner is chosen here (`auto`
+    #: decided now) and may be given ready-built; otherwise each host decides.
+    on_this_host: ClassVar[bool] = True
+    #: The runner type records name (None when not known).
+    runner_type: str | None = None
+
+    @classmethod
+    def for_study(cls, request: PlacementRequest, settings: BaseModel | None) -> Placement:
+        """Build the placement for a study: `request`, and the study's settings block.
+
+        `settings` is the study's block named after the placement (`ray: {...}`),
+        already validated at load; None when the study has none.
+        """
+        raise ConfigError(
+            f"{cls.__name__} cannot be chosen from a study (it has no `for_study`)",
+            fix_suggestion="Give it to `Dispatcher(placement=...)` instead.",
+        )
+
+    @abc.abstractmethod
     def check_request(self, gpus: int) -> None:
         """Raise `GpuRequestError` at once for a request that can never be met here."""
 
+    @abc.abstractmethod
     def parallelism(self) -> int:
         """How many attempts can usefully be in flight at once (sizes `map`'s workers)."""
 
+    @abc.abstractmethod
     async def attempt(
         self,
         config: HashedConfig,
@@ -55,8 +198,28 @@ class Placement(Protocol):
         clean up what was started before re-raising.
         """
 
+    @abc.abstractmethod
     async def aclose(self) -> None:
         """Release what the placement holds (idempotent)."""
+
+    async def prepare(self, request: PlacementRequest) -> None:
+        """Before anything runs: raise the error that would stop every experiment.
+
+        By default, the largest request is checked against what this placement has.
+        """
+        self.check_request(request.max_gpu_count)
+
+    async def sweep(self, request: PlacementRequest, *, study_over: bool) -> None:
+        """Remove what a crashed run of this study left where attempts run.
+
+        Called before the study (`study_over=False`: only orphans of dead owners)
+        and after it (`True`: anything of this study is left over). Default: nothing.
+        """
+        return  # a placement that leaves nothing behind has nothing to sweep
+
+    def describe(self) -> Mapping[str, Any]:
+        """Where the study ran, as JSON facts for study.json and the journal."""
+        return {}
 
 
 class _LeaseObserver:
@@ -87,7 +250,7 @@ class _LeaseObserver:
         self._lease.release()
 
 
-class LocalPlacement:
+class LocalPlacement(Placement):
     """This host: GPUs leased from `pool`, each attempt run by `runner`.
 
     With `prestart` and a runner that speaks the gate (`function:` runs), an
@@ -104,6 +267,32 @@ class LocalPlacement:
         self.runner_type: str | None = getattr(runner, "runner_type", None)
         #: Whether attempts are prestarted (asked for, and the runner speaks the gate).
         self.prestart = prestart and isinstance(runner, GatedRunner) and runner.speaks_gate
+
+    @classmethod
+    def for_study(cls, request: PlacementRequest, settings: BaseModel | None) -> LocalPlacement:
+        """The study's pool (or `request.pool`), checked, and its runner built here."""
+        pool = request.pool
+        if pool is None:
+            pool = request.host_gpus.pool(cooldown_s=request.cooldown_s, settle=request.settle)
+        # Before the runner is built: a request no GPU set here can meet is the first error.
+        pool.check_request(request.max_gpu_count)
+        runner = request.runner_factory(ThisHost(virtual=pool.virtual))
+        return cls(runner, pool, prestart=request.prestart)
+
+    async def prepare(self, request: PlacementRequest) -> None:
+        """The runner's own checks here (the pool was checked when it was built)."""
+        if request.check_here is not None:
+            await request.check_here()
+
+    async def sweep(self, request: PlacementRequest, *, study_over: bool) -> None:
+        """Before the study, reap this host's containers of dead runs (their logs kept)."""
+        # After the study every attempt here has ended and removed what it started.
+        if not study_over and request.reap_here is not None:
+            await request.reap_here()
+
+    def describe(self) -> Mapping[str, Any]:
+        """This host's GPU ids, and whether they are virtual."""
+        return {"gpus": list(self.pool.devices), "virtual_gpus": self.pool.virtual}
 
     def check_request(self, gpus: int) -> None:
         """Raise `GpuRequestError` for more GPUs than the pool has."""

@@ -11,11 +11,11 @@ the cost is one NVML read per settling GPU every `sample_s`, per pool.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = ["Sensor", "SettleReport", "SettleSpec", "ThermalGate"]
 
@@ -28,28 +28,38 @@ class Sensor(Protocol):
     def __call__(self, device_id: str, /) -> tuple[float, float] | None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class SettleSpec:
-    """When a released GPU counts as settled (see the module docstring)."""
+class SettleSpec(BaseModel):
+    """When a released GPU counts as settled (see the module docstring).
 
-    temperature_c: float = 3.0
-    power_w: float = 10.0
-    hold_s: float = 3.0
-    min_s: float = 5.0
-    max_s: float = 120.0
-    sample_s: float = 0.5
-    #: Idle (temperature C, power W) per device id; measured at first use when absent.
-    baselines: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    The one settle model: the study file's `settle:` block is this model, the
+    local pool and each Ray task take it as it is. Every limit is checked here,
+    once: finite, and `max_s >= min_s`.
+    """
 
-    def __post_init__(self) -> None:
-        for name in ("temperature_c", "power_w", "hold_s", "min_s", "sample_s"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"settle.{name} must be a finite number >= 0, got {value!r}")
-        if self.sample_s <= 0:
-            raise ValueError(f"settle.sample_s must be > 0, got {self.sample_s!r}")
-        if not self.max_s >= self.min_s:
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    temperature_c: float = Field(
+        default=3.0, ge=0, description="Settled: within this many C of the GPU's idle baseline."
+    )
+    power_w: float = Field(
+        default=10.0, ge=0, description="Settled: within this many W of the idle baseline."
+    )
+    hold_s: float = Field(default=3.0, ge=0, description="...for at least this long.")
+    min_s: float = Field(default=5.0, ge=0, description="Never hand a GPU on sooner than this.")
+    max_s: float = Field(
+        default=120.0, ge=0, description="Hand it on after this even if unsettled (recorded)."
+    )
+    sample_s: float = Field(default=0.5, gt=0, description="Seconds between sensor readings.")
+    baselines: dict[str, tuple[float, float]] = Field(
+        default_factory=dict,
+        description="Idle [temperature C, power W] per GPU id; measured at first use if absent.",
+    )
+
+    @model_validator(mode="after")
+    def _limits(self) -> SettleSpec:
+        if self.max_s < self.min_s:
             raise ValueError(f"settle.max_s ({self.max_s}) must be >= min_s ({self.min_s})")
+        return self
 
 
 @dataclass(frozen=True, slots=True)

@@ -112,7 +112,8 @@ def _unknown_field(name: str, depth: int) -> str:
     """'unknown field', with the nearest known name when there is one."""
     if depth > 1:
         return "unknown field"
-    known = sorted(Study.model_fields)
+    # The keys a study file uses: `gpus`, not the attribute's name `gpu_ids`.
+    known = sorted(field.alias or name for name, field in Study.model_fields.items())
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]!r}? " if close else ""
     return f"unknown field; {hint}(allowed: {', '.join(known)})"
@@ -142,6 +143,8 @@ def load_study(path: str | Path, *, overrides: Mapping[str, Any] | None = None) 
             loc = tuple(err["loc"])
             line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
             where = f"{path}:{line}" if line else str(path)
+            if loc and loc[0] in (overrides or {}):
+                where = f"{path} (overridden on the command line)"
             field_name = ".".join(str(p) for p in loc) or "<study>"
             message = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":

@@ -44,11 +44,13 @@ def expand_study(study: Study) -> list[Experiment]:
     default = study.gpus_per_experiment
     field = study.gpus_field
 
-    def gpus(config: dict[str, Any]) -> int:
+    def gpu_count(config: dict[str, Any]) -> int:
         return int(config.get(field, default)) if field else default
 
     def exp(item: tuple[str, dict[str, Any]], cycle: int) -> Experiment:
-        return Experiment(config=item[1], config_hash=item[0], cycle=cycle, gpus=gpus(item[1]))
+        return Experiment(
+            config=item[1], config_hash=item[0], cycle=cycle, gpu_count=gpu_count(item[1])
+        )
 
     cycles = range(1, study.n_cycles + 1)
     if study.cycle_order == "sequential":

@@ -1,12 +1,15 @@
 """run_study: a study's experiments through one placement, into a results dir.
 
-The placement is the local GPU pool (a `Dispatcher`) or a Ray cluster (a
-`RayDispatcher`); everything else (journal, records, resume, cycles) is the same.
+The placement is chosen once, by name, from the study (`placement:`; the local
+GPU pool by default, a Ray cluster with `placement: ray`): it is built from a
+typed `PlacementRequest` and only its public hooks are called here, so
+everything else (journal, records, resume, cycles) is the same for all.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import time
@@ -22,18 +25,23 @@ import yaml
 from llem_dispatch import _labels
 from llem_dispatch._docker import ApiDeadlines
 from llem_dispatch._exchange import remove_stale_secrets
-from llem_dispatch.cluster import RayDispatcher, sweep_orphans
 from llem_dispatch.dispatch import (
     Dispatcher,
     Event,
     ExperimentRetried,
     ExperimentStarted,
+    HostContext,
+    HostNeeds,
+    HostRunnerFactory,
+    Placement,
+    PlacementRequest,
     RetryPolicy,
     RunRecord,
+    placement_class,
 )
 from llem_dispatch.dispatch.fanout import fan_out
 from llem_dispatch.errors import ConfigError, EngineHungError
-from llem_dispatch.gpu import GpuPool, SettleSpec
+from llem_dispatch.gpu import GpuPool
 from llem_dispatch.reap import reap
 from llem_dispatch.runners import Runner
 from llem_dispatch.runners.kinds import find_runner_kind
@@ -41,11 +49,10 @@ from llem_dispatch.study.plan import expand_study
 from llem_dispatch.study.results import Journal, ResultsDir, StudySummary
 from llem_dispatch.study.runner_choice import (
     StudyRunnerFactory,
-    build_pool,
     check_function_importable,
     cluster_requirements,
     cluster_runner_spec,
-    make_runner,
+    host_gpus,
     resolve_runner,
 )
 from llem_dispatch.study.schema import Experiment, RunnerSpec, Study
@@ -55,16 +62,16 @@ __all__ = ["run_study"]
 log = structlog.get_logger("llem_dispatch.study")
 
 
-@dataclass
-class _Placement:
-    """Where a study's attempts run, and what the results dir says about it."""
+@dataclass(frozen=True, slots=True)
+class _Placed:
+    """The study's placement, the request it was built from, and what the results dir says."""
 
-    dispatcher: Dispatcher
+    placement: Placement
+    request: PlacementRequest
     runner_name: str
     runner_source: str
+    #: Where the study runs (`Placement.describe`), for study.json and the journal.
     facts: dict[str, Any]
-    #: Reap orphans before the study (`study_over=False`) and after it (`True`).
-    sweep: Callable[[bool], Any] | None = None
 
 
 async def run_study(
@@ -88,14 +95,21 @@ async def run_study(
 
     With `resume=True`, experiments that already succeeded there are skipped and
     failed or interrupted ones run again; each experiment ends with one record file.
-    With `cluster` (or the study's `cluster:`), a Ray cluster's address, the
-    experiments run on its nodes; records and the journal are still written here only.
-    The runner is `runner`, else `runner_spec` (a choice already made, recorded with
-    its source), else chosen from `runner_value` > LLEM_RUNNER > the study > auto.
-    `cluster_options` go to `RayDispatcher` (e.g. `placement_timeout_s`, `runtime_env`).
+    The study's `placement:` says where experiments run (this host's GPUs by default).
+    `cluster` (a Ray cluster's address) runs it on that cluster's nodes, as
+    `placement: ray` with `ray: {address: ...}` would, and `cluster_options` go over
+    the placement's settings block (`RaySettings`, e.g. `placement_timeout_s`); records and the
+    journal are still written here only. The runner is `runner` (with `pool`, this
+    host only), else `runner_spec` (a choice already made, recorded with its
+    source), else chosen from `runner_value` > LLEM_RUNNER > the study > auto.
     The results dir is held exclusively for the whole run: a second run on it is
     refused at once with `ResultsDirBusyError`.
     """
+    if cluster is not None:
+        study = study.on_placement("ray", {"address": cluster, **(cluster_options or {})})
+    elif cluster_options:
+        # Over the settings block of the study's own placement (`ray:`).
+        study = study.on_placement(study.placement, cluster_options)
     started = time.monotonic()
     if study.cycle_order == "shuffled" and study.seed is None:
         # Record the seed (in study.yaml) so the order can be reproduced.
@@ -103,41 +117,47 @@ async def run_study(
     experiments = expand_study(study)
     with ResultsDir.open(results_dir, resume=resume) as results:
         journal_box: list[Journal] = []
-        placement = await _place(
+        placed = await _place(
             study,
             experiments,
             results,
             runner=runner,
             pool=pool,
-            max_concurrency=max_concurrency,
             study_dir=Path(study_dir) if study_dir is not None else Path.cwd(),
             runner_value=runner_value,
             runner_spec=runner_spec,
+        )
+        dispatcher = Dispatcher(
+            placement=placed.placement,
+            max_concurrency=max_concurrency or study.max_concurrency,
             retries=retry_policy or RetryPolicy(max_attempts=study.retries + 1),
-            cluster=cluster or study.cluster,
-            cluster_options=cluster_options,
             on_event=_journalling(journal_box, on_event),
         )
-        if reap_orphans and placement.sweep is not None:
-            await placement.sweep(False)
-        for path in remove_stale_secrets(results.exchange):
-            # A killed run's kept exchange dirs: plaintext secrets must not stay there.
-            log.warning("stale_secrets_removed", path=str(path))
-        # Records of configs no longer in the study are neither skipped nor run.
-        done = results.completed_keys() & {e.key for e in experiments} if resume else set()
-        todo = [e for e in experiments if e.key not in done]
-        _write_study(results, study, placement, len(experiments))
-        journal_box.append(results.start())
-        _journal_start(results.journal, study, placement, len(experiments), len(done), resume)
-        run = _StudyRun(study, placement, results, reap_orphans)
+        try:
+            if reap_orphans:
+                await placed.placement.sweep(placed.request, study_over=False)
+            for path in remove_stale_secrets(results.exchange):
+                # A killed run's kept exchange dirs: plaintext secrets must not stay there.
+                log.warning("stale_secrets_removed", path=str(path))
+            # Records of configs no longer in the study are neither skipped nor run.
+            done = results.completed_keys() & {e.key for e in experiments} if resume else set()
+            todo = [e for e in experiments if e.key not in done]
+            _write_study(results, study, placed, len(experiments))
+            journal_box.append(results.start())
+            _journal_start(results.journal, study, placed, len(experiments), len(done), resume)
+        except BaseException:
+            # Not yet handed to the run, which closes it: close the placement here.
+            with anyio.move_on_after(30, shield=True):
+                await dispatcher.aclose()
+            raise
+        run = _StudyRun(study, placed, dispatcher, results, reap_orphans)
         await run.all(todo)
         return run.finish(total=len(experiments), skipped=len(done), started=started)
 
 
 def _journal_start(
-    journal: Journal, study: Study, placement: _Placement, total: int, skipped: int, resume: bool
+    journal: Journal, study: Study, placed: _Placed, total: int, skipped: int, resume: bool
 ) -> None:
-    where = {"cluster": placement.facts["cluster"]} if "cluster" in placement.facts else {}
     journal.write(
         "study_started",
         sync=True,
@@ -146,10 +166,11 @@ def _journal_start(
         todo=total - skipped,
         skipped=skipped,
         resume=resume,
-        runner=placement.runner_name,
+        runner=placed.runner_name,
         pid=os.getpid(),
         session=_labels.SESSION_ID,
-        **where,
+        placement=study.placement,
+        **placed.facts,
     )
 
 
@@ -161,10 +182,16 @@ class _StudyRun:
     """
 
     def __init__(
-        self, study: Study, placement: _Placement, results: ResultsDir, reap_orphans: bool
+        self,
+        study: Study,
+        placed: _Placed,
+        dispatcher: Dispatcher,
+        results: ResultsDir,
+        reap_orphans: bool,
     ) -> None:
         self.study = study
-        self.placement = placement
+        self.placed = placed
+        self.dispatcher = dispatcher
         self.results = results
         self.reap_orphans = reap_orphans
         self.in_flight: set[str] = set()
@@ -175,17 +202,17 @@ class _StudyRun:
     async def all(self, todo: list[Experiment]) -> None:
         """Run `todo`; the journal says `interrupted` or `crashed` if it does not end."""
         try:
-            async with self.placement.dispatcher:
+            async with self.dispatcher:
                 try:
                     with self._stop_scope:
                         await self._cycles(todo)
                 finally:
-                    if self.reap_orphans and self.placement.sweep is not None:
+                    if self.reap_orphans:
                         # Every experiment has its final record (or was cancelled and
                         # waited for): whatever container of this study is left on a
                         # node is abandoned, e.g. by a worker of a node that left.
                         with anyio.move_on_after(90, shield=True):
-                            await self.placement.sweep(True)
+                            await self.placed.placement.sweep(self.placed.request, study_over=True)
         except BaseException as exc:
             interrupted = isinstance(exc, anyio.get_cancelled_exc_class() | KeyboardInterrupt)
             self.results.journal.write(
@@ -209,7 +236,7 @@ class _StudyRun:
             skipped=skipped,
             stopped=self.stopped,
             duration_s=round(time.monotonic() - started, 3),
-            runner=self.placement.runner_name,
+            runner=self.placed.runner_name,
             records=records,
         )
         self.results.write_json("summary.json", summary.model_dump(mode="json"))
@@ -222,7 +249,7 @@ class _StudyRun:
         groups: list[list[Experiment]] = [todo]
         if study.cycle_gap_s > 0 and study.n_cycles > 1:
             groups = [[e for e in todo if e.cycle == c] for c in range(1, study.n_cycles + 1)]
-        workers = 2 * self.placement.dispatcher.parallelism()
+        workers = 2 * self.dispatcher.parallelism()
         for index, group in enumerate(groups):
             if index and study.cycle_gap_s:
                 self.results.journal.write("cycle_gap", seconds=study.cycle_gap_s)
@@ -235,7 +262,7 @@ class _StudyRun:
         """Run one experiment and write its record the moment it ends."""
         self.in_flight.add(exp.key)
         tags = {"key": exp.key, "cycle": exp.cycle}
-        record = await self.placement.dispatcher.run(exp.config, gpus=exp.gpus, tags=tags)
+        record = await self.dispatcher.run(exp.config, gpus=exp.gpu_count, tags=tags)
         # Written by the task that ran it: a cancel or crash right after loses
         # nothing that finished.
         _record(self.results, exp, record)
@@ -312,16 +339,18 @@ def _journalling(
     return handle
 
 
-def _write_study(results: ResultsDir, study: Study, placement: _Placement, total: int) -> None:
+def _write_study(results: ResultsDir, study: Study, placed: _Placed, total: int) -> None:
     """study.json (the study as resolved, and where it runs) and study.yaml beside it."""
-    dump = study.model_dump(mode="json")
+    # By alias: the keys the study file uses (`gpus:`), so study.yaml loads as a study.
+    dump = study.model_dump(mode="json", by_alias=True)
     results.write_json(
         "study.json",
         {
             "study": dump,
-            "runner": placement.runner_name,
-            "runner_source": placement.runner_source,
-            **placement.facts,
+            "runner": placed.runner_name,
+            "runner_source": placed.runner_source,
+            "placement": study.placement,
+            **placed.facts,
             "experiments": total,
         },
     )
@@ -335,161 +364,100 @@ async def _place(
     *,
     runner: Runner | None,
     pool: GpuPool | None,
-    max_concurrency: int | None,
     study_dir: Path,
     runner_value: str | None,
     runner_spec: RunnerSpec | None,
-    retries: RetryPolicy,
-    cluster: str | None,
-    cluster_options: Mapping[str, Any] | None,
-    on_event: Callable[[Event], None],
-) -> _Placement:
-    """The dispatcher for this study: the local GPU pool, or a Ray cluster's nodes."""
-    needed = max((e.gpus for e in experiments), default=0)
-    limit = max_concurrency or study.max_concurrency
-    labels = {_labels.LABEL_RESULTS_DIR: str(results.path)}
-    if cluster:
-        if runner is not None or pool is not None:
-            raise ConfigError(
-                "a cluster study builds its runners on each node: runner= and pool= "
-                "cannot be used with cluster=",
-                fix_suggestion="Drop runner=/pool= (choose with runner_value=), or run "
-                "without a cluster.",
-            )
-        spec = runner_spec or cluster_runner_spec(runner_value, study)
-        return await _place_on_cluster(
-            study,
-            experiments,
-            results,
-            spec,
-            study_dir,
-            labels,
-            needed,
-            cluster,
-            dict(cluster_options or {}),
-            {"max_concurrency": limit, "retries": retries, "on_event": on_event},
+) -> _Placed:
+    """The study's placement, built from one typed request and prepared (checked)."""
+    cls = placement_class(study.placement)
+    if (runner is not None or pool is not None) and not cls.on_this_host:
+        raise ConfigError(
+            f"placement {study.placement!r} builds its runners on each host: runner= and "
+            "pool= cannot be used with it",
+            fix_suggestion="Drop runner=/pool= (choose with runner_value=), or run on "
+            "this host (placement: local).",
         )
-    return await _place_locally(
-        study,
-        experiments,
-        results,
-        runner=runner,
-        pool=pool,
-        study_dir=study_dir,
-        spec=runner_spec if runner is None else None,
-        runner_value=runner_value,
-        labels=labels,
-        needed=needed,
-        dispatch={"max_concurrency": limit, "retries": retries, "on_event": on_event},
+    spec: RunnerSpec | None = None
+    if runner is None:
+        # Where attempts run here, `auto` is decided now; elsewhere, on each host.
+        choose = resolve_runner if cls.on_this_host else cluster_runner_spec
+        spec = runner_spec or choose(runner_value, study)
+    request = _request(study, experiments, results, spec, runner, pool, study_dir)
+    placement = cls.for_study(request, study.placement_settings())
+    try:
+        await placement.prepare(request)
+    except BaseException:
+        with anyio.move_on_after(30, shield=True):
+            await placement.aclose()
+        raise
+    name = spec.kind if spec else (placement.runner_type or "custom")
+    return _Placed(
+        placement,
+        request,
+        name,
+        spec.source if spec else "explicit",
+        dict(placement.describe()),
     )
 
 
-async def _place_locally(
+def _request(
     study: Study,
     experiments: list[Experiment],
     results: ResultsDir,
-    *,
+    spec: RunnerSpec | None,
     runner: Runner | None,
     pool: GpuPool | None,
     study_dir: Path,
-    spec: RunnerSpec | None,
-    runner_value: str | None,
-    labels: dict[str, str],
-    needed: int,
-    dispatch: dict[str, Any],
-) -> _Placement:
-    """This host's GPU pool and the study's runner (or the ones given)."""
-    pool = pool if pool is not None else build_pool(study)
-    pool.check_request(needed)
-    if runner is None:
-        spec = spec or resolve_runner(runner_value, study)
-        runner = make_runner(
+) -> PlacementRequest:
+    """What the study asks of its placement, as typed values."""
+    labels = {_labels.LABEL_RESULTS_DIR: str(results.path)}
+    factory: HostRunnerFactory
+    needs = HostNeeds()
+    check_here = reap_here = None
+    if spec is None:
+        given = runner
+
+        def factory(host: HostContext) -> Runner:
+            assert given is not None
+            return given
+    else:
+        # One experiment per backend is all the runner needs (and all a node is sent).
+        per_backend = {str(e.config.get(study.image_field)): e for e in experiments}
+        factory = StudyRunnerFactory(
             study,
             spec,
-            study_dir=study_dir,
-            labels=labels,
-            experiments=experiments,
-            virtual=pool.virtual,
-            exchange_base=results.exchange,
+            study_dir.resolve(),
+            labels,
+            tuple(per_backend.values()) if study.images else (),
+            results.exchange,
         )
-        await check_function_importable(study, spec, experiments, study_dir=study_dir)
-    dispatcher = Dispatcher(runner, pool=pool, prestart=study.prestart, **dispatch)
-    name = spec.kind if spec else (dispatcher.runner_type or "custom")
-    # A runner given ready-made is known by its runner_type (a custom one by no kind).
-    kind = spec.runner_kind() if spec else find_runner_kind(name)
-    reapable = kind is not None and kind.reapable
-    deadlines = ApiDeadlines(**study.docker_deadlines)
-
-    async def sweep(study_over: bool) -> None:
-        if not study_over:
-            logs = results.path / "orphans"
-            await reap(results_dir=results.path, logs_dir=logs, deadlines=deadlines)
-
-    return _Placement(
-        dispatcher,
-        name,
-        spec.source if spec else "explicit",
-        {"gpus": list(pool.devices), "virtual_gpus": pool.virtual},
-        sweep if reapable else None,
-    )
-
-
-async def _place_on_cluster(
-    study: Study,
-    experiments: list[Experiment],
-    results: ResultsDir,
-    spec: RunnerSpec,
-    study_dir: Path,
-    labels: dict[str, str],
-    needed: int,
-    address: str,
-    options: dict[str, Any],
-    common: dict[str, Any],
-) -> _Placement:
-    """A RayDispatcher over the cluster at `address`, checked on every host first."""
-    if study.gpus is not None or study.virtual_gpus is not None:
-        log.warning(
-            "study_gpus_ignored_on_cluster",
-            message="`gpus:`/`virtual_gpus:` choose GPUs of one host; on a Ray cluster, "
-            "Ray assigns each node's GPUs (set them with `ray start --num-gpus N`).",
+        images, paths = cluster_requirements(study, spec, experiments, study_dir)
+        needs = HostNeeds(tuple(images), tuple(paths))
+        check_here = functools.partial(
+            check_function_importable, study, spec, experiments, study_dir=study_dir
         )
-    if study.prestart:
-        log.warning(
-            "study_prestart_ignored_on_cluster",
-            message="`prestart:` holds containers at a gate on this host's GPU pool; "
-            "a Ray cluster's placements start each experiment when its GPUs are free.",
+    # A runner given ready-made is known by its runner_type (a custom one by no kind);
+    # `auto` names no kind yet (on a cluster each host decides, and the placement reaps).
+    kind = find_runner_kind(spec.kind if spec else str(getattr(runner, "runner_type", "")))
+    if kind is not None and kind.reapable:
+        reap_here = functools.partial(
+            reap,
+            results_dir=results.path,
+            logs_dir=results.path / "orphans",
+            deadlines=ApiDeadlines(**study.docker_deadlines),
         )
-    # Shipped to every attempt: one experiment per backend, not the whole study.
-    per_backend = {str(e.config.get(study.image_field)): e for e in experiments}
-    factory = StudyRunnerFactory(
-        study,
-        spec,
-        study_dir.resolve(),
-        labels,
-        tuple(per_backend.values()) if study.images else (),
-        results.exchange,
-    )
-    dispatcher = RayDispatcher(
-        factory,
-        address=address,
+    return PlacementRequest(
+        runner_factory=factory,
+        runner_kind=spec.kind if spec else "custom",
+        max_gpu_count=max((e.gpu_count for e in experiments), default=0),
+        results_dir=results.path,
         cooldown_s=study.experiment_gap_s,
-        # The thermal gate runs in each task, on its node's own GPUs.
-        settle=SettleSpec(**study.settle.model_dump()) if study.settle else None,
-        runner_type=spec.kind,
-        **common,
-        **{"cancel_timeout_s": study.stop_grace_s + 30, **options},
-    )
-    dispatcher.check_request(needed)
-    images, paths = cluster_requirements(study, spec, experiments, study_dir)
-    await dispatcher.require_ready(images=images, paths=paths, runner_kind=spec.kind, gpus=needed)
-
-    async def sweep(study_over: bool) -> None:
-        await sweep_orphans(dispatcher, results.path, study_over=study_over)
-
-    return _Placement(
-        dispatcher,
-        spec.kind,
-        spec.source,
-        {"cluster": address, "cluster_gpus": dispatcher.cluster_gpus()},
-        sweep,
+        settle=study.settle,
+        host_gpus=host_gpus(study),
+        pool=pool,
+        prestart=study.prestart,
+        stop_grace_s=study.stop_grace_s,
+        host_needs=needs,
+        check_here=check_here,
+        reap_here=reap_here,
     )

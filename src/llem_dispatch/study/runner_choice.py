@@ -12,13 +12,14 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Literal
 
 import structlog
 
 from llem_dispatch._docker import build_image, image_present
+from llem_dispatch.dispatch import HostContext, HostGpus
 from llem_dispatch.errors import ConfigError, DockerImagePullError
-from llem_dispatch.gpu import GpuPool, SettleSpec
+from llem_dispatch.gpu import GpuPool
 from llem_dispatch.runners import RoutingRunner, Runner, RunnerOptions
 from llem_dispatch.runners.kinds import AUTO, choose_auto, kinds_for
 from llem_dispatch.study.schema import (
@@ -30,9 +31,6 @@ from llem_dispatch.study.schema import (
     parse_runner_value,
 )
 
-if TYPE_CHECKING:
-    from llem_dispatch.cluster import NodeContext
-
 __all__ = [
     "StudyRunnerFactory",
     "build_pool",
@@ -42,6 +40,7 @@ __all__ = [
     "detect_runner",
     "ensure_image",
     "get_default_image",
+    "host_gpus",
     "make_runner",
     "resolve_runner",
     "runner_choice",
@@ -249,11 +248,12 @@ def make_runner(
 
 @dataclass(frozen=True)
 class StudyRunnerFactory:
-    """Builds a study's runner on a cluster node (pickled and shipped there by Ray).
+    """Builds a study's runner where its attempts run: this host, or a cluster node.
 
-    A runner left on `auto` is decided per node: docker where a daemon answers.
-    Exchange dirs go in the results dir on the driver's own host, else in the
-    node's temp dir; a failure's record names the node that keeps it.
+    Pickled and shipped to each node by a remote placement. A runner left on
+    `auto` is decided per host: docker where a daemon answers. Exchange dirs go
+    in the results dir on the driver's own host, else in the node's temp dir; a
+    failure's record names the node that keeps it.
     """
 
     study: Study
@@ -264,7 +264,7 @@ class StudyRunnerFactory:
     experiments: tuple[Experiment, ...]
     exchange_base: Path
 
-    def __call__(self, node: NodeContext) -> Runner:
+    def __call__(self, node: HostContext) -> Runner:
         spec = detect_runner(self.study) if self.spec.auto else self.spec
         exchange: Path | None = None
         if node.driver_host:
@@ -319,22 +319,31 @@ def ensure_image(
     return True
 
 
-def build_pool(
-    study: Study, *, gpus: list[str] | str | None = None, virtual_gpus: int | None = None
-) -> GpuPool:
-    """The GPU pool from CLI options, else the study, else detection."""
-    cooldown = study.experiment_gap_s
-    settle = SettleSpec(**study.settle.model_dump()) if study.settle is not None else None
+def host_gpus(
+    study: Study,
+    *,
+    gpu_ids: list[str] | Literal["auto"] | None = None,
+    virtual_gpus: int | None = None,
+) -> HostGpus:
+    """This host's GPUs: the command line's choice, else the study's, else detection."""
     if virtual_gpus is not None:
-        return GpuPool.virtual_devices(virtual_gpus, cooldown_s=cooldown, settle=settle)
-    chosen = gpus if gpus is not None else study.gpus
+        return HostGpus(virtual=virtual_gpus)
+    chosen = gpu_ids if gpu_ids is not None else study.gpu_ids
+    if chosen is None and study.virtual_gpus is not None:
+        return HostGpus(virtual=study.virtual_gpus)
     # Real GPUs: a device still holding memory is waited out before it is handed on.
-    residual = study.residual_memory_mb
-    if chosen == "auto" or (chosen is None and study.virtual_gpus is None):
-        return GpuPool.detect(cooldown_s=cooldown, residual_memory_mb=residual, settle=settle)
-    if chosen is not None:
-        return GpuPool(
-            list(chosen), cooldown_s=cooldown, residual_memory_mb=residual, settle=settle
-        )
-    assert study.virtual_gpus is not None
-    return GpuPool.virtual_devices(study.virtual_gpus, cooldown_s=cooldown, settle=settle)
+    if chosen == "auto":
+        return HostGpus(ids="auto", residual_memory_mb=study.residual_memory_mb)
+    ids = tuple(chosen) if chosen is not None else None
+    return HostGpus(ids=ids, residual_memory_mb=study.residual_memory_mb)
+
+
+def build_pool(
+    study: Study,
+    *,
+    gpu_ids: list[str] | Literal["auto"] | None = None,
+    virtual_gpus: int | None = None,
+) -> GpuPool:
+    """The GPU pool from command-line options, else the study, else detection."""
+    chosen = host_gpus(study, gpu_ids=gpu_ids, virtual_gpus=virtual_gpus)
+    return chosen.pool(cooldown_s=study.experiment_gap_s, settle=study.settle)

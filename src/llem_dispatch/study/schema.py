@@ -9,6 +9,7 @@ import difflib
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -16,13 +17,17 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from llem_dispatch._docker import ApiDeadlines
+from llem_dispatch.cluster.settings import RaySettings
+from llem_dispatch.dispatch.registry import placement_names, unknown_placement_message
 from llem_dispatch.errors import ConfigError
+from llem_dispatch.gpu import SettleSpec
 from llem_dispatch.runners.kinds import AUTO, RunnerKind, get_runner_kind
 from llem_dispatch.runners.kinds import parse_runner_value as parse_kind_value
 
@@ -31,7 +36,6 @@ __all__ = [
     "Experiment",
     "ReportSpec",
     "RunnerSpec",
-    "SettleSettings",
     "Study",
     "check_image",
     "interpolate",
@@ -45,6 +49,10 @@ _IMAGE_RE = re.compile(
 )
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _ENV_REF = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+#: The study fields that are a placement's settings block, by placement name (a
+#: placement with settings adds its block here and a field of that name to `Study`).
+_PLACEMENT_BLOCKS: dict[str, type[BaseModel]] = {"ray": RaySettings}
 
 
 def _check_gpu_count(value: Any, where: str) -> None:
@@ -83,35 +91,6 @@ class BuildSpec(BaseModel):
     args: dict[str, str] = Field(
         default_factory=dict, description="Build args; `${VAR:-default}` reads the env."
     )
-
-
-class SettleSettings(BaseModel):
-    """The thermal gate: hand a GPU on when it has settled, not after a fixed gap."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    temperature_c: float = Field(
-        default=3.0, ge=0, description="Settled: within this many C of the GPU's idle baseline."
-    )
-    power_w: float = Field(
-        default=10.0, ge=0, description="Settled: within this many W of the idle baseline."
-    )
-    hold_s: float = Field(default=3.0, ge=0, description="...for at least this long.")
-    min_s: float = Field(default=5.0, ge=0, description="Never hand a GPU on sooner than this.")
-    max_s: float = Field(
-        default=120.0, ge=0, description="Hand it on after this even if unsettled (recorded)."
-    )
-    sample_s: float = Field(default=0.5, gt=0, description="Seconds between sensor readings.")
-    baselines: dict[str, tuple[float, float]] = Field(
-        default_factory=dict,
-        description="Idle [temperature C, power W] per GPU id; measured at first use if absent.",
-    )
-
-    @model_validator(mode="after")
-    def _limits(self) -> SettleSettings:
-        if self.max_s < self.min_s:
-            raise ValueError(f"max_s ({self.max_s}) must be >= min_s ({self.min_s})")
-        return self
 
 
 class ReportSpec(BaseModel):
@@ -158,7 +137,20 @@ class Study(BaseModel):
     )
     cluster: str | None = Field(
         default=None,
-        description="Run on a Ray cluster: its address (auto | HOST:6379 | ray://HOST:10001).",
+        description="Run on a Ray cluster: its address (auto | HOST:6379 | ray://HOST:10001); "
+        "short for `placement: ray` with `ray: {address: ...}`.",
+    )
+    placement: str = Field(
+        default="",
+        validate_default=True,
+        description="Where experiments run: local (this host's GPUs, the default) | ray (a Ray "
+        "cluster, set in `ray:`); `cluster: ADDRESS` implies ray.",
+    )
+    ray: RaySettings | None = Field(
+        default=None,
+        validate_default=True,
+        description="Settings of `placement: ray`: {address: auto | HOST:6379 | "
+        "ray://HOST:10001, placement_timeout_s: 300, num_cpus: 1, runtime_env: {...}}.",
     )
     image: str | None = Field(default=None, description="The image every experiment runs in.")
     images: dict[str, str] = Field(
@@ -206,7 +198,7 @@ class Study(BaseModel):
     gpus_per_experiment: int = Field(
         default=0, ge=0, description="GPUs each experiment gets, pinned and exclusive."
     )
-    settle: SettleSettings | None = Field(
+    settle: SettleSpec | None = Field(
         default=None,
         description="Thermal gate per GPU, next to `experiment_gap_s`: {temperature_c: 3, "
         "power_w: 10, min_s: 5, max_s: 120}; real GPUs only (ignored on virtual ones).",
@@ -230,6 +222,7 @@ class Study(BaseModel):
     experiment_gap_s: float = Field(
         default=0.0,
         ge=0,
+        allow_inf_nan=False,
         description="Per-GPU cooldown between experiments (thermal settling), seconds.",
     )
     prestart: bool = Field(
@@ -239,26 +232,29 @@ class Study(BaseModel):
         "(LLEM_GO_PATH) until they are free and cooled down; its CPU start-up runs beside "
         "the current experiment. Its timeout counts from the gate. Off by default.",
     )
-    cycle_gap_s: float = Field(default=0.0, ge=0, description="Pause between cycles, seconds.")
+    cycle_gap_s: float = Field(
+        default=0.0, ge=0, allow_inf_nan=False, description="Pause between cycles, seconds."
+    )
     timeout_s: float | None = Field(
         default=None,
-        gt=0,
         description="Kill and raise DockerTimeoutError after this many seconds "
-        "(from the gate, for a prestarted run).",
+        "(from the gate, for a prestarted run); finite and > 0, or null for no limit.",
     )
     silence_timeout_s: float | None = Field(
         default=None,
-        gt=0,
-        description="Kill with DockerHangError after this many seconds without output.",
+        description="Kill with DockerHangError after this many seconds without output; "
+        "finite and > 0, or null for no limit.",
     )
     max_concurrency: int | None = Field(
         default=None,
         ge=1,
         description="Cap on simultaneous experiments (default: what the GPUs allow).",
     )
-    gpus: list[str] | Literal["auto"] | None = Field(
+    gpu_ids: list[str] | Literal["auto"] | None = Field(
         default=None,
-        description="GPU ids to schedule on ([0, 1]) or `auto` (NVML; also the default).",
+        alias="gpus",
+        description="`gpus:` in the file: GPU ids of this host to schedule on ([0, 1]) or "
+        "`auto` (NVML; also the default).",
     )
     virtual_gpus: int | None = Field(
         default=None,
@@ -273,7 +269,10 @@ class Study(BaseModel):
         default=3, ge=0, description="Retries for transient infrastructure errors only."
     )
     stop_grace_s: float = Field(
-        default=10.0, ge=0, description="On interrupt: SIGTERM, then SIGKILL after this."
+        default=10.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="On interrupt: SIGTERM, then SIGKILL after this.",
     )
     shm_size: str = Field(default="8g", description="/dev/shm (default 8g, as vLLM needs).")
     network: str | None = Field(
@@ -361,25 +360,126 @@ class Study(BaseModel):
 
     @field_validator("grid")
     @classmethod
-    def _grid_ok(cls, value: dict[str, list[Any]], info: ValidationInfo) -> dict[str, list[Any]]:
+    def _grid_ok(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
         for key, options in value.items():
             if not options:
                 raise ValueError(f"grid.{key} is an empty list: give at least one value")
-        field = info.data.get("gpus_field")
-        for index, gpus in enumerate(value.get(field, []) if field else []):
-            _check_gpu_count(gpus, f"grid.{field}[{index}]")
         return value
 
-    @field_validator("configs", "base")
+    @field_validator("base", "configs", "grid")
     @classmethod
-    def _config_gpus_ok(cls, value: Any, info: ValidationInfo) -> Any:
+    def _gpu_counts_ok(cls, value: Any, info: ValidationInfo) -> Any:
+        """Every per-config GPU count (`gpus_field`), checked here once, at load."""
         field = info.data.get("gpus_field")
-        items = value if isinstance(value, list) else [value]
-        for index, config in enumerate(items if field else []):
-            if field in config:
-                where = f"{info.field_name}[{index}]" if isinstance(value, list) else "base"
-                _check_gpu_count(config[field], f"{where}.{field}")
+        if not field:
+            return value
+        if info.field_name == "grid":
+            counts = [(f"grid.{field}[{i}]", n) for i, n in enumerate(value.get(field, []))]
+        elif info.field_name == "configs":
+            counts = [
+                (f"configs[{i}].{field}", c[field]) for i, c in enumerate(value) if field in c
+            ]
+        else:
+            counts = [(f"base.{field}", value[field])] if field in value else []
+        for where, count in counts:
+            _check_gpu_count(count, where)
         return value
+
+    @field_validator("gpu_ids", mode="before")
+    @classmethod
+    def _gpu_ids_as_text(cls, value: Any) -> Any:
+        """`gpus: [0, 1]` names devices 0 and 1: ids are text (indices or UUIDs)."""
+        if isinstance(value, list):
+            return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+        return value
+
+    @field_validator("timeout_s", "silence_timeout_s")
+    @classmethod
+    def _limit_ok(cls, value: float | None, info: ValidationInfo) -> float | None:
+        """A time limit is finite and > 0 (null: none); the runners take it as it is."""
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(
+                f"must be a finite number of seconds > 0, got {value!r}: "
+                f"give the longest an experiment may take (e.g. {info.field_name}: 3600), "
+                "or leave it out for no limit"
+            )
+        return value
+
+    @field_validator("placement")
+    @classmethod
+    def _placement_ok(cls, value: str, info: ValidationInfo) -> str:
+        """A registered placement; `cluster: ADDRESS` is the Ray form (placement inferred)."""
+        cluster = info.data.get("cluster")
+        if not value:
+            return "ray" if cluster else "local"
+        if value not in placement_names():
+            raise ValueError(unknown_placement_message(value))
+        if cluster and value != "ray":
+            raise ValueError(
+                f"`cluster: {cluster}` runs on a Ray cluster, but `placement: {value}` was given: "
+                "drop `cluster:`, or use `placement: ray` with `ray: {address: ...}`"
+            )
+        return value
+
+    @field_validator(*_PLACEMENT_BLOCKS)
+    @classmethod
+    def _block_ok(cls, value: BaseModel | None, info: ValidationInfo) -> BaseModel | None:
+        """A placement's block goes with that placement; `cluster:` fills in Ray's address."""
+        owner = str(info.field_name)
+        placement = info.data.get("placement")
+        if placement is None:
+            return value  # the placement itself was wrong: said once, there
+        if placement != owner:
+            if value is not None:
+                raise ValueError(
+                    f"a `{owner}:` block, but the study runs on `placement: {placement}`: "
+                    f"add `placement: {owner}`, or drop the block"
+                )
+            return None
+        block = _PLACEMENT_BLOCKS[owner]
+        settings = block.model_validate(value) if value is not None else block()
+        cluster = info.data.get("cluster")
+        if cluster and owner == "ray":
+            # The older, shorter Ray form: `cluster: ADDRESS`.
+            given = settings.model_fields_set
+            if "address" in given and getattr(settings, "address", None) != cluster:
+                raise ValueError(
+                    f"`cluster: {cluster}` and `ray: {{address: ...}}` disagree: "
+                    "give the address once, in `ray:`"
+                )
+            settings = settings.model_copy(update={"address": cluster})
+        return settings
+
+    def on_placement(self, name: str, settings: Mapping[str, Any] | None = None) -> Study:
+        """This study on placement `name`, `settings` over its block; validated again.
+
+        How `--ray ADDRESS` and `run_study(cluster=...)` override the study file.
+        """
+        if settings and name not in _PLACEMENT_BLOCKS:
+            raise ConfigError(
+                f"placement {name!r} takes no settings, but {dict(settings)} were given",
+                fix_suggestion="Drop them, or choose a placement they belong to.",
+            )
+        data = self.model_dump(by_alias=True, exclude={"cluster", "placement", *_PLACEMENT_BLOCKS})
+        data["placement"] = name
+        current = self.placement_settings() if name == self.placement else None
+        if current is not None or settings:
+            data[name] = {**(current.model_dump() if current else {}), **(settings or {})}
+        try:
+            return Study.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+                for e in exc.errors()
+            )
+            raise ConfigError(
+                f"placement {name!r} with {dict(settings or {})}: {problems}",
+                fix_suggestion="Correct the placement's settings; nothing was run.",
+            ) from exc
+
+    def placement_settings(self) -> BaseModel | None:
+        """The settings block named after the study's placement (`ray:`), if it has one."""
+        return getattr(self, self.placement) if self.placement in _PLACEMENT_BLOCKS else None
 
     def planned_experiments(self) -> int:
         """How many (config, cycle) runs the study asks for, counted without expanding it."""
@@ -394,7 +494,7 @@ class Study(BaseModel):
             raise ValueError("the study has no experiments: give `configs:` or `grid:`")
         if self.command is not None and self.function is not None:
             raise ValueError("give either `command:` or `function:`, not both")
-        if self.gpus is not None and self.virtual_gpus is not None:
+        if self.gpu_ids is not None and self.virtual_gpus is not None:
             raise ValueError("give either `gpus:` or `virtual_gpus:`, not both")
         planned = self.planned_experiments()
         if planned > self.max_experiments:
@@ -437,7 +537,8 @@ class Experiment:
     config: dict[str, Any]
     config_hash: str
     cycle: int
-    gpus: int
+    #: How many GPUs it runs on (validated at load: a whole number >= 0).
+    gpu_count: int
 
     @property
     def key(self) -> str:

@@ -229,7 +229,7 @@ def test_gpus_field_gives_each_experiment_its_own_count(tmp_path: Path) -> None:
         "configs:\n  - {model: 8b, tp: 1}\n  - {model: 70b, tp: 4}\n  - {model: 3b}\n"
     )
     experiments = expand_study(load_study(path))
-    assert {e.config["model"]: e.gpus for e in experiments} == {"8b": 1, "70b": 4, "3b": 1}
+    assert {e.config["model"]: e.gpu_count for e in experiments} == {"8b": 1, "70b": 4, "3b": 1}
 
 
 @pytest.mark.parametrize(
