@@ -45,7 +45,9 @@ async def test_prepare_checks_every_host_and_says_what_it_ignores(
 
     async def preflight(**options: Any) -> list[NodeCheck]:
         asked.update(options)
-        return [NodeCheck(NODE, engines={"docker": True}, missing_images=["img:1"], missing_paths=[])]
+        return [
+            NodeCheck(NODE, engines={"docker": True}, missing_images=["img:1"], missing_paths=[])
+        ]
 
     monkeypatch.setattr(ray, "preflight", preflight)
     wanted = request(
