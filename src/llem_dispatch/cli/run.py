@@ -305,7 +305,11 @@ def _run_with_progress(
             console.print(line)
 
     with_events = functools.partial(study_run, on_event=on_event)
-    main = functools.partial(_run_until_signalled, with_events, console, plan.study.stop_grace_s)
+    study = plan.study
+    bound_s = placement_class(study.placement).stop_bound_s(
+        study.stop_grace_s, study.placement_settings()
+    )
+    main = functools.partial(_run_until_signalled, with_events, console, bound_s)
     try:
         if interactive:
             with Live(LiveDisplay(state), console=console, refresh_per_second=8, transient=False):
@@ -320,26 +324,29 @@ def _run_with_progress(
 
 
 async def _run_until_signalled(
-    study_run: Callable[[], Awaitable[StudySummary]], console: Console, grace_s: float
+    study_run: Callable[[], Awaitable[StudySummary]], console: Console, bound_s: float
 ) -> StudySummary | None:
     """Run the study beside a signal watcher; None when a signal stopped it."""
     summary: StudySummary | None = None
     study_scope = anyio.CancelScope()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_watch_signals, study_scope, console, grace_s)
+        tg.start_soon(_watch_signals, study_scope, console, bound_s)
         with study_scope:
             summary = await study_run()
         tg.cancel_scope.cancel()
     return summary
 
 
-#: After the first signal the process ends within the stop grace period plus this,
-#: whatever the Docker daemon does (a hung one never answers the clean-up calls).
-EXIT_SLACK_S = 5.0
+#: After the first signal the process ends within its placement's stop bound plus
+#: this, whatever the engine does (a hung daemon never answers the clean-up calls).
+EXIT_SLACK_S = 1.0
 
 
-async def _watch_signals(study_scope: anyio.CancelScope, console: Console, grace_s: float) -> None:
-    """First SIGINT/SIGTERM: stop the study (grace periods kept); any later one: force kills."""
+async def _watch_signals(study_scope: anyio.CancelScope, console: Console, bound_s: float) -> None:
+    """First SIGINT/SIGTERM: stop the study (grace periods kept); any later one: force kills.
+
+    `bound_s` is how long the placement's clean-up may take (`Placement.stop_bound_s`).
+    """
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         count = 0
         async for signum in signals:
@@ -353,7 +360,7 @@ async def _watch_signals(study_scope: anyio.CancelScope, console: Console, grace
                     )
                 )
                 study_scope.cancel()
-                _exit_by(grace_s + EXIT_SLACK_S, console)
+                _exit_by(bound_s + EXIT_SLACK_S, console)
             else:
                 # Tells the runners' cancellation cleanup to skip the stop grace period.
                 set_force_kill(True)

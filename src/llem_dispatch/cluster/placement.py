@@ -265,11 +265,23 @@ class RayPlacement(Placement):
         self._factory_ref = None
         self.connection.close()
 
+    @staticmethod
+    def _cancel_timeout_s(stop_grace_s: float, settings: BaseModel | None) -> float:
+        ray = RaySettings.model_validate(settings) if settings is not None else RaySettings()
+        cancel_s = ray.cancel_timeout_s
+        return cancel_s if cancel_s is not None else stop_grace_s + 30
+
+    @classmethod
+    def stop_bound_s(cls, stop_grace_s: float, settings: BaseModel | None) -> float:
+        """Each cancelled task drains (its node removes the container) within the cancel
+        timeout, or is killed; the end-of-study sweep then removes what a killed task
+        left on any node. Under load a drain can take far longer than the grace."""
+        return cls._cancel_timeout_s(stop_grace_s, settings) + cls.STUDY_SWEEP_S
+
     @classmethod
     def for_study(cls, request: PlacementRequest, settings: BaseModel | None) -> RayPlacement:
         """The study's runner factory shipped to the cluster its `ray:` block names."""
         ray = RaySettings.model_validate(settings) if settings is not None else RaySettings()
-        cancel_s = ray.cancel_timeout_s
         return cls(
             request.runner_factory,
             address=ray.address,
@@ -279,7 +291,7 @@ class RayPlacement(Placement):
             runner_type=request.runner_kind,
             num_cpus=ray.num_cpus,
             runtime_env=ray.runtime_env,
-            cancel_timeout_s=cancel_s if cancel_s is not None else request.stop_grace_s + 30,
+            cancel_timeout_s=cls._cancel_timeout_s(request.stop_grace_s, settings),
             placement_timeout_s=ray.placement_timeout_s,
             init_options=ray.init_options,
         )

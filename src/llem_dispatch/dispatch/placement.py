@@ -31,6 +31,7 @@ from llem_dispatch.errors import ConfigError
 from llem_dispatch.gpu import GpuLease, GpuPool, SettleSpec
 from llem_dispatch.gpu.discovery import nvml_thermal
 from llem_dispatch.models import HashedConfig
+from llem_dispatch.runners._cancel import CANCEL_SLACK_S
 from llem_dispatch.runners.protocol import GatedRunner, Outcome, RunInfo, Runner, utcnow
 
 __all__ = [
@@ -161,6 +162,8 @@ class Placement(abc.ABC):
     on_this_host: ClassVar[bool] = True
     #: The runner type records name (None when not known).
     runner_type: str | None = None
+    #: How long `run_study`'s end-of-study sweep may take (it is cut there).
+    STUDY_SWEEP_S: ClassVar[float] = 90.0
 
     @classmethod
     def for_study(cls, request: PlacementRequest, settings: BaseModel | None) -> Placement:
@@ -173,6 +176,18 @@ class Placement(abc.ABC):
             f"{cls.__name__} cannot be chosen from a study (it has no `for_study`)",
             fix_suggestion="Give it to `Dispatcher(placement=...)` instead.",
         )
+
+    @classmethod
+    def stop_bound_s(cls, stop_grace_s: float, settings: BaseModel | None) -> float:
+        """The longest a cancelled study takes to stop here, every step in its own bound.
+
+        From the cancel to the last attempt stopped (its grace kept) and removed, and
+        the end-of-study sweep done. The CLI's last-resort exit waits this long, so
+        it never cuts short a clean-up that is still within its bounds; only a
+        clean-up stuck past them (a hung engine) is abandoned, and left to `reap`.
+        Default: the runners' own bound (the grace, then the kill and removal).
+        """
+        return stop_grace_s + CANCEL_SLACK_S
 
     @abc.abstractmethod
     def check_request(self, gpus: int) -> None:

@@ -211,7 +211,7 @@ class _StudyRun:
                         # Every experiment has its final record (or was cancelled and
                         # waited for): whatever container of this study is left on a
                         # node is abandoned, e.g. by a worker of a node that left.
-                        with anyio.move_on_after(90, shield=True):
+                        with anyio.move_on_after(Placement.STUDY_SWEEP_S, shield=True):
                             await self.placed.placement.sweep(self.placed.request, study_over=True)
         except BaseException as exc:
             interrupted = isinstance(exc, anyio.get_cancelled_exc_class() | KeyboardInterrupt)

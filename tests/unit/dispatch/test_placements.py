@@ -227,3 +227,19 @@ def test_placements_of_other_packages_arrive_through_entry_points(
     assert placement_class("elsewhere") is Elsewhere
     study = Study.model_validate({"grid": {"x": [1]}, "placement": "elsewhere"})
     assert study.placement == "elsewhere"
+
+
+def test_stop_bound_covers_each_placement_s_own_clean_up() -> None:
+    """The CLI's last-resort exit waits for the placement's whole clean-up: on Ray, a
+    slow drain (up to the cancel timeout) and then the end-of-study sweep."""
+    from llem_dispatch.cluster.settings import RaySettings
+    from llem_dispatch.dispatch import Placement, placement_class
+    from llem_dispatch.runners._cancel import CANCEL_SLACK_S
+
+    local = placement_class("local").stop_bound_s(2.0, None)
+    assert local == 2.0 + CANCEL_SLACK_S
+    ray = placement_class("ray")
+    assert ray.stop_bound_s(2.0, None) == 2.0 + 30 + Placement.STUDY_SWEEP_S
+    settings = RaySettings(cancel_timeout_s=100)
+    assert ray.stop_bound_s(2.0, settings) == 100 + Placement.STUDY_SWEEP_S
+    assert ray.stop_bound_s(2.0, None) > local
