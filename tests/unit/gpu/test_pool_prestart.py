@@ -80,7 +80,7 @@ async def test_a_given_up_promise_frees_the_ids_without_a_cooldown() -> None:
             # The promise is gone: the next early request is promised the lease again.
             async with pool.acquire(1, early=True) as again:
                 assert again.pending
-            assert first._successor is None
+            assert not first.has_successor
         assert pool.free_ids() == ()  # the first's own cooldown runs
 
 
@@ -165,5 +165,4 @@ async def test_past_ready_no_id_is_used_twice_and_cooldowns_hold(seed: int) -> N
             assert start >= end + cooldown - 1e-6
     assert pool.busy() == {}
     assert pool.waiting() == ()
-    assert pool._promised == {}
-    assert pool._live == []
+    assert pool.promised() == ()
