@@ -355,7 +355,8 @@ class GpuPool:
 
     def _apply(self, step: Step) -> None:
         """Wake the waiters a step served or asked to look again."""
-        for waiter in (*step.woken, *step.promises):
+        waiters: list[Request | Grant] = [*step.woken, *step.promises]
+        for waiter in waiters:
             event = self._asleep.get(waiter)
             if event is not None:
                 event.set()
