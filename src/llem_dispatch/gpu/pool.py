@@ -38,12 +38,7 @@ from llem_dispatch.gpu.schedule import NEVER, BusyMemory, GpuHolding, Grant, Req
 from llem_dispatch.gpu.sensing import DeviceSensing, MemoryProbe
 from llem_dispatch.gpu.thermal import Sensor, SettleSpec, SettleTracker
 
-__all__ = [
-    "GpuHolding",
-    "GpuLease",
-    "GpuPool",
-    "GpuPoolOptions",
-]
+__all__ = ["GpuPool", "GpuPoolOptions"]
 
 log = structlog.get_logger("llem_dispatch.gpu")
 
