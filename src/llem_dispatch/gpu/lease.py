@@ -41,12 +41,12 @@ class GpuLease(tuple[str, ...]):
     ) -> Self:
         """`grant` and `ready_wait` come from the pool: its state of these ids, and
         how to wait until a pending grant's ids are this lease's."""
-        lease = super().__new__(cls, ids)
-        lease._on_release = on_release
-        lease._released = False
-        lease._grant = grant
-        lease._ready_wait = ready_wait
-        return lease
+        self = super().__new__(cls, ids)
+        self._on_release = on_release
+        self._released = False
+        self._grant = grant
+        self._ready_wait = ready_wait
+        return self
 
     @property
     def released(self) -> bool:

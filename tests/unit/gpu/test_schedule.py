@@ -341,10 +341,12 @@ def test_a_gpu_that_never_settles_goes_on_at_max_s_and_says_so() -> None:
 # -- purity -----------------------------------------------------------------------
 
 
+GPU_PACKAGE = Path(__file__).resolve().parents[3] / "src" / "llem_dispatch" / "gpu"
+
+
 @pytest.mark.parametrize("module", ["schedule.py", "thermal.py"])
 def test_the_core_imports_no_event_loop_and_no_device(module: str) -> None:
-    source = Path(__file__).resolve().parents[3] / "src" / "llem_dispatch" / "gpu" / module
-    tree = ast.parse(source.read_text())
+    tree = ast.parse((GPU_PACKAGE / module).read_text())
     imported = {
         alias.name if isinstance(node, ast.Import) else node.module or ""
         for node in ast.walk(tree)
@@ -353,3 +355,18 @@ def test_the_core_imports_no_event_loop_and_no_device(module: str) -> None:
     }
     assert not {m for m in imported if m.split(".")[0] in {"anyio", "trio", "asyncio", "time"}}
     assert "llem_dispatch.gpu.discovery" not in imported
+
+
+def test_gpu_modules_touch_only_their_own_private_attributes() -> None:
+    # The pool once set GpuLease's private fields: each object's `_name`s are
+    # its own (`self._x`, `cls._x`); others are read through public fields.
+    reach_ins = [
+        f"{path.name}:{node.lineno}: {ast.unparse(node)}"
+        for path in sorted(GPU_PACKAGE.glob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute)
+        and node.attr.startswith("_")
+        and not node.attr.startswith("__")
+        and not (isinstance(node.value, ast.Name) and node.value.id in {"self", "cls"})
+    ]
+    assert not reach_ins, "\n".join(reach_ins)
