@@ -628,6 +628,36 @@ async def test_probes_run_on_a_worker_thread_and_never_stall_the_event_loop(prob
     assert loop_thread not in threads
 
 
+async def test_a_waiter_cancelled_while_its_ids_are_sensed_leaves_nothing_behind() -> None:
+    let_go = threading.Event()
+    sensing = threading.Event()
+
+    def slow(device_id: str) -> float:
+        sensing.set()
+        let_go.wait(2.0)
+        return 0.0
+
+    pool = GpuPool(["0", "1"], residual_memory_mb=100, memory_probe=slow)
+    with anyio.fail_after(3):
+        async with anyio.create_task_group() as tg:
+            scope = anyio.CancelScope()
+
+            async def waiter() -> None:
+                with scope:
+                    async with pool.acquire(1):
+                        pytest.fail("the cancelled waiter ran its block")
+
+            tg.start_soon(waiter)
+            await until(sensing.is_set)
+            scope.cancel()  # takes effect once the read in flight returns
+            let_go.set()
+    assert scope.cancelled_caught
+    assert pool.waiting() == ()
+    assert pool.busy() == {}
+    assert pool.free_ids() == ("0", "1")
+    assert pool.last_released("0") is None  # never used: no cooldown started
+
+
 # -- detection ----------------------------------------------------------------
 
 

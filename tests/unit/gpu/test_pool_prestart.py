@@ -166,3 +166,28 @@ async def test_past_ready_no_id_is_used_twice_and_cooldowns_hold(seed: int) -> N
     assert pool.busy() == {}
     assert pool.waiting() == ()
     assert pool.promised() == ()
+
+
+async def test_a_promise_waits_out_busy_memory_before_it_is_ready() -> None:
+    used = {"0": 0.0}
+    pool = GpuPool(["0"], residual_memory_mb=100, memory_probe=used.get, memory_poll_s=0.02)
+    with anyio.fail_after(2):
+        async with pool.acquire(1) as first, pool.acquire(1, early=True) as second:
+            assert second.pending
+            used["0"] = 5000.0  # the first run leaves memory behind
+            first.release()
+            ready: list[bool] = []
+
+            async def wait() -> None:
+                await second.wait_ready()
+                ready.append(True)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait)
+                await anyio.sleep(0.1)
+                assert not ready  # held back by the memory check, re-checked meanwhile
+                assert second.pending
+                used["0"] = 10.0
+            assert ready
+            assert not second.pending
+            assert pool.busy()["0"].lease_ids == ("0",)
