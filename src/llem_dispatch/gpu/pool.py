@@ -315,7 +315,9 @@ class GpuPool:
         try:
             await event.wait()
         finally:
-            del self._asleep[waiter]
+            # Two tasks may wait on one promise: leave the other's event alone.
+            if self._asleep.get(waiter) is event:
+                del self._asleep[waiter]
 
     async def _look(self) -> None:
         """One scheduling step now, with fresh readings of the ids it may hand out."""

@@ -196,14 +196,19 @@ class Schedule:
 
         Those free of holders, promises, cooldown and memory blocks, whatever their
         settle state: a settling id needs a sample, a settled one a hand-on reading.
-        Nothing while no waiting request could be met by that many.
+        While no waiting request could be met by that many, only the settling ones:
+        their calm streak must be sampled all along, or it would start only once
+        the last id a request waits for is free.
         """
         if not self.senses or not self.queue:
             return ()
         ids = tuple(d for d in self.devices if d not in self.promised and self._cooled(d, now))
-        if min(r.k for r in self.queue) > len(ids):
+        if min(r.k for r in self.queue) <= len(ids):
+            return ids
+        if self.settle is None:
             return ()
-        return ids
+        max_s = self.settle.spec.max_s
+        return tuple(d for d in ids if now - self.last_released.get(d, -math.inf) < max_s)
 
     def promise_to_sense(self, grant: Grant, now: float) -> tuple[str, ...]:
         """The ids of a pending grant once all are released and cooled, else ()."""

@@ -338,6 +338,20 @@ def test_a_gpu_that_never_settles_goes_on_at_max_s_and_says_so() -> None:
     assert held(waiter).settle["0"].waited_s == 30.0
 
 
+def test_settling_gpus_are_sampled_even_while_no_request_can_be_met() -> None:
+    spec = SettleSpec(min_s=5, hold_s=3, max_s=120, sample_s=1)
+    schedule = Schedule(["0", "1"], settle=SettleTracker(spec))
+    a, b = Request(1), Request(1)
+    schedule.enqueue(a)
+    schedule.enqueue(b)
+    schedule.dispatch(0.0, {"0": Reading(thermal=IDLE), "1": Reading(thermal=IDLE)})
+    schedule.release(held(a), 1.0)
+    schedule.enqueue(Request(2))
+    # "1" is held, so nobody can be served; "0" still needs its calm streak sampled.
+    assert schedule.to_sense(2.0) == ("0",)
+    assert schedule.to_sense(121.0) == ()  # past max_s it goes on whatever it reads
+
+
 # -- purity -----------------------------------------------------------------------
 
 
