@@ -8,6 +8,9 @@ too, except those under `if TYPE_CHECKING:`).
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -274,3 +277,28 @@ def test_no_module_branches_on_a_placement_name() -> None:
 def test_the_placement_name_check_can_fail() -> None:
     tree = ast.parse('if study.placement == "ray":\n    pass\nok = placement is None\n')
     assert list(_placement_name_comparisons(tree)) == [1]
+
+
+@pytest.mark.parametrize("module", ["llem_dispatch", "llem_dispatch.testing"])
+def test_importing_pays_for_no_docker_client(module: str) -> None:
+    # aiodocker + aiohttp cost about half a second to import: the package and
+    # the FakeRunner must not load them; only DockerRunner's first use does.
+    # A fresh interpreter, since this test process has imported them already.
+    probe = (
+        f"import sys, {module}\n"
+        "loaded = sorted(m for m in ('aiodocker', 'aiohttp') if m in sys.modules)\n"
+        "assert not loaded, loaded\n"
+        "from llem_dispatch.runners import DockerRunner\n"
+        "assert DockerRunner.__module__ == 'llem_dispatch.runners.docker'\n"
+        "assert 'aiodocker' in sys.modules\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr

@@ -31,7 +31,7 @@ from llem_dispatch.errors import ConfigError
 from llem_dispatch.gpu import GpuLease, GpuPool, SettleSpec
 from llem_dispatch.gpu.discovery import nvml_thermal
 from llem_dispatch.models import HashedConfig
-from llem_dispatch.runners._cancel import CANCEL_SLACK_S
+from llem_dispatch.runners import CANCEL_SLACK_S
 from llem_dispatch.runners.protocol import GatedRunner, Outcome, RunInfo, Runner, utcnow
 
 __all__ = [

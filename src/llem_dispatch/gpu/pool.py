@@ -5,18 +5,20 @@ requests FIFO with bounded backfill so multi-GPU jobs never starve. An `early`
 request may instead be promised the ids of a running lease of its size (its
 successor), so it can start up before they free; it may use them only once
 `GpuLease.wait_ready()` returns (released, cooled down, settled).
+
+The async shell: the decisions are `Schedule`'s (schedule.py, pure), the device
+reads `DeviceSensing`'s (sensing.py, off the event loop); this wires them to
+waiting tasks and the clock (`anyio.current_time()`).
 """
 
 from __future__ import annotations
 
-import itertools
+import functools
 import math
 import os
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
-from typing import Literal, Self, TypedDict, Unpack
+from typing import Literal, TypedDict, Unpack
 
 import anyio
 import anyio.lowlevel
@@ -27,94 +29,18 @@ from llem_dispatch.gpu.discovery import (
     match_visible,
     nvml_inventory,
     nvml_names,
-    nvml_processes,
     nvml_thermal,
     nvml_used_memory_mb,
     parse_visible_devices,
 )
-from llem_dispatch.gpu.thermal import Sensor, SettleReport, SettleSpec, ThermalGate
+from llem_dispatch.gpu.lease import GpuLease
+from llem_dispatch.gpu.schedule import NEVER, BusyMemory, GpuHolding, Grant, Request, Schedule, Step
+from llem_dispatch.gpu.sensing import DeviceSensing, MemoryProbe
+from llem_dispatch.gpu.thermal import Sensor, SettleSpec, SettleTracker
 
-__all__ = [
-    "GpuHolding",
-    "GpuLease",
-    "GpuPool",
-    "GpuPoolOptions",
-]
+__all__ = ["GpuPool", "GpuPoolOptions"]
 
 log = structlog.get_logger("llem_dispatch.gpu")
-
-MemoryProbe = Callable[[str], float | None]
-
-_NEVER = -math.inf
-
-
-class GpuLease(tuple[str, ...]):
-    """The device ids handed to one experiment: a tuple of str ids that can be released.
-
-    `release()` returns the ids to the pool at once (their cooldown starts then),
-    so a run can free its GPUs the moment its process exits, before logs are
-    collected; leaving `GpuPool.acquire`'s block releases whatever is still held.
-    """
-
-    _on_release: Callable[[GpuLease], None] | None
-    _released: bool
-    #: With a thermal gate: each id's reading and settle wait as it was handed on.
-    settle: dict[str, SettleReport]
-    # A promise (`pending`): how to wait until the ids are ours, and the event
-    # that wakes that wait. A live lease: the pending lease promised its ids next.
-    _ready_wait: Callable[[GpuLease], Awaitable[None]] | None
-    _wake: anyio.Event | None
-    _successor: GpuLease | None
-
-    def __new__(
-        cls, ids: Iterable[str] = (), *, on_release: Callable[[GpuLease], None] | None = None
-    ) -> Self:
-        lease = super().__new__(cls, ids)
-        lease._on_release = on_release
-        lease._released = False
-        lease.settle = {}
-        lease._ready_wait = None
-        lease._wake = None
-        lease._successor = None
-        return lease
-
-    @property
-    def released(self) -> bool:
-        """Whether the ids have gone back to the pool."""
-        return self._released
-
-    @property
-    def pending(self) -> bool:
-        """A promise: the ids are still another lease's (or cooling down); see `wait_ready`."""
-        return self._ready_wait is not None
-
-    async def wait_ready(self) -> None:
-        """Until the ids are this lease's to use (at once for a lease that is not pending)."""
-        if self._ready_wait is not None:
-            await self._ready_wait(self)
-
-    def release(self) -> None:
-        """Give the ids back to the pool now; later calls do nothing."""
-        if self._released:
-            return
-        self._released = True
-        if self._on_release is not None:
-            self._on_release(self)
-
-    def __repr__(self) -> str:
-        return f"GpuLease({', '.join(map(repr, self))})"
-
-
-@dataclass(frozen=True, slots=True)
-class GpuHolding:
-    """Who holds one busy id, for progress displays."""
-
-    #: Every id of the lease that holds this one, in pool order.
-    lease_ids: tuple[str, ...]
-    #: `anyio.current_time()` when the lease was granted.
-    since: float
-    #: The label passed to `GpuPool.acquire(k, holder=...)`, if any.
-    holder: str | None = None
 
 
 class GpuPoolOptions(TypedDict, total=False):
@@ -130,29 +56,6 @@ class GpuPoolOptions(TypedDict, total=False):
     sensor: Sensor | None
 
 
-@dataclass(slots=True, eq=False)
-class _Request:
-    k: int
-    holder: str | None
-    #: May be promised a running lease's ids (a pending lease) instead of waiting.
-    early: bool = False
-    # Times later requests were granted ahead of this one while it was the head.
-    jumps: int = 0
-    lease: GpuLease | None = None
-    # Set when this request is granted, or when it must re-read its deadline;
-    # a fresh one for each wait. Only its own waiter waits on it.
-    event: anyio.Event | None = None
-    # The deadline its waiter is sleeping until: the pool's next cooldown end
-    # or memory re-check for the head, +inf for the others, -inf while it is
-    # not asleep (not yet waiting, or woken and about to look again).
-    deadline: float = -math.inf
-
-    def wake(self) -> None:
-        self.deadline = -math.inf
-        if self.event is not None:
-            self.event.set()
-
-
 class GpuPool:
     """A fixed set of device ids handed out k at a time, never one id to two holders.
 
@@ -166,7 +69,8 @@ class GpuPool:
     memory than that (another process, a leaked context) is waited out
     (`on_busy_memory="wait"`, re-checked every `memory_poll_s`) or handed out
     with a warning (`"warn"`). A virtual pool has no devices behind its ids: no
-    NVML, no memory check.
+    NVML, no memory check. Probes (`memory_probe`, `sensor`; NVML's by default)
+    are called on a worker thread, never on the event loop.
     """
 
     devices: tuple[str, ...]
@@ -212,31 +116,33 @@ class GpuPool:
         self.residual_memory_mb = residual_memory_mb
         self.on_busy_memory = on_busy_memory
         self.memory_poll_s = memory_poll_s
-        # A virtual pool has no device to ask, so the check is off whatever was set.
-        self._probe: MemoryProbe | None = None
-        if residual_memory_mb is not None and not virtual:
-            self._probe = memory_probe or nvml_used_memory_mb
-        self._gate: ThermalGate | None = None
+        # A virtual pool has no device to ask, so the checks are off whatever was set.
+        check_memory = residual_memory_mb is not None and not virtual
         if settle is not None and virtual:
             log.warning(
                 "gpu_settle_ignored",
                 reason="virtual GPUs have no temperature or power to read",
             )
-        elif settle is not None:
-            self._gate = ThermalGate(settle, sensor or nvml_thermal)
-        self._position = {d: i for i, d in enumerate(ids)}
-        self._held: dict[str, GpuHolding] = {}
-        self._last_released: dict[str, float] = {}
-        self._memory_blocked_until: dict[str, float] = {}
-        self._memory_flagged: set[str] = set()
-        self._queue: deque[_Request] = deque()
-        # Granted leases not yet released, oldest first (successors are promised
-        # from these), and the ids promised to a pending lease.
-        self._live: list[GpuLease] = []
-        self._promised: dict[str, GpuLease] = {}
-        self._has_early = False
-        # When `_dispatch` last looked (`_next_deadline` counts only later moments).
-        self._looked_at = -math.inf
+        gate = settle is not None and not virtual
+        self._schedule = Schedule(
+            ids,
+            cooldown_s=self.cooldown_s,
+            max_backfill=self.max_backfill,
+            residual_memory_mb=residual_memory_mb if check_memory else None,
+            on_busy_memory=on_busy_memory,
+            memory_poll_s=memory_poll_s,
+            settle=SettleTracker(settle) if settle is not None and gate else None,
+        )
+        self._sensing: DeviceSensing | None = None
+        if check_memory or gate:
+            self._sensing = DeviceSensing(
+                memory=(memory_probe or nvml_used_memory_mb) if check_memory else None,
+                thermal=(sensor or nvml_thermal) if gate else None,
+            )
+        # The event each sleeping waiter (a request, or a promise in `wait_ready`)
+        # waits on: set only when a step wakes that one, so a release wakes one
+        # task, not the whole queue.
+        self._asleep: dict[Request | Grant, anyio.Event] = {}
 
     @classmethod
     def detect(cls, **options: Unpack[GpuPoolOptions]) -> GpuPool:
@@ -329,23 +235,25 @@ class GpuPool:
         return self._lease(k, holder, early)
 
     def free_ids(self) -> tuple[str, ...]:
-        """Ids that are free and cooled down now, in pool order (for display)."""
-        now = anyio.current_time()
-        return tuple(
-            d for d in self.devices if d not in self._promised and self._is_available(d, now)
-        )
+        """Ids that are free and cooled down now (as last sensed), in pool order (for display)."""
+        return self._schedule.free_ids(anyio.current_time())
 
     def busy(self) -> dict[str, GpuHolding]:
         """Held ids and who holds them since when, in pool order."""
-        return {d: self._held[d] for d in self.devices if d in self._held}
+        held = self._schedule.held
+        return {d: held[d] for d in self.devices if d in held}
+
+    def promised(self) -> tuple[str, ...]:
+        """Ids promised to a pending (prestarted) lease, in pool order."""
+        return tuple(d for d in self.devices if d in self._schedule.promised)
 
     def waiting(self) -> tuple[int, ...]:
         """The GPU counts of the requests waiting, oldest first."""
-        return tuple(r.k for r in self._queue)
+        return tuple(r.k for r in self._schedule.queue)
 
     def last_released(self, device_id: str) -> float | None:
         """`anyio.current_time()` of the id's last release, or None if never released."""
-        return self._last_released.get(device_id)
+        return self._schedule.last_released.get(device_id)
 
     @asynccontextmanager
     async def _lease(self, k: int, holder: str | None, early: bool) -> AsyncIterator[GpuLease]:
@@ -353,306 +261,120 @@ class GpuPool:
         if k == 0:
             lease = GpuLease()
         else:
-            self._has_early = self._has_early or early
-            lease = await self._wait_for(_Request(k, holder, early))
+            grant = await self._wait_for(Request(k, holder, early))
+            lease = GpuLease(
+                grant.ids,
+                grant=grant,
+                on_release=functools.partial(self._release, grant),
+                ready_wait=functools.partial(self._wait_ready, grant),
+            )
         try:
             yield lease
         finally:
             lease.release()
 
-    async def _wait_for(self, request: _Request) -> GpuLease:
-        self._queue.append(request)
+    async def _wait_for(self, request: Request) -> Grant:
+        schedule = self._schedule
+        schedule.enqueue(request)
         try:
-            self._dispatch()
-            while request.lease is None:
-                # Each waiter sleeps on its own event, set only when it is
-                # granted (or made the head), so a release wakes one task, not
-                # the whole queue. Nobody releases anything when a cooldown ends
-                # or a memory re-check is due, so the head keeps the time for
+            await self._look()
+            while request.grant is None:
+                if schedule.unread and schedule.is_head(request):
+                    await self._look()  # ids freed that must be sensed before they go
+                    continue
+                # Nobody releases anything when a cooldown ends or a memory
+                # re-check or settle sample is due, so the head keeps the time for
                 # everyone: it sleeps until the pool's next such moment and then
-                # runs the scheduling step itself.
-                request.event = anyio.Event()
-                is_head = self._queue[0] is request
-                request.deadline = self._next_deadline() if is_head else math.inf
+                # looks itself. The others sleep until a step wakes them.
+                now = anyio.current_time()
+                request.deadline = (
+                    schedule.next_deadline(now) if schedule.is_head(request) else math.inf
+                )
                 with anyio.CancelScope(deadline=request.deadline) as timer:
-                    await request.event.wait()
-                request.deadline = -math.inf
-                if request.lease is None and timer.cancelled_caught:
-                    self._dispatch()
+                    await self._sleep(request)
+                request.deadline = NEVER
+                if request.grant is None and timer.cancelled_caught:
+                    await self._look()
             # Granted, but the caller may have been cancelled meanwhile: then the
             # ids go back unused (no cooldown) instead of starting its work.
             await anyio.lowlevel.checkpoint_if_cancelled()
-            return request.lease
+            return request.grant
         except BaseException:
             # Cancelled (or failed) while waiting: leave no trace in the queue,
             # and hand back ids granted in the instant before the cancellation.
-            if request.lease is not None:
-                self._revoke(request.lease)
+            now = anyio.current_time()
+            if request.grant is not None:
+                self._apply(schedule.revoke(request.grant, now))
             else:
-                self._queue.remove(request)
-                self._dispatch()
+                self._apply(schedule.withdraw(request, now))
             raise
 
-    def _is_available(self, device_id: str, now: float) -> bool:
-        if device_id in self._held:
-            return False
-        released = self._last_released.get(device_id, _NEVER)
-        blocked = self._memory_blocked_until.get(device_id, _NEVER)
-        if now < released + self.cooldown_s or now < blocked:
-            return False
-        return (
-            self._gate is None or released == _NEVER or self._gate.ready(device_id, released, now)
-        )
-
-    def _candidates(self, now: float) -> list[str]:
-        # Longest-free first spreads the heat; never-used ids tie, lowest first.
-        free = [d for d in self.devices if d not in self._promised and self._is_available(d, now)]
-        free.sort(key=lambda d: (self._last_released.get(d, _NEVER), self._position[d]))
-        return free
-
-    def _next_deadline(self) -> float:
-        """The next cooldown end, memory re-check or settle sample the last look missed.
-
-        A moment already past counts while no `_dispatch` has looked since: the
-        clock moves between a look and this call, and a head woken late must
-        look at once rather than sleep with no deadline.
-        """
-        now = anyio.current_time()
-        times = [
-            t
-            for d in self.devices
-            if d not in self._held
-            for t in (
-                self._last_released.get(d, _NEVER) + self.cooldown_s,
-                self._memory_blocked_until.get(d, _NEVER),
-                self._settle_check(d, now),
-            )
-            if t > self._looked_at
-        ]
-        return min(times, default=math.inf)
-
-    def _settle_check(self, device_id: str, now: float) -> float:
-        """When a settling GPU should be looked at again (its next sample), else -inf."""
-        released = self._last_released.get(device_id)
-        if self._gate is None or released is None:
-            return _NEVER
-        when = self._gate.next_check(device_id, released, now)
-        return when if when > now else now + self._gate.spec.sample_s
-
-    def _dispatch(self) -> None:
-        """Grant what can be granted now: the head first, then bounded backfill."""
-        now = self._looked_at = anyio.current_time()
-        free = self._candidates(now)
-        while self._queue and free:
-            head = self._queue[0]
-            taken = self._take(head.k, free, now)
-            if taken is None:
-                break
-            self._queue.popleft()
-            self._grant(head, taken, now)
-        if self._queue and free:
-            head = self._queue[0]
-            # Walk the queue in place (no copy of it per release): the walk
-            # stops as soon as nothing is free or the head may not be jumped.
-            backfilled: list[tuple[_Request, list[str]]] = []
-            for request in itertools.islice(self._queue, 1, None):
-                if head.jumps >= self.max_backfill or not free:
-                    break
-                taken = self._take(request.k, free, now)
-                if taken is not None:
-                    head.jumps += 1
-                    backfilled.append((request, taken))
-            for request, taken in backfilled:
-                self._queue.remove(request)
-                self._grant(request, taken, now)
-        if self._has_early and self._queue:
-            self._promise_successors()
-        self._arm_timer()
-
-    def _promise_successors(self) -> None:
-        """Promise running leases' ids to early requests of their size, FIFO, bounded."""
-        open_leases = [lease for lease in self._live if lease._successor is None]
-        head = self._queue[0]
-        promised: list[tuple[_Request, GpuLease]] = []
-        for request in self._queue:
-            if not open_leases or (request is not head and head.jumps >= self.max_backfill):
-                break
-            if not request.early:
-                continue
-            lease = next((o for o in open_leases if len(o) == request.k), None)
-            if lease is None:
-                continue
-            open_leases.remove(lease)
-            if request is not head:
-                head.jumps += 1
-            promised.append((request, lease))
-        for request, predecessor in promised:
-            self._queue.remove(request)
-            lease = GpuLease(predecessor, on_release=self._release)
-            lease._ready_wait = self._wait_ready
-            predecessor._successor = lease
-            for d in lease:
-                self._promised[d] = lease
-            request.lease = lease
-            request.wake()
-
-    async def _wait_ready(self, lease: GpuLease) -> None:
-        """Until a promise's ids are released, cooled down, settled and not in use."""
-        while lease._ready_wait is not None:
-            now = anyio.current_time()
-            if all(self._is_available(d, now) for d in lease) and all(
-                self._memory_ok(d, now) for d in lease
-            ):
-                self._activate(lease, now)
-                return
-            lease._wake = anyio.Event()
-            with anyio.CancelScope(deadline=self._ready_deadline(lease, now)):
-                await lease._wake.wait()
-
-    def _ready_deadline(self, lease: GpuLease, now: float) -> float:
-        """When a promise should look again: never before its predecessor's release."""
-        if any(d in self._held for d in lease):
-            return math.inf
-        times = [
-            t
-            for d in lease
-            for t in (
-                self._last_released.get(d, _NEVER) + self.cooldown_s,
-                self._memory_blocked_until.get(d, _NEVER),
-                self._settle_check(d, now),
-            )
-            if t > now
-        ]
-        return min(times, default=now + self.memory_poll_s)
-
-    def _activate(self, lease: GpuLease, now: float) -> None:
-        """A promise's ids become its own: held from now on, like a grant."""
-        lease._ready_wait = None
-        holding = GpuHolding(tuple(lease), now, None)
-        for d in lease:
-            del self._promised[d]
-            self._held[d] = holding
-        if self._gate is not None:
-            lease.settle = {
-                d: self._gate.hand_on(d, self._last_released.get(d), now) for d in lease
-            }
-        self._live.append(lease)
-        self._dispatch()
-
-    def _abandon(self, lease: GpuLease) -> None:
-        """A promise given up before it was ready: its ids are as they were, no cooldown."""
-        lease._ready_wait = None
-        for d in lease:
-            if self._promised.get(d) is lease:
-                del self._promised[d]
-        for live in self._live:
-            if live._successor is lease:
-                live._successor = None
-        if lease._wake is not None:
-            lease._wake.set()
-        self._dispatch()
-
-    def _arm_timer(self) -> None:
-        """Make sure the head wakes by the next cooldown end or memory re-check.
-
-        The head may be new (the one before it was granted or gave up, and it
-        went to sleep with no deadline), or a release may have started a
-        cooldown that ends before the head's deadline: either way it is woken
-        to look again. Without such a moment due, nothing needs a timer.
-        """
-        if self._queue:
-            head = self._queue[0]
-            if self._next_deadline() < head.deadline:
-                head.wake()
-
-    def _take(self, k: int, free: list[str], now: float) -> list[str] | None:
-        """Remove and return k usable ids from `free`, or None (leaving it usable)."""
-        if k > len(free):
-            return None
-        chosen: list[str] = []
-        for device_id in list(free):
-            if not self._memory_ok(device_id, now):
-                free.remove(device_id)
-                continue
-            chosen.append(device_id)
-            if len(chosen) == k:
-                for d in chosen:
-                    free.remove(d)
-                return chosen
-        return None
-
-    def _grant(self, request: _Request, ids: list[str], now: float) -> None:
-        ids.sort(key=self._position.__getitem__)
-        lease = GpuLease(ids, on_release=self._release)
-        if self._gate is not None:
-            lease.settle = {d: self._gate.hand_on(d, self._last_released.get(d), now) for d in ids}
-        holding = GpuHolding(tuple(ids), now, request.holder)
-        for d in ids:
-            self._held[d] = holding
-        self._live.append(lease)
-        request.lease = lease
-        request.wake()
-
-    def _release(self, lease: GpuLease) -> None:
-        if lease._ready_wait is not None:
-            self._abandon(lease)
-            return
-        now = anyio.current_time()
-        for d in lease:
-            del self._held[d]
-            self._last_released[d] = now
-            if self._gate is not None:
-                self._gate.released(d)
-        self._live.remove(lease)
-        successor = lease._successor
-        if successor is not None and successor._wake is not None:
-            successor._wake.set()
-        self._dispatch()
-
-    def _revoke(self, lease: GpuLease) -> None:
-        # Never used, so no cooldown: the ids are as free as before the grant.
-        lease._on_release = None
-        lease.release()
-        if lease._ready_wait is not None:
-            self._abandon(lease)
-            return
-        for d in lease:
-            del self._held[d]
-        self._live.remove(lease)
-        if lease._successor is not None and lease._successor._wake is not None:
-            lease._successor._wake.set()
-        self._dispatch()
-
-    def _memory_ok(self, device_id: str, now: float) -> bool:
-        if self._probe is None or self.residual_memory_mb is None:
-            return True
+    async def _sleep(self, waiter: Request | Grant) -> None:
+        """Until a step wakes `waiter` (or the caller's deadline passes)."""
+        event = self._asleep[waiter] = anyio.Event()
         try:
-            used = self._probe(device_id)
-        except Exception as exc:  # noqa: BLE001 - a broken probe must not stall the pool
-            log.warning("gpu_memory_probe_failed", device=device_id, error=repr(exc))
-            used = None
-        if used is None or used <= self.residual_memory_mb:
-            self._memory_flagged.discard(device_id)
-            return True
-        if self.on_busy_memory == "warn":
+            await event.wait()
+        finally:
+            # Two tasks may wait on one promise: leave the other's event alone.
+            if self._asleep.get(waiter) is event:
+                del self._asleep[waiter]
+
+    async def _look(self) -> None:
+        """One scheduling step now, with fresh readings of the ids it may hand out."""
+        if self._sensing is None:
+            self._apply(self._schedule.dispatch(anyio.current_time()))
+            return
+        readings = await self._sensing.read(self._schedule.to_sense(anyio.current_time()))
+        step = self._schedule.dispatch(anyio.current_time(), readings)
+        self._apply(step)
+        await self._say_busy(step.busy)
+
+    async def _wait_ready(self, grant: Grant) -> None:
+        """Until a promise's ids are released, cooled down, settled and not in use."""
+        schedule = self._schedule
+        while grant.pending:
+            now = anyio.current_time()
+            ids = schedule.promise_to_sense(grant, now)
+            if ids:
+                readings = await self._sensing.read(ids) if self._sensing is not None else {}
+                if not grant.pending:
+                    return  # given up meanwhile
+                step = schedule.activate(grant, anyio.current_time(), readings)
+                self._apply(step)
+                await self._say_busy(step.busy)
+                if not grant.pending:
+                    return
+            with anyio.CancelScope(deadline=schedule.ready_deadline(grant, now)):
+                await self._sleep(grant)
+
+    def _release(self, grant: Grant, _lease: GpuLease) -> None:
+        self._apply(self._schedule.release(grant, anyio.current_time()))
+
+    def _apply(self, step: Step) -> None:
+        """Wake the waiters a step served or asked to look again."""
+        waiters: list[Request | Grant] = [*step.woken, *step.promises]
+        for waiter in waiters:
+            event = self._asleep.get(waiter)
+            if event is not None:
+                event.set()
+
+    async def _say_busy(self, busy: list[BusyMemory]) -> None:
+        for note in busy:
+            if note.handed_out:
+                log.warning(
+                    "gpu_memory_in_use",
+                    device=note.device,
+                    used_mb=round(note.used_mb, 1),
+                    threshold_mb=self.residual_memory_mb,
+                    action="handed out anyway",
+                )
+                continue
+            held_by = await self._sensing.processes(note.device) if self._sensing else []
             log.warning(
                 "gpu_memory_in_use",
-                device=device_id,
-                used_mb=round(used, 1),
-                threshold_mb=self.residual_memory_mb,
-                action="handed out anyway",
-            )
-            return True
-        self._memory_blocked_until[device_id] = now + self.memory_poll_s
-        if device_id not in self._memory_flagged:
-            # Once per busy spell, not once per poll.
-            self._memory_flagged.add(device_id)
-            log.warning(
-                "gpu_memory_in_use",
-                device=device_id,
-                used_mb=round(used, 1),
+                device=note.device,
+                used_mb=round(note.used_mb, 1),
                 threshold_mb=self.residual_memory_mb,
                 action=f"waiting, re-checked every {self.memory_poll_s} s",
-                held_by=nvml_processes(device_id) or "unknown (no NVML process list)",
+                held_by=held_by or "unknown (no NVML process list)",
             )
-        return False

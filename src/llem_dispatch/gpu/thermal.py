@@ -3,9 +3,11 @@
 After an experiment exits, its GPU is handed on when its temperature and power
 have been back within a tolerance of that GPU's idle baseline for `hold_s`
 seconds, no sooner than `min_s` and no later than `max_s` (then it is handed on
-anyway, and the lease says it had not settled). The pool samples through a
-`Sensor` only while a released GPU is settling and someone waits for GPUs, so
-the cost is one NVML read per settling GPU every `sample_s`, per pool.
+anyway, and the lease says it had not settled). The pool reads a `Sensor` (off
+the event loop) only while someone waits for GPUs, and only GPUs that could be
+handed out, so the cost is about one NVML read per such GPU every `sample_s`.
+`SettleTracker` holds the rule on plain values; `ThermalGate` adds a sensor it
+calls itself, for callers that may block (a Ray task holding its GPUs).
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ from typing import Protocol
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["Sensor", "SettleReport", "SettleSpec", "ThermalGate"]
+__all__ = [
+    "Sensor",
+    "SettleReport",
+    "SettleSpec",
+    "SettleTracker",
+    "ThermalGate",
+    "read_sensor",
+]
 
 log = structlog.get_logger("llem_dispatch.gpu")
 
@@ -83,12 +92,15 @@ class _Device:
     calm_since: float | None = None
 
 
-class ThermalGate:
-    """Per-GPU settle state for one pool; time always comes from the caller (`now`)."""
+class SettleTracker:
+    """Per-GPU settle state, pure: samples and time come in from the caller.
 
-    def __init__(self, spec: SettleSpec, sensor: Sensor) -> None:
+    The pool records the readings it sensed (off the event loop) with `record`
+    and asks `ready`; `ThermalGate` does the same with a sensor it calls itself.
+    """
+
+    def __init__(self, spec: SettleSpec) -> None:
         self.spec = spec
-        self._sensor = sensor
         self._devices: dict[str, _Device] = {}
 
     def _state(self, device_id: str) -> _Device:
@@ -102,21 +114,22 @@ class ThermalGate:
         """The idle (temperature, power) this GPU is compared with, once known."""
         return self._state(device_id).baseline
 
+    def last(self, device_id: str) -> tuple[float, float] | None:
+        """The latest recorded reading (None before any, or when the sensor could not tell)."""
+        return self._state(device_id).last
+
     def released(self, device_id: str) -> None:
         """The GPU was just given back: its settling starts now."""
         self._state(device_id).calm_since = None
 
-    def sample(self, device_id: str, now: float) -> tuple[float, float] | None:
-        """Read the sensor now (at most once per `sample_s`) and update the calm streak."""
+    def sample_due(self, device_id: str, now: float) -> bool:
+        """Whether `sample_s` has passed since the last recorded reading."""
+        return now - self._state(device_id).last_sample_at >= self.spec.sample_s
+
+    def record(self, device_id: str, reading: tuple[float, float] | None, now: float) -> None:
+        """A reading taken at `now` (None: the sensor could not tell): update the calm streak."""
         state = self._state(device_id)
-        if now - state.last_sample_at < self.spec.sample_s:
-            return state.last
         state.last_sample_at = now
-        try:
-            reading = self._sensor(device_id)
-        except Exception as exc:  # noqa: BLE001 - a broken sensor must not stall the pool
-            log.warning("gpu_sensor_failed", device=device_id, error=repr(exc))
-            reading = None
         state.last = reading
         if reading is None or state.baseline is None:
             state.calm_since = None
@@ -125,7 +138,6 @@ class ThermalGate:
                 state.calm_since = now
         else:
             state.calm_since = None
-        return reading
 
     def _calm(self, reading: tuple[float, float], baseline: tuple[float, float]) -> bool:
         return (
@@ -134,13 +146,10 @@ class ThermalGate:
         )
 
     def ready(self, device_id: str, released_at: float, now: float) -> bool:
-        """May this GPU, released at `released_at`, be handed on at `now`?"""
+        """May this GPU, released at `released_at`, be handed on at `now` (as last recorded)?"""
         waited = now - released_at
         if waited >= self.spec.max_s:
             return True
-        # Sampled from the release on, so a GPU calm early goes on at `min_s`,
-        # not at `min_s + hold_s`.
-        self.sample(device_id, now)
         if waited < self.spec.min_s:
             return False
         calm_since = self._state(device_id).calm_since
@@ -157,14 +166,13 @@ class ThermalGate:
         return due
 
     def hand_on(self, device_id: str, released_at: float | None, now: float) -> SettleReport:
-        """Sample once more and report, as the GPU is handed to its next experiment.
+        """Report the GPU as it is handed to its next experiment, from the reading just recorded.
 
         A GPU never used before in this pool is idle: its reading becomes its
         baseline unless one was given.
         """
         state = self._state(device_id)
-        state.last_sample_at = -math.inf  # a fresh reading for the record
-        reading = self.sample(device_id, now)
+        reading = state.last
         if released_at is None:
             if state.baseline is None and reading is not None:
                 state.baseline = reading
@@ -184,3 +192,57 @@ class ThermalGate:
             waited_s=None if released_at is None else now - released_at,
             settled=settled,
         )
+
+
+class ThermalGate:
+    """A `SettleTracker` that reads its own sensor, for callers that may block (a Ray task).
+
+    Time always comes from the caller (`now`); the sensor is called in the
+    caller's thread, at most once per `sample_s` (and once more at `hand_on`).
+    """
+
+    def __init__(self, spec: SettleSpec, sensor: Sensor) -> None:
+        self.spec = spec
+        self.tracker = SettleTracker(spec)
+        self._sensor = sensor
+
+    def baseline(self, device_id: str) -> tuple[float, float] | None:
+        """The idle (temperature, power) this GPU is compared with, once known."""
+        return self.tracker.baseline(device_id)
+
+    def released(self, device_id: str) -> None:
+        """The GPU was just given back: its settling starts now."""
+        self.tracker.released(device_id)
+
+    def sample(self, device_id: str, now: float) -> tuple[float, float] | None:
+        """Read the sensor now (at most once per `sample_s`) and update the calm streak."""
+        if self.tracker.sample_due(device_id, now):
+            self.tracker.record(device_id, read_sensor(self._sensor, device_id), now)
+        return self.tracker.last(device_id)
+
+    def ready(self, device_id: str, released_at: float, now: float) -> bool:
+        """May this GPU, released at `released_at`, be handed on at `now`?"""
+        if now - released_at >= self.spec.max_s:
+            return True
+        # Sampled from the release on, so a GPU calm early goes on at `min_s`,
+        # not at `min_s + hold_s`.
+        self.sample(device_id, now)
+        return self.tracker.ready(device_id, released_at, now)
+
+    def next_check(self, device_id: str, released_at: float, now: float) -> float:
+        """When `ready` may next turn true for a GPU that is settling (inf when settled)."""
+        return self.tracker.next_check(device_id, released_at, now)
+
+    def hand_on(self, device_id: str, released_at: float | None, now: float) -> SettleReport:
+        """Sample once more and report, as the GPU is handed to its next experiment."""
+        self.tracker.record(device_id, read_sensor(self._sensor, device_id), now)
+        return self.tracker.hand_on(device_id, released_at, now)
+
+
+def read_sensor(sensor: Sensor, device_id: str) -> tuple[float, float] | None:
+    """One reading; a sensor that raises reads as None (logged), never stalls the caller."""
+    try:
+        return sensor(device_id)
+    except Exception as exc:  # noqa: BLE001 - a broken sensor must not stall the pool
+        log.warning("gpu_sensor_failed", device=device_id, error=repr(exc))
+        return None

@@ -234,7 +234,7 @@ def test_stop_bound_covers_each_placement_s_own_clean_up() -> None:
     slow drain (up to the cancel timeout) and then the end-of-study sweep."""
     from llem_dispatch.cluster.settings import RaySettings
     from llem_dispatch.dispatch import Placement, placement_class
-    from llem_dispatch.runners._cancel import CANCEL_SLACK_S
+    from llem_dispatch.runners import CANCEL_SLACK_S
 
     local = placement_class("local").stop_bound_s(2.0, None)
     assert local == 2.0 + CANCEL_SLACK_S

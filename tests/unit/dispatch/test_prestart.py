@@ -130,7 +130,7 @@ async def test_an_experiment_failing_before_its_gate_frees_the_promise(
     assert failed.failure.type == "ImportError"
     assert first[0].ok
     # The promise went back with no cooldown: only the first's release cooled down.
-    assert pool._promised == {}
+    assert pool.promised() == ()
 
 
 async def test_cancelling_a_run_held_at_its_gate_leaves_no_process(
@@ -158,7 +158,7 @@ async def test_cancelling_a_run_held_at_its_gate_leaves_no_process(
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert pool.busy() == {}
-    assert pool._promised == {}
+    assert pool.promised() == ()
     assert pool.waiting() == ()
 
 

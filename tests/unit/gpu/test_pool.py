@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+import threading
 import types
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -13,7 +14,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from llem_dispatch.errors import GpuRequestError
-from llem_dispatch.gpu import GpuLease, GpuPool
+from llem_dispatch.gpu import GpuLease, GpuPool, SettleSpec
 
 ALL4 = ("0", "1", "2", "3")
 
@@ -583,6 +584,78 @@ async def test_memory_check_is_off_for_virtual_pools_and_survives_a_broken_probe
         async with real.acquire(1) as ids:
             assert ids == ("0",)
     assert any(e["event"] == "gpu_memory_probe_failed" for e in logs)
+
+
+@pytest.mark.parametrize("probe", ["memory", "thermal"])
+async def test_probes_run_on_a_worker_thread_and_never_stall_the_event_loop(probe: str) -> None:
+    # A hung driver call blocks its worker thread, not the loop: the loop keeps
+    # running and is the one that lets the probe go.
+    loop_thread = threading.get_ident()
+    threads: set[int] = set()
+    let_go = threading.Event()
+    freed_by_loop: list[bool] = []
+
+    def hang(device_id: str) -> tuple[float, float]:
+        threads.add(threading.get_ident())
+        freed_by_loop.append(let_go.wait(2.0))
+        return (35.0, 70.0)
+
+    if probe == "memory":
+        pool = GpuPool(["0"], residual_memory_mb=100, memory_probe=lambda d: hang(d)[0])
+    else:
+        pool = GpuPool(["0"], settle=SettleSpec(), sensor=hang)
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await anyio.sleep(0)
+
+    async def free_the_probe() -> None:
+        await until(lambda: bool(threads) and ticks > 100)
+        let_go.set()
+
+    with anyio.fail_after(3):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(tick)
+            tg.start_soon(free_the_probe)
+            async with pool.acquire(1) as ids:
+                assert ids == ("0",)
+            tg.cancel_scope.cancel()
+    assert freed_by_loop
+    assert all(freed_by_loop)
+    assert loop_thread not in threads
+
+
+async def test_a_waiter_cancelled_while_its_ids_are_sensed_leaves_nothing_behind() -> None:
+    let_go = threading.Event()
+    sensing = threading.Event()
+
+    def slow(device_id: str) -> float:
+        sensing.set()
+        let_go.wait(2.0)
+        return 0.0
+
+    pool = GpuPool(["0", "1"], residual_memory_mb=100, memory_probe=slow)
+    with anyio.fail_after(3):
+        async with anyio.create_task_group() as tg:
+            scope = anyio.CancelScope()
+
+            async def waiter() -> None:
+                with scope:
+                    async with pool.acquire(1):
+                        pytest.fail("the cancelled waiter ran its block")
+
+            tg.start_soon(waiter)
+            await until(sensing.is_set)
+            scope.cancel()  # takes effect once the read in flight returns
+            let_go.set()
+    assert scope.cancelled_caught
+    assert pool.waiting() == ()
+    assert pool.busy() == {}
+    assert pool.free_ids() == ("0", "1")
+    assert pool.last_released("0") is None  # never used: no cooldown started
 
 
 # -- detection ----------------------------------------------------------------

@@ -22,24 +22,31 @@ IDLE = (35.0, 70.0)
 HOT = (70.0, 400.0)
 
 
-def run_mock(fn: Callable[[], Awaitable[Any]]) -> Any:
-    return anyio.run(fn, backend="trio", backend_options={"clock": MockClock(autojump_threshold=0)})
+def run_mock(fn: Callable[[], Awaitable[Any]], clock: MockClock | None = None) -> Any:
+    clock = clock or MockClock(autojump_threshold=0)
+    return anyio.run(fn, backend="trio", backend_options={"clock": clock})
 
 
 class CoolingGpu:
-    """Idle until the test heats it; then cools back to idle `cool_s` after it is freed."""
+    """Idle until the test heats it; then cools back to idle `cool_s` after it is freed.
+
+    The pool reads sensors on a worker thread, where there is no event loop to
+    ask the time: the sensor reads the run's MockClock itself (`run_mock(main,
+    gpu.clock)`).
+    """
 
     def __init__(self, cool_s: float) -> None:
         self.cool_s = cool_s
         self.idle_at = -math.inf
         self.reads = 0
+        self.clock = MockClock(autojump_threshold=0)
 
     def heat_until_freed_at(self, freed_at: float) -> None:
         self.idle_at = freed_at + self.cool_s
 
     def __call__(self, device_id: str) -> tuple[float, float]:
         self.reads += 1
-        return IDLE if anyio.current_time() >= self.idle_at else HOT
+        return IDLE if self.clock.current_time() >= self.idle_at else HOT
 
 
 def test_spec_rejects_nonsense() -> None:
@@ -128,7 +135,7 @@ def test_pool_hands_a_gpu_on_once_settled_not_after_a_fixed_gap() -> None:
         async with pool.acquire(1) as lease:
             return anyio.current_time() - freed, lease.settle["0"]
 
-    waited, report = run_mock(main)
+    waited, report = run_mock(main, gpu.clock)
     # Cools 12 s after release, then must read calm for 3 s (samples every 0.5 s).
     assert 15.0 <= waited <= 15.5
     assert report.settled
@@ -147,7 +154,7 @@ def test_pool_never_settling_gpu_goes_on_at_max_s() -> None:
         async with pool.acquire(1) as lease:
             return anyio.current_time() - freed, lease.settle["0"]
 
-    waited, report = run_mock(main)
+    waited, report = run_mock(main, gpu.clock)
     assert waited == pytest.approx(40.0)
     assert not report.settled
     assert report.temperature_c == HOT[0]
@@ -164,7 +171,7 @@ def test_pool_min_s_holds_even_a_cool_gpu() -> None:
         async with pool.acquire(1):
             return anyio.current_time() - freed
 
-    assert run_mock(main) == pytest.approx(5.0)
+    assert run_mock(main, gpu.clock) == pytest.approx(5.0)
 
 
 def test_pool_samples_only_while_settling_and_waited_for() -> None:
@@ -178,7 +185,7 @@ def test_pool_samples_only_while_settling_and_waited_for() -> None:
         async with pool.acquire(1):
             pass
 
-    run_mock(main)
+    run_mock(main, gpu.clock)
     # First use, hand-on, then about one read a second over 10 s of cooling + hold.
     assert gpu.reads < 25
 
@@ -216,7 +223,7 @@ def test_records_carry_uuid_model_and_state_at_start() -> None:
         async with Dispatcher(FakeRunner(heat), pool=pool) as dispatcher:
             return [await dispatcher.run({"i": i}, gpus=1) for i in range(2)]
 
-    first, second = run_mock(main)
+    first, second = run_mock(main, gpu.clock)
     assert (first.gpu_uuids, first.gpu_name) == (["GPU-1234"], "NVIDIA H200")
     start = second.gpus_at_start[0]
     assert (start.id, start.uuid, start.name) == ("0", "GPU-1234", "NVIDIA H200")
@@ -251,7 +258,7 @@ def test_pool_a_gpu_calm_early_goes_on_at_min_s_not_min_plus_hold() -> None:
             return anyio.current_time() - freed
 
     # Calm from 1 s on, sampled while waiting: by 5 s it has been calm for 4 s.
-    assert run_mock(main) == pytest.approx(5.0)
+    assert run_mock(main, gpu.clock) == pytest.approx(5.0)
 
 
 def test_pool_opens_a_prestarted_gate_only_once_its_gpu_settled() -> None:
@@ -280,7 +287,7 @@ def test_pool_opens_a_prestarted_gate_only_once_its_gpu_settled() -> None:
             tg.start_soon(successor)
         return result[0]
 
-    waited, report = run_mock(main)
+    waited, report = run_mock(main, gpu.clock)
     # As for a plain acquire: cools 12 s, then reads calm for 3 s.
     assert 15.0 <= waited <= 15.5
     assert report.settled
