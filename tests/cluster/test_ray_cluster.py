@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import pytest
 
-from llem_dispatch import Study, run_study
+from llem_dispatch import RayPlacement, Study, run_study
 from llem_dispatch.errors import GpuRequestError
 from tests.cluster.conftest import (
     GPUS_PER_NODE,
@@ -26,6 +26,10 @@ from tests.cluster.conftest import (
     wait_running,
 )
 from tests.conftest import labelled_containers
+
+#: How long stopping a study of these files (stop_grace_s: 2) may take, every step
+#: within its own bound: under load a task's drain can take far longer than the grace.
+STOP_BOUND_S = RayPlacement.stop_bound_s(2.0, None)
 
 pytestmark = [
     pytest.mark.ray,
@@ -113,6 +117,7 @@ async def test_failure_record_names_the_node_that_keeps_its_exchange_dir(
     assert "boom" in (kept / "container.log").read_text()
 
 
+@pytest.mark.timeout(STOP_BOUND_S + 180)
 async def test_cancelling_a_study_removes_its_containers_on_the_nodes(
     ray_cluster: tuple[Any, list[Any]], tmp_path: Path, test_labels: dict[str, str]
 ) -> None:
@@ -129,8 +134,11 @@ async def test_cancelling_a_study_removes_its_containers_on_the_nodes(
         cancelled_at = time.monotonic()
         tg.cancel_scope.cancel()
     took = time.monotonic() - cancelled_at
-    # SIGTERM is ignored by sh as pid 1: SIGKILL after the 2 s grace, then removal.
-    assert took < 20, f"cancelling took {took:.1f}s"
+    # SIGTERM is ignored by sh as pid 1: SIGKILL after the 2 s grace, then removal
+    # (seconds when idle). What must hold under any load: done within the bound, and
+    # nothing left.
+    print(f"\ncancelling took {took:.1f}s")
+    assert took < STOP_BOUND_S, f"cancelling took {took:.1f}s"
     assert labelled_containers(label) == [], "containers left after the study was cancelled"
     events = journal(out)
     assert events[-1]["event"] == "interrupted"
@@ -280,6 +288,7 @@ async def test_cli_names_an_unreachable_cluster_in_seconds(tmp_path: Path) -> No
     assert not (tmp_path / "out" / "records").exists()
 
 
+@pytest.mark.timeout(STOP_BOUND_S + 180)
 async def test_ctrl_c_on_the_cli_driver_stops_every_container_on_the_nodes(
     ray_cluster: tuple[Any, list[Any]], tmp_path: Path, test_labels: dict[str, str]
 ) -> None:
@@ -304,7 +313,7 @@ async def test_ctrl_c_on_the_cli_driver_stops_every_container_on_the_nodes(
         await wait_running(label, 4, proc)
         proc.send_signal(signal.SIGINT)
         sent = time.monotonic()
-        with anyio.fail_after(60):
+        with anyio.fail_after(STOP_BOUND_S + 10):
             while proc.poll() is None:
                 await anyio.sleep(0.1)
         took = time.monotonic() - sent
@@ -312,8 +321,9 @@ async def test_ctrl_c_on_the_cli_driver_stops_every_container_on_the_nodes(
         if proc.poll() is None:
             proc.kill()
     text = proc.communicate()[0]
+    print(f"\nexit took {took:.1f}s")
     assert proc.returncode == 130, text
-    assert took < 30, f"exit took {took:.1f}s"
+    assert "clean-up did not finish" not in text, text
     assert labelled_containers(label) == [], "containers left on the nodes' daemon"
     assert len(list((out / "exchange").glob("llem-*/got-term"))) == 4
     events = journal(out)
