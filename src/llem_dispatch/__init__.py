@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "ClusterError",
+    "ClusterJobCancelledError",
     "ClusterNodeLostError",
     "ConfigError",
     "Dispatcher",
@@ -63,6 +64,8 @@ __all__ = [
     "RunnerKind",
     "RunnerMetadata",
     "RunnerOptions",
+    "SlurmPlacement",
+    "SlurmSettings",
     "Study",
     "StudySummary",
     "capture_stderr_snippet",
@@ -95,6 +98,7 @@ _HOMES = {
         "dispatch",
     ),
     **dict.fromkeys(("GpuLease", "GpuPool"), "gpu"),
+    **dict.fromkeys(("SlurmPlacement", "SlurmSettings"), "slurm"),
     **dict.fromkeys(
         ("ExperimentFailure", "ExperimentResult", "RunnerMetadata", "compute_config_hash"),
         "models",
@@ -146,6 +150,7 @@ if TYPE_CHECKING:
     )
     from llem_dispatch.errors import (
         ClusterError,
+        ClusterJobCancelledError,
         ClusterNodeLostError,
         ConfigError,
         DockerContainerError,
@@ -196,4 +201,5 @@ if TYPE_CHECKING:
         register_runner_kind,
         runner_kinds,
     )
+    from llem_dispatch.slurm import SlurmPlacement, SlurmSettings
     from llem_dispatch.study import Study, StudySummary, load_study, run_study

@@ -8,8 +8,9 @@ a one-line fix suggestion and the context a user needs to act on it::
     │   └── ResultsDirBusyError           another run holds the results dir's lock
     ├── ResultError                       result file unreadable, malformed, off-schema
     ├── GpuRequestError                   more GPUs asked for than the pool has
-    ├── ClusterError                      the Ray cluster could not run an experiment
-    │   └── ClusterNodeLostError          its node or worker died mid-run (retried)
+    ├── ClusterError                      the cluster (Ray, Slurm) could not run an experiment
+    │   ├── ClusterNodeLostError          its node or worker died mid-run (retried)
+    │   └── ClusterJobCancelledError      its job was cancelled from outside (scancel)
     └── RunnerError                       a runner could not run an experiment to its end
         ├── ExperimentStartError          its process/container could not start
         │   └── GpuAccessError            the engine cannot hand it its GPUs
@@ -56,6 +57,7 @@ from typing import Any
 
 __all__ = [
     "ClusterError",
+    "ClusterJobCancelledError",
     "ClusterNodeLostError",
     "ConfigError",
     "DockerContainerError",
@@ -209,7 +211,7 @@ class GpuRequestError(LlemError, ValueError):
 
 
 class ClusterError(LlemError):
-    """The Ray cluster could not be reached, or could not run an experiment."""
+    """The cluster (Ray, Slurm) could not be reached, or could not run an experiment."""
 
     default_fix = (
         "Check the cluster (`ray status`), that every node has llem-dispatch installed, "
@@ -243,6 +245,15 @@ class ClusterNodeLostError(ClusterError):
     default_fix = (
         "Nothing to do if a retry succeeded; otherwise check why the node left "
         "(`ray status`, its raylet log) and run the study again with --resume."
+    )
+
+
+class ClusterJobCancelledError(ClusterError):
+    """The cluster's scheduler cancelled the experiment's job, and we did not ask it to."""
+
+    default_fix = (
+        "Someone (a user, an admin, a reservation) cancelled the job: `scontrol show job "
+        "ID` says who if it is still known; run the study again with --resume."
     )
 
 

@@ -25,7 +25,7 @@ LAYERS: list[set[str]] = [
     {"gpu"},
     {"runners", "reap", "testing"},
     {"dispatch"},
-    {"cluster"},
+    {"cluster", "slurm"},
     {"study"},
     {"report"},
     {"cli", "__main__"},

@@ -3,11 +3,11 @@
 The Dispatcher owns policy (retries, events, the concurrency cap, the record); a
 placement only runs one attempt, as an httpx transport only sends one request.
 `LocalPlacement` runs it through a Runner on GPUs from this host's pool; the Ray
-placement (`llem_dispatch.cluster.RayPlacement`) runs it on a cluster's nodes; a
-Slurm one will plug in the same way. A study names its placement once
-(`placement: local | ray`, see `llem_dispatch.dispatch.registry`); `run_study`
-builds it from a `PlacementRequest` with `for_study` and then only calls the
-methods below, whatever the placement.
+placement (`llem_dispatch.cluster.RayPlacement`) runs it on a cluster's nodes; the
+Slurm placement (`llem_dispatch.slurm.SlurmPlacement`) as one Slurm job. A study
+names its placement once (`placement: local | ray | slurm`, see
+`llem_dispatch.dispatch.registry`); `run_study` builds it from a `PlacementRequest`
+with `for_study` and then only calls the methods below, whatever the placement.
 
 With `prestart`, a local attempt that finds its GPUs busy is promised the GPUs
 of a running lease of its size, starts its container at once held at a gate,
@@ -135,6 +135,10 @@ class PlacementRequest:
     prestart: bool = False
     stop_grace_s: float = 10.0
     host_needs: HostNeeds = HostNeeds()
+    #: The study's name (a batch scheduler's job names carry it).
+    study_name: str = ""
+    #: The study's per-experiment timeout (a batch scheduler's time limit follows it).
+    timeout_s: float | None = None
     #: Checks of the runner on this host before anything runs (e.g. the `function:`
     #: module importable in the image); run by placements that run attempts here.
     check_here: Callable[[], Awaitable[object]] | None = None

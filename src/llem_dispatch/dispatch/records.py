@@ -64,7 +64,7 @@ class NodeInfo(BaseModel):
     """The cluster node an experiment ran on (cluster runs only)."""
 
     hostname: str
-    node_id: str = Field(description="Ray node id.")
+    node_id: str = Field(description="Ray node id (Slurm: the node's name).")
     ip: str | None = None
 
     @property
@@ -138,6 +138,11 @@ class RunRecord(BaseModel):
         default=None,
         description="Cluster runs: the node that ran it (and holds a failure's exchange dir).",
     )
+    job_id: str | None = Field(
+        default=None,
+        description="Batch-scheduler runs: the job (Slurm: JOBID, or JOBID.STEP in an "
+        "allocation) of the attempt that made this record.",
+    )
     outcome: Any = Field(default=None, exclude=True, repr=False)
     exception: Any = Field(default=None, exclude=True, repr=False)
 
@@ -187,6 +192,7 @@ class RecordDraft:
     prestarted: bool = False
     gate_opened_at: datetime | None = None
     node: NodeInfo | None = None
+    job_id: str | None = None
     outcome: Any = None
     exception: BaseException | None = None
 

@@ -57,6 +57,8 @@ _known: dict[str, PlacementEntry] = {
     "ray": PlacementEntry(
         "llem_dispatch.cluster.placement:RayPlacement", _RAY_HINT, requires=("ray",)
     ),
+    # Slurm's own command-line tools (sbatch, squeue, ...) are checked when it prepares.
+    "slurm": PlacementEntry("llem_dispatch.slurm.placement:SlurmPlacement"),
 }
 _classes: dict[str, type[Placement]] = {}
 _entry_points_loaded = False

@@ -458,6 +458,8 @@ def _request(
         prestart=study.prestart,
         stop_grace_s=study.stop_grace_s,
         host_needs=needs,
+        study_name=study.name,
+        timeout_s=study.timeout_s,
         check_here=check_here,
         reap_here=reap_here,
     )

@@ -30,6 +30,7 @@ from llem_dispatch.errors import ConfigError
 from llem_dispatch.gpu import SettleSpec
 from llem_dispatch.runners.kinds import AUTO, RunnerKind, get_runner_kind
 from llem_dispatch.runners.kinds import parse_runner_value as parse_kind_value
+from llem_dispatch.slurm.settings import SlurmSettings
 
 __all__ = [
     "BuildSpec",
@@ -52,7 +53,7 @@ _ENV_REF = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
 #: The study fields that are a placement's settings block, by placement name (a
 #: placement with settings adds its block here and a field of that name to `Study`).
-_PLACEMENT_BLOCKS: dict[str, type[BaseModel]] = {"ray": RaySettings}
+_PLACEMENT_BLOCKS: dict[str, type[BaseModel]] = {"ray": RaySettings, "slurm": SlurmSettings}
 
 
 def _check_gpu_count(value: Any, where: str) -> None:
@@ -144,13 +145,21 @@ class Study(BaseModel):
         default="",
         validate_default=True,
         description="Where experiments run: local (this host's GPUs, the default) | ray (a Ray "
-        "cluster, set in `ray:`); `cluster: ADDRESS` implies ray.",
+        "cluster, set in `ray:`) | slurm (Slurm jobs, set in `slurm:`); `cluster: ADDRESS` "
+        "implies ray.",
     )
     ray: RaySettings | None = Field(
         default=None,
         validate_default=True,
         description="Settings of `placement: ray`: {address: auto | HOST:6379 | "
         "ray://HOST:10001, placement_timeout_s: 300, num_cpus: 1, runtime_env: {...}}.",
+    )
+    slurm: SlurmSettings | None = Field(
+        default=None,
+        validate_default=True,
+        description="Settings of `placement: slurm`: {partition, account, qos, constraint, "
+        "time_limit: 2:00:00, gpu_option: gpus | gres, sbatch_args: [...], max_queued: 64, "
+        "poll_interval_s: 1}.",
     )
     image: str | None = Field(default=None, description="The image every experiment runs in.")
     images: dict[str, str] = Field(

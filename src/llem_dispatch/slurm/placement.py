@@ -1,0 +1,517 @@
+"""The Slurm placement: each attempt of an experiment as one Slurm job (or job step).
+
+Slurm does the GPU accounting: a job asks for its number of GPUs (`--gpus=N` or
+`--gres=gpu:N`) and runs `python -m llem_dispatch.slurm.job DIR`, which builds the
+study's runner on the node and writes its outcome into DIR, on the filesystem
+the driver and the nodes share. From a login node every attempt is a job of its
+own, followed by one `squeue` call per interval for the whole study (`JobWatch`);
+inside an allocation (`SLURM_JOB_ID` set) every attempt is a job step, run by
+`srun` (see `slurm.steps`). Cancelling cancels the job (`scancel`) and waits for
+it to leave, bounded; a resumed study adopts the jobs its dead driver left
+queued or running (the ledger in the results dir) instead of submitting again.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+import shutil
+import socket
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import anyio
+import structlog
+from pydantic import BaseModel
+
+from llem_dispatch.dispatch import HostRunnerFactory, Placement, PlacementRequest, RecordDraft
+from llem_dispatch.errors import ClusterError, ConfigError, ExperimentTimeoutError, GpuRequestError
+from llem_dispatch.gpu import SettleSpec
+from llem_dispatch.models import ExperimentFailure, ExperimentResult, HashedConfig
+from llem_dispatch.runners.protocol import Outcome
+from llem_dispatch.slurm import commands
+from llem_dispatch.slurm.attempts import Attempt, Ledger, fill_started, outcome_of
+from llem_dispatch.slurm.commands import JobState
+from llem_dispatch.slurm.settings import SlurmSettings
+from llem_dispatch.slurm.steps import StepRunner
+from llem_dispatch.slurm.watch import JobWatch
+
+__all__ = ["SlurmPlacement", "gpu_count"]
+
+log = structlog.get_logger("llem_dispatch.slurm")
+
+#: Beyond the experiment's own timeout: the job's Python start, the cooldown and
+#: the thermal gate, and the runner's clean-up.
+_MARGIN_S = 120.0
+
+
+def gpu_count(gres: str) -> int:
+    """GPUs in a `sinfo` GRES string such as `gpu:4`, `gpu:a100:8(S:0-1)`, `gpu:2,shard:4`."""
+    total = 0
+    for item in gres.split(","):
+        parts = item.split("(")[0].split(":")
+        if parts[0] == "gpu" and parts[-1].isdigit():
+            total += int(parts[-1])
+    return total
+
+
+def _time_s(value: str) -> float | None:
+    """Seconds in a Slurm time (MM, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]); None for no limit."""
+    if value in {"UNLIMITED", "INFINITE"}:
+        return None
+    days, _, rest = value.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:
+        parts += [0] * (3 - len(parts))
+        return int(days) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+    if len(parts) == 1:
+        return parts[0] * 60.0
+    if len(parts) == 2:
+        return parts[0] * 60.0 + parts[1]
+    return parts[0] * 3600.0 + parts[1] * 60 + parts[2]
+
+
+class SlurmPlacement(Placement):
+    """Runs each attempt as a Slurm job on a node Slurm chooses, with the GPUs it gives.
+
+    `runner_factory(HostContext) -> Runner` is pickled into the results dir and
+    called by each job on its node. Chosen by a study as `placement: slurm`, with
+    its `slurm:` block (`SlurmSettings`).
+    """
+
+    #: Each job builds the runner on its node (`auto` decided there).
+    on_this_host = False
+    STUDY_SWEEP_S: ClassVar[float] = 60.0
+
+    def __init__(
+        self,
+        runner_factory: HostRunnerFactory,
+        results_dir: Path,
+        *,
+        settings: SlurmSettings | None = None,
+        study_name: str = "study",
+        cooldown_s: float = 0.0,
+        settle: SettleSpec | None = None,
+        timeout_s: float | None = None,
+        runner_type: str = "slurm",
+        result_model: type[BaseModel] = ExperimentResult,
+    ) -> None:
+        self.runner_factory = runner_factory
+        self.settings = settings or SlurmSettings()
+        self.base = Path(results_dir) / "slurm"
+        self.study_name = study_name
+        self.cooldown_s = cooldown_s
+        self.settle = settle
+        self.timeout_s = timeout_s
+        self.runner_type = runner_type
+        self.result_model = result_model
+        self.ledger = Ledger(self.base / "jobs.jsonl")
+        self.watch = JobWatch(self.settings.poll_interval_s, self.settings.max_poll_interval_s)
+        #: The allocation this driver runs in: attempts are its job steps then.
+        self.allocation = commands.in_allocation()
+        self.steps = StepRunner(self.settings) if self.allocation else None
+        self._queue = anyio.Semaphore(self.settings.max_queued)
+        self._largest_node: int | None = None
+        self._total_gpus = 0
+        self._adoptable: dict[str, list[Attempt]] = {}
+        #: Jobs submitted (or adopted) and not yet seen to end: cancelled on close.
+        self._live: dict[str, Attempt] = {}
+        self._factory_path = self.base / "runner_factory.pkl"
+
+    # -- study-level hooks ----------------------------------------------------------
+
+    @classmethod
+    def for_study(cls, request: PlacementRequest, settings: BaseModel | None) -> SlurmPlacement:
+        """The study's runner factory, run by jobs of the study's name."""
+        slurm = SlurmSettings.model_validate(settings) if settings is not None else None
+        return cls(
+            request.runner_factory,
+            request.results_dir,
+            settings=slurm,
+            study_name=request.study_name or request.results_dir.name,
+            cooldown_s=request.cooldown_s,
+            settle=request.settle,
+            timeout_s=request.timeout_s,
+            runner_type=request.runner_kind,
+        )
+
+    @classmethod
+    def stop_bound_s(cls, stop_grace_s: float, settings: BaseModel | None) -> float:
+        """`scancel` (its own deadline), the jobs' wait to leave the queue, the sweep."""
+        slurm = SlurmSettings.model_validate(settings) if settings is not None else SlurmSettings()
+        return commands.CALL_TIMEOUT_S + slurm.cancel_timeout_s + cls.STUDY_SWEEP_S
+
+    async def prepare(self, request: PlacementRequest) -> None:
+        """Slurm answers, the GPUs asked for exist on one node, the results dir is shared."""
+        if request.host_gpus.chosen or request.pool is not None or request.prestart:
+            log.warning(
+                "study_host_options_ignored_on_slurm",
+                message="`gpus:`, `virtual_gpus:` and `prestart:` choose GPUs of this host; "
+                "under Slurm each job gets the GPUs Slurm assigns it.",
+            )
+        await self.survey()
+        self.check_request(request.max_gpu_count)
+        self.base.mkdir(parents=True, exist_ok=True)
+        self._write_factory()
+        if self.settings.check_shared_fs:
+            await self.check_shared()
+        await self._find_adoptable()
+
+    async def survey(self) -> None:
+        """Ask Slurm for the partition's nodes and GPUs (raises when Slurm does not answer)."""
+        part = self.settings.partition
+        argv = ["sinfo", "-h", "-N", "-o", "%N|%G|%P"]
+        if part:
+            argv[2:2] = ["-p", part]
+        done = await commands.slurm_call(argv)
+        per_node: dict[str, int] = {}
+        for line in done.stdout.decode().splitlines():
+            parts = line.strip().split("|")
+            if len(parts) == 3 and (part or parts[2].endswith("*")):
+                per_node[parts[0]] = gpu_count(parts[1])
+        if not per_node:
+            raise ConfigError(
+                f"Slurm shows no node in partition {part!r}"
+                if part
+                else "Slurm shows no default partition",
+                fix_suggestion="Name a partition that exists (`sinfo -s`) in `slurm: "
+                "{partition: ...}`.",
+            )
+        self._largest_node = max(per_node.values())
+        self._total_gpus = sum(per_node.values())
+
+    def _write_factory(self) -> None:
+        import pickle
+
+        try:
+            data = pickle.dumps(self.runner_factory)
+        except (pickle.PicklingError, AttributeError, TypeError) as exc:
+            raise ConfigError(
+                f"the runner factory cannot be sent to Slurm jobs: {exc}",
+                fix_suggestion="Use a module-level function, a functools.partial or a "
+                "dataclass as the runner factory.",
+            ) from exc
+        self._factory_path.write_bytes(data)
+        self._factory_path.chmod(0o600)
+
+    async def check_shared(self) -> None:
+        """A small job writes a marker into the results dir; the driver must see it."""
+        attempt = Attempt.new(self.base, "shared-fs-check")
+        marker = attempt.folder / "marker"
+        script = f"hostname > {shlex.quote(str(marker))}"
+        attempt.job_id = await self._submit_script(attempt, script, gpus=0, name="check")
+        self._live[attempt.job_id] = attempt
+        try:
+            with anyio.move_on_after(self.settings.shared_fs_timeout_s):
+                state = await self.watch.wait(attempt.job_id, lambda s: not s.active)
+                if marker.exists():
+                    shutil.rmtree(attempt.folder, ignore_errors=True)
+                    return
+                raise ConfigError(
+                    f"a Slurm job (id {attempt.job_id}, ended {state.state}, on "
+                    f"{state.node or '?'}) wrote into {attempt.folder} but this host cannot "
+                    "see the file: the results dir is not on a filesystem the nodes share",
+                    fix_suggestion="Put the results dir (-o) on the cluster's shared "
+                    "filesystem (home, project or scratch).",
+                )
+            raise ClusterError(
+                f"the shared-filesystem check job {attempt.job_id} did not end within "
+                f"{self.settings.shared_fs_timeout_s:g}s (the queue is busy?)",
+                fix_suggestion="Raise `slurm: {shared_fs_timeout_s: ...}`, or turn the check "
+                "off with `slurm: {check_shared_fs: false}` if you know the dir is shared.",
+            )
+        finally:
+            last = self.watch.state(attempt.job_id)
+            if last is None or last.active:
+                await self._cancel(attempt)
+            self._live.pop(attempt.job_id, None)
+            self.watch.forget(attempt.job_id)
+
+    async def _find_adoptable(self) -> None:
+        """Jobs of a dead run of this study that are still queued, running, or ended with
+        a result no record holds yet: attempts of the same config take them over."""
+        open_jobs = self.ledger.open_jobs()
+        if not open_jobs:
+            return
+        states = await commands.squeue_states(a.job_id for a in open_jobs if a.job_id)
+        for attempt in open_jobs:
+            state = states.get(attempt.job_id or "")
+            done = attempt.outcome
+            if (state is not None and state.active) or (done or {}).get("kind") == "result":
+                attempt.adopted = True
+                self._adoptable.setdefault(attempt.config_hash, []).append(attempt)
+                if state is not None and state.active:
+                    self._live[str(attempt.job_id)] = attempt
+        log.info("slurm_jobs_adoptable", jobs=sum(len(v) for v in self._adoptable.values()))
+
+    async def sweep(self, request: PlacementRequest, *, study_over: bool) -> None:
+        """After the study: cancel any job of it still in the queue (none normally)."""
+        if study_over:
+            await self._cancel_all()
+
+    def describe(self) -> Mapping[str, Any]:
+        """Where the study runs: the partition, the allocation, and the GPUs Slurm showed."""
+        return {
+            "slurm": {
+                "partition": self.settings.partition,
+                "allocation": self.allocation,
+                "gpus": self._total_gpus,
+                "largest_node_gpus": self._largest_node,
+            }
+        }
+
+    # -- attempt-level --------------------------------------------------------------
+
+    def check_request(self, gpus: int) -> None:
+        """One experiment runs on one node: more GPUs than any node has is an error now."""
+        largest = self._largest_node
+        if gpus and largest is not None and gpus > largest:
+            raise GpuRequestError(
+                f"an experiment asks for {gpus} GPU(s) but the largest node of the partition "
+                f"has {largest}; one experiment never spans nodes",
+                fix_suggestion=f"Ask for at most {largest} GPU(s) per experiment, or choose "
+                "a partition with larger nodes.",
+            )
+
+    def parallelism(self) -> int:
+        """Every GPU of the partition, plus the jobs that may wait in the queue."""
+        return max(8, self._total_gpus + self.settings.max_queued)
+
+    async def attempt(
+        self,
+        config: HashedConfig,
+        gpus: int,
+        draft: RecordDraft,
+        on_started: Callable[[], None],
+    ) -> Outcome:
+        """Run one attempt as a Slurm job (or step) of `gpus` GPUs; read its outcome."""
+        if self.steps is not None:
+            return await self._step_attempt(config, gpus, draft, on_started)
+        adopted = self._adoptable.get(config.config_hash)
+        attempt = adopted.pop(0) if adopted else None
+        queued = False
+        try:
+            if attempt is None:
+                await self._queue.acquire()
+                queued = True
+                attempt = Attempt.new(self.base, config.config_hash)
+                attempt.write_spec(self._spec(config))
+                await self._submit(attempt, gpus, config)
+            else:
+                log.info(
+                    "slurm_job_adopted", job_id=attempt.job_id, config_hash=attempt.config_hash
+                )
+            state = await self._until_started(attempt)
+            if queued:
+                self._queue.release()
+                queued = False
+            fill_started(draft, attempt, state.node)
+            if attempt.started is not None:
+                on_started()
+            if state.active:
+                state = await self._until_ended(attempt, draft)
+            return self._ended(attempt, state, draft)
+        except anyio.get_cancelled_exc_class():
+            if attempt is not None:
+                await self._cancel(attempt)
+            raise
+        finally:
+            if queued:
+                self._queue.release()
+            if attempt is not None and attempt.job_id is not None:
+                self.watch.forget(attempt.job_id)
+
+    async def _step_attempt(
+        self,
+        config: HashedConfig,
+        gpus: int,
+        draft: RecordDraft,
+        on_started: Callable[[], None],
+    ) -> Outcome:
+        """Inside an allocation: the attempt as one of its job steps."""
+        assert self.steps is not None
+        attempt = Attempt.new(self.base, config.config_hash)
+        attempt.write_spec(self._spec(config))
+        argv = [
+            "srun",
+            "--exact",
+            "--nodes=1",
+            "--ntasks=1",
+            *self.sbatch_options(gpus, self._job_name(config), step=True),
+            f"--output={attempt.folder}/slurm-%j.%s.out",
+            *self.job_command(attempt),
+        ]
+        return await self.steps.run(
+            attempt, argv, draft, on_started, self.result_model, self._own_bound_s()
+        )
+
+    def _ended(self, attempt: Attempt, state: JobState, draft: RecordDraft) -> Outcome:
+        assert attempt.job_id is not None
+        self._live.pop(attempt.job_id, None)
+        fill_started(draft, attempt, state.node)
+        try:
+            outcome = outcome_of(attempt, state.state, draft, self.result_model)
+        finally:
+            # Written after the outcome was read: a driver killed before this adopts it.
+            self.ledger.ended(attempt, state.state)
+        if not isinstance(outcome, ExperimentFailure):
+            # As an exchange dir: kept for a failure, removed after a result.
+            shutil.rmtree(attempt.folder, ignore_errors=True)
+            draft.exchange_dir = None
+        return outcome
+
+    async def _until_started(self, attempt: Attempt) -> JobState:
+        """Until the job has begun the experiment (its started.json), or has ended."""
+        assert attempt.job_id is not None
+        started = attempt.folder / "started.json"
+        return await self.watch.wait(
+            attempt.job_id, lambda s: not s.active or (s.running and started.exists())
+        )
+
+    async def _until_ended(self, attempt: Attempt, draft: RecordDraft) -> JobState:
+        """Until the job ends; past our own bound, cancel it and raise the timeout."""
+        assert attempt.job_id is not None
+        bound = self._own_bound_s()
+        with anyio.move_on_after(bound if bound is not None else math.inf):
+            return await self.watch.wait(attempt.job_id, lambda s: not s.active)
+        await self._cancel(attempt)
+        self.ledger.ended(attempt, "TIMEOUT")
+        raise ExperimentTimeoutError(
+            f"Slurm job {attempt.job_id} ran past {bound:g}s (the study's timeout and its "
+            "margin) and was cancelled",
+            config_hash=attempt.config_hash,
+            exchange_dir=attempt.folder,
+            stderr_snippet=attempt.log_tail(),
+        )
+
+    # -- Slurm calls ----------------------------------------------------------------
+
+    def _own_bound_s(self) -> float | None:
+        """How long a started job may run before we cancel it ourselves."""
+        limit = _time_s(self.settings.time_limit) if self.settings.time_limit else None
+        if self.timeout_s is None and limit is None:
+            return None
+        settle = self.settle.max_s if self.settle is not None else 0.0
+        ours = self.timeout_s + self.cooldown_s + settle if self.timeout_s else math.inf
+        return min(ours, limit or math.inf) + _MARGIN_S
+
+    def time_limit(self) -> str | None:
+        """The `--time` of each job: the setting, else the study's timeout plus margins."""
+        if self.settings.time_limit:
+            return self.settings.time_limit
+        if self.timeout_s is None:
+            return None
+        settle = self.settle.max_s if self.settle is not None else 0.0
+        minutes = math.ceil((self.timeout_s + self.cooldown_s + settle + _MARGIN_S) / 60)
+        return str(minutes)
+
+    def _job_name(self, config: HashedConfig) -> str:
+        return f"llem-{self.study_name}-{config.config_hash[:8]}"
+
+    def _spec(self, config: HashedConfig) -> dict[str, Any]:
+        return {
+            "config": dict(config),
+            "config_hash": config.config_hash,
+            "factory": str(self._factory_path),
+            "cooldown_s": self.cooldown_s,
+            "settle": self.settle.model_dump() if self.settle is not None else None,
+            "driver_host": socket.gethostname(),
+        }
+
+    def job_command(self, attempt: Attempt) -> list[str]:
+        """What the job runs: the entry of this package, with the driver's Python."""
+        python = self.settings.python or sys.executable
+        return [python, "-m", "llem_dispatch.slurm.job", str(attempt.folder)]
+
+    def sbatch_options(self, gpus: int, name: str, *, step: bool = False) -> list[str]:
+        """The options every job of this study gets (a step: those within an allocation)."""
+        s = self.settings
+        argv = [f"--job-name={name}"]
+        if gpus:
+            argv.append(f"--gpus={gpus}" if s.gpu_option == "gpus" else f"--gres=gpu:{gpus}")
+        # A step lives in the allocation's partition, account and QOS.
+        where = (
+            ()
+            if step
+            else (
+                ("--partition", s.partition),
+                ("--account", s.account),
+                ("--qos", s.qos),
+                ("--constraint", s.constraint),
+            )
+        )
+        for flag, value in (
+            *where,
+            ("--time", self.time_limit()),
+            ("--cpus-per-task", s.cpus_per_task),
+            ("--mem", s.mem),
+        ):
+            if value is not None:
+                argv.append(f"{flag}={value}")
+        return [*argv, *s.sbatch_args]
+
+    async def _submit(self, attempt: Attempt, gpus: int, config: HashedConfig) -> None:
+        command = shlex.join(["exec", *self.job_command(attempt)])
+        attempt.job_id = await self._submit_script(
+            attempt, command, gpus=gpus, name=self._job_name(config)
+        )
+        # In the ledger before anything waits on it: a driver killed now leaves it adoptable.
+        self.ledger.submitted(attempt, gpus)
+        self._live[attempt.job_id] = attempt
+        self.watch.track(attempt.job_id)
+
+    async def _submit_script(self, attempt: Attempt, script: str, *, gpus: int, name: str) -> str:
+        argv = [
+            *self.sbatch_options(gpus, name if name.startswith("llem-") else f"llem-{name}"),
+            f"--output={attempt.folder}/slurm-%j.out",
+            f"--chdir={attempt.folder}",
+            "--wrap",
+            script,
+        ]
+        with anyio.CancelScope(shield=True):
+            # Shielded: a cancel mid-call would leave a job we never learn the id of.
+            job_id = await commands.sbatch(argv)
+        return job_id  # noqa: RET504 - returned outside the shield (mypy: no missing return)
+
+    async def _cancel(self, attempt: Attempt) -> None:
+        """scancel the job and wait (bounded) until it has left the queue; shielded."""
+        if attempt.job_id is None:
+            return
+        attempt.cancelled_by_us = True
+        job_id = attempt.job_id
+        with (
+            anyio.CancelScope(shield=True),
+            anyio.move_on_after(commands.CALL_TIMEOUT_S + self.settings.cancel_timeout_s),
+        ):
+            try:
+                await commands.scancel([job_id])
+                await self.watch.wait(job_id, lambda s: not s.active)
+            except Exception as exc:  # noqa: BLE001 - cleanup: the sweep tries again
+                log.warning("slurm_cancel_failed", job_id=job_id, error=repr(exc))
+            else:
+                self._live.pop(job_id, None)
+                self.ledger.ended(attempt, "CANCELLED")
+
+    async def _cancel_all(self) -> None:
+        """Every job of the study still live, in one scancel (bounded, shielded)."""
+        live = dict(self._live)
+        if not live:
+            return
+        log.warning("slurm_jobs_cancelled", jobs=sorted(live))
+        with (
+            anyio.CancelScope(shield=True),
+            anyio.move_on_after(commands.CALL_TIMEOUT_S + self.settings.cancel_timeout_s),
+        ):
+            await commands.scancel(live)
+            for job_id in live:
+                await self.watch.wait(job_id, lambda s: not s.active)
+                self.watch.forget(job_id)
+                self._live.pop(job_id, None)
+
+    async def aclose(self) -> None:
+        """Cancel any job still live (attempts cancel their own; this is the backstop)."""
+        if self.steps is not None:
+            await self.steps.aclose()
+        await self._cancel_all()
