@@ -64,8 +64,42 @@ def _ray_problem() -> str | None:
     return None
 
 
+def _slurm_problem() -> str | None:
+    """None when Slurm's controller answers and a node is up, else why not."""
+    try:
+        proc = subprocess.run(
+            ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20, check=False
+        )
+    except (FileNotFoundError, subprocess.TimeoutExpired) as exc:
+        return f"Slurm unusable here: {exc} (run `bash .ci/setup-slurm.sh` as root)"
+    if proc.returncode != 0:
+        return f"Slurm does not answer: {proc.stderr.strip()[:200]}"
+    if not {"idle", "mixed", "allocated"} & set(proc.stdout.split()):
+        return f"no Slurm node is up ({proc.stdout.strip() or 'none'})"
+    return None
+
+
+def _mark_slurm_tests(items: list[pytest.Item]) -> None:
+    needs_slurm = [item for item in items if item.get_closest_marker("slurm")]
+    if not needs_slurm or (problem := _slurm_problem()) is None:
+        return
+    if os.environ.get("LLEM_REQUIRE_SLURM") == "1":
+        # In CI a missing Slurm must fail the Slurm tests, never skip them.
+        for item in needs_slurm:
+            item.add_marker(pytest.mark.usefixtures("_slurm_required_but_missing"))
+        return
+    for item in needs_slurm:
+        item.add_marker(pytest.mark.skip(reason=problem))
+
+
+@pytest.fixture
+def _slurm_required_but_missing() -> None:
+    pytest.fail(f"LLEM_REQUIRE_SLURM=1 but {_slurm_problem()}")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     _mark_browser_tests(items)
+    _mark_slurm_tests(items)
     needs_ray = [item for item in items if item.get_closest_marker("ray")]
     if needs_ray and (ray_problem := _ray_problem()) is not None:
         if os.environ.get("LLEM_REQUIRE_RAY") == "1":

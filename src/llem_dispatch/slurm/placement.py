@@ -14,6 +14,7 @@ queued or running (the ledger in the results dir) instead of submitting again.
 from __future__ import annotations
 
 import math
+import os
 import shlex
 import shutil
 import socket
@@ -423,7 +424,14 @@ class SlurmPlacement(Placement):
     def job_command(self, attempt: Attempt) -> list[str]:
         """What the job runs: the entry of this package, with the driver's Python."""
         python = self.settings.python or sys.executable
-        return [python, "-m", "llem_dispatch.slurm.job", str(attempt.folder)]
+        argv = [python, "-m", "llem_dispatch.slurm.job", str(attempt.folder)]
+        path = os.environ.get("PYTHONPATH")
+        if path:
+            # The job starts in its attempt dir: a relative entry must name what it
+            # names here (e.g. a source checkout's `src`).
+            entries = [str(Path(p).resolve()) if p else p for p in path.split(os.pathsep)]
+            argv = ["env", f"PYTHONPATH={os.pathsep.join(entries)}", *argv]
+        return argv
 
     def sbatch_options(self, gpus: int, name: str, *, step: bool = False) -> list[str]:
         """The options every job of this study gets (a step: those within an allocation)."""
