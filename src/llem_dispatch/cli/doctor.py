@@ -18,6 +18,7 @@ from llem_dispatch.cli.app import (
     make_console,
 )
 from llem_dispatch.cluster import check_cluster
+from llem_dispatch.dispatch import placement_class
 from llem_dispatch.errors import LlemError
 from llem_dispatch.gpu import GpuPool, nvml_used_memory_mb
 from llem_dispatch.runners import DoctorCheck, RunnerKind, get_runner_kind
@@ -126,6 +127,20 @@ def _doctor_checks(study_file: Path | None) -> list[Check]:
     return checks
 
 
+def _placement_checks(name: str | None, study_file: Path | None) -> list[Check]:
+    """The placement's own lines (`Placement.doctor_checks`), with the study's settings."""
+    study = load_study(study_file) if study_file is not None else None
+    if name is None and study is not None:
+        name = study.placement
+    if name is None:
+        return []
+    if study is not None and name != study.placement:
+        study = study.on_placement(name)
+    settings = study.placement_settings() if study is not None else None
+    cls = placement_class(name)
+    return anyio.run(cls.doctor_checks, settings, Path.cwd())
+
+
 def _study_images(study: Study, kind: RunnerKind, *, explicit: bool) -> list[str]:
     """The study's images, for a kind that runs images (chosen, or the study names one)."""
     if not kind.needs_image or not (explicit or study.image or study.images):
@@ -163,9 +178,18 @@ def doctor(
             "--ray", metavar="ADDRESS", help="Check every host of this Ray cluster instead."
         ),
     ] = None,
+    placement: Annotated[
+        str | None,
+        typer.Option(
+            "--placement",
+            metavar="NAME",
+            help="Also check this placement (e.g. slurm: it answers, its partitions and "
+            "GPUs, a job writes where you are). Default: the study's.",
+        ),
+    ] = None,
 ) -> None:
     """Check the host: each runner kind (Docker daemon, NVIDIA runtime, a study's images,
-    a probe run), and the GPUs."""
+    a probe run), the GPUs, and the study's placement."""
     console = make_console()
     try:
         checks = (
@@ -173,6 +197,7 @@ def doctor(
             if ray_address is not None
             else _doctor_checks(study_file)
         )
+        checks += _placement_checks(placement, study_file)
     except LlemError as exc:
         raise fail_usage(exc.message, exc.fix_suggestion) from exc
     for check in checks:

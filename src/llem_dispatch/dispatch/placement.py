@@ -32,6 +32,7 @@ from llem_dispatch.gpu import GpuLease, GpuPool, SettleSpec
 from llem_dispatch.gpu.discovery import nvml_thermal
 from llem_dispatch.models import HashedConfig
 from llem_dispatch.runners import CANCEL_SLACK_S
+from llem_dispatch.runners.kinds import DoctorCheck
 from llem_dispatch.runners.protocol import GatedRunner, Outcome, RunInfo, Runner, utcnow
 
 __all__ = [
@@ -192,6 +193,15 @@ class Placement(abc.ABC):
         Default: the runners' own bound (the grace, then the kill and removal).
         """
         return stop_grace_s + CANCEL_SLACK_S
+
+    @classmethod
+    async def doctor_checks(cls, settings: BaseModel | None, folder: Path) -> list[DoctorCheck]:
+        """`doctor`'s lines for this placement (its engine, its GPUs), with `settings`
+        (the study's block, or None) and `folder` where it may write a probe.
+
+        Default: none (this host's checks are the runner kinds' own).
+        """
+        return []
 
     @abc.abstractmethod
     def check_request(self, gpus: int) -> None:

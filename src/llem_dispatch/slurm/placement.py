@@ -19,6 +19,7 @@ import shlex
 import shutil
 import socket
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,11 +28,24 @@ import anyio
 import structlog
 from pydantic import BaseModel
 
-from llem_dispatch.dispatch import HostRunnerFactory, Placement, PlacementRequest, RecordDraft
-from llem_dispatch.errors import ClusterError, ConfigError, ExperimentTimeoutError, GpuRequestError
+from llem_dispatch.dispatch import (
+    HostContext,
+    HostRunnerFactory,
+    Placement,
+    PlacementRequest,
+    RecordDraft,
+)
+from llem_dispatch.errors import (
+    ClusterError,
+    ConfigError,
+    ExperimentTimeoutError,
+    GpuRequestError,
+    LlemError,
+)
 from llem_dispatch.gpu import SettleSpec
 from llem_dispatch.models import ExperimentFailure, ExperimentResult, HashedConfig
-from llem_dispatch.runners.protocol import Outcome
+from llem_dispatch.runners.kinds import DoctorCheck
+from llem_dispatch.runners.protocol import Outcome, Runner
 from llem_dispatch.slurm import commands
 from llem_dispatch.slurm.attempts import Attempt, Ledger, fill_started, outcome_of
 from llem_dispatch.slurm.commands import JobState
@@ -72,6 +86,11 @@ def _time_s(value: str) -> float | None:
     if len(parts) == 2:
         return parts[0] * 60.0 + parts[1]
     return parts[0] * 3600.0 + parts[1] * 60 + parts[2]
+
+
+def _no_runner(host: HostContext) -> Runner:
+    """The runner factory of `doctor`'s probe placement, which runs no experiment."""
+    raise ConfigError("doctor's Slurm probe runs no experiment")
 
 
 class SlurmPlacement(Placement):
@@ -143,6 +162,50 @@ class SlurmPlacement(Placement):
         """`scancel` (its own deadline), the jobs' wait to leave the queue, the sweep."""
         slurm = SlurmSettings.model_validate(settings) if settings is not None else SlurmSettings()
         return commands.CALL_TIMEOUT_S + slurm.cancel_timeout_s + cls.STUDY_SWEEP_S
+
+    @classmethod
+    async def doctor_checks(cls, settings: BaseModel | None, folder: Path) -> list[DoctorCheck]:
+        """Slurm answers; its partitions and their GPUs; a job can write into `folder`."""
+        slurm = SlurmSettings.model_validate(settings) if settings is not None else None
+        try:
+            found = await commands.partitions()
+        except LlemError as exc:
+            return [DoctorCheck("Slurm", False, exc.message, exc.fix_suggestion)]
+        listing = ", ".join(
+            f"{p.name}{'*' if p.default else ''} ({p.nodes} node(s), {p.state}, "
+            f"{gpu_count(p.gres)} GPU(s) per node)"
+            for p in found
+        )
+        checks = [DoctorCheck("Slurm", True, f"answers; partitions: {listing or 'none'}")]
+        with tempfile.TemporaryDirectory(prefix=".llem-doctor-", dir=folder) as probe:
+            placement = cls(_no_runner, Path(probe), settings=slurm, study_name="doctor")
+            try:
+                await placement.survey()
+                checks.append(
+                    DoctorCheck(
+                        "Slurm GPUs",
+                        placement._total_gpus > 0,
+                        f"{placement._total_gpus} in the partition, at most "
+                        f"{placement._largest_node} on one node",
+                        "" if placement._total_gpus else "Name a GPU partition in `slurm:`.",
+                        optional=True,
+                    )
+                )
+                await placement.check_shared()
+                checks.append(DoctorCheck("shared filesystem", True, f"a job wrote into {folder}"))
+            except LlemError as exc:
+                checks.append(DoctorCheck("Slurm job", False, exc.message, exc.fix_suggestion))
+            finally:
+                await placement.aclose()
+        if placement.allocation:
+            checks.append(
+                DoctorCheck(
+                    "Slurm allocation",
+                    True,
+                    f"inside job {placement.allocation}: experiments run as its job steps",
+                )
+            )
+        return checks
 
     async def prepare(self, request: PlacementRequest) -> None:
         """Slurm answers, the GPUs asked for exist on one node, the results dir is shared."""
