@@ -245,3 +245,23 @@ async def test_results_dir_not_shared_is_a_clear_error_before_any_job(
     assert "ConfigError" in text or "shared filesystem" in text, text
     assert squeue_jobs(f"llem-{study_name}") == {}
     assert not (view / "out").exists(), "the driver's private view is gone with it"
+
+
+@pytest.mark.timeout(120)
+async def test_a_time_limit_over_the_partitions_fails_at_once(
+    tmp_path: Path, study_name: str
+) -> None:
+    # The CI partition's MaxTime is 60 minutes: Slurm would keep such jobs pending forever.
+    data = study_dict(study_name, 2, slurm={"time_limit": "2:00:00"})
+    started = time.monotonic()
+    with anyio.fail_after(90):
+        done = await anyio.run_process(
+            run_argv(write_study(tmp_path / "study.yaml", data), tmp_path / "out"), check=False
+        )
+    text = " ".join((done.stdout + done.stderr).decode().split())
+    assert done.returncode != 0, text
+    # Slurm 22.05 says PartitionConfig first, PartitionTimeLimit once it has looked again.
+    assert "PartitionTimeLimit" in text or "PartitionConfig" in text, text
+    assert "time_limit within the partition's MaxTime" in text
+    assert time.monotonic() - started < 60
+    assert squeue_jobs(f"llem-{study_name}") == {}

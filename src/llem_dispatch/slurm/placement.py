@@ -57,6 +57,22 @@ __all__ = ["SlurmPlacement", "gpu_count"]
 
 log = structlog.get_logger("llem_dispatch.slurm")
 
+#: Reasons a job stays pending that no wait will clear (Slurm's `squeue %r`).
+_NEVER = frozenset(
+    {
+        "PartitionTimeLimit",
+        "PartitionNodeLimit",
+        "PartitionConfig",
+        "BadConstraints",
+        "InvalidAccount",
+        "InvalidQOS",
+        "QOSMaxWallDurationPerJobLimit",
+        "AssocMaxWallDurationPerJobLimit",
+        "QOSMaxGRESPerJob",
+        "AssocMaxGRESPerJob",
+    }
+)
+
 #: Beyond the experiment's own timeout: the job's Python start, the cooldown and
 #: the thermal gate, and the runner's clean-up.
 _MARGIN_S = 120.0
@@ -265,11 +281,34 @@ class SlurmPlacement(Placement):
         attempt = Attempt.new(self.base, "shared-fs-check")
         marker = attempt.folder / "marker"
         script = f"hostname > {shlex.quote(str(marker))}"
+        if self.allocation:
+            # A step of the allocation: a new job would wait behind the allocation itself.
+            argv = ["srun", "--exact", "--nodes=1", "--ntasks=1", "sh", "-c", script]
+            await commands.slurm_call(argv, timeout_s=self.settings.shared_fs_timeout_s)
+            if not marker.exists():
+                raise ConfigError(
+                    f"a step of allocation {self.allocation} wrote into {attempt.folder} but "
+                    "this process cannot see the file: the results dir is not on a "
+                    "filesystem the nodes share",
+                    fix_suggestion="Put the results dir (-o) on the cluster's shared "
+                    "filesystem (home, project or scratch).",
+                )
+            shutil.rmtree(attempt.folder, ignore_errors=True)
+            return
         attempt.job_id = await self._submit_script(attempt, script, gpus=0, name="check")
         self._live[attempt.job_id] = attempt
         try:
             with anyio.move_on_after(self.settings.shared_fs_timeout_s):
-                state = await self.watch.wait(attempt.job_id, lambda s: not s.active)
+                state = await self.watch.wait(
+                    attempt.job_id, lambda s: not s.active or s.reason in _NEVER
+                )
+                if state.active:
+                    raise ConfigError(
+                        f"Slurm keeps the study's first job ({attempt.job_id}) pending for a "
+                        f"reason that will not pass: {state.reason}",
+                        fix_suggestion="Fix the `slurm:` block (time_limit within the "
+                        "partition's MaxTime, `sinfo -s`; the account, QOS or constraint).",
+                    )
                 if marker.exists():
                     shutil.rmtree(attempt.folder, ignore_errors=True)
                     return
@@ -407,9 +446,18 @@ class SlurmPlacement(Placement):
             f"--output={attempt.folder}/slurm-%j.%s.out",
             *self.job_command(attempt),
         ]
-        return await self.steps.run(
+        outcome = await self.steps.run(
             attempt, argv, draft, on_started, self.result_model, self._own_bound_s()
         )
+        return self._tidy(attempt, draft, outcome)
+
+    @staticmethod
+    def _tidy(attempt: Attempt, draft: RecordDraft, outcome: Outcome) -> Outcome:
+        """As an exchange dir: the attempt dir is kept for a failure, removed after a result."""
+        if not isinstance(outcome, ExperimentFailure):
+            shutil.rmtree(attempt.folder, ignore_errors=True)
+            draft.exchange_dir = None
+        return outcome
 
     def _ended(self, attempt: Attempt, state: JobState, draft: RecordDraft) -> Outcome:
         assert attempt.job_id is not None
@@ -420,19 +468,30 @@ class SlurmPlacement(Placement):
         finally:
             # Written after the outcome was read: a driver killed before this adopts it.
             self.ledger.ended(attempt, state.state)
-        if not isinstance(outcome, ExperimentFailure):
-            # As an exchange dir: kept for a failure, removed after a result.
-            shutil.rmtree(attempt.folder, ignore_errors=True)
-            draft.exchange_dir = None
-        return outcome
+        return self._tidy(attempt, draft, outcome)
 
     async def _until_started(self, attempt: Attempt) -> JobState:
-        """Until the job has begun the experiment (its started.json), or has ended."""
+        """Until the job has begun the experiment (its started.json), or has ended.
+
+        A job Slurm keeps pending for a reason that never passes (a time limit over the
+        partition's, a wrong account) is cancelled and named, not waited for forever.
+        """
         assert attempt.job_id is not None
         started = attempt.folder / "started.json"
-        return await self.watch.wait(
-            attempt.job_id, lambda s: not s.active or (s.running and started.exists())
+        state = await self.watch.wait(
+            attempt.job_id,
+            lambda s: not s.active or (s.running and started.exists()) or s.reason in _NEVER,
         )
+        if state.active and state.reason in _NEVER:
+            await self._cancel(attempt)
+            raise ConfigError(
+                f"Slurm keeps job {attempt.job_id} pending for a reason that will not pass: "
+                f"{state.reason}",
+                fix_suggestion="Fix the `slurm:` block (time_limit within the partition's "
+                "MaxTime, `sinfo -s`; the account, QOS or constraint: `sacctmgr show assoc`).",
+                config_hash=attempt.config_hash,
+            )
+        return state
 
     async def _until_ended(self, attempt: Attempt, draft: RecordDraft) -> JobState:
         """Until the job ends; past our own bound, cancel it and raise the timeout."""
