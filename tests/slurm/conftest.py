@@ -7,6 +7,7 @@ the fixture cancels any of them still in the queue when the test ends.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -46,6 +47,15 @@ def squeue_jobs(prefix: str, *, active_only: bool = True) -> dict[str, tuple[str
 
 def running_jobs(prefix: str) -> int:
     return sum(state == "RUNNING" for _, state in squeue_jobs(prefix).values())
+
+
+@pytest.fixture(autouse=True)
+def _absolute_pythonpath(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Subprocesses started elsewhere (a job's folder, tmp_path) import what this one does."""
+    path = os.environ.get("PYTHONPATH")
+    if path:
+        entries = [str(Path(p).resolve()) for p in path.split(os.pathsep) if p]
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(entries))
 
 
 @pytest.fixture

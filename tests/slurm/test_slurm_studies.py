@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -265,3 +266,15 @@ async def test_a_time_limit_over_the_partitions_fails_at_once(
     assert "time_limit within the partition's MaxTime" in text
     assert time.monotonic() - started < 60
     assert squeue_jobs(f"llem-{study_name}") == {}
+
+
+@pytest.mark.timeout(120)
+async def test_doctor_checks_slurm_its_gpus_and_the_shared_filesystem(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "llem_dispatch.cli", "doctor", "--placement", "slurm"]
+    with anyio.fail_after(100):
+        done = await anyio.run_process(argv, cwd=tmp_path, check=False)
+    text = " ".join(done.stdout.decode().split())
+    assert "PASS Slurm: answers; partitions: debug* (1 node(s), up, 4 GPU(s) per node)" in text
+    assert "PASS Slurm GPUs: 4 in the partition, at most 4 on one node" in text
+    assert f"PASS shared filesystem: a job wrote into {tmp_path}" in text
+    assert list(tmp_path.iterdir()) == [], "the probe's scratch dir is removed"

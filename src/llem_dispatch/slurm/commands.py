@@ -18,8 +18,10 @@ from llem_dispatch.errors import ClusterError, EngineUnavailableError
 
 __all__ = [
     "ACTIVE_STATES",
+    "NEVER_STARTS",
     "JobState",
     "Partition",
+    "gpu_count",
     "in_allocation",
     "partitions",
     "sbatch",
@@ -27,6 +29,7 @@ __all__ = [
     "slurm_call",
     "squeue_states",
     "study_jobs",
+    "time_s",
 ]
 
 #: States of a job that has not ended yet (it holds or waits for its resources).
@@ -45,6 +48,22 @@ ACTIVE_STATES = frozenset(
         "STAGE_OUT",
         "STOPPED",
         "RESV_DEL_HOLD",
+    }
+)
+
+#: Reasons a job stays pending that no wait will clear (Slurm's `squeue %r`).
+NEVER_STARTS = frozenset(
+    {
+        "PartitionTimeLimit",
+        "PartitionNodeLimit",
+        "PartitionConfig",
+        "BadConstraints",
+        "InvalidAccount",
+        "InvalidQOS",
+        "QOSMaxWallDurationPerJobLimit",
+        "AssocMaxWallDurationPerJobLimit",
+        "QOSMaxGRESPerJob",
+        "AssocMaxGRESPerJob",
     }
 )
 
@@ -213,3 +232,29 @@ async def partitions() -> list[Partition]:
                 Partition(name.rstrip("*"), name.endswith("*"), parts[1], int(parts[2]), parts[3])
             )
     return found
+
+
+def gpu_count(gres: str) -> int:
+    """GPUs in a `sinfo` GRES string such as `gpu:4`, `gpu:a100:8(S:0-1)`, `gpu:2,shard:4`."""
+    total = 0
+    for item in gres.split(","):
+        parts = item.split("(")[0].split(":")
+        if parts[0] == "gpu" and parts[-1].isdigit():
+            total += int(parts[-1])
+    return total
+
+
+def time_s(value: str) -> float | None:
+    """Seconds in a Slurm time (MM, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]); None for no limit."""
+    if value in {"UNLIMITED", "INFINITE"}:
+        return None
+    days, _, rest = value.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:
+        parts += [0] * (3 - len(parts))
+        return int(days) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+    if len(parts) == 1:
+        return parts[0] * 60.0
+    if len(parts) == 2:
+        return parts[0] * 60.0 + parts[1]
+    return parts[0] * 3600.0 + parts[1] * 60 + parts[2]

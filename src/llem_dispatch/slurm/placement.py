@@ -19,7 +19,6 @@ import shlex
 import shutil
 import socket
 import sys
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -40,7 +39,6 @@ from llem_dispatch.errors import (
     ConfigError,
     ExperimentTimeoutError,
     GpuRequestError,
-    LlemError,
 )
 from llem_dispatch.gpu import SettleSpec
 from llem_dispatch.models import ExperimentFailure, ExperimentResult, HashedConfig
@@ -48,60 +46,19 @@ from llem_dispatch.runners.kinds import DoctorCheck
 from llem_dispatch.runners.protocol import Outcome, Runner
 from llem_dispatch.slurm import commands
 from llem_dispatch.slurm.attempts import Attempt, Ledger, fill_started, outcome_of
-from llem_dispatch.slurm.commands import JobState
+from llem_dispatch.slurm.commands import NEVER_STARTS, JobState, gpu_count, time_s
+from llem_dispatch.slurm.doctor import doctor_checks
 from llem_dispatch.slurm.settings import SlurmSettings
 from llem_dispatch.slurm.steps import StepRunner
 from llem_dispatch.slurm.watch import JobWatch
 
-__all__ = ["SlurmPlacement", "gpu_count"]
+__all__ = ["SlurmPlacement"]
 
 log = structlog.get_logger("llem_dispatch.slurm")
-
-#: Reasons a job stays pending that no wait will clear (Slurm's `squeue %r`).
-_NEVER = frozenset(
-    {
-        "PartitionTimeLimit",
-        "PartitionNodeLimit",
-        "PartitionConfig",
-        "BadConstraints",
-        "InvalidAccount",
-        "InvalidQOS",
-        "QOSMaxWallDurationPerJobLimit",
-        "AssocMaxWallDurationPerJobLimit",
-        "QOSMaxGRESPerJob",
-        "AssocMaxGRESPerJob",
-    }
-)
 
 #: Beyond the experiment's own timeout: the job's Python start, the cooldown and
 #: the thermal gate, and the runner's clean-up.
 _MARGIN_S = 120.0
-
-
-def gpu_count(gres: str) -> int:
-    """GPUs in a `sinfo` GRES string such as `gpu:4`, `gpu:a100:8(S:0-1)`, `gpu:2,shard:4`."""
-    total = 0
-    for item in gres.split(","):
-        parts = item.split("(")[0].split(":")
-        if parts[0] == "gpu" and parts[-1].isdigit():
-            total += int(parts[-1])
-    return total
-
-
-def _time_s(value: str) -> float | None:
-    """Seconds in a Slurm time (MM, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]); None for no limit."""
-    if value in {"UNLIMITED", "INFINITE"}:
-        return None
-    days, _, rest = value.rpartition("-")
-    parts = [int(p) for p in rest.split(":")]
-    if days:
-        parts += [0] * (3 - len(parts))
-        return int(days) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
-    if len(parts) == 1:
-        return parts[0] * 60.0
-    if len(parts) == 2:
-        return parts[0] * 60.0 + parts[1]
-    return parts[0] * 3600.0 + parts[1] * 60 + parts[2]
 
 
 def _no_runner(host: HostContext) -> Runner:
@@ -183,45 +140,14 @@ class SlurmPlacement(Placement):
     async def doctor_checks(cls, settings: BaseModel | None, folder: Path) -> list[DoctorCheck]:
         """Slurm answers; its partitions and their GPUs; a job can write into `folder`."""
         slurm = SlurmSettings.model_validate(settings) if settings is not None else None
-        try:
-            found = await commands.partitions()
-        except LlemError as exc:
-            return [DoctorCheck("Slurm", False, exc.message, exc.fix_suggestion)]
-        listing = ", ".join(
-            f"{p.name}{'*' if p.default else ''} ({p.nodes} node(s), {p.state}, "
-            f"{gpu_count(p.gres)} GPU(s) per node)"
-            for p in found
+        return await doctor_checks(
+            lambda scratch: cls(_no_runner, scratch, settings=slurm, study_name="doctor"), folder
         )
-        checks = [DoctorCheck("Slurm", True, f"answers; partitions: {listing or 'none'}")]
-        with tempfile.TemporaryDirectory(prefix=".llem-doctor-", dir=folder) as probe:
-            placement = cls(_no_runner, Path(probe), settings=slurm, study_name="doctor")
-            try:
-                await placement.survey()
-                checks.append(
-                    DoctorCheck(
-                        "Slurm GPUs",
-                        placement._total_gpus > 0,
-                        f"{placement._total_gpus} in the partition, at most "
-                        f"{placement._largest_node} on one node",
-                        "" if placement._total_gpus else "Name a GPU partition in `slurm:`.",
-                        optional=True,
-                    )
-                )
-                await placement.check_shared()
-                checks.append(DoctorCheck("shared filesystem", True, f"a job wrote into {folder}"))
-            except LlemError as exc:
-                checks.append(DoctorCheck("Slurm job", False, exc.message, exc.fix_suggestion))
-            finally:
-                await placement.aclose()
-        if placement.allocation:
-            checks.append(
-                DoctorCheck(
-                    "Slurm allocation",
-                    True,
-                    f"inside job {placement.allocation}: experiments run as its job steps",
-                )
-            )
-        return checks
+
+    @property
+    def gpus(self) -> tuple[int, int | None]:
+        """GPUs in the partition, and on its largest node (after `survey`)."""
+        return self._total_gpus, self._largest_node
 
     async def prepare(self, request: PlacementRequest) -> None:
         """Slurm answers, the GPUs asked for exist on one node, the results dir is shared."""
@@ -300,7 +226,7 @@ class SlurmPlacement(Placement):
         try:
             with anyio.move_on_after(self.settings.shared_fs_timeout_s):
                 state = await self.watch.wait(
-                    attempt.job_id, lambda s: not s.active or s.reason in _NEVER
+                    attempt.job_id, lambda s: not s.active or s.reason in NEVER_STARTS
                 )
                 if state.active:
                     raise ConfigError(
@@ -480,9 +406,9 @@ class SlurmPlacement(Placement):
         started = attempt.folder / "started.json"
         state = await self.watch.wait(
             attempt.job_id,
-            lambda s: not s.active or (s.running and started.exists()) or s.reason in _NEVER,
+            lambda s: not s.active or (s.running and started.exists()) or s.reason in NEVER_STARTS,
         )
-        if state.active and state.reason in _NEVER:
+        if state.active and state.reason in NEVER_STARTS:
             await self._cancel(attempt)
             raise ConfigError(
                 f"Slurm keeps job {attempt.job_id} pending for a reason that will not pass: "
@@ -513,7 +439,7 @@ class SlurmPlacement(Placement):
 
     def _own_bound_s(self) -> float | None:
         """How long a started job may run before we cancel it ourselves."""
-        limit = _time_s(self.settings.time_limit) if self.settings.time_limit else None
+        limit = time_s(self.settings.time_limit) if self.settings.time_limit else None
         if self.timeout_s is None and limit is None:
             return None
         settle = self.settle.max_s if self.settle is not None else 0.0

@@ -21,7 +21,7 @@ from llem_dispatch.errors import (
 from llem_dispatch.models import ExperimentFailure, ExperimentResult
 from llem_dispatch.runners.protocol import utcnow
 from llem_dispatch.slurm.attempts import Attempt, Ledger, outcome_of
-from llem_dispatch.slurm.placement import _time_s, gpu_count
+from llem_dispatch.slurm.commands import gpu_count, time_s
 from llem_dispatch.slurm.steps import step_state
 
 
@@ -38,7 +38,7 @@ def test_gpu_count_reads_sinfo_gres(gres: str, count: int) -> None:
     [("5", 300), ("1:30", 90), ("2:00:00", 7200), ("1-00", 86400), ("1-2:3:4", 93784)],
 )
 def test_slurm_times_in_seconds(value: str, seconds: float) -> None:
-    assert _time_s(value) == seconds
+    assert time_s(value) == seconds
     SlurmSettings(time_limit=value)
 
 
