@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import shlex
 import shutil
 import socket
@@ -106,6 +107,9 @@ class SlurmPlacement(Placement):
         self.allocation = commands.in_allocation()
         self.steps = StepRunner(self.settings) if self.allocation else None
         self._queue = anyio.Semaphore(self.settings.max_queued)
+        #: At most this many `sbatch` processes at once: a study's start is not a burst
+        #: of hundreds of calls on a shared login node and its controller.
+        self._submitting = anyio.CapacityLimiter(8)
         self._largest_node: int | None = None
         self._total_gpus = 0
         self._adoptable: dict[str, list[Attempt]] = {}
@@ -189,8 +193,6 @@ class SlurmPlacement(Placement):
         self._total_gpus = sum(per_node.values())
 
     def _write_factory(self) -> None:
-        import pickle
-
         try:
             data = pickle.dumps(self.runner_factory)
         except (pickle.PicklingError, AttributeError, TypeError) as exc:
@@ -526,10 +528,11 @@ class SlurmPlacement(Placement):
             "--wrap",
             script,
         ]
-        with anyio.CancelScope(shield=True):
-            # Shielded: a cancel mid-call would leave a job we never learn the id of.
-            job_id = await commands.sbatch(argv)
-        return job_id  # noqa: RET504 - returned outside the shield (mypy: no missing return)
+        async with self._submitting:
+            with anyio.CancelScope(shield=True):
+                # Shielded: a cancel mid-call would leave a job we never learn the id of.
+                job_id = await commands.sbatch(argv)
+        return job_id
 
     async def _cancel(self, attempt: Attempt) -> None:
         """scancel the job and wait (bounded) until it has left the queue; shielded."""
