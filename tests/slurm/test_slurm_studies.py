@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -278,3 +279,46 @@ async def test_doctor_checks_slurm_its_gpus_and_the_shared_filesystem(tmp_path: 
     assert "PASS Slurm GPUs: 4 in the partition, at most 4 on one node" in text
     assert f"PASS shared filesystem: a job wrote into {tmp_path}" in text
     assert list(tmp_path.iterdir()) == [], "the probe's scratch dir is removed"
+
+
+@pytest.mark.timeout(200)
+async def test_a_node_failure_is_retried_by_our_policy(tmp_path: Path, study_name: str) -> None:
+    host = socket.gethostname().split(".")[0]
+    data = study_dict(study_name, 1, env={"SLEEP": "6"}, retries=1, gpus_per_experiment=1)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        run_argv(write_study(tmp_path / "study.yaml", data), out),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        with anyio.fail_after(120):
+            while running_jobs(f"llem-{study_name}") < 1:
+                assert proc.poll() is None, f"the CLI exited with {proc.returncode}"
+                await anyio.sleep(0.3)
+        # The node fails under the running job: Slurm ends it NODE_FAIL (no requeue).
+        subprocess.run(
+            ["scontrol", "update", f"NodeName={host}", "State=DOWN", "Reason=llem-test"],
+            timeout=30,
+            check=True,
+        )
+        with anyio.fail_after(150):
+            while proc.poll() is None:
+                await anyio.sleep(0.3)
+    finally:
+        # The node comes back by itself (ReturnToService=2); make sure of it.
+        subprocess.run(
+            ["scontrol", "update", f"NodeName={host}", "State=RESUME"], timeout=30, check=False
+        )
+        if proc.poll() is None:
+            proc.kill()
+    text = proc.communicate()[0]
+    assert proc.returncode == 0, text
+    (record,) = records(out).values()
+    assert record["status"] == "succeeded"
+    assert record["attempts"] == 2
+    retried = [e for e in journal(out) if e["event"] == "retried"]
+    assert [e["error"] for e in retried] == ["ClusterNodeLostError"]
+    ended = [e["state"] for e in ledger(out) if e["event"] == "ended"]
+    assert ended == ["NODE_FAIL", "COMPLETED"]

@@ -223,7 +223,9 @@ class SlurmPlacement(Placement):
                 )
             shutil.rmtree(attempt.folder, ignore_errors=True)
             return
-        attempt.job_id = await self._submit_script(attempt, script, gpus=0, name="check")
+        attempt.job_id = await self._submit_script(
+            attempt, script, gpus=0, name=f"llem-{self.study_name}-check"
+        )
         self._live[attempt.job_id] = attempt
         try:
             with anyio.move_on_after(self.settings.shared_fs_timeout_s):
@@ -508,6 +510,10 @@ class SlurmPlacement(Placement):
         ):
             if value is not None:
                 argv.append(f"{flag}={value}")
+        if not step:
+            # Slurm would requeue a job whose node failed and run it again unseen: our
+            # retry policy decides instead, so each retry is journalled and bounded.
+            argv.append("--no-requeue")
         return [*argv, *s.sbatch_args]
 
     async def _submit(self, attempt: Attempt, gpus: int, config: HashedConfig) -> None:
@@ -522,7 +528,7 @@ class SlurmPlacement(Placement):
 
     async def _submit_script(self, attempt: Attempt, script: str, *, gpus: int, name: str) -> str:
         argv = [
-            *self.sbatch_options(gpus, name if name.startswith("llem-") else f"llem-{name}"),
+            *self.sbatch_options(gpus, name),
             f"--output={attempt.folder}/slurm-%j.out",
             f"--chdir={attempt.folder}",
             "--wrap",

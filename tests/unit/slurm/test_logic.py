@@ -78,8 +78,10 @@ def test_job_options_follow_the_settings_and_the_study_timeout(tmp_path: Path) -
     # 600 s of experiment plus the margin, in whole minutes.
     assert "--time=12" in argv
     assert argv[-1] == "--exclusive"
+    # Our retry policy, not Slurm's requeue, runs a job of a failed node again.
+    assert "--no-requeue" in argv
     step = placement.sbatch_options(1, "n", step=True)
-    assert not any(a.startswith(("--partition", "--account", "--qos")) for a in step)
+    assert not any(a.startswith(("--partition", "--account", "--qos", "--no-re")) for a in step)
     assert "--gpus=0" not in placement.sbatch_options(0, "n")
     assert SlurmPlacement(_factory, tmp_path).time_limit() is None
 
