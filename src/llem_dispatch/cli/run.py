@@ -364,7 +364,7 @@ async def _watch_signals(study_scope: anyio.CancelScope, console: Console, bound
             else:
                 # Tells the runners' cancellation cleanup to skip the stop grace period.
                 set_force_kill(True)
-                console.print(Text("forcing: killing containers now", style="red"))
+                console.print(Text("forcing: killing running experiments now", style="red"))
 
 
 def _exit_by(seconds: float, console: Console) -> None:
@@ -373,9 +373,9 @@ def _exit_by(seconds: float, console: Console) -> None:
     def give_up() -> None:
         console.print(
             Text(
-                f"clean-up did not finish within {seconds:g}s (the Docker daemon may be "
-                "stuck): exiting now. Records so far are kept; once the daemon answers, run "
-                "`llem-dispatch reap`, then --resume.",
+                f"clean-up did not finish within {seconds:g}s (its engine may be stuck): "
+                "exiting now. Records so far are kept; once the engine answers, run "
+                "`llem-dispatch reap` (containers), then --resume.",
                 style="red",
             )
         )
@@ -408,8 +408,8 @@ def _print_summary(summary: StudySummary, console: Console) -> None:
         console.print(
             Text.assemble(
                 (f"stopped early, {not_run} experiment(s) not run:", "bold red"),
-                f" {summary.stopped}. Restart the Docker daemon "
-                "(`sudo systemctl restart docker`), then run again with --resume.",
+                f" {summary.stopped}. "
+                f"{summary.stopped_fix or 'Bring its engine back'}; then run again with --resume.",
             )
         )
     bad = [r for r in summary.records if not r.ok]

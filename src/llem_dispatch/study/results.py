@@ -40,8 +40,11 @@ class StudySummary(BaseModel):
     interrupted: bool = False
     stopped: str | None = Field(
         default=None,
-        description="Why the study stopped dispatching early (a hung Docker daemon); "
-        "what did not run is left for --resume.",
+        description="Why the study stopped dispatching early (a hung engine, e.g. the "
+        "Docker daemon); what did not run is left for --resume.",
+    )
+    stopped_fix: str | None = Field(
+        default=None, description="What to do about what stopped it (the error's own fix)."
     )
     duration_s: float
     runner: str

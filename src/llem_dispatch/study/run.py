@@ -197,6 +197,7 @@ class _StudyRun:
         self.in_flight: set[str] = set()
         self.records: list[RunRecord] = []
         self.stopped: str | None = None
+        self.stopped_fix: str | None = None
         self._stop_scope = anyio.CancelScope()
 
     async def all(self, todo: list[Experiment]) -> None:
@@ -235,6 +236,7 @@ class _StudyRun:
             errored=sum(r.status in {"error", "cancelled"} for r in records),
             skipped=skipped,
             stopped=self.stopped,
+            stopped_fix=self.stopped_fix,
             duration_s=round(time.monotonic() - started, 3),
             runner=self.placed.runner_name,
             records=records,
@@ -284,6 +286,7 @@ class _StudyRun:
             "stopped", sync=True, reason=reason, in_flight=sorted(self.in_flight)
         )
         fix = record.error.fix_suggestion if record.error else None
+        self.stopped_fix = fix
         log.error("study_stopped", reason=reason, fix=fix)
         self._stop_scope.cancel()
 

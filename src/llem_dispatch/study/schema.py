@@ -237,12 +237,14 @@ class Study(BaseModel):
     )
     timeout_s: float | None = Field(
         default=None,
-        description="Kill and raise DockerTimeoutError after this many seconds "
+        description="Kill and raise ExperimentTimeoutError (DockerTimeoutError from the "
+        "docker runner) after this many seconds "
         "(from the gate, for a prestarted run); finite and > 0, or null for no limit.",
     )
     silence_timeout_s: float | None = Field(
         default=None,
-        description="Kill with DockerHangError after this many seconds without output; "
+        description="Kill with ExperimentHangError (DockerHangError from the docker runner) "
+        "after this many seconds without output; "
         "finite and > 0, or null for no limit.",
     )
     max_concurrency: int | None = Field(
