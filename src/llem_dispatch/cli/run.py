@@ -297,7 +297,9 @@ def _run_with_progress(
     `skipped` is what a --resume finds done already, so the bar can reach the total.
     """
     gpu_ids = list(plan.pool.devices) if plan.pool else []
-    state = ProgressState(total=len(plan.experiments), skipped=skipped, gpu_ids=gpu_ids)
+    # Adaptive cycles: the most it can take (configs that converge early end below it).
+    total = len(plan.experiments) // plan.study.min_cycles * plan.study.max_cycles
+    state = ProgressState(total=total, skipped=skipped, gpu_ids=gpu_ids)
 
     def on_event(event: Event) -> None:
         line = state.apply(event)
@@ -410,6 +412,14 @@ def _print_summary(summary: StudySummary, console: Console) -> None:
                 (f"stopped early, {not_run} experiment(s) not run:", "bold red"),
                 f" {summary.stopped}. Restart the Docker daemon "
                 "(`sudo systemctl restart docker`), then run again with --resume.",
+            )
+        )
+    for item in summary.unresolved:
+        console.print(
+            Text.assemble(
+                ("unresolved:", "bold yellow"),
+                f" {item.config_hash} {json.dumps(item.config, sort_keys=True)[:120]}: "
+                f"{item.field} after {item.cycles} cycles: {item.reason}",
             )
         )
     bad = [r for r in summary.records if not r.ok]
