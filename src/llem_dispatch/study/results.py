@@ -51,6 +51,11 @@ class StudySummary(BaseModel):
         description="Adaptive cycles: configs that ended at `max` (or kept failing) with "
         "their CI outside the target.",
     )
+    telemetry: dict[str, Any] | None = Field(
+        default=None,
+        description="GPU telemetry: its file in the results dir, samples, and the "
+        "sampler's CPU cost (cpu_s, cpu_share of one core, cpu_ms_per_read).",
+    )
     records: list[RunRecord] = Field(default_factory=list, exclude=True)
 
     @property

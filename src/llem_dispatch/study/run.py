@@ -42,6 +42,7 @@ from llem_dispatch.dispatch import (
 from llem_dispatch.dispatch.fanout import fan_out
 from llem_dispatch.errors import ConfigError, EngineHungError
 from llem_dispatch.gpu import GpuPool
+from llem_dispatch.gpu.telemetry import TelemetryReader, TelemetrySampler
 from llem_dispatch.reap import reap
 from llem_dispatch.runners import Runner
 from llem_dispatch.runners.kinds import find_runner_kind
@@ -57,6 +58,7 @@ from llem_dispatch.study.runner_choice import (
     resolve_runner,
 )
 from llem_dispatch.study.schema import Experiment, RunnerSpec, Study
+from llem_dispatch.study.telemetry import energy_block, start_telemetry, wait_for_samples
 
 __all__ = ["run_study"]
 
@@ -91,6 +93,7 @@ async def run_study(
     reap_orphans: bool = True,
     cluster: str | None = None,
     cluster_options: Mapping[str, Any] | None = None,
+    telemetry_reader: TelemetryReader | None = None,
 ) -> StudySummary:
     """Run every experiment of `study`, writing records and a journal to `results_dir`.
 
@@ -100,7 +103,8 @@ async def run_study(
     `cluster` (a Ray cluster's address) runs it on that cluster's nodes, as
     `placement: ray` with `ray: {address: ...}` would, and `cluster_options` go over
     the placement's settings block (`RaySettings`, e.g. `placement_timeout_s`); records and the
-    journal are still written here only. The runner is `runner` (with `pool`, this
+    journal are still written here only. GPU telemetry (`telemetry:`) samples this host's
+    real GPUs through NVML, or `telemetry_reader` (tests). The runner is `runner` (with `pool`, this
     host only), else `runner_spec` (a choice already made, recorded with its
     source), else chosen from `runner_value` > LLEM_RUNNER > the study > auto.
     The results dir is held exclusively for the whole run: a second run on it is
@@ -155,7 +159,14 @@ async def run_study(
         run.planned = len(experiments)
         run.done = done
         run.skipped = len(experiments) - len(todo)
-        await run.all(todo)
+        devices = placed.placement.telemetry_devices()
+        run.sampler = start_telemetry(study, devices, results.path, reader=telemetry_reader)
+        try:
+            await run.all(todo)
+        finally:
+            if run.sampler is not None:
+                # Bounded (the thread wakes every interval); the last samples are written.
+                run.sampler.stop(timeout=2.0)
         return run.finish(started=started)
 
 
@@ -219,6 +230,7 @@ class _StudyRun:
         self.done: set[str] = set()
         self.skipped = 0
         self.unresolved: list[Unresolved] = []
+        self.sampler: TelemetrySampler | None = None
         spec = study.adaptive
         self.history = CycleHistory(spec.until.field) if spec is not None else None
         if self.history is not None:
@@ -266,6 +278,7 @@ class _StudyRun:
             runner=self.placed.runner_name,
             records=records,
             unresolved=self.unresolved,
+            telemetry=self._telemetry_facts(),
         )
         for item in self.unresolved:
             log.warning(
@@ -280,6 +293,12 @@ class _StudyRun:
         fields = summary.model_dump(mode="json", exclude={"name"})
         self.results.journal.write("study_finished", sync=True, **fields)
         return summary
+
+    def _telemetry_facts(self) -> dict[str, Any] | None:
+        if self.sampler is None:
+            return None
+        path = self.sampler.path
+        return {"file": path.name if path else None, **self.sampler.cost()}
 
     async def _cycles(self, todo: list[Experiment]) -> None:
         study = self.study
@@ -345,7 +364,14 @@ class _StudyRun:
         record = await self.dispatcher.run(exp.config, gpus=exp.gpu_count, tags=tags)
         # Written by the task that ran it: a cancel or crash right after loses
         # nothing that finished.
-        payload = _record(self.results, exp, record)
+        extra: dict[str, Any] = {}
+        if self.sampler is not None and record.exited_at is not None:
+            await wait_for_samples(self.sampler, record.exited_at.timestamp())
+            payload = record.model_dump(mode="json")
+            block = energy_block(self.sampler, record, self.study.measure, payload)
+            if block is not None:
+                extra["telemetry"] = block
+        payload = _record(self.results, exp, record, extra)
         if self.history is not None:
             self.history.add(payload)
         # The summary keeps the record, not the exception (its frames) nor the
@@ -387,9 +413,11 @@ def _unresolved(
     )
 
 
-def _record(results: ResultsDir, exp: Experiment, record: RunRecord) -> dict[str, Any]:
+def _record(
+    results: ResultsDir, exp: Experiment, record: RunRecord, extra: dict[str, Any]
+) -> dict[str, Any]:
     """One experiment's record file, then its journal line (fsynced); the record's payload."""
-    payload = record.model_dump(mode="json")
+    payload = {**record.model_dump(mode="json"), **extra}
     payload["cycle"] = exp.cycle
     payload["key"] = exp.key
     results.write_record(exp.key, payload)

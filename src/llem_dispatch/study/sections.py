@@ -86,8 +86,16 @@ class TelemetrySpec(BaseModel):
         ge=0.01,
         le=60,
         allow_inf_nan=False,
-        description="Seconds between samples (NVML's energy counter and power change "
-        "every 100 ms: faster only costs CPU).",
+        description="Seconds between samples of energy and power (NVML's counter and "
+        "power change every 100 ms: faster only costs CPU).",
+    )
+    detail_interval_s: float = Field(
+        default=1.0,
+        ge=0.01,
+        le=600,
+        allow_inf_nan=False,
+        description="Seconds between samples of temperature, SM utilisation, memory and SM "
+        "clock (one NVML call each per GPU, where energy and power share one).",
     )
 
 
