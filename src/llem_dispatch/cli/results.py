@@ -248,7 +248,7 @@ def _stats(data: StudyResults, fmt: str, output: Path | None, columns: str | Non
     selection = select_columns(data, flat, report_spec(data, columns))
     shown = selection.results or [c.removeprefix("result.") for c in _result_fields(rows)]
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, header_style="bold")
-    table.add_column("config")
+    table.add_column("config", no_wrap=True, min_width=7)
     for name in selection.params:
         table.add_column(name, no_wrap=True)
     table.add_column("n", justify="right")
