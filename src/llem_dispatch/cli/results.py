@@ -251,7 +251,7 @@ def _stats(data: StudyResults, fmt: str, output: Path | None, columns: str | Non
     table.add_column("config", no_wrap=True, min_width=7)
     for name in selection.params:
         table.add_column(name, no_wrap=True)
-    table.add_column("n", justify="right")
+    table.add_column("n", justify="right", no_wrap=True, min_width=2)
     for name in shown:
         table.add_column(f"{name} (mean ± ci95)", justify="right", no_wrap=True)
     for row in rows:

@@ -59,7 +59,7 @@ def start_telemetry(
     sampler = TelemetrySampler(
         reader,
         interval_s=spec.interval_s,
-        detail_s=max(spec.detail_interval_s, spec.interval_s),
+        detail_s=max(spec.detail_interval_s or spec.interval_s, spec.interval_s),
         path=results_path / TELEMETRY_FILE,
     )
     sampler.start()
