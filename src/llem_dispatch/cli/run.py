@@ -84,6 +84,13 @@ def _print_dry_run(
             json.dumps(exp.config, sort_keys=True),
         )
     console.print(table)
+    if (adaptive := study.adaptive) is not None:
+        configs = len(experiments) // adaptive.min
+        console.print(
+            f"adaptive cycles: {adaptive.min} each, then one at a time up to {adaptive.max} "
+            f"({configs * adaptive.max} at most) while the 95% CI of "
+            f"{adaptive.until.field} is over {adaptive.until.rel_ci95:g} of its mean"
+        )
     spec = resolve_runner(runner_value, study)
     runner = make_runner(
         study, spec, study_dir=study_path.parent, experiments=experiments, virtual=virtual
