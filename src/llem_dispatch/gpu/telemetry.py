@@ -25,6 +25,7 @@ import structlog
 from llem_dispatch.gpu.discovery import _handle, _nvml_init, _pynvml
 
 __all__ = [
+    "CSV_COLUMNS",
     "SHORT_WINDOW_S",
     "EnergyWindow",
     "NvmlTelemetry",
@@ -60,6 +61,7 @@ class Sample:
     sm_clock_mhz: float | None = None
 
 
+#: The telemetry file's columns, in order (a `Sample`'s fields).
 CSV_COLUMNS = tuple(f.name for f in fields(Sample))
 
 

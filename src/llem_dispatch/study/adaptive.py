@@ -85,6 +85,24 @@ class Unresolved(BaseModel):
     rel_ci95: float | None = Field(default=None, description="ci95 / |mean|.")
     reason: str
 
+    @classmethod
+    def of(
+        cls, config_hash: str, config: dict[str, Any], cycles: int, field: str, decision: Decision
+    ) -> Unresolved:
+        """The entry for a config `decide` left unresolved after `cycles` cycles."""
+        stats = decision.stats
+        return cls(
+            config_hash=config_hash,
+            config=config,
+            field=field,
+            cycles=cycles,
+            n=stats.n,
+            mean=stats.mean,
+            ci95=stats.ci95,
+            rel_ci95=stats.rel_ci95,
+            reason=decision.reason,
+        )
+
 
 class CycleHistory:
     """Per config: the field's value of each cycle run (None where it failed or was absent)."""

@@ -46,7 +46,7 @@ from llem_dispatch.gpu.telemetry import TelemetryReader, TelemetrySampler
 from llem_dispatch.reap import reap
 from llem_dispatch.runners import Runner
 from llem_dispatch.runners.kinds import find_runner_kind
-from llem_dispatch.study.adaptive import CycleHistory, Decision, Unresolved
+from llem_dispatch.study.adaptive import CycleHistory, Unresolved
 from llem_dispatch.study.plan import cycle_experiments, expand_study, unique_configs
 from llem_dispatch.study.results import Journal, ResultsDir, StudySummary, iter_records
 from llem_dispatch.study.runner_choice import (
@@ -334,7 +334,7 @@ class _StudyRun:
                 decision = decisions[config_hash]
                 if decision.verdict == "unresolved":
                     self.unresolved.append(
-                        _unresolved(config_hash, config, cycle - 1, spec.until.field, decision)
+                        Unresolved.of(config_hash, config, cycle - 1, spec.until.field, decision)
                     )
             still = [item for item in active if decisions[item[0]].verdict == "more"]
             self.results.journal.write(
@@ -394,23 +394,6 @@ class _StudyRun:
         fix = record.error.fix_suggestion if record.error else None
         log.error("study_stopped", reason=reason, fix=fix)
         self._stop_scope.cancel()
-
-
-def _unresolved(
-    config_hash: str, config: dict[str, Any], cycles: int, field: str, decision: Decision
-) -> Unresolved:
-    stats = decision.stats
-    return Unresolved(
-        config_hash=config_hash,
-        config=config,
-        field=field,
-        cycles=cycles,
-        n=stats.n,
-        mean=stats.mean,
-        ci95=stats.ci95,
-        rel_ci95=stats.rel_ci95,
-        reason=decision.reason,
-    )
 
 
 def _record(
