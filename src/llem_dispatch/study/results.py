@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 from llem_dispatch._exchange import atomic_write
 from llem_dispatch.dispatch import RunRecord
 from llem_dispatch.errors import ConfigError, ResultsDirBusyError
+from llem_dispatch.study.adaptive import Unresolved
 
 __all__ = ["Journal", "ResultsDir", "StudySummary", "completed_keys", "iter_records"]
 
@@ -48,6 +49,16 @@ class StudySummary(BaseModel):
     )
     duration_s: float
     runner: str
+    unresolved: list[Unresolved] = Field(
+        default_factory=list,
+        description="Adaptive cycles: configs that ended at `max` (or kept failing) with "
+        "their CI outside the target.",
+    )
+    telemetry: dict[str, Any] | None = Field(
+        default=None,
+        description="GPU telemetry: its file in the results dir, samples, and the "
+        "sampler's CPU cost (cpu_s, cpu_share of one core, cpu_ms_per_read).",
+    )
     records: list[RunRecord] = Field(default_factory=list, exclude=True)
 
     @property
