@@ -225,6 +225,7 @@ def _summarise(
         "tokens_per_s": output_tokens / total_s,
         "decode_tokens_per_s": batch * (new_tokens - 1) / decode_s if decode_s > 0 else None,
         "energy_j": None,
+        "full_window_energy_j": None,
         "j_per_token": None,
         "prefill_energy_j": None,
         "decode_j_per_token": None,
@@ -237,6 +238,8 @@ def _summarise(
     prefill_energy = sum(prefill.values()) / repeats
     window_s = windows["full"]["end_wall"] - windows["full"]["start_wall"]
     out.update(
+        # The whole `full` window (all repeats, all GPUs): what `measure:` compares.
+        full_window_energy_j=sum(full.values()),
         energy_j=energy,
         j_per_token=energy / output_tokens,
         prefill_energy_j=prefill_energy,

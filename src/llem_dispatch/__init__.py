@@ -71,6 +71,7 @@ __all__ = [
     "capture_stderr_snippet",
     "compute_config_hash",
     "load_results",
+    "load_stats",
     "load_study",
     "register_placement",
     "register_runner_kind",
@@ -119,7 +120,7 @@ _HOMES = {
         "runners",
     ),
     **dict.fromkeys(("Study", "StudySummary", "load_study", "run_study"), "study"),
-    "load_results": "report",
+    **dict.fromkeys(("load_results", "load_stats"), "report"),
 }
 
 
@@ -188,7 +189,7 @@ if TYPE_CHECKING:
         RunnerMetadata,
         compute_config_hash,
     )
-    from llem_dispatch.report import load_results
+    from llem_dispatch.report import load_results, load_stats
     from llem_dispatch.runners import (
         DockerRunner,
         LocalRunner,

@@ -13,8 +13,12 @@ import pytest
 from llem_dispatch import (
     DockerContainerError,
     DockerHangError,
+    DockerRunner,
     DockerTimeoutError,
+    ExperimentExitError,
+    ExperimentHangError,
     ExperimentResult,
+    ExperimentTimeoutError,
     ResultError,
 )
 from tests.integration.test_runner_contract import MakeRunner, make
@@ -25,17 +29,22 @@ __all__ = ["make"]
 
 async def test_timeout_even_if_sigterm_ignored(make: MakeRunner) -> None:
     t0 = time.monotonic()
-    with pytest.raises(DockerTimeoutError) as info:
-        await make("trap '' TERM; sleep 600", timeout=1.5).run({"e": 1})
-    assert not isinstance(info.value, DockerHangError)
+    runner = make("trap '' TERM; sleep 600", timeout=1.5)
+    with pytest.raises(ExperimentTimeoutError) as info:
+        await runner.run({"e": 1})
+    assert not isinstance(info.value, ExperimentHangError)
+    # The neutral class from every runner; the Docker runner's own subclass from it.
+    assert isinstance(info.value, DockerTimeoutError) == isinstance(runner, DockerRunner)
     assert time.monotonic() - t0 < 5
 
 
 async def test_silence_limit_raises_hang_error(make: MakeRunner) -> None:
     t0 = time.monotonic()
-    with pytest.raises(DockerHangError) as info:
-        await make("echo start; sleep 600", silence_timeout=1.0, timeout=60).run({"f": 1})
-    assert isinstance(info.value, DockerTimeoutError)
+    runner = make("echo start; sleep 600", silence_timeout=1.0, timeout=60)
+    with pytest.raises(ExperimentHangError) as info:
+        await runner.run({"f": 1})
+    assert isinstance(info.value, ExperimentTimeoutError)
+    assert isinstance(info.value, DockerHangError) == isinstance(runner, DockerRunner)
     assert time.monotonic() - t0 < 6
     assert "no output for 1.0s" in info.value.message
 
@@ -50,8 +59,10 @@ async def test_background_writer_after_exit_is_never_read(make: MakeRunner) -> N
     # The main process exits 0 at once; a background child would write later. The
     # host reads only after exit (and the child dies with its group/container).
     script = '(sleep 2; echo "{\\"late\\": true}" > "$LLEM_RESULT_PATH") & exit 0'
-    with pytest.raises(DockerContainerError, match="wrote no result"):
-        await make(script).run({"i": 1})
+    runner = make(script)
+    with pytest.raises(ExperimentExitError, match="wrote no result") as info:
+        await runner.run({"i": 1})
+    assert isinstance(info.value, DockerContainerError) == isinstance(runner, DockerRunner)
 
 
 async def test_half_written_result_is_rejected(make: MakeRunner) -> None:

@@ -50,7 +50,8 @@ def report(
         f"{summary['study']}: {summary['recorded']} experiments, {counts['succeeded']} "
         f"succeeded, {counts['failed'] + counts['error'] + counts['cancelled']} failed, "
         f"wall {format_duration(summary['wall_s'])}"
-        + (f", GPU utilisation {util:.0%}" if util is not None else ""),
+        + (f", GPU occupancy {util:.0%}" if util is not None else "")
+        + (f", SM utilisation {summary['sm_util']:.0%}" if summary.get("sm_util") else ""),
         soft_wrap=True,
     )
     size_mb = path.stat().st_size / 1e6

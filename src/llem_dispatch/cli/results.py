@@ -33,10 +33,12 @@ from llem_dispatch.report import (
     format_param,
     format_value,
     load_results,
+    load_stats,
     read_results,
     select_columns,
     short_keys,
     sort_records,
+    stats_rows,
     write_parquet,
 )
 from llem_dispatch.study import ReportSpec
@@ -224,6 +226,53 @@ def _write_text(fmt: str, rows: list[dict[str, Any]], output: Path | None) -> No
         output.write_text(buffer.getvalue())
 
 
+def _stats(data: StudyResults, fmt: str, output: Path | None, columns: str | None) -> None:
+    """`--stats`: one row per config, written as `fmt`."""
+    rows = stats_rows(data.records, data.param_order())
+    if fmt == "parquet":
+        if output is None:
+            raise fail_usage("Parquet is binary: give the file to write", "Add -o stats.parquet.")
+        try:
+            write_parquet(load_stats(data.path), output)
+        except ImportError as exc:
+            raise fail_usage(str(exc)) from exc
+        make_console(stderr=True).print(f"wrote {len(rows)} rows to {output}")
+        return
+    if fmt in {"csv", "jsonl"}:
+        _write_text(fmt, rows, output)
+        return
+    if output is not None:
+        raise fail_usage("-o/--output writes csv, jsonl or parquet", "Add --format csv.")
+    console = make_console()
+    flat = [flat_row(r) for r in data.records]
+    selection = select_columns(data, flat, report_spec(data, columns))
+    shown = selection.results or [c.removeprefix("result.") for c in _result_fields(rows)]
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, header_style="bold")
+    table.add_column("config", no_wrap=True, min_width=7)
+    for name in selection.params:
+        table.add_column(name, no_wrap=True)
+    table.add_column("n", justify="right", no_wrap=True, min_width=2)
+    for name in shown:
+        table.add_column(f"{name} (mean ± ci95)", justify="right", no_wrap=True)
+    for row in rows:
+        cells = [Text(str(row["config_hash"])[:7])]
+        cells += [Text(format_param(row.get(f"param.{p}"))) for p in selection.params]
+        cells.append(Text(str(row["n"])))
+        for name in shown:
+            mean, ci = row.get(f"result.{name}_mean"), row.get(f"result.{name}_ci95")
+            text = format_value(mean) + (f" ± {format_value(ci)}" if ci is not None else "")
+            cells.append(Text(text))
+        table.add_row(*cells)
+    console.print(Text.assemble((data.name, "bold"), f": {len(rows)} configs, across cycles"))
+    console.print(table)
+
+
+def _result_fields(rows: list[dict[str, Any]]) -> list[str]:
+    """The result fields that have statistics, in column order (a few, for the table)."""
+    names = [c.removesuffix("_mean") for c in _columns(rows) if c.endswith("_mean")]
+    return [n for n in names if n.startswith("result.")][:4]
+
+
 @app.command()
 def results(
     results_dir: Annotated[Path, typer.Argument(help="A results dir written by `run`.")],
@@ -238,11 +287,22 @@ def results(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write to this file (parquet needs it).")
     ] = None,
+    stats: Annotated[
+        bool,
+        typer.Option(
+            "--stats",
+            help="One row per config across its cycles: n, and <field>_mean, _std, _ci95 "
+            "(Student-t 95% half-width) of every numeric field.",
+        ),
+    ] = False,
 ) -> None:
     """One row per experiment: params, status, duration, GPU ids, key result fields."""
     if fmt not in FORMATS:
         raise fail_usage(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     data = open_results(results_dir)
+    if stats:
+        _stats(data, fmt, output, columns)
+        return
     records = sort_records(data.records, data.param_order())
     rows = [flat_row(r) for r in records]
     if fmt == "parquet":

@@ -84,6 +84,13 @@ def _print_dry_run(
             json.dumps(exp.config, sort_keys=True),
         )
     console.print(table)
+    if (adaptive := study.adaptive) is not None:
+        configs = len(experiments) // adaptive.min
+        console.print(
+            f"adaptive cycles: {adaptive.min} each, then one at a time up to {adaptive.max} "
+            f"({configs * adaptive.max} at most) while the 95% CI of "
+            f"{adaptive.until.field} is over {adaptive.until.rel_ci95:g} of its mean"
+        )
     spec = resolve_runner(runner_value, study)
     runner = make_runner(
         study, spec, study_dir=study_path.parent, experiments=experiments, virtual=virtual
@@ -297,7 +304,9 @@ def _run_with_progress(
     `skipped` is what a --resume finds done already, so the bar can reach the total.
     """
     gpu_ids = list(plan.pool.devices) if plan.pool else []
-    state = ProgressState(total=len(plan.experiments), skipped=skipped, gpu_ids=gpu_ids)
+    # Adaptive cycles: the most it can take (configs that converge early end below it).
+    total = len(plan.experiments) // plan.study.min_cycles * plan.study.max_cycles
+    state = ProgressState(total=total, skipped=skipped, gpu_ids=gpu_ids)
 
     def on_event(event: Event) -> None:
         line = state.apply(event)
@@ -364,7 +373,7 @@ async def _watch_signals(study_scope: anyio.CancelScope, console: Console, bound
             else:
                 # Tells the runners' cancellation cleanup to skip the stop grace period.
                 set_force_kill(True)
-                console.print(Text("forcing: killing containers now", style="red"))
+                console.print(Text("forcing: killing running experiments now", style="red"))
 
 
 def _exit_by(seconds: float, console: Console) -> None:
@@ -373,9 +382,9 @@ def _exit_by(seconds: float, console: Console) -> None:
     def give_up() -> None:
         console.print(
             Text(
-                f"clean-up did not finish within {seconds:g}s (the Docker daemon may be "
-                "stuck): exiting now. Records so far are kept; once the daemon answers, run "
-                "`llem-dispatch reap`, then --resume.",
+                f"clean-up did not finish within {seconds:g}s (its engine may be stuck): "
+                "exiting now. Records so far are kept; once the engine answers, run "
+                "`llem-dispatch reap` (containers), then --resume.",
                 style="red",
             )
         )
@@ -408,8 +417,16 @@ def _print_summary(summary: StudySummary, console: Console) -> None:
         console.print(
             Text.assemble(
                 (f"stopped early, {not_run} experiment(s) not run:", "bold red"),
-                f" {summary.stopped}. Restart the Docker daemon "
-                "(`sudo systemctl restart docker`), then run again with --resume.",
+                f" {summary.stopped}. "
+                f"{summary.stopped_fix or 'Bring its engine back'}; then run again with --resume.",
+            )
+        )
+    for item in summary.unresolved:
+        console.print(
+            Text.assemble(
+                ("unresolved:", "bold yellow"),
+                f" {item.config_hash} {json.dumps(item.config, sort_keys=True)[:120]}: "
+                f"{item.field} after {item.cycles} cycles: {item.reason}",
             )
         )
     bad = [r for r in summary.records if not r.ok]

@@ -250,6 +250,11 @@ class Placement(abc.ABC):
         """Where the study ran, as JSON facts for study.json and the journal."""
         return {}
 
+    def telemetry_devices(self) -> tuple[str, ...]:
+        """Real GPUs of this host that `run_study`'s telemetry samples (none by default:
+        virtual ids, or GPUs on other hosts, which a sampler there would have to read)."""
+        return ()
+
 
 class _LeaseObserver:
     """Fills the draft as one run progresses; frees its GPUs the moment it exits."""
@@ -322,6 +327,10 @@ class LocalPlacement(Placement):
     def describe(self) -> Mapping[str, Any]:
         """This host's GPU ids, and whether they are virtual."""
         return {"gpus": list(self.pool.devices), "virtual_gpus": self.pool.virtual}
+
+    def telemetry_devices(self) -> tuple[str, ...]:
+        """The pool's GPUs, unless they are virtual ids."""
+        return () if self.pool.virtual else tuple(self.pool.devices)
 
     def check_request(self, gpus: int) -> None:
         """Raise `GpuRequestError` for more GPUs than the pool has."""

@@ -17,10 +17,11 @@ from llem_dispatch.report.data import (
     short_keys,
     sort_records,
 )
-from llem_dispatch.report.frame import load_results, write_parquet
+from llem_dispatch.report.frame import load_results, load_stats, write_parquet
 from llem_dispatch.report.html import render_report, write_report
 from llem_dispatch.report.model import ReportData, build_report_data
 from llem_dispatch.report.selection import PlotAxes, Selection, plot_axes, select_columns
+from llem_dispatch.report.stats import numeric_fields, stats_rows
 from llem_dispatch.report.timeline import Bar, Session, Timeline, build_timeline
 
 __all__ = [
@@ -39,6 +40,8 @@ __all__ = [
     "format_param",
     "format_value",
     "load_results",
+    "load_stats",
+    "numeric_fields",
     "plot_axes",
     "read_results",
     "render_report",
@@ -46,6 +49,7 @@ __all__ = [
     "select_columns",
     "short_keys",
     "sort_records",
+    "stats_rows",
     "write_parquet",
     "write_report",
 ]

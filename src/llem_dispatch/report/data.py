@@ -150,8 +150,11 @@ def flat_row(data: Mapping[str, Any], *, lists: bool = False) -> dict[str, Any]:
     """One flat row per record: params, status, timing, GPUs, result fields, error.
 
     Config values that are dicts or lists are JSON text (hashable, one column per
-    parameter); nested result dicts become `result.a.b`; result lists, and
-    `gpu_ids` as a list rather than "0,3", only with `lists=True` (for pandas).
+    parameter); nested result dicts become `result.a.b`; GPU telemetry's energy is
+    `energy.run_j` (start to exit) and, for a study with `measure:`, `energy.window_j`,
+    `energy.reported_j`, `energy.ratio` (ours / reported), `energy.window_s`,
+    `energy.window_short`; result lists, and `gpu_ids` as a list rather than "0,3",
+    only with `lists=True` (for pandas).
     """
     row: dict[str, Any] = {
         "key": data.get("key"),
@@ -176,10 +179,29 @@ def flat_row(data: Mapping[str, Any], *, lists: bool = False) -> dict[str, Any]:
     payload = result.get("data", result) if isinstance(result, dict) else {}
     if isinstance(payload, Mapping):
         _flatten(RESULT, payload, row, lists)
+    row.update(_energy_columns(data.get("telemetry")))
     kind, message, fix = failure_info(data)
     row["error"], row["error_message"], row["fix"] = kind, message, fix
     row["exchange_dir"] = data.get("exchange_dir")
     return row
+
+
+def _energy_columns(telemetry: Any) -> dict[str, Any]:
+    """The dispatcher's own energy figures (GPU telemetry), summed over the run's GPUs."""
+    if not isinstance(telemetry, Mapping):
+        return {}
+    out: dict[str, Any] = {}
+    run = telemetry.get("run")
+    if isinstance(run, Mapping):
+        out["energy.run_j"] = run.get("energy_j")
+    window = telemetry.get("window")
+    if isinstance(window, Mapping) and "energy_j" in window:
+        out["energy.window_j"] = window.get("energy_j")
+        out["energy.reported_j"] = window.get("reported_j")
+        out["energy.ratio"] = window.get("ratio")
+        out["energy.window_s"] = window.get("duration_s")
+        out["energy.window_short"] = window.get("short")
+    return out
 
 
 def failure_info(record: Mapping[str, Any]) -> tuple[str | None, str | None, str | None]:

@@ -11,17 +11,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llem_dispatch.report.data import flat_row, read_results, require_extra, sort_records
+from llem_dispatch.report.stats import stats_rows
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["TIMESTAMPS", "load_results", "write_parquet"]
+__all__ = ["TIMESTAMPS", "load_results", "load_stats", "write_parquet"]
 
 TIMESTAMPS = ("queued_at", "started_at", "exited_at", "ended_at")
 
 
-def load_results(results_dir: str | Path) -> pd.DataFrame:
+def load_results(results_dir: str | Path, *, stats: bool = False) -> pd.DataFrame:
     """One row per experiment of a results dir: flattened config and result, typed.
+
+    With `stats=True`, one row per config instead: `load_stats`.
 
     Columns: `key`, `config_hash`, `cycle`, `status`, `param.<name>` for every
     config field, `duration_s`, the timestamps (`queued_at`, `started_at`,
@@ -31,6 +34,8 @@ def load_results(results_dir: str | Path) -> pd.DataFrame:
     ordered by parameters, then cycle. `df.attrs["study"]` is the study as run.
     Needs pandas (`pip install 'llem-dispatch[analysis]'`).
     """
+    if stats:
+        return load_stats(results_dir)
     pandas = require_extra("pandas", "load_results")
     results = read_results(results_dir)
     rows = [flat_row(r, lists=True) for r in sort_records(results.records, results.param_order())]
@@ -41,6 +46,25 @@ def load_results(results_dir: str | Path) -> pd.DataFrame:
     for stamp in TIMESTAMPS:
         if stamp in frame.columns:
             frame[stamp] = pandas.to_datetime(frame[stamp], utc=True, format="ISO8601")
+    frame.attrs["study"] = results.study
+    frame.attrs["results_dir"] = str(results.path)
+    return frame
+
+
+def load_stats(results_dir: str | Path) -> pd.DataFrame:
+    """One row per config across its cycles: `n`, and `<field>_mean`, `<field>_std`
+    (sample, ddof=1) and `<field>_ci95` (Student-t 95% half-width) for every numeric
+    field (`duration_s`, `result.*`, `energy.*`), as `results --stats` writes them.
+
+    Only succeeded cycles count; `runs` counts every record. Needs pandas.
+    """
+    pandas = require_extra("pandas", "load_stats")
+    results = read_results(results_dir)
+    rows = stats_rows(results.records, results.param_order())
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    frame = pandas.DataFrame.from_records(rows, columns=list(columns) or None)
     frame.attrs["study"] = results.study
     frame.attrs["results_dir"] = str(results.path)
     return frame

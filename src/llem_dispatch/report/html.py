@@ -23,6 +23,7 @@ from llem_dispatch.report.data import (
 )
 from llem_dispatch.report.model import ReportData, build_report_data, describe
 from llem_dispatch.study import ReportSpec
+from llem_dispatch.study.stats import describe as describe_values
 
 __all__ = ["KIND_STYLE", "render_report", "write_report"]
 
@@ -63,9 +64,27 @@ def _bar_hover(bar: Mapping[str, Any]) -> str:
     return "<br>".join(lines)
 
 
-def _timeline_figure(data: ReportData, go: Any) -> Any:
-    fig = go.Figure()
+#: The telemetry rows under the timeline: (figure, axis title).
+TRACE_ROWS = (("power_w", "power (W)"), ("temperature_c", "temperature (°C)"))
+_TRACE_COLOURS = ("#1f6fb2", "#c2410c", "#6d28d9", "#0f766e", "#a16207", "#be185d", "#4d7c0f")
+
+
+def _timeline_figure(data: ReportData, go: Any, subplots: Any) -> Any:
     lanes = [_lane_label(lane) for lane in data.lanes]
+    bars_height = max(220, 34 * len(lanes) + 130)
+    rows = 1 + (len(TRACE_ROWS) if data.traces else 0)
+    if rows > 1:
+        # One time axis for bars and traces: a power step lines up with its experiment.
+        fig = subplots.make_subplots(
+            rows=rows,
+            cols=1,
+            shared_xaxes=True,
+            vertical_spacing=0.03,
+            row_heights=[bars_height, *([170] * (rows - 1))],
+        )
+    else:
+        fig = go.Figure()
+    place = {"row": 1, "col": 1} if rows > 1 else {}
     for kind, (label, colour) in KIND_STYLE.items():
         bars = [b for b in data.bars if b["kind"] == kind]
         if not bars:
@@ -89,28 +108,53 @@ def _timeline_figure(data: ReportData, go: Any) -> Any:
                 insidetextanchor="middle",
                 textangle=0,
                 textfont={"size": 10},
-            )
+            ),
+            **place,
         )
+    if rows > 1:
+        _add_traces(fig, data, go)
     breaks = _mark_sessions(fig, data)
     fig.update_layout(
         barmode="overlay",
-        height=max(220, 34 * len(lanes) + 130),
+        height=bars_height + 170 * (rows - 1),
         margin={"l": 10, "r": 10, "t": 40, "b": 40},
         legend={"orientation": "h", "x": 0, "y": 1.02, "yanchor": "bottom"},
-        xaxis={
-            "type": "date",
-            "title": "time (UTC)",
-            "rangebreaks": breaks,
-            # The runs' span exactly (autorange pads oddly once pauses are cut out).
-            "range": [data.sessions[0]["start"], data.sessions[-1]["end"]]
-            if data.sessions
-            else None,
-        },
         yaxis={"categoryorder": "array", "categoryarray": lanes[::-1], "automargin": True},
         plot_bgcolor="#fafbfc",
         uniformtext={"minsize": 8, "mode": "hide"},
     )
+    fig.update_xaxes(
+        type="date",
+        rangebreaks=breaks,
+        # The runs' span exactly (autorange pads oddly once pauses are cut out).
+        range=[data.sessions[0]["start"], data.sessions[-1]["end"]] if data.sessions else None,
+    )
+    fig.update_xaxes(title_text="time (UTC)", **({"row": rows, "col": 1} if rows > 1 else {}))
     return fig
+
+
+def _add_traces(fig: Any, data: ReportData, go: Any) -> None:
+    """Each GPU's sampled power and temperature, one row each, under the bars."""
+    for index, (gpu, trace) in enumerate(data.traces.items()):
+        colour = _TRACE_COLOURS[index % len(_TRACE_COLOURS)]
+        for row, (name, title) in enumerate(TRACE_ROWS, start=2):
+            points = [(t, v) for t, v in zip(trace["t"], trace[name], strict=True) if v is not None]
+            if not points:
+                continue
+            fig.add_trace(
+                go.Scattergl(
+                    name=f"{_lane_label(gpu)} {title.split(' ')[0]}",
+                    legendgroup=f"gpu-{gpu}",
+                    x=[p[0] for p in points],
+                    y=[p[1] for p in points],
+                    mode="lines",
+                    line={"width": 1.2, "color": colour, "dash": "solid" if row == 2 else "dot"},
+                    hovertemplate=f"{_lane_label(gpu)}: %{{y:.1f}} {_E(title)}<extra></extra>",
+                ),
+                row=row,
+                col=1,
+            )
+            fig.update_yaxes(title_text=_E(title), automargin=True, row=row, col=1)
 
 
 def _mark_sessions(fig: Any, data: ReportData) -> list[dict[str, Any]]:
@@ -171,7 +215,8 @@ def _result_figure(data: ReportData, rows: list[dict[str, Any]], column: str, go
                 str(v) if not isinstance(v, int | float) else v,
             ),
         )
-        spread = [statistics.pstdev(by_x[x]) if len(by_x[x]) > 1 else 0.0 for x in xs]
+        # The 95% CI of the mean (Student t), as `results --stats` gives it.
+        spread = [describe_values(by_x[x]).ci95 or 0.0 for x in xs]
         fig.add_trace(
             go.Scatter(
                 name=_E(label),
@@ -244,8 +289,10 @@ def _cards(summary: Mapping[str, Any]) -> str:
             "-" if gpus is None else str(gpus),
             "virtual" if summary.get("virtual_gpus") else "",
         ),
-        ("GPU utilisation", "-" if util is None else f"{util:.0%}", "busy GPU-s / (GPUs x wall)"),
+        ("GPU occupancy", "-" if util is None else f"{util:.0%}", "held GPU-s / (GPUs x wall)"),
     ]
+    if summary.get("sm_util") is not None:
+        cards.append(("SM utilisation", f"{summary['sm_util']:.0%}", "sampled (NVML), mean"))
     if summary["cooldown_gpu_s"]:
         share = summary["cooldown_gpu_s"] / max(1e-9, (gpus or 1) * summary["wall_s"])
         cards.append(("in cooldown", f"{share:.0%}", "of GPU time"))
@@ -355,7 +402,7 @@ def _axes_hint(data: ReportData) -> str:
         if r["status"] == "succeeded"
     ]
     if len(set(points)) < len(points):
-        parts.append("points: the mean, error bars: the spread (standard deviation)")
+        parts.append("points: the mean, error bars: its 95% confidence interval (Student t)")
     return " · ".join(parts)
 
 
@@ -381,7 +428,10 @@ def _page(data: ReportData, plotly_js: str, go: Any) -> str:
     # No "<" at all inside the script element: "</script>" or "<!--" in a value
     # (an error message, a path) must not end or confuse it. JSON reads \u003c as "<".
     payload = json.dumps(data.as_json(), default=str).replace("<", "\\u003c")
-    timeline = _figure_html(_timeline_figure(data, go)) if data.bars else "<p>No runs yet.</p>"
+    subplots = require_extra("plotly.subplots", "The HTML report")
+    timeline = (
+        _figure_html(_timeline_figure(data, go, subplots)) if data.bars else "<p>No runs yet.</p>"
+    )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -397,7 +447,8 @@ report generated {_E(summary["generated_at"])}</p>
 <h2>GPU timeline</h2>
 <p class=hint>Each bar is one attempt of an experiment on one GPU, from its start to its exit
 (hover for its config and result). Grey after a bar: the cooldown gap; hatched: an attempt
-that failed and was retried; blank: the GPU was idle.</p>
+that failed and was retried; blank: the GPU was idle. Below, where the study sampled GPU
+telemetry: each GPU's power and temperature on the same time axis.</p>
 {timeline}
 <h2>Results</h2>
 {_results_section(data, go)}

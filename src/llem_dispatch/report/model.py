@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,6 +24,7 @@ from llem_dispatch.report.data import (
 )
 from llem_dispatch.report.selection import PlotAxes, Selection, plot_axes, select_columns
 from llem_dispatch.report.timeline import EXPERIMENT_KINDS, Bar, Timeline, build_timeline
+from llem_dispatch.report.traces import FIELDS, Trace, mean_sm_util, read_traces
 from llem_dispatch.study import ReportSpec
 
 __all__ = ["ReportData", "build_report_data", "describe", "iso"]
@@ -49,6 +50,8 @@ class ReportData:
     axes: PlotAxes
     lanes: list[str]
     sessions: list[dict[str, Any]]
+    #: GPU telemetry per GPU id: "t" (plotly's UTC times) and each sampled figure.
+    traces: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         """The embedded data: summary, bars, rows, failures, and the columns chosen."""
@@ -65,10 +68,11 @@ class ReportData:
             "axes": {"x": self.axes.x, "group": self.axes.group, "averaged": self.axes.averaged},
             "lanes": self.lanes,
             "sessions": self.sessions,
+            "traces": self.traces,
         }
 
 
-def _summary(results: StudyResults, timeline: Timeline) -> dict[str, Any]:
+def _summary(results: StudyResults, timeline: Timeline, traces: dict[str, Trace]) -> dict[str, Any]:
     counts = Counter(str(r.get("status")) for r in results.records)
     planned = results.facts.get("experiments")
     return {
@@ -88,7 +92,11 @@ def _summary(results: StudyResults, timeline: Timeline) -> dict[str, Any]:
         "gpus": timeline.gpus,
         "busy_gpu_s": round(timeline.busy_gpu_s, 3),
         "cooldown_gpu_s": round(timeline.cooldown_gpu_s, 3),
+        # Occupancy: the share of GPU time held by an experiment (what the timeline shows);
+        # `utilisation` is its older name. What the GPUs did is the sampled SM utilisation.
+        "occupancy": timeline.utilisation,
         "utilisation": timeline.utilisation,
+        "sm_util": mean_sm_util(traces),
     }
 
 
@@ -190,6 +198,7 @@ def build_report_data(results: StudyResults, spec: ReportSpec | None = None) -> 
     selection = select_columns(results, flat, spec)
     axes = plot_axes(selection, flat, spec)
     timeline = build_timeline(results)
+    traces = read_traces(results.path)
     shorts = short_keys(results.records)
     records = {str(r.get("key")): r for r in results.records}
     sessions = [
@@ -204,7 +213,7 @@ def build_report_data(results: StudyResults, spec: ReportSpec | None = None) -> 
         for s in timeline.sessions
     ]
     return ReportData(
-        _summary(results, timeline),
+        _summary(results, timeline, traces),
         _bars(timeline, records, shorts, selection),
         _rows(results, selection, shorts),
         _failures(results, selection, shorts),
@@ -212,6 +221,10 @@ def build_report_data(results: StudyResults, spec: ReportSpec | None = None) -> 
         axes,
         timeline.lanes,
         sessions,
+        {
+            gpu: {"t": [iso(t) for t in trace.t], **{n: trace.values(n) for n in FIELDS}}
+            for gpu, trace in traces.items()
+        },
     )
 
 

@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 from llem_dispatch._exchange import atomic_write
 from llem_dispatch.dispatch import RunRecord
 from llem_dispatch.errors import ConfigError, ResultsDirBusyError
+from llem_dispatch.study.adaptive import Unresolved
 
 __all__ = ["Journal", "ResultsDir", "StudySummary", "completed_keys", "iter_records"]
 
@@ -40,11 +41,24 @@ class StudySummary(BaseModel):
     interrupted: bool = False
     stopped: str | None = Field(
         default=None,
-        description="Why the study stopped dispatching early (a hung Docker daemon); "
-        "what did not run is left for --resume.",
+        description="Why the study stopped dispatching early (a hung engine, e.g. the "
+        "Docker daemon); what did not run is left for --resume.",
+    )
+    stopped_fix: str | None = Field(
+        default=None, description="What to do about what stopped it (the error's own fix)."
     )
     duration_s: float
     runner: str
+    unresolved: list[Unresolved] = Field(
+        default_factory=list,
+        description="Adaptive cycles: configs that ended at `max` (or kept failing) with "
+        "their CI outside the target.",
+    )
+    telemetry: dict[str, Any] | None = Field(
+        default=None,
+        description="GPU telemetry: its file in the results dir, samples, and the "
+        "sampler's CPU cost (cpu_s, cpu_share of one core, cpu_ms_per_read).",
+    )
     records: list[RunRecord] = Field(default_factory=list, exclude=True)
 
     @property

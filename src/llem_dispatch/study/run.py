@@ -42,11 +42,13 @@ from llem_dispatch.dispatch import (
 from llem_dispatch.dispatch.fanout import fan_out
 from llem_dispatch.errors import ConfigError, EngineHungError
 from llem_dispatch.gpu import GpuPool
+from llem_dispatch.gpu.telemetry import TelemetryReader, TelemetrySampler
 from llem_dispatch.reap import reap
 from llem_dispatch.runners import Runner
 from llem_dispatch.runners.kinds import find_runner_kind
-from llem_dispatch.study.plan import expand_study
-from llem_dispatch.study.results import Journal, ResultsDir, StudySummary
+from llem_dispatch.study.adaptive import CycleHistory, Unresolved
+from llem_dispatch.study.plan import cycle_experiments, expand_study, unique_configs
+from llem_dispatch.study.results import Journal, ResultsDir, StudySummary, iter_records
 from llem_dispatch.study.runner_choice import (
     StudyRunnerFactory,
     check_function_importable,
@@ -56,6 +58,7 @@ from llem_dispatch.study.runner_choice import (
     resolve_runner,
 )
 from llem_dispatch.study.schema import Experiment, RunnerSpec, Study
+from llem_dispatch.study.telemetry import energy_block, start_telemetry, wait_for_samples
 
 __all__ = ["run_study"]
 
@@ -90,6 +93,7 @@ async def run_study(
     reap_orphans: bool = True,
     cluster: str | None = None,
     cluster_options: Mapping[str, Any] | None = None,
+    telemetry_reader: TelemetryReader | None = None,
 ) -> StudySummary:
     """Run every experiment of `study`, writing records and a journal to `results_dir`.
 
@@ -99,7 +103,8 @@ async def run_study(
     `cluster` (a Ray cluster's address) runs it on that cluster's nodes, as
     `placement: ray` with `ray: {address: ...}` would, and `cluster_options` go over
     the placement's settings block (`RaySettings`, e.g. `placement_timeout_s`); records and the
-    journal are still written here only. The runner is `runner` (with `pool`, this
+    journal are still written here only. GPU telemetry (`telemetry:`) samples this host's
+    real GPUs through NVML, or `telemetry_reader` (tests). The runner is `runner` (with `pool`, this
     host only), else `runner_spec` (a choice already made, recorded with its
     source), else chosen from `runner_value` > LLEM_RUNNER > the study > auto.
     The results dir is held exclusively for the whole run: a second run on it is
@@ -139,20 +144,41 @@ async def run_study(
             for path in remove_stale_secrets(results.exchange):
                 # A killed run's kept exchange dirs: plaintext secrets must not stay there.
                 log.warning("stale_secrets_removed", path=str(path))
-            # Records of configs no longer in the study are neither skipped nor run.
-            done = results.completed_keys() & {e.key for e in experiments} if resume else set()
+            done = _done_keys(results, study, experiments) if resume else set()
             todo = [e for e in experiments if e.key not in done]
             _write_study(results, study, placed, len(experiments))
             journal_box.append(results.start())
-            _journal_start(results.journal, study, placed, len(experiments), len(done), resume)
+            skipped = len(experiments) - len(todo)
+            _journal_start(results.journal, study, placed, len(experiments), skipped, resume)
         except BaseException:
             # Not yet handed to the run, which closes it: close the placement here.
             with anyio.move_on_after(30, shield=True):
                 await dispatcher.aclose()
             raise
         run = _StudyRun(study, placed, dispatcher, results, reap_orphans)
-        await run.all(todo)
-        return run.finish(total=len(experiments), skipped=len(done), started=started)
+        run.planned = len(experiments)
+        run.done = done
+        run.skipped = len(experiments) - len(todo)
+        devices = placed.placement.telemetry_devices()
+        run.sampler = start_telemetry(study, devices, results.path, reader=telemetry_reader)
+        try:
+            await run.all(todo)
+        finally:
+            if run.sampler is not None:
+                # Bounded (the thread wakes every interval); the last samples are written.
+                run.sampler.stop(timeout=2.0)
+        return run.finish(started=started)
+
+
+def _done_keys(results: ResultsDir, study: Study, experiments: list[Experiment]) -> set[str]:
+    """Keys of this study already succeeded: records of configs no longer in it are
+    neither skipped nor run; an adaptive study's later cycles count too."""
+    done = results.completed_keys()
+    if study.adaptive is None:
+        return done & {e.key for e in experiments}
+    hashes = {e.config_hash for e in experiments}
+    later = range(study.min_cycles + 1, study.max_cycles + 1)
+    return done & ({e.key for e in experiments} | {f"{h}_c{c}" for h in hashes for c in later})
 
 
 def _journal_start(
@@ -197,7 +223,21 @@ class _StudyRun:
         self.in_flight: set[str] = set()
         self.records: list[RunRecord] = []
         self.stopped: str | None = None
+        self.stopped_fix: str | None = None
         self._stop_scope = anyio.CancelScope()
+        #: Experiments planned so far (an adaptive study adds cycles as it goes).
+        self.planned = 0
+        #: Keys that had succeeded before this run (resume), and how many were skipped.
+        self.done: set[str] = set()
+        self.skipped = 0
+        self.unresolved: list[Unresolved] = []
+        self.sampler: TelemetrySampler | None = None
+        spec = study.adaptive
+        self.history = CycleHistory(spec.until.field) if spec is not None else None
+        if self.history is not None:
+            # A resumed adaptive study decides on every cycle already on record.
+            for payload in iter_records(results.path):
+                self.history.add(payload)
 
     async def all(self, todo: list[Experiment]) -> None:
         """Run `todo`; the journal says `interrupted` or `crashed` if it does not end."""
@@ -223,40 +263,101 @@ class _StudyRun:
             )
             raise
 
-    def finish(self, *, total: int, skipped: int, started: float) -> StudySummary:
+    def finish(self, *, started: float) -> StudySummary:
         """The summary, written to summary.json and journalled as `study_finished`."""
         records = self.records
         summary = StudySummary(
             name=self.study.name,
             results_dir=str(self.results.path),
-            total=total,
+            total=self.planned,
             succeeded=sum(r.status == "succeeded" for r in records),
             failed=sum(r.status == "failed" for r in records),
             errored=sum(r.status in {"error", "cancelled"} for r in records),
-            skipped=skipped,
+            skipped=self.skipped,
             stopped=self.stopped,
+            stopped_fix=self.stopped_fix,
             duration_s=round(time.monotonic() - started, 3),
             runner=self.placed.runner_name,
             records=records,
+            unresolved=self.unresolved,
+            telemetry=self._telemetry_facts(),
         )
+        for item in self.unresolved:
+            log.warning(
+                "config_unresolved",
+                config_hash=item.config_hash,
+                field=item.field,
+                cycles=item.cycles,
+                rel_ci95=item.rel_ci95,
+                reason=item.reason,
+            )
         self.results.write_json("summary.json", summary.model_dump(mode="json"))
         fields = summary.model_dump(mode="json", exclude={"name"})
         self.results.journal.write("study_finished", sync=True, **fields)
         return summary
 
+    def _telemetry_facts(self) -> dict[str, Any] | None:
+        if self.sampler is None:
+            return None
+        path = self.sampler.path
+        return {"file": path.name if path else None, **self.sampler.cost()}
+
     async def _cycles(self, todo: list[Experiment]) -> None:
         study = self.study
         groups: list[list[Experiment]] = [todo]
-        if study.cycle_gap_s > 0 and study.n_cycles > 1:
-            groups = [[e for e in todo if e.cycle == c] for c in range(1, study.n_cycles + 1)]
-        workers = 2 * self.dispatcher.parallelism()
+        if study.cycle_gap_s > 0 and study.min_cycles > 1:
+            groups = [[e for e in todo if e.cycle == c] for c in range(1, study.min_cycles + 1)]
         for index, group in enumerate(groups):
-            if index and study.cycle_gap_s:
-                self.results.journal.write("cycle_gap", seconds=study.cycle_gap_s)
-                await anyio.sleep(study.cycle_gap_s)
-            async with contextlib.aclosing(fan_out(group, self.one, workers=workers)) as done:
-                async for _ in done:
-                    pass  # each record was written by the task that ran it
+            await self._group(group, gap=index > 0)
+        if self.history is not None:
+            await self._more_cycles(self.history)
+
+    async def _group(self, group: list[Experiment], *, gap: bool) -> None:
+        if gap and self.study.cycle_gap_s:
+            self.results.journal.write("cycle_gap", seconds=self.study.cycle_gap_s)
+            await anyio.sleep(self.study.cycle_gap_s)
+        workers = 2 * self.dispatcher.parallelism()
+        async with contextlib.aclosing(fan_out(group, self.one, workers=workers)) as done:
+            async for _ in done:
+                pass  # each record was written by the task that ran it
+
+    async def _more_cycles(self, history: CycleHistory) -> None:
+        """Adaptive: after `min`, one more cycle at a time for configs outside the target.
+
+        Each decision reads only the cycles before the one decided, so a resumed
+        study makes the same decisions and skips the cycles already done.
+        """
+        spec = self.study.adaptive
+        assert spec is not None
+        active = unique_configs(self.study)
+        for cycle in range(spec.min + 1, spec.max + 2):
+            decisions = {h: history.decide(h, cycle, spec) for h, _ in active}
+            for config_hash, config in active:
+                decision = decisions[config_hash]
+                if decision.verdict == "unresolved":
+                    self.unresolved.append(
+                        Unresolved.of(config_hash, config, cycle - 1, spec.until.field, decision)
+                    )
+            still = [item for item in active if decisions[item[0]].verdict == "more"]
+            self.results.journal.write(
+                "cycles_decided",
+                sync=True,
+                cycle=cycle - 1,
+                field=spec.until.field,
+                more=[h for h, _ in still],
+                **{
+                    verdict: [h for h, _ in active if decisions[h].verdict == verdict]
+                    for verdict in ("converged", "unresolved")
+                },
+            )
+            active = still
+            if not active or cycle > spec.max:
+                return
+            experiments = cycle_experiments(self.study, active, cycle)
+            self.planned += len(experiments)
+            todo = [e for e in experiments if e.key not in self.done]
+            self.skipped += len(experiments) - len(todo)
+            await self._group(todo, gap=bool(todo))
 
     async def one(self, exp: Experiment) -> RunRecord:
         """Run one experiment and write its record the moment it ends."""
@@ -265,7 +366,16 @@ class _StudyRun:
         record = await self.dispatcher.run(exp.config, gpus=exp.gpu_count, tags=tags)
         # Written by the task that ran it: a cancel or crash right after loses
         # nothing that finished.
-        _record(self.results, exp, record)
+        extra: dict[str, Any] = {}
+        if self.sampler is not None and record.exited_at is not None:
+            await wait_for_samples(self.sampler, record.exited_at.timestamp())
+            payload = record.model_dump(mode="json")
+            block = energy_block(self.sampler, record, self.study.measure, payload)
+            if block is not None:
+                extra["telemetry"] = block
+        payload = _record(self.results, exp, record, extra)
+        if self.history is not None:
+            self.history.add(payload)
         # The summary keeps the record, not the exception (its frames) nor the
         # validated outcome object beside its JSON form.
         self.records.append(record.model_copy(update={"outcome": None, "exception": None}))
@@ -284,13 +394,16 @@ class _StudyRun:
             "stopped", sync=True, reason=reason, in_flight=sorted(self.in_flight)
         )
         fix = record.error.fix_suggestion if record.error else None
+        self.stopped_fix = fix
         log.error("study_stopped", reason=reason, fix=fix)
         self._stop_scope.cancel()
 
 
-def _record(results: ResultsDir, exp: Experiment, record: RunRecord) -> None:
-    """One experiment's record file, then its journal line (fsynced)."""
-    payload = record.model_dump(mode="json")
+def _record(
+    results: ResultsDir, exp: Experiment, record: RunRecord, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """One experiment's record file, then its journal line (fsynced); the record's payload."""
+    payload = {**record.model_dump(mode="json"), **extra}
     payload["cycle"] = exp.cycle
     payload["key"] = exp.key
     results.write_record(exp.key, payload)
@@ -305,6 +418,7 @@ def _record(results: ResultsDir, exp: Experiment, record: RunRecord) -> None:
         exchange_dir=record.exchange_dir,
         **({"node": record.node.label} if record.node else {}),
     )
+    return payload
 
 
 def _journalling(

@@ -1,6 +1,6 @@
 """The study file's schema: what a user may write, each field documented and checked.
 
-Also the grammar of a runner value (`NAME | NAME:IMAGE | auto`, NAME a registered kind).
+Its sections are in `sections`, the runner value's grammar in `runner_value`.
 """
 
 from __future__ import annotations
@@ -28,26 +28,31 @@ from llem_dispatch.cluster.settings import RaySettings
 from llem_dispatch.dispatch.registry import placement_names, unknown_placement_message
 from llem_dispatch.errors import ConfigError
 from llem_dispatch.gpu import SettleSpec
-from llem_dispatch.runners.kinds import AUTO, RunnerKind, get_runner_kind
-from llem_dispatch.runners.kinds import parse_runner_value as parse_kind_value
 from llem_dispatch.slurm.settings import SlurmSettings
+from llem_dispatch.study.runner_value import RunnerSpec, check_image, parse_runner_value
+from llem_dispatch.study.sections import (
+    BuildSpec,
+    CycleSpec,
+    ReportSpec,
+    TelemetrySpec,
+    UntilSpec,
+    problems,
+)
 
 __all__ = [
     "BuildSpec",
+    "CycleSpec",
     "Experiment",
     "ReportSpec",
     "RunnerSpec",
     "Study",
+    "TelemetrySpec",
+    "UntilSpec",
     "check_image",
     "interpolate",
     "parse_runner_value",
 ]
 
-_IMAGE_RE = re.compile(
-    r"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-    r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*(?::[\w][\w.-]{0,127})?"
-    r"(?:@sha256:[a-f0-9]{64})?$"
-)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _ENV_REF = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
@@ -64,56 +69,9 @@ def _check_gpu_count(value: Any, where: str) -> None:
         )
 
 
-def check_image(value: str) -> str:
-    if not _IMAGE_RE.match(value):
-        raise ValueError(
-            f"{value!r} is not a valid image reference (e.g. 'name:tag' or "
-            "'registry/name@sha256:...'; lowercase name)"
-        )
-    return value
-
-
 def interpolate(value: str) -> str:
     """`${VAR}` / `${VAR:-default}` from the environment (for build args)."""
     return _ENV_REF.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), value)
-
-
-class BuildSpec(BaseModel):
-    """How to build the study's image when it is missing (like docker compose's `build:`)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    context: str = Field(
-        description="Build context, relative to the study file (like docker compose)."
-    )
-    dockerfile: str | None = Field(
-        default=None, description="Dockerfile, relative to the context (default: its Dockerfile)."
-    )
-    args: dict[str, str] = Field(
-        default_factory=dict, description="Build args; `${VAR:-default}` reads the env."
-    )
-
-
-class ReportSpec(BaseModel):
-    """What `results` and `report` show first: which result fields, plotted against what."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    columns: list[str] = Field(
-        default_factory=list,
-        description="Result fields shown in the `results` table and plotted in the report, "
-        "in this order (default: the first few numeric ones).",
-    )
-    x: str | None = Field(
-        default=None,
-        description="The parameter on the plots' x axis (default: the varying numeric "
-        "parameter with the most values).",
-    )
-    group: str | None = Field(
-        default=None,
-        description="The parameter whose values get one line each (default: every other "
-        "varying parameter).",
-    )
 
 
 class Study(BaseModel):
@@ -219,7 +177,12 @@ class Study(BaseModel):
         "(a previous run's leftovers spoil the next measurement); null turns it off. "
         "Ignored on virtual GPUs.",
     )
-    n_cycles: int = Field(default=1, ge=1, description="Repeat every config this many times.")
+    n_cycles: int | CycleSpec = Field(
+        default=1,
+        description="Repeat every config this many times, or adaptively: {min: 3, max: 12, "
+        "until: {field: F, rel_ci95: 0.05}} adds cycles to a config until the 95% CI of "
+        "its result field F is within 5% of the mean, or it reaches max.",
+    )
     cycle_order: Literal["sequential", "interleaved", "shuffled"] = Field(
         default="sequential",
         description="sequential | interleaved | shuffled (with `seed:` recorded).",
@@ -246,12 +209,14 @@ class Study(BaseModel):
     )
     timeout_s: float | None = Field(
         default=None,
-        description="Kill and raise DockerTimeoutError after this many seconds "
+        description="Kill and raise ExperimentTimeoutError (DockerTimeoutError from the "
+        "docker runner) after this many seconds "
         "(from the gate, for a prestarted run); finite and > 0, or null for no limit.",
     )
     silence_timeout_s: float | None = Field(
         default=None,
-        description="Kill with DockerHangError after this many seconds without output; "
+        description="Kill with ExperimentHangError (DockerHangError from the docker runner) "
+        "after this many seconds without output; "
         "finite and > 0, or null for no limit.",
     )
     max_concurrency: int | None = Field(
@@ -314,11 +279,48 @@ class Study(BaseModel):
     labels: dict[str, str] = Field(
         default_factory=dict, description="Extra Docker labels on every container."
     )
+    measure: dict[str, str] = Field(
+        default_factory=dict,
+        description="The result's own measurement window and figure, for independent "
+        "energy from telemetry: {start: t_start, end: t_end, energy: total_energy_j} (result "
+        "fields; start/end in epoch seconds, energy in joules).",
+    )
+    telemetry: TelemetrySpec = Field(
+        default_factory=TelemetrySpec,
+        description="GPU telemetry: {enabled: null (auto), interval_s: 0.1}; samples go to "
+        "telemetry.csv.gz in the results dir, energy per experiment into its record.",
+    )
     report: ReportSpec | None = Field(
         default=None,
         description="What `llem-dispatch results` and `report` show first: `columns` (result "
         "fields), `x` and `group` (parameters the plots use).",
     )
+
+    @field_validator("n_cycles", mode="before")
+    @classmethod
+    def _cycles_ok(cls, value: Any) -> Any:
+        """A whole number >= 1, or the adaptive form; each problem named by its sub-field."""
+        if isinstance(value, Mapping):
+            try:
+                return CycleSpec.model_validate(value)
+            except ValidationError as exc:
+                raise ValueError(problems("n_cycles", exc)) from None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"{value!r}: give a whole number of cycles >= 1, or "
+                "{min: 3, max: 12, until: {field: F, rel_ci95: 0.05}}"
+            )
+        return value
+
+    @field_validator("measure")
+    @classmethod
+    def _measure_ok(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - {"start", "end", "energy"})
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown}: known are start, end, energy")
+        if value and not {"start", "end"} <= set(value):
+            raise ValueError("give both `start` and `end` (result fields, epoch seconds)")
+        return {k: v.removeprefix("result.") for k, v in value.items()}
 
     @field_validator("image")
     @classmethod
@@ -495,7 +497,22 @@ class Study(BaseModel):
         configs = len(self.configs) + (
             math.prod(len(v) for v in self.grid.values()) if self.grid else 0
         )
-        return max(configs, 1 if self.base else 0) * self.n_cycles
+        return max(configs, 1 if self.base else 0) * self.max_cycles
+
+    @property
+    def adaptive(self) -> CycleSpec | None:
+        """The adaptive form of `n_cycles`, or None for a fixed number."""
+        return self.n_cycles if isinstance(self.n_cycles, CycleSpec) else None
+
+    @property
+    def min_cycles(self) -> int:
+        """Cycles every config gets."""
+        return self.n_cycles.min if isinstance(self.n_cycles, CycleSpec) else self.n_cycles
+
+    @property
+    def max_cycles(self) -> int:
+        """Cycles no config goes beyond."""
+        return self.n_cycles.max if isinstance(self.n_cycles, CycleSpec) else self.n_cycles
 
     @model_validator(mode="after")
     def _consistent(self) -> Study:
@@ -510,8 +527,9 @@ class Study(BaseModel):
             sizes = " x ".join(str(len(v)) for v in self.grid.values()) or "0"
             raise ValueError(
                 f"the study expands to {planned:,} experiments (grid {sizes}, "
-                f"{len(self.configs)} configs, {self.n_cycles} cycle(s)), over max_experiments="
-                f"{self.max_experiments:,}: shrink the grid, or raise max_experiments"
+                f"{len(self.configs)} configs, {self.max_cycles} cycle(s) at most), over "
+                f"max_experiments={self.max_experiments:,}: shrink the grid, or raise "
+                "max_experiments"
             )
         return self
 
@@ -552,43 +570,3 @@ class Experiment:
     @property
     def key(self) -> str:
         return f"{self.config_hash}_c{self.cycle}"
-
-
-@dataclass(frozen=True, slots=True)
-class RunnerSpec:
-    """Which runner to use, with which image, and why (recorded in every result).
-
-    `kind` is a registered runner kind's name, or `auto` (decided where it runs).
-    """
-
-    kind: str
-    image: str | None = None
-    source: str = "explicit"
-
-    @property
-    def auto(self) -> bool:
-        """Left to the auto rule (`choose_auto`), decided on the host that runs it."""
-        return self.kind == AUTO
-
-    def runner_kind(self) -> RunnerKind:
-        """The registered kind (a `ConfigError` for `auto`, which names none yet)."""
-        return get_runner_kind(self.kind)
-
-
-def parse_runner_value(value: str) -> RunnerSpec:
-    """'NAME' | 'NAME:IMAGE' | 'auto' -> RunnerSpec, or a clear error (did-you-mean).
-
-    NAME is a registered runner kind (`llem_dispatch.runners.kinds`); `:IMAGE` is
-    for kinds that run an image (`docker:IMAGE`).
-    """
-    try:
-        kind, image = parse_kind_value(value)
-        if image is not None:
-            check_image(image)
-    except ValueError as exc:
-        raise ConfigError(
-            f"runner {value!r}: {exc}",
-            fix_suggestion="Set --runner / LLEM_RUNNER / the study's `runner:` to a registered "
-            "kind (NAME or NAME:IMAGE for one that runs images) or auto.",
-        ) from exc
-    return RunnerSpec(kind=kind, image=image)
