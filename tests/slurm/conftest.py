@@ -46,7 +46,9 @@ def squeue_jobs(prefix: str, *, active_only: bool = True) -> dict[str, tuple[str
 
 
 def running_jobs(prefix: str) -> int:
-    return sum(state == "RUNNING" for _, state in squeue_jobs(prefix).values())
+    """Experiments' jobs running now (not the study's shared-filesystem check job)."""
+    jobs = squeue_jobs(prefix).values()
+    return sum(state == "RUNNING" and not name.endswith("-check") for name, state in jobs)
 
 
 @pytest.fixture(autouse=True)
