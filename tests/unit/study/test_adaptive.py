@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 from pathlib import Path
 from typing import Any
 
 import anyio
+import numpy
 import pytest
 
 from llem_dispatch.errors import ConfigError
@@ -180,20 +180,12 @@ async def test_noiseless_stops_at_min_noisy_runs_to_max_and_is_unresolved(tmp_pa
 
 
 def _mean(values: list[float]) -> float:
-    """numpy's mean where numpy is installed (the `analysis` extra), else the stdlib's."""
-    try:
-        import numpy
-    except ImportError:
-        return statistics.fmean(values)
+    """numpy's mean (the `dev` extra declares numpy for these checks)."""
     return float(numpy.mean(values))
 
 
 def _std(values: list[float]) -> float:
-    """The sample standard deviation (ddof=1): numpy's, else the stdlib's."""
-    try:
-        import numpy
-    except ImportError:
-        return statistics.stdev(values)
+    """numpy's sample standard deviation (ddof=1)."""
     return float(numpy.std(values, ddof=1))
 
 
