@@ -12,6 +12,7 @@ import io
 import json
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -229,20 +230,8 @@ def _write_text(fmt: str, rows: list[dict[str, Any]], output: Path | None) -> No
 def _stats(data: StudyResults, fmt: str, output: Path | None, columns: str | None) -> None:
     """`--stats`: one row per config, written as `fmt`."""
     rows = stats_rows(data.records, data.param_order())
-    if fmt == "parquet":
-        if output is None:
-            raise fail_usage("Parquet is binary: give the file to write", "Add -o stats.parquet.")
-        try:
-            write_parquet(load_stats(data.path), output)
-        except ImportError as exc:
-            raise fail_usage(str(exc)) from exc
-        make_console(stderr=True).print(f"wrote {len(rows)} rows to {output}")
+    if _written(fmt, rows, output, lambda: load_stats(data.path), "stats.parquet"):
         return
-    if fmt in {"csv", "jsonl"}:
-        _write_text(fmt, rows, output)
-        return
-    if output is not None:
-        raise fail_usage("-o/--output writes csv, jsonl or parquet", "Add --format csv.")
     console = make_console()
     flat = [flat_row(r) for r in data.records]
     selection = select_columns(data, flat, report_spec(data, columns))
@@ -305,20 +294,8 @@ def results(
         return
     records = sort_records(data.records, data.param_order())
     rows = [flat_row(r) for r in records]
-    if fmt == "parquet":
-        if output is None:
-            raise fail_usage("Parquet is binary: give the file to write", "Add -o results.parquet.")
-        try:
-            write_parquet(load_results(results_dir), output)
-        except ImportError as exc:
-            raise fail_usage(str(exc)) from exc
-        make_console(stderr=True).print(f"wrote {len(rows)} rows to {output}")
+    if _written(fmt, rows, output, lambda: load_results(results_dir), "results.parquet"):
         return
-    if fmt in {"csv", "jsonl"}:
-        _write_text(fmt, rows, output)
-        return
-    if output is not None:
-        raise fail_usage("-o/--output writes csv, jsonl or parquet", "Add --format csv.")
     console = make_console()
     selection = select_columns(data, rows, report_spec(data, columns))
     if show_all:
@@ -331,3 +308,28 @@ def results(
         table = _people_table(data, rows, selection, console.width)
     _header(data, selection, console)
     console.print(table)
+
+
+def _written(
+    fmt: str,
+    rows: list[dict[str, Any]],
+    output: Path | None,
+    frame: Callable[[], Any],
+    parquet_name: str,
+) -> bool:
+    """Write `rows` as csv/jsonl (or `frame()` as Parquet) when asked; False for a table."""
+    if fmt == "parquet":
+        if output is None:
+            raise fail_usage("Parquet is binary: give the file to write", f"Add -o {parquet_name}.")
+        try:
+            write_parquet(frame(), output)
+        except ImportError as exc:
+            raise fail_usage(str(exc)) from exc
+        make_console(stderr=True).print(f"wrote {len(rows)} rows to {output}")
+        return True
+    if fmt in {"csv", "jsonl"}:
+        _write_text(fmt, rows, output)
+        return True
+    if output is not None:
+        raise fail_usage("-o/--output writes csv, jsonl or parquet", "Add --format csv.")
+    return False
