@@ -65,8 +65,11 @@ def test_experiment_generates_and_reports_on_cpu(
     assert result["dtype"] == dtype
     assert result["output_tokens"] == 2 * 4
     assert result["prefill_s"] > 0
-    assert result["total_s"] >= result["prefill_s"]
-    assert result["decode_s"] == pytest.approx(result["total_s"] - result["prefill_s"])
+    assert result["total_s"] > 0
+    # Medians of separate windows: on a tiny CPU model the one extra token costs less
+    # than the timing noise, so the full window can come out shorter than prefill
+    # (seen in CI: 8.9 ms against 9.7 ms). Decode is then 0, never negative.
+    assert result["decode_s"] == pytest.approx(max(result["total_s"] - result["prefill_s"], 0))
     assert result["tokens_per_s"] == pytest.approx(8 / result["total_s"])
     assert len(result["windows"]["full"]["times_s"]) == 2
     assert 0 < result["params_b"] < 0.001
