@@ -65,6 +65,28 @@ if [ "$(engine_major)" -lt "$ENGINE_MIN_MAJOR" ]; then
   rm -rf "$engine_work"
 fi
 
+
+# CDI (GPUs named by UUID): the engine's `cdi` feature on, and a made-up spec of four
+# fake GPUs in /etc/cdi (this machine has none) so tests see which devices a
+# container really got. Merged into an existing daemon.json, never overwriting it.
+CDI_SPEC_SRC="$(dirname "$0")/cdi/llem-test-gpu.yaml"
+mkdir -p /etc/cdi /etc/docker
+cp "$CDI_SPEC_SRC" /etc/cdi/llem-test-gpu.yaml
+cdi_changed=$(python3 - <<'PY'
+import json, os
+path = "/etc/docker/daemon.json"
+conf = json.load(open(path)) if os.path.exists(path) and os.path.getsize(path) else {}
+if conf.get("features", {}).get("cdi") is True:
+    print("no")
+else:
+    conf.setdefault("features", {})["cdi"] = True
+    with open(path + ".tmp", "w") as f:
+        json.dump(conf, f, indent=2)
+    os.replace(path + ".tmp", path)
+    print("yes")
+PY
+)
+
 daemon_up() { timeout 5 docker -H "unix://$SOCKET" version >/dev/null 2>&1; }
 # Alive and not a zombie (a killed daemon can linger as one until reaped).
 alive() {
@@ -79,6 +101,11 @@ wait_up() {  # wait_up SECONDS: a deadline, whatever each probe costs
   return 1
 }
 
+cdi_on() { [ "$(docker -H "unix://$SOCKET" info --format '{{len .CDISpecDirs}}' 2>/dev/null || echo 0)" -gt 0 ]; }
+if daemon_up && { [ "$cdi_changed" = yes ] || ! cdi_on; }; then
+  log "restarting dockerd to turn on its cdi feature"
+  stop_dockerd
+fi
 if ! daemon_up; then
   running="$(live_dockerd)"
   if [ -n "$running" ] && ! wait_up 30; then
@@ -107,6 +134,10 @@ if ! daemon_up; then
   fi
 fi
 log "daemon up: $(docker version --format '{{.Server.Version}} (API {{.Server.APIVersion}})')"
+if ! cdi_on; then
+  log "dockerd runs without CDI although /etc/docker/daemon.json turns it on"; exit 1
+fi
+log "CDI on: spec dirs $(docker info --format '{{json .CDISpecDirs}}')"
 
 work="$(mktemp -d /tmp/llem-images.XXXXXX)"
 trap 'rm -rf "$work"' EXIT
