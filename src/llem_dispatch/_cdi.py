@@ -98,7 +98,7 @@ def read_specs(dirs: Sequence[str | Path] = DEFAULT_SPEC_DIRS) -> CdiSpecs:
                 continue
             try:
                 kind, names = _read_spec(path)
-            except (OSError, ValueError, yaml.YAMLError) as exc:
+            except (OSError, TypeError, ValueError, yaml.YAMLError) as exc:
                 problems.append(f"{path}: {exc}")
                 continue
             files.setdefault(kind, []).append(str(path))
@@ -115,13 +115,13 @@ def _read_spec(path: Path) -> tuple[str, list[str]]:
     text = path.read_text(encoding="utf-8")
     data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     if not isinstance(data, dict):
-        raise ValueError("not a CDI spec (no mapping at the top)")
+        raise TypeError("not a CDI spec (no mapping at the top)")
     kind = data.get("kind")
     if not isinstance(kind, str):
-        raise ValueError("not a CDI spec (no `kind:`)")
+        raise TypeError("not a CDI spec (no `kind:`)")
     check_kind(kind)
     entries = data.get("devices") or []
     if not isinstance(entries, list):
-        raise ValueError("`devices:` is not a list")
+        raise TypeError("`devices:` is not a list")
     names = [str(e["name"]) for e in entries if isinstance(e, dict) and e.get("name")]
     return kind, names

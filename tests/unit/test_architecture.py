@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "src" / "llem_dispatch"
 #: Bottom to top. A module may import its own layer or any layer below it.
 LAYERS: list[set[str]] = [
     {"errors", "models", "container"},
-    {"_labels", "_logging", "_logcapture", "_exchange", "_docker"},
+    {"_labels", "_logging", "_logcapture", "_exchange", "_docker", "_cdi"},
     {"gpu"},
     {"runners", "reap", "testing"},
     {"dispatch"},

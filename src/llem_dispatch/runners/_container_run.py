@@ -81,7 +81,11 @@ class ContainerRun:
             uid, _, gid = runner.user.partition(":")
             if uid.isdigit():
                 exchange.chown(int(uid), int(gid) if gid.isdigit() else int(uid))
-        spec = runner.container_spec(exchange, run.info.gpu_ids, config_hash=exchange.config_hash)
+        mode = await runner.gpu_mode_for(run.info.gpu_ids)
+        run.info.gpu_request = mode if run.info.gpu_ids else None
+        spec = runner.container_spec(
+            exchange, run.info.gpu_ids, config_hash=exchange.config_hash, gpu_request=mode
+        )
         name = f"llem-{exchange.config_hash}-{_secrets_mod.token_hex(3)}"
 
         async def create() -> Any:

@@ -22,10 +22,12 @@ import structlog
 from pydantic import BaseModel
 
 from llem_dispatch import _labels
+from llem_dispatch._cdi import DEFAULT_CDI_KIND, check_kind, read_specs
 from llem_dispatch._docker import (
     DEFAULT_DEADLINES,
     ApiDeadlines,
     docker_url,
+    engine_info,
     image_missing_error,
     inspect_image,
 )
@@ -42,6 +44,15 @@ from llem_dispatch.runners._backend import (
 )
 from llem_dispatch.runners._container_run import DOCKER_ERRORS, ContainerRun
 from llem_dispatch.runners._lifecycle import DEFAULT_SECRET_ENV, run_lifecycle
+from llem_dispatch.runners.gpu_request import (
+    GPU_DEVICE_MODES,
+    EngineGpuFacts,
+    GpuDevices,
+    GpuRequestMode,
+    decide_mode,
+    device_requests,
+    visibility_env,
+)
 from llem_dispatch.runners.protocol import Outcome, RunObserver
 
 __all__ = [
@@ -101,9 +112,15 @@ class DockerRunner:
             runs of a `function:` whose module is not in the image).
         api_deadlines: how long each Docker API call may take before the daemon counts
             as hung (`DockerDaemonHungError`, retried as transient).
+        gpu_devices: how GPUs are asked for: `cdi` (`<cdi_kind>=<UUID>`, Container
+            Device Interface), `nvidia` (NVIDIA device requests) or `auto` (CDI when
+            the engine has it on and a spec names the GPUs); see `gpu_request`.
+        cdi_kind: the CDI kind naming the GPUs (`nvidia.com/gpu`, NVIDIA's toolkit).
     """
 
     runner_type = "docker"
+    #: What the engine is called in messages and facts.
+    engine_name = "Docker"
 
     def __init__(
         self,
@@ -131,6 +148,8 @@ class DockerRunner:
         log_driver: str = "none",
         source_dir: str | Path | None = None,
         api_deadlines: ApiDeadlines = DEFAULT_DEADLINES,
+        gpu_devices: GpuDevices = "auto",
+        cdi_kind: str = DEFAULT_CDI_KIND,
     ) -> None:
         if command is not None and function is not None:
             raise ValueError("give either command= or function=, not both")
@@ -166,6 +185,14 @@ class DockerRunner:
         self.log_driver = log_driver
         self.source_dir = Path(source_dir).resolve() if source_dir is not None else None
         self.deadlines = api_deadlines
+        if gpu_devices not in GPU_DEVICE_MODES:
+            raise ValueError(f"gpu_devices must be one of {GPU_DEVICE_MODES}, got {gpu_devices!r}")
+        self.gpu_devices: GpuDevices = gpu_devices
+        self.cdi_kind = check_kind(cdi_kind)
+        self._gpu_facts: EngineGpuFacts | None = None
+        #: The mode decided for the study's GPUs by `check_gpus` (before anything ran).
+        self._gpu_mode: GpuRequestMode | None = None
+        self._checked_gpus: frozenset[str] = frozenset()
         self._docker: aiodocker.Docker | None = None
         self._digest: str | None = None
         self._pending_removal: set[str] = set()
@@ -208,7 +235,7 @@ class DockerRunner:
         if self._closed:
             raise RuntimeError("DockerRunner is closed")
         if self._docker is None:
-            self._docker = aiodocker.Docker(url=self._docker_host or docker_url())
+            self._docker = aiodocker.Docker(url=self._engine_url())
         return self._docker
 
     # -- image -------------------------------------------------------------------
@@ -223,10 +250,56 @@ class DockerRunner:
             self._digest = str(repo_digests[0] if repo_digests else info["Id"])
         return self._digest
 
+    # -- GPUs ----------------------------------------------------------------------
+
+    async def gpu_facts(self) -> EngineGpuFacts:
+        """Is CDI on in the engine, and what its spec dirs offer (asked once)."""
+        if self._gpu_facts is None:
+            info = await engine_info(url=self._engine_url())
+            dirs = tuple(str(d) for d in info.get("CDISpecDirs") or ())
+            specs = await anyio.to_thread.run_sync(read_specs, dirs)
+            self._gpu_facts = EngineGpuFacts(self.engine_name, bool(dirs), dirs, specs)
+        return self._gpu_facts
+
+    def _engine_url(self) -> str:
+        return self._docker_host or docker_url()
+
+    async def check_gpus(self, gpus: Sequence[str]) -> None:
+        """Before anything runs: decide how the study's `gpus` are asked for, once.
+
+        Raises `ConfigError` (with the fix) when `gpu_devices: cdi` cannot name
+        them; `auto` settles on CDI or NVIDIA requests here, for every run.
+        """
+        if not gpus or not self.gpu_passthrough:
+            return
+        facts = None if self.gpu_devices == "nvidia" else await self.gpu_facts()
+        mode, why = decide_mode(self.gpu_devices, self.cdi_kind, gpus, facts)
+        self._gpu_mode, self._checked_gpus = mode, frozenset(gpus)
+        log.info("gpu_request_mode", mode=mode, asked=self.gpu_devices, why=why, gpus=list(gpus))
+
+    async def gpu_mode_for(self, gpus: Sequence[str]) -> GpuRequestMode:
+        """How this run's `gpus` are asked for (decided by `check_gpus`, else now)."""
+        if not self.gpu_passthrough:
+            return "env"
+        if self._gpu_mode is not None and self._checked_gpus.issuperset(gpus):
+            return self._gpu_mode
+        facts = None if self.gpu_devices == "nvidia" or not gpus else await self.gpu_facts()
+        return decide_mode(self.gpu_devices, self.cdi_kind, gpus, facts)[0]
+
+    def _static_mode(self) -> GpuRequestMode:
+        if not self.gpu_passthrough:
+            return "env"
+        return self._gpu_mode or ("cdi" if self.gpu_devices == "cdi" else "nvidia")
+
     # -- container spec ------------------------------------------------------------
 
     def container_spec(
-        self, exchange: ExchangeDir, gpu_ids: Sequence[str], *, config_hash: str
+        self,
+        exchange: ExchangeDir,
+        gpu_ids: Sequence[str],
+        *,
+        config_hash: str,
+        gpu_request: GpuRequestMode | None = None,
     ) -> dict[str, Any]:
         """The Engine API create body for one experiment (also shown by --dry-run)."""
         labels = {
@@ -235,12 +308,13 @@ class DockerRunner:
             _labels.LABEL_CONFIG_HASH: config_hash,
             _labels.LABEL_EXCHANGE_DIR: str(exchange.path),
         }
-        env = self._container_env(exchange, gpu_ids)
+        mode = gpu_request or self._static_mode()
+        env = self._container_env(exchange, gpu_ids, mode)
         spec: dict[str, Any] = {
             "Image": self.image,
             "Env": [f"{k}={v}" for k, v in sorted(env.items())],
             "Labels": labels,
-            "HostConfig": self._host_config(exchange, gpu_ids),
+            "HostConfig": self._host_config(exchange, gpu_ids, mode),
             "AttachStdout": False,
             "AttachStderr": False,
             "Tty": False,
@@ -254,24 +328,21 @@ class DockerRunner:
             spec["User"] = user
         return spec
 
-    def _container_env(self, exchange: ExchangeDir, gpu_ids: Sequence[str]) -> dict[str, str]:
+    def _container_env(
+        self, exchange: ExchangeDir, gpu_ids: Sequence[str], mode: GpuRequestMode
+    ) -> dict[str, str]:
         env = {**self.env, **exchange.env(CONTAINER_EXCHANGE_DIR)}
         env["LLEM_GPU_IDS"] = ",".join(gpu_ids)
         if self.source_dir is not None:
             env["PYTHONPATH"] = ":".join(
                 p for p in (SOURCE_CONTAINER_PATH, self.env.get("PYTHONPATH")) if p
             )
-        if gpu_ids:
-            env["NVIDIA_VISIBLE_DEVICES"] = ",".join(gpu_ids)
-            # Inside the container the runtime renumbers the devices from 0.
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(len(gpu_ids)))
-        else:
-            # CUDA images default to NVIDIA_VISIBLE_DEVICES=all: never share by accident.
-            env["NVIDIA_VISIBLE_DEVICES"] = "void"
-            env["CUDA_VISIBLE_DEVICES"] = ""
+        env.update(visibility_env(mode, gpu_ids))
         return env
 
-    def _host_config(self, exchange: ExchangeDir, gpu_ids: Sequence[str]) -> dict[str, Any]:
+    def _host_config(
+        self, exchange: ExchangeDir, gpu_ids: Sequence[str], mode: GpuRequestMode
+    ) -> dict[str, Any]:
         mounts: list[dict[str, Any]] = [
             {
                 "Type": "bind",
@@ -314,10 +385,9 @@ class DockerRunner:
         if self.mem_limit is not None:
             host_config["Memory"] = self.mem_limit
             host_config["MemorySwap"] = self.mem_limit
-        if gpu_ids and self.gpu_passthrough:
-            host_config["DeviceRequests"] = [
-                {"Driver": "nvidia", "DeviceIDs": list(gpu_ids), "Capabilities": [["gpu"]]}
-            ]
+        requests = device_requests(mode, gpu_ids, self.cdi_kind)
+        if requests:
+            host_config["DeviceRequests"] = requests
         return host_config
 
     def container_user(self) -> str | None:

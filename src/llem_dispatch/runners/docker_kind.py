@@ -79,6 +79,8 @@ class DockerRunnerKind(RunnerKind):
             exchange_base=options.exchange_base,
             source_dir=options.study_dir if options.mount_study_dir else None,
             api_deadlines=ApiDeadlines(**options.api_deadlines),
+            gpu_devices=options.gpu_devices,
+            cdi_kind=options.cdi_kind,
         )
 
     async def missing_images(self, images: Sequence[str]) -> list[str]:

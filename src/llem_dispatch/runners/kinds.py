@@ -120,6 +120,9 @@ class RunnerOptions:
     mem_limit: str | None = None
     #: Seconds each engine API call may take (by call name) before the engine counts as hung.
     api_deadlines: Mapping[str, float] = field(default_factory=dict)
+    #: How a container engine is asked for GPUs (`auto`, `cdi`, `nvidia`), and the CDI kind.
+    gpu_devices: Literal["auto", "cdi", "nvidia"] = "auto"
+    cdi_kind: str = "nvidia.com/gpu"
 
 
 class RunnerKind:

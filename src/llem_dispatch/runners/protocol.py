@@ -15,7 +15,15 @@ from pydantic import BaseModel
 
 from llem_dispatch.models import ExperimentFailure
 
-__all__ = ["GatedRunner", "Outcome", "RunInfo", "RunObserver", "Runner", "utcnow"]
+__all__ = [
+    "GatedRunner",
+    "GpuCheckingRunner",
+    "Outcome",
+    "RunInfo",
+    "RunObserver",
+    "Runner",
+    "utcnow",
+]
 
 Outcome: TypeAlias = BaseModel | ExperimentFailure
 
@@ -40,6 +48,8 @@ class RunInfo:
     started_at: datetime | None = None
     exited_at: datetime | None = None
     exit_code: int | None = None
+    #: How the run was given its GPUs: `cdi`, `nvidia` (device requests) or `env`.
+    gpu_request: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -72,6 +82,17 @@ class Runner(Protocol):
     ) -> Outcome: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class GpuCheckingRunner(Runner, Protocol):
+    """A Runner that checks, before anything runs, that it can hand over these GPUs.
+
+    Given every GPU the study may hand it (UUIDs where known), it decides how it
+    asks its engine for them and raises `ConfigError` for what cannot be done.
+    """
+
+    async def check_gpus(self, gpus: Sequence[str]) -> None: ...
 
 
 @runtime_checkable
