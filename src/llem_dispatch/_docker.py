@@ -72,9 +72,9 @@ def docker_url() -> str:
     return os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_URL
 
 
-def docker_available(timeout: float = 3.0) -> bool:
-    """Whether a Docker daemon answers on this host (a quick API ping)."""
-    url = docker_url()
+def docker_available(timeout: float = 3.0, *, url: str | None = None) -> bool:
+    """Whether a Docker daemon (or the engine at `url`) answers here (a quick API ping)."""
+    url = url or docker_url()
     if not url.startswith("unix://"):
         return (
             shutil.which("docker") is not None
