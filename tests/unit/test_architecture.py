@@ -190,6 +190,7 @@ KIND_MODULES = {
     "llem_dispatch.runners.kinds",
     "llem_dispatch.runners.local",
     "llem_dispatch.runners.docker_kind",
+    "llem_dispatch.runners.podman_kind",
 }
 #: Other modules whose literals happen to equal a kind's name, and why that is no kind.
 KIND_NAME_ALLOWED = {

@@ -27,7 +27,7 @@ from llem_dispatch.gpu.discovery import nvml_inventory
 from llem_dispatch.runners.docker import DockerRunner
 from llem_dispatch.runners.kinds import DoctorCheck, RunnerKind, RunnerOptions
 
-__all__ = ["FIXED_ENGINE_MAJOR", "DockerRunnerKind", "cdi_checks", "engine_check"]
+__all__ = ["FIXED_ENGINE_MAJOR", "DockerRunnerKind", "cdi_checks", "engine_check", "image_checks"]
 
 log = structlog.get_logger("llem_dispatch.docker")
 
@@ -149,7 +149,7 @@ class DockerRunnerKind(RunnerKind):
         checks = await _daemon_checks()
         checks += await cdi_checks(self.engine_url(), cdi_native=False)
         for image in images:
-            checks += await _image_checks(image, buildable, url=self.engine_url())
+            checks += await image_checks(image, buildable, url=self.engine_url())
         return checks
 
 
@@ -200,7 +200,7 @@ def engine_check(version: str) -> DoctorCheck:
     )
 
 
-async def _image_checks(image: str, buildable: bool, *, url: str) -> list[DoctorCheck]:
+async def image_checks(image: str, buildable: bool, *, url: str) -> list[DoctorCheck]:
     """Is the image on the engine, and does a container of it start and exit 0."""
     try:
         present = not await missing_images([image], url=url)
