@@ -26,9 +26,11 @@ from llem_dispatch._exchange import ExchangeDir
 from llem_dispatch.cli.app import (
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EngineUrlOption,
     app,
     fail_usage,
     make_console,
+    use_engine_url,
 )
 from llem_dispatch.cli.progress import LiveDisplay, ProgressState, resumed_count
 from llem_dispatch.dispatch import Event, RunRecord, placement_class
@@ -186,6 +188,7 @@ def run(
         typer.Option(help="A runner kind: local | docker | docker:IMAGE | a registered one | auto"),
     ] = None,
     ray_address: _RayOption = None,
+    engine_url: EngineUrlOption = None,
     max_concurrency: Annotated[int | None, typer.Option(min=1)] = None,
     timeout: Annotated[float | None, typer.Option(help="Per-experiment timeout, seconds.")] = None,
     dry_run: Annotated[
@@ -202,6 +205,7 @@ def run(
         json_logs=json_logs, level=logging.INFO if verbose or json_logs else logging.WARNING
     )
     console = make_console()
+    use_engine_url(engine_url)
     try:
         plan = _load_plan(study_file, timeout, gpus, virtual_gpus, ray_address)
         if dry_run:
