@@ -271,6 +271,30 @@ def require_docker(request: pytest.FixtureRequest) -> None:
         pytest.fail(f"LLEM_REQUIRE_DOCKER=1 but {problem}")
 
 
+def use_podman(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """For tests parametrized over engines: the Podman variant. Marks it `podman`, skips
+    or fails (LLEM_REQUIRE_PODMAN=1) without Podman, and points DOCKER_HOST (the docker
+    CLI the test helpers call) at Podman's socket for the test. Returns that URL."""
+    request.applymarker(pytest.mark.podman)
+    problem = _podman_problem()
+    if problem and os.environ.get("LLEM_REQUIRE_PODMAN") == "1":
+        pytest.fail(f"LLEM_REQUIRE_PODMAN=1 but {problem}")
+    elif problem:
+        pytest.skip(problem)
+    monkeypatch.setenv("DOCKER_HOST", PODMAN_URL)
+    return PODMAN_URL
+
+
+def fail_on_leaks(label: str) -> None:
+    """Fail if containers carrying `label` are left (on DOCKER_HOST's engine); remove them."""
+    leaked = labelled_containers(label)
+    if leaked:
+        subprocess.run(
+            ["docker", "rm", "-f", *leaked], capture_output=True, timeout=60, check=False
+        )
+        pytest.fail(f"containers left behind: {leaked}")
+
+
 @pytest.fixture
 def test_labels(request: pytest.FixtureRequest) -> dict[str, str]:
     """Labels for every container a test creates; cleanup and leak checks use them."""
