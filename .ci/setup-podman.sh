@@ -118,7 +118,11 @@ if ! docker container inspect "$PODMAN_CONTAINER" >/dev/null 2>&1; then
   mounts=(-v "$PODMAN_DIR:$PODMAN_DIR" -v /etc/cdi:/etc/cdi:ro -v "$PODMAN_VOLUME:/var/lib/containers")
   for p in "${share[@]}"; do
     [ -d "$p" ] || { log "LLEM_PODMAN_SHARE: $p is not a directory"; exit 1; }
-    mounts+=(-v "$p:$p")
+    under=no  # a path under another shared one comes with it
+    for q in "${share[@]}"; do
+      [ "$q" != "$p" ] && case "$p/" in "$q"/*) under=yes ;; esac
+    done
+    [ "$under" = yes ] || mounts+=(-v "$p:$p")
   done
   log "running $PODMAN_CONTAINER (shares: ${share[*]})"
   docker run -d --name "$PODMAN_CONTAINER" --privileged --restart always \
