@@ -47,8 +47,11 @@ echo "uid=$(id -u):$(id -g)"
 env | grep -E '^(LLEM_|NVIDIA_|CUDA_)' | sort
 grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status
 echo "shm_kb=$(df -k /dev/shm | tail -1 | awk '{print $2}')"
-echo "mem=$(cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max)"
-echo "memsw=$(cat /sys/fs/cgroup/memory/memory.memsw.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.swap.max)"
+mp=$(grep ':memory:' /proc/self/cgroup | cut -d: -f3)
+echo "memcg=$mp"
+m=/sys/fs/cgroup/memory$mp; [ -e $m/memory.limit_in_bytes ] || m=/sys/fs/cgroup/memory
+echo "mem=$(cat $m/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max)"
+echo "memsw=$(cat $m/memory.memsw.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.swap.max)"
 echo "net=$(ls /sys/class/net | tr '\n' ' ')"
 echo "pid1=$(tr '\0' ' ' </proc/1/cmdline | cut -c1-6)"
 echo "in=$(cat /run/llem/in.txt)"
@@ -263,7 +266,7 @@ async def _probe(docker: aiodocker.Docker, made: list[Any], tmp: str) -> None:  
     record(
         "Memory/MemorySwap",
         "works" if lines.get("mem") == str(MEM) else "WRONG",
-        f"mem={lines.get('mem')} memsw={lines.get('memsw')}",
+        f"mem={lines.get('mem')} memsw={lines.get('memsw')} cgroup={lines.get('memcg')}",
     )
     record("NetworkMode none", "works" if lines.get("net", "").split() == ["lo"] else "WRONG", f"net={lines.get('net')}")
     record("Init false", "works" if lines.get("pid1", "").startswith("sh ") else "WRONG", f"pid1={lines.get('pid1', '')[:30]}")
@@ -295,7 +298,9 @@ async def _probe(docker: aiodocker.Docker, made: list[Any], tmp: str) -> None:  
             "inspect HostConfig",
             "info",
             f"LogConfig={hc.get('LogConfig')} DeviceRequests={hc.get('DeviceRequests')} "
-            f"Init={hc.get('Init')} NetworkMode={hc.get('NetworkMode')}",
+            f"Init={hc.get('Init')} NetworkMode={hc.get('NetworkMode')} Memory={hc.get('Memory')} "
+            f"MemorySwap={hc.get('MemorySwap')} ShmSize={hc.get('ShmSize')} CapAdd={hc.get('CapAdd')} "
+            f"CapDrop={hc.get('CapDrop')} SecurityOpt={hc.get('SecurityOpt')}",
         )
     try:
         logs = await asyncio.wait_for(c.log(stdout=True, stderr=True), 30)
@@ -412,7 +417,16 @@ async def variant(docker: aiodocker.Docker, made: list[Any], tmp: str, name: str
         return
     made.append(c)
     stream = c.attach(stdout=True, stderr=True)
-    await stream.__aenter__()
+    try:
+        await asyncio.wait_for(stream.__aenter__(), 60)
+    except Exception as exc:  # noqa: BLE001
+        record(name, "attach FAILS", err(exc))
+        try:
+            await asyncio.wait_for(c.start(), 60)
+            record(name, "start works", "(after the failed attach)")
+        except Exception as exc2:  # noqa: BLE001
+            record(name, "start FAILS", err(exc2))
+        return
     reader = asyncio.ensure_future(read_all(stream))
     try:
         await asyncio.wait_for(c.start(), 60)
