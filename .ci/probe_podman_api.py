@@ -329,48 +329,9 @@ async def _probe(docker: aiodocker.Docker, made: list[Any], tmp: str) -> None:  
     await kill_case(docker, made, tmp, "kill SIGTERM (trapped)", ["sh", "-c", trap], "SIGTERM", 3, "got-TERM")
     await kill_case(docker, made, tmp, "kill SIGKILL", ["sh", "-c", "echo ready; sleep 300"], "SIGKILL", 137, None)
 
-    # -- stop with a timeout (SIGTERM ignored: SIGKILL after t) ------------------------------
-    ex, hp = new_exchange(tmp, "stop")
-    c2 = await guarded("stop t=2", lambda: docker.containers.create(
-        spec(["sh", "-c", "trap '' TERM; echo ready; while true; do sleep 0.1; done"], ex, hp)))
-    if c2 is not FAILED:
-        made.append(c2)
-        await c2.start()
-        await asyncio.sleep(1)
-        t0 = time.monotonic()
-        r = await guarded("stop t=2", lambda: c2.stop(t=2))
-        took = time.monotonic() - t0
-        s = (await c2.show())["State"]
-        if r is not FAILED:
-            record("stop t=2", "works" if 1.5 < took < 6 and s.get("ExitCode") == 137 else "WRONG",
-                   f"took {took:.1f}s ExitCode={s.get('ExitCode')} Status={s.get('Status')}")
-
-    # -- OOM -----------------------------------------------------------------------------------
-    ex, hp = new_exchange(tmp, "oom")
-    c3 = await guarded("OOM (Memory 16m)", lambda: docker.containers.create(
-        spec(["sh", "-c", "tail /dev/zero"], ex, hp, Memory=16 << 20, MemorySwap=16 << 20)))
-    if c3 is not FAILED:
-        made.append(c3)
-        await c3.start()
-        await guarded("OOM wait", lambda: c3.wait())
-        s = (await c3.show())["State"]
-        record("OOM State.OOMKilled", "works" if s.get("OOMKilled") else "NOT SET",
-               f"OOMKilled={s.get('OOMKilled')} ExitCode={s.get('ExitCode')}")
-
-    # -- delete force on a running container ----------------------------------------------------
-    ex, hp = new_exchange(tmp, "del")
-    c4 = await guarded("delete force (running)", lambda: docker.containers.create(
-        spec(["sh", "-c", "sleep 300"], ex, hp)))
-    if c4 is not FAILED:
-        made.append(c4)
-        await c4.start()
-        if await guarded("delete force (running)", lambda: c4.delete(force=True, v=True)) is not FAILED:
-            try:
-                await c4.show()
-                record("delete force (running)", "WRONG", "still there")
-            except aiodocker.DockerError as exc:
-                record("delete force (running)", "works" if exc.status == 404 else "WRONG", f"then inspect: {exc.status}")
-
+    await stop_case(docker, made, tmp)
+    await oom_case(docker, made, tmp)
+    await delete_case(docker, made, tmp)
     # -- variants ------------------------------------------------------------------------------
     await variant(docker, made, tmp, "default network (no NetworkMode)", {"NetworkMode": None},
                   ["sh", "-c", "ls /sys/class/net | tr '\\n' ' '"])
@@ -385,6 +346,60 @@ async def _probe(docker: aiodocker.Docker, made: list[Any], tmp: str) -> None:  
                   ["sh", "-c", "env | grep LLEM_CDI || echo none"])
 
 
+async def started(docker: aiodocker.Docker, made: list[Any], tmp: str, name: str,
+                  cmd: list[str], **host: Any) -> Any:
+    """A container of DockerRunner's body, created and started; FAILED (recorded) if not."""
+    ex, hp = new_exchange(tmp, f"c{len(made)}")
+    try:
+        c = await asyncio.wait_for(docker.containers.create(spec(cmd, ex, hp, **host)), 60)
+        made.append(c)
+        await asyncio.wait_for(c.start(), 60)
+    except Exception as exc:  # noqa: BLE001
+        record(name, "FAILS", f"create/start: {err(exc)}")
+        return FAILED
+    return c
+
+
+async def stop_case(docker: aiodocker.Docker, made: list[Any], tmp: str) -> None:
+    """Stop with a timeout; SIGTERM ignored, so SIGKILL after t."""
+    cmd = ["sh", "-c", "trap '' TERM; echo ready; while true; do sleep 0.1; done"]
+    c = await started(docker, made, tmp, "stop t=2", cmd)
+    if c is FAILED:
+        return
+    await asyncio.sleep(1)
+    t0 = time.monotonic()
+    if await guarded("stop t=2", lambda: c.stop(t=2)) is FAILED:
+        return
+    took = time.monotonic() - t0
+    s = (await c.show())["State"]
+    record("stop t=2", "works" if 1.5 < took < 6 and s.get("ExitCode") == 137 else "WRONG",
+           f"took {took:.1f}s ExitCode={s.get('ExitCode')} Status={s.get('Status')}")
+
+
+async def oom_case(docker: aiodocker.Docker, made: list[Any], tmp: str) -> None:
+    cmd = ["sh", "-c", "tail /dev/zero"]
+    c = await started(docker, made, tmp, "OOM (Memory 16m)", cmd, Memory=16 << 20, MemorySwap=16 << 20)
+    if c is FAILED:
+        return
+    await guarded("OOM wait", c.wait)
+    s = (await c.show())["State"]
+    record("OOM State.OOMKilled", "works" if s.get("OOMKilled") else "NOT SET",
+           f"OOMKilled={s.get('OOMKilled')} ExitCode={s.get('ExitCode')}")
+
+
+async def delete_case(docker: aiodocker.Docker, made: list[Any], tmp: str) -> None:
+    c = await started(docker, made, tmp, "delete force (running)", ["sh", "-c", "sleep 300"])
+    if c is FAILED:
+        return
+    if await guarded("delete force (running)", lambda: c.delete(force=True, v=True)) is FAILED:
+        return
+    try:
+        await c.show()
+        record("delete force (running)", "WRONG", "still there")
+    except aiodocker.DockerError as exc:
+        record("delete force (running)", "works" if exc.status == 404 else "WRONG", f"then inspect: {exc.status}")
+
+
 async def kill_case(docker: aiodocker.Docker, made: list[Any], tmp: str, name: str,
                     cmd: list[str], sig: str, want_code: int, want_out: str | None) -> None:
     ex, hp = new_exchange(tmp, name.split()[1].lower())
@@ -393,9 +408,13 @@ async def kill_case(docker: aiodocker.Docker, made: list[Any], tmp: str, name: s
         return
     made.append(c)
     stream = c.attach(stdout=True, stderr=True)
-    await stream.__aenter__()
+    try:
+        await asyncio.wait_for(stream.__aenter__(), 60)
+        await asyncio.wait_for(c.start(), 60)
+    except Exception as exc:  # noqa: BLE001
+        record(name, "FAILS", f"attach/start: {err(exc)}")
+        return
     reader = asyncio.ensure_future(read_all(stream))
-    await c.start()
     await asyncio.sleep(1)
     if await guarded(name, lambda: c.kill(signal=sig)) is FAILED:
         await c.kill(signal="SIGKILL")

@@ -26,9 +26,11 @@
 #    unix:///run/llem-podman43/podman.sock, started in the background (pid in
 #    /run/llem-podman43/podman.pid, log /var/log/llem-podman43.log). Its Docker API
 #    ignores CDI DeviceRequests: it exists to show that a GPU study is refused on it.
-#    Installed without recommends (no CNI plugins: containers need NetworkMode none);
-#    it keeps the host's runc and does not touch dockerd. Storage: the default
-#    /var/lib/containers/storage.
+#    Installed without recommends; it keeps the host's runc and does not touch dockerd.
+#    Storage: the default /var/lib/containers/storage. Its containers.conf
+#    (/run/llem-podman43/containers.conf, through CONTAINERS_CONF, for this service
+#    only) caps RLIMIT_NOFILE at the host's hard limit: its default (1048576) is above
+#    it here and every container failed to start.
 # Idempotent: reuses the image, container, volume, daemon and images that exist.
 set -euo pipefail
 
@@ -171,18 +173,29 @@ if ! dpkg -s podman >/dev/null 2>&1; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends podman >/dev/null
 fi
-if ! ping_ok "$PODMAN43_SOCK"; then
+pid="$(cat "$PODMAN43_DIR/podman.pid" 2>/dev/null || true)"
+ours() {  # the service we started, with its own containers.conf (an older one had none)
+  [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = podman ] \
+    && tr '\0' '\n' <"/proc/$pid/environ" | grep -qx "CONTAINERS_CONF=$PODMAN43_DIR/containers.conf"
+}
+if ! ping_ok "$PODMAN43_SOCK" || ! ours; then
   mkdir -p "$PODMAN43_DIR"
-  pid="$(cat "$PODMAN43_DIR/podman.pid" 2>/dev/null || true)"
   if [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = podman ]; then
-    log "podman $pid does not answer: stopping it"
+    log "podman $pid does not answer or runs without its containers.conf: stopping it"
     kill "$pid" 2>/dev/null || true
     for _ in $(seq 1 20); do [ -d "/proc/$pid" ] || break; sleep 0.25; done
     kill -9 "$pid" 2>/dev/null || true
   fi
   rm -f "$PODMAN43_SOCK"
-  log "starting podman 4.3 (log: $PODMAN43_LOG)"
-  nohup podman "${PODMAN_FLAGS[@]}" system service --time=0 "unix://$PODMAN43_SOCK" \
+  # Podman 4.3 gives rootful containers RLIMIT_NOFILE 1048576, above this host's hard
+  # limit: runc then fails ("error setting rlimit type 7: operation not permitted").
+  # Its own containers.conf (CONTAINERS_CONF, for this service only) caps it.
+  nofile="$(ulimit -Hn)"
+  [ "$nofile" = unlimited ] && nofile=1048576
+  printf '[containers]\ndefault_ulimits = ["nofile=%s:%s"]\n' "$nofile" "$nofile" \
+    >"$PODMAN43_DIR/containers.conf"
+  log "starting podman 4.3 (log: $PODMAN43_LOG; nofile $nofile)"
+  CONTAINERS_CONF="$PODMAN43_DIR/containers.conf" nohup podman "${PODMAN_FLAGS[@]}" system service --time=0 "unix://$PODMAN43_SOCK" \
     >"$PODMAN43_LOG" 2>&1 &
   echo $! >"$PODMAN43_DIR/podman.pid"
   if ! wait_ping "$PODMAN43_SOCK" 60; then
