@@ -29,8 +29,10 @@
 #    Installed without recommends; it keeps the host's runc and does not touch dockerd.
 #    Storage: the default /var/lib/containers/storage. Its containers.conf
 #    (/run/llem-podman43/containers.conf, through CONTAINERS_CONF, for this service
-#    only) caps RLIMIT_NOFILE at the host's hard limit: its default (1048576) is above
-#    it here and every container failed to start.
+#    only) caps RLIMIT_NOFILE and RLIMIT_NPROC at the host's hard limits (nproc also
+#    at kernel.pid_max): its defaults (1048576 and 4194304) are above them here and
+#    every container failed to start ("runc create failed: ... error setting rlimit
+#    type 7: operation not permitted", then type 6).
 # Idempotent: reuses the image, container, volume, daemon and images that exist.
 set -euo pipefail
 
@@ -190,11 +192,14 @@ if ! ping_ok "$PODMAN43_SOCK" || ! ours; then
   # Podman 4.3 gives rootful containers RLIMIT_NOFILE 1048576, above this host's hard
   # limit: runc then fails ("error setting rlimit type 7: operation not permitted").
   # Its own containers.conf (CONTAINERS_CONF, for this service only) caps it.
-  nofile="$(ulimit -Hn)"
+  # The same for RLIMIT_NPROC ("rlimit type 6"), which podman lowers for itself to
+  # kernel.pid_max (32768 here) below the shell's hard limit.
+  nofile="$(ulimit -Hn)"; nproc="$(ulimit -Hu)"; pid_max="$(cat /proc/sys/kernel/pid_max)"
   [ "$nofile" = unlimited ] && nofile=1048576
-  printf '[containers]\ndefault_ulimits = ["nofile=%s:%s"]\n' "$nofile" "$nofile" \
-    >"$PODMAN43_DIR/containers.conf"
-  log "starting podman 4.3 (log: $PODMAN43_LOG; nofile $nofile)"
+  { [ "$nproc" = unlimited ] || [ "$nproc" -gt "$pid_max" ]; } && nproc="$pid_max"
+  printf '[containers]\ndefault_ulimits = ["nofile=%s:%s", "nproc=%s:%s"]\n' \
+    "$nofile" "$nofile" "$nproc" "$nproc" >"$PODMAN43_DIR/containers.conf"
+  log "starting podman 4.3 (log: $PODMAN43_LOG; nofile $nofile, nproc $nproc)"
   CONTAINERS_CONF="$PODMAN43_DIR/containers.conf" nohup podman "${PODMAN_FLAGS[@]}" system service --time=0 "unix://$PODMAN43_SOCK" \
     >"$PODMAN43_LOG" 2>&1 &
   echo $! >"$PODMAN43_DIR/podman.pid"
