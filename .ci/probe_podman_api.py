@@ -263,9 +263,12 @@ async def _probe(docker: aiodocker.Docker, made: list[Any], tmp: str) -> None:  
         f"NoNewPrivs={caps.get('NoNewPrivs')}",
     )
     record("ShmSize", "works" if lines.get("shm_kb") == str(SHM // 1024) else "WRONG", f"shm_kb={lines.get('shm_kb')}")
+    # Podman in a container on cgroup v1: the container's cgroup path is the host's,
+    # not under its /sys/fs/cgroup/memory: the limit is not visible there (the OOM case
+    # below shows whether it holds).
     record(
         "Memory/MemorySwap",
-        "works" if lines.get("mem") == str(MEM) else "WRONG",
+        "works" if lines.get("mem") == str(MEM) else "UNSEEN",
         f"mem={lines.get('mem')} memsw={lines.get('memsw')} cgroup={lines.get('memcg')}",
     )
     record("NetworkMode none", "works" if lines.get("net", "").split() == ["lo"] else "WRONG", f"net={lines.get('net')}")

@@ -99,7 +99,7 @@ begin "container $PODMAN_CONTAINER"
 covered() {  # covered PATH: is PATH under a bind mount of the same path in the container?
   local src dest
   while read -r src dest; do
-    [ "$src" = "$dest" ] && case "$1/" in "$dest"/*) return 0 ;; esac
+    [ -n "$dest" ] && [ "$src" = "$dest" ] && case "$1/" in "$dest"/*) return 0 ;; esac
   done < <(docker inspect -f '{{range .Mounts}}{{if eq .Type "bind"}}{{.Source}} {{.Destination}}{{"\n"}}{{end}}{{end}}' "$PODMAN_CONTAINER")
   return 1
 }
