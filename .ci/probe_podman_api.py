@@ -167,7 +167,7 @@ def new_exchange(tmp: str, name: str) -> tuple[str, str]:
     return exchange, helper
 
 
-async def _probe(docker: aiodocker.Docker, made: list[Any], tmp: str) -> None:  # noqa: C901, PLR0915
+async def _probe(docker: aiodocker.Docker, made: list[Any], tmp: str) -> None:
     v = await guarded("version", docker.version)
     if v is not FAILED:
         comps = [f"{c.get('Name')} {c.get('Version')}" for c in v.get("Components") or []]
@@ -190,7 +190,8 @@ async def _probe(docker: aiodocker.Docker, made: list[Any], tmp: str) -> None:  
         record(
             "image inspect",
             "works",
-            f"RepoDigests={img.get('RepoDigests')} Id={img.get('Id')} RepoTags={img.get('RepoTags')}",
+            f"RepoDigests={img.get('RepoDigests')} Id={img.get('Id')} "
+            f"RepoTags={img.get('RepoTags')}",
         )
 
     # -- the full DockerRunner body, attach before start, wait, inspect ----------------------
@@ -250,8 +251,15 @@ async def _probe(docker: aiodocker.Docker, made: list[Any], tmp: str) -> None:  
         "works" if lines.get("LLEM_GPU_IDS") == ",".join(GPUS[i] for i in PICK) else "WRONG",
         f"CUDA_VISIBLE_DEVICES={lines.get('CUDA_VISIBLE_DEVICES')}",
     )
-    record("User 65534:65534", "works" if lines.get("uid") == "65534:65534" else "WRONG", lines.get("uid", ""))
-    caps = {k: v.strip() for k, v in (ln.split(":", 1) for ln in out.splitlines() if ln.startswith(("Cap", "NoNew")))}
+    record(
+        "User 65534:65534",
+        "works" if lines.get("uid") == "65534:65534" else "WRONG",
+        lines.get("uid", ""),
+    )
+    caps = {
+        k: v.strip()
+        for k, v in (ln.split(":", 1) for ln in out.splitlines() if ln.startswith(("Cap", "NoNew")))
+    }
     record(
         "CapDrop ALL + CapAdd SYS_NICE",
         "works" if caps.get("CapBnd") == "0000000000800000" else "WRONG",
@@ -262,7 +270,11 @@ async def _probe(docker: aiodocker.Docker, made: list[Any], tmp: str) -> None:  
         "works" if caps.get("NoNewPrivs") == "1" else "IGNORED",
         f"NoNewPrivs={caps.get('NoNewPrivs')}",
     )
-    record("ShmSize", "works" if lines.get("shm_kb") == str(SHM // 1024) else "WRONG", f"shm_kb={lines.get('shm_kb')}")
+    record(
+        "ShmSize",
+        "works" if lines.get("shm_kb") == str(SHM // 1024) else "WRONG",
+        f"shm_kb={lines.get('shm_kb')}",
+    )
     # Podman in a container on cgroup v1: the container's cgroup path is the host's,
     # not under its /sys/fs/cgroup/memory: the limit is not visible there (the OOM case
     # below shows whether it holds).
@@ -271,8 +283,16 @@ async def _probe(docker: aiodocker.Docker, made: list[Any], tmp: str) -> None:  
         "works" if lines.get("mem") == str(MEM) else "UNSEEN",
         f"mem={lines.get('mem')} memsw={lines.get('memsw')} cgroup={lines.get('memcg')}",
     )
-    record("NetworkMode none", "works" if lines.get("net", "").split() == ["lo"] else "WRONG", f"net={lines.get('net')}")
-    record("Init false", "works" if lines.get("pid1", "").startswith("sh ") else "WRONG", f"pid1={lines.get('pid1', '')[:30]}")
+    record(
+        "NetworkMode none",
+        "works" if lines.get("net", "").split() == ["lo"] else "WRONG",
+        f"net={lines.get('net')}",
+    )
+    record(
+        "Init false",
+        "works" if lines.get("pid1", "").startswith("sh ") else "WRONG",
+        f"pid1={lines.get('pid1', '')[:30]}",
+    )
     host_out = os.path.join(exchange, "out.txt")
     record(
         "bind rw (exchange dir)",
@@ -281,7 +301,9 @@ async def _probe(docker: aiodocker.Docker, made: list[Any], tmp: str) -> None:  
     )
     record(
         "bind ro (helper file)",
-        "works" if "helper-readonly" in out and lines.get("helper") == "print('helper')" else "WRONG",
+        "works"
+        if "helper-readonly" in out and lines.get("helper") == "print('helper')"
+        else "WRONG",
         "read-only" if "helper-readonly" in out else "writable or missing",
     )
     st = await guarded("inspect", c.show)
@@ -295,14 +317,17 @@ async def _probe(docker: aiodocker.Docker, made: list[Any], tmp: str) -> None:  
         )
         record(
             "inspect Labels",
-            "works" if all(st["Config"]["Labels"].get(k) == v for k, v in LABELS.items()) else "WRONG",
+            "works"
+            if all(st["Config"]["Labels"].get(k) == v for k, v in LABELS.items())
+            else "WRONG",
         )
         record(
             "inspect HostConfig",
             "info",
             f"LogConfig={hc.get('LogConfig')} DeviceRequests={hc.get('DeviceRequests')} "
             f"Init={hc.get('Init')} NetworkMode={hc.get('NetworkMode')} Memory={hc.get('Memory')} "
-            f"MemorySwap={hc.get('MemorySwap')} ShmSize={hc.get('ShmSize')} CapAdd={hc.get('CapAdd')} "
+            f"MemorySwap={hc.get('MemorySwap')} ShmSize={hc.get('ShmSize')} "
+            f"CapAdd={hc.get('CapAdd')} "
             f"CapDrop={hc.get('CapDrop')} SecurityOpt={hc.get('SecurityOpt')}",
         )
     try:
@@ -316,41 +341,84 @@ async def _probe(docker: aiodocker.Docker, made: list[Any], tmp: str) -> None:  
         ("json str", json.dumps({"label": ["llem.managed=1", "llem.probe=podman-api"]})),
         ("dict", {"label": ["llem.managed=1", "llem.probe=podman-api"]}),
     ):
-        lst = await guarded(f"list by label ({form})", lambda f=filters: docker.containers.list(all=True, filters=f))
+        lst = await guarded(
+            f"list by label ({form})", lambda f=filters: docker.containers.list(all=True, filters=f)
+        )
         if lst is not FAILED:
             ids = {x.id for x in lst}
-            record(f"list by label ({form})", "works" if c.id in ids else "WRONG", f"{len(lst)} found")
+            record(
+                f"list by label ({form})", "works" if c.id in ids else "WRONG", f"{len(lst)} found"
+            )
     lst = await guarded(
         "list label no match",
-        lambda: docker.containers.list(all=True, filters=json.dumps({"label": ["llem.probe=nothing"]})),
+        lambda: docker.containers.list(
+            all=True, filters=json.dumps({"label": ["llem.probe=nothing"]})
+        ),
     )
     if lst is not FAILED:
         record("list label no match", "works" if not lst else "WRONG", f"{len(lst)} found")
 
     # -- kill with a signal ------------------------------------------------------------------
     trap = "trap 'echo got-TERM; exit 3' TERM; echo ready; while true; do sleep 0.1; done"
-    await kill_case(docker, made, tmp, "kill SIGTERM (trapped)", ["sh", "-c", trap], "SIGTERM", 3, "got-TERM")
-    await kill_case(docker, made, tmp, "kill SIGKILL", ["sh", "-c", "echo ready; sleep 300"], "SIGKILL", 137, None)
+    await kill_case(
+        docker, made, tmp, "kill SIGTERM (trapped)", ["sh", "-c", trap], "SIGTERM", 3, "got-TERM"
+    )
+    await kill_case(
+        docker,
+        made,
+        tmp,
+        "kill SIGKILL",
+        ["sh", "-c", "echo ready; sleep 300"],
+        "SIGKILL",
+        137,
+        None,
+    )
 
     await stop_case(docker, made, tmp)
     await oom_case(docker, made, tmp)
     await delete_case(docker, made, tmp)
     # -- variants ------------------------------------------------------------------------------
-    await variant(docker, made, tmp, "default network (no NetworkMode)", {"NetworkMode": None},
-                  ["sh", "-c", "ls /sys/class/net | tr '\\n' ' '"])
-    await variant(docker, made, tmp, "unknown CDI device",
-                  {"DeviceRequests": [{"Driver": "cdi", "DeviceIDs": ["llem.test/gpu=GPU-nope"]}]},
-                  ["sh", "-c", "env | grep LLEM_CDI || echo none"])
-    await variant(docker, made, tmp, "DeviceRequests nvidia driver",
-                  {"DeviceRequests": [{"Driver": "nvidia", "DeviceIDs": [GPUS[0]], "Capabilities": [["gpu"]]}]},
-                  ["sh", "-c", "env | grep LLEM_CDI || echo none"])
-    await variant(docker, made, tmp, "CDI DeviceIDs w/o Driver",
-                  {"DeviceRequests": [{"DeviceIDs": [f"llem.test/gpu={GPUS[2]}"]}]},
-                  ["sh", "-c", "env | grep LLEM_CDI || echo none"])
+    await variant(
+        docker,
+        made,
+        tmp,
+        "default network (no NetworkMode)",
+        {"NetworkMode": None},
+        ["sh", "-c", "ls /sys/class/net | tr '\\n' ' '"],
+    )
+    await variant(
+        docker,
+        made,
+        tmp,
+        "unknown CDI device",
+        {"DeviceRequests": [{"Driver": "cdi", "DeviceIDs": ["llem.test/gpu=GPU-nope"]}]},
+        ["sh", "-c", "env | grep LLEM_CDI || echo none"],
+    )
+    await variant(
+        docker,
+        made,
+        tmp,
+        "DeviceRequests nvidia driver",
+        {
+            "DeviceRequests": [
+                {"Driver": "nvidia", "DeviceIDs": [GPUS[0]], "Capabilities": [["gpu"]]}
+            ]
+        },
+        ["sh", "-c", "env | grep LLEM_CDI || echo none"],
+    )
+    await variant(
+        docker,
+        made,
+        tmp,
+        "CDI DeviceIDs w/o Driver",
+        {"DeviceRequests": [{"DeviceIDs": [f"llem.test/gpu={GPUS[2]}"]}]},
+        ["sh", "-c", "env | grep LLEM_CDI || echo none"],
+    )
 
 
-async def started(docker: aiodocker.Docker, made: list[Any], tmp: str, name: str,
-                  cmd: list[str], **host: Any) -> Any:
+async def started(
+    docker: aiodocker.Docker, made: list[Any], tmp: str, name: str, cmd: list[str], **host: Any
+) -> Any:
     """A container of DockerRunner's body, created and started; FAILED (recorded) if not."""
     ex, hp = new_exchange(tmp, f"c{len(made)}")
     try:
@@ -375,19 +443,27 @@ async def stop_case(docker: aiodocker.Docker, made: list[Any], tmp: str) -> None
         return
     took = time.monotonic() - t0
     s = (await c.show())["State"]
-    record("stop t=2", "works" if 1.5 < took < 6 and s.get("ExitCode") == 137 else "WRONG",
-           f"took {took:.1f}s ExitCode={s.get('ExitCode')} Status={s.get('Status')}")
+    record(
+        "stop t=2",
+        "works" if 1.5 < took < 6 and s.get("ExitCode") == 137 else "WRONG",
+        f"took {took:.1f}s ExitCode={s.get('ExitCode')} Status={s.get('Status')}",
+    )
 
 
 async def oom_case(docker: aiodocker.Docker, made: list[Any], tmp: str) -> None:
     cmd = ["sh", "-c", "tail /dev/zero"]
-    c = await started(docker, made, tmp, "OOM (Memory 16m)", cmd, Memory=16 << 20, MemorySwap=16 << 20)
+    c = await started(
+        docker, made, tmp, "OOM (Memory 16m)", cmd, Memory=16 << 20, MemorySwap=16 << 20
+    )
     if c is FAILED:
         return
     await guarded("OOM wait", c.wait)
     s = (await c.show())["State"]
-    record("OOM State.OOMKilled", "works" if s.get("OOMKilled") else "NOT SET",
-           f"OOMKilled={s.get('OOMKilled')} ExitCode={s.get('ExitCode')}")
+    record(
+        "OOM State.OOMKilled",
+        "works" if s.get("OOMKilled") else "NOT SET",
+        f"OOMKilled={s.get('OOMKilled')} ExitCode={s.get('ExitCode')}",
+    )
 
 
 async def delete_case(docker: aiodocker.Docker, made: list[Any], tmp: str) -> None:
@@ -400,11 +476,23 @@ async def delete_case(docker: aiodocker.Docker, made: list[Any], tmp: str) -> No
         await c.show()
         record("delete force (running)", "WRONG", "still there")
     except aiodocker.DockerError as exc:
-        record("delete force (running)", "works" if exc.status == 404 else "WRONG", f"then inspect: {exc.status}")
+        record(
+            "delete force (running)",
+            "works" if exc.status == 404 else "WRONG",
+            f"then inspect: {exc.status}",
+        )
 
 
-async def kill_case(docker: aiodocker.Docker, made: list[Any], tmp: str, name: str,
-                    cmd: list[str], sig: str, want_code: int, want_out: str | None) -> None:
+async def kill_case(
+    docker: aiodocker.Docker,
+    made: list[Any],
+    tmp: str,
+    name: str,
+    cmd: list[str],
+    sig: str,
+    want_code: int,
+    want_out: str | None,
+) -> None:
     ex, hp = new_exchange(tmp, name.split()[1].lower())
     c = await guarded(name, lambda: docker.containers.create(spec(cmd, ex, hp)))
     if c is FAILED:
@@ -429,8 +517,14 @@ async def kill_case(docker: aiodocker.Docker, made: list[Any], tmp: str, name: s
     record(name, "works" if ok else "WRONG", f"ExitCode={s.get('ExitCode')} out={out.strip()!r}")
 
 
-async def variant(docker: aiodocker.Docker, made: list[Any], tmp: str, name: str,
-                  host: dict[str, Any], cmd: list[str]) -> None:
+async def variant(
+    docker: aiodocker.Docker,
+    made: list[Any],
+    tmp: str,
+    name: str,
+    host: dict[str, Any],
+    cmd: list[str],
+) -> None:
     ex, hp = new_exchange(tmp, f"v{len(made)}")
     try:
         c = await asyncio.wait_for(docker.containers.create(spec(cmd, ex, hp, **host)), 60)
