@@ -200,7 +200,7 @@ if ! ping_ok "$PODMAN43_SOCK" || ! ours; then
   printf '[containers]\ndefault_ulimits = ["nofile=%s:%s", "nproc=%s:%s"]\n' \
     "$nofile" "$nofile" "$nproc" "$nproc" >"$PODMAN43_DIR/containers.conf"
   log "starting podman 4.3 (log: $PODMAN43_LOG; nofile $nofile, nproc $nproc)"
-  CONTAINERS_CONF="$PODMAN43_DIR/containers.conf" nohup podman "${PODMAN_FLAGS[@]}" system service --time=0 "unix://$PODMAN43_SOCK" \
+  CONTAINERS_CONF="$PODMAN43_DIR/containers.conf" setsid nohup podman "${PODMAN_FLAGS[@]}" system service --time=0 "unix://$PODMAN43_SOCK" \
     >"$PODMAN43_LOG" 2>&1 &
   echo $! >"$PODMAN43_DIR/podman.pid"
   if ! wait_ping "$PODMAN43_SOCK" 60; then

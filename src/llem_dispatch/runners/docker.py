@@ -281,9 +281,11 @@ class DockerRunner:
         """How this run's `gpus` are asked for (decided by `check_gpus`, else now)."""
         if not self.gpu_passthrough:
             return "env"
+        if not gpus:  # nothing to ask the engine for
+            return self._static_mode()
         if self._gpu_mode is not None and self._checked_gpus.issuperset(gpus):
             return self._gpu_mode
-        facts = None if self.gpu_devices == "nvidia" or not gpus else await self.gpu_facts()
+        facts = None if self.gpu_devices == "nvidia" else await self.gpu_facts()
         return decide_mode(self.gpu_devices, self.cdi_kind, gpus, facts)[0]
 
     def _static_mode(self) -> GpuRequestMode:

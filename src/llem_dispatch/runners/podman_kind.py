@@ -19,6 +19,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from llem_dispatch._cdi import DEFAULT_SPEC_DIRS, read_specs
 from llem_dispatch._docker import version_info
@@ -78,6 +79,13 @@ class PodmanRunner(DockerRunner):
     runner_type = "podman"
     engine_name = "Podman"
 
+    def __init__(self, image: str, **kwargs: Any) -> None:
+        if kwargs.get("gpu_devices") == "nvidia" and kwargs.get("gpu_passthrough", True):
+            raise ValueError("PodmanRunner asks for GPUs by CDI name only: gpu_devices='cdi'")
+        super().__init__(image, **{**kwargs, "gpu_devices": "cdi"})
+        if self._docker_host is None:
+            self._docker_host = podman_url()
+
     async def gpu_facts(self) -> EngineGpuFacts:
         """Podman always has CDI: what the specs in its default dirs offer."""
         if self._gpu_facts is None:
@@ -122,9 +130,7 @@ class PodmanRunnerKind(DockerRunnerKind):
                 fix_suggestion="Set `gpu_devices: cdi` (or `auto`), with a CDI spec naming the "
                 "GPUs (`sudo nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml`).",
             )
-        runner = super().build(options, image)
-        runner.gpu_devices = "cdi"
-        return runner
+        return super().build(options, image)
 
     async def doctor_checks(
         self, images: Sequence[str] = (), *, required: bool = True, buildable: bool = False
