@@ -8,6 +8,7 @@ call at Podman for each test, so container checks look where the study ran.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ from tests.conftest import (
     CDI_TEST_KIND,
     PODMAN43_URL,
     PODMAN_URL,
+    PYTHON_IMAGE,
     cdi_test_uuids,
     fail_on_leaks,
     labelled_containers,
@@ -195,3 +197,60 @@ async def test_podman_43_really_ignores_cdi_device_requests(test_labels: dict[st
         finally:
             await container.delete(force=True)
     assert output.strip() == "none"
+
+
+def test_no_podman_at_the_socket_says_how_to_start_it(
+    tmp_path: Path, test_labels: dict[str, str]
+) -> None:
+    out = tmp_path / "out"
+    nowhere = f"unix://{tmp_path}/podman.sock"
+    proc = cli(
+        "run",
+        str(podman_study(tmp_path, test_labels)),
+        "--results",
+        str(out),
+        "--engine-url",
+        nowhere,
+    )
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2, text
+    assert f"Podman's API service does not answer at {nowhere}" in text
+    assert "podman.socket" in text
+    assert "Docker" not in text
+
+
+def test_prestart_on_podman_holds_containers_at_their_gate(
+    tmp_path: Path, test_labels: dict[str, str]
+) -> None:
+    """Prestart through Podman: the next container starts early and waits at its gate
+    until the GPU's holder has exited; no GPU is ever in two running experiments."""
+    (tmp_path / "work.py").write_text(
+        "import os, time\n"
+        "def run(config):\n"
+        "    start = time.time()\n"
+        "    time.sleep(1.5)\n"
+        "    return {'start': start, 'end': time.time(),\n"
+        "            'seen': ''.join(v for k, v in os.environ.items()\n"
+        "                            if k.startswith('LLEM_CDI_GPU_'))}\n"
+    )
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        f"name: prestart\nrunner: podman\nimage: {PYTHON_IMAGE}\nfunction: work:run\n"
+        "mount_study_dir: true\nprestart: true\ngpus_per_experiment: 1\n"
+        f"gpus: {json.dumps(cdi_test_uuids()[:2])}\n"
+        f"cdi_kind: {CDI_TEST_KIND}\nnetwork: none\nshm_size: 16m\ntimeout_s: 120\n"
+        f"labels: {json.dumps(test_labels)}\ngrid:\n  i: [1, 2, 3, 4, 5, 6]\n"
+    )
+    out = tmp_path / "out"
+    proc = cli("run", str(study), "--results", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    done = records(out)
+    assert len(done) == 6
+    assert any(r["prestarted"] for r in done), "no container was prestarted"
+    spans = sorted(
+        (r["gpu_ids"][0], r["result"]["data"]["start"], r["result"]["data"]["end"]) for r in done
+    )
+    for (gpu_a, _, end_a), (gpu_b, start_b, _) in itertools.pairwise(spans):
+        if gpu_a == gpu_b:
+            assert start_b >= end_a, f"{gpu_a} was used by two experiments at once"
+    assert all(r["result"]["data"]["seen"] == r["gpu_ids"][0] for r in done)

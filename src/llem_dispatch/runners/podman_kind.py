@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from llem_dispatch._cdi import DEFAULT_SPEC_DIRS, read_specs
-from llem_dispatch._docker import version_info
-from llem_dispatch.errors import ConfigError, LlemError
+from llem_dispatch._docker import docker_available, version_info
+from llem_dispatch.errors import ConfigError, EngineUnavailableError, LlemError
 from llem_dispatch.runners.docker import DockerRunner
 from llem_dispatch.runners.docker_kind import DockerRunnerKind, cdi_checks, image_checks
 from llem_dispatch.runners.gpu_request import EngineGpuFacts
@@ -35,6 +35,7 @@ __all__ = [
     "PodmanRunner",
     "PodmanRunnerKind",
     "podman_url",
+    "require_podman",
     "podman_version",
 ]
 
@@ -73,6 +74,14 @@ async def podman_version(url: str) -> tuple[str, tuple[int, int] | None]:
     return text, (int(match.group(1)), int(match.group(2))) if match else None
 
 
+def require_podman(url: str) -> None:
+    """Raise `EngineUnavailableError` (with how to start it) when nothing answers at `url`."""
+    if not docker_available(url=url):
+        raise EngineUnavailableError(
+            f"Podman's API service does not answer at {url}", fix_suggestion=_START_PODMAN
+        )
+
+
 class PodmanRunner(DockerRunner):
     """A DockerRunner on Podman's Docker-compatible API; GPUs by CDI name only."""
 
@@ -95,6 +104,7 @@ class PodmanRunner(DockerRunner):
 
     async def check_gpus(self, gpus: Sequence[str]) -> None:
         """Refuse a GPU study on a Podman that would ignore the device requests, then decide."""
+        require_podman(self._engine_url())
         if gpus and self.gpu_passthrough:
             text, version = await podman_version(self._engine_url())
             if version is None or version < MIN_GPU_VERSION:
@@ -121,6 +131,11 @@ class PodmanRunnerKind(DockerRunnerKind):
     def engine_url(self) -> str:
         """LLEM_ENGINE_URL, else the rootless socket when it exists, else the rootful one."""
         return podman_url()
+
+    async def check_study(self, options: RunnerOptions, images: Sequence[str]) -> None:
+        """Podman's API answers (said with how to start it), then Docker's checks."""
+        require_podman(self.engine_url())
+        await super().check_study(options, images)
 
     def build(self, options: RunnerOptions, image: str | None = None) -> DockerRunner:
         """A PodmanRunner; `gpu_devices: nvidia` is refused (Podman names GPUs by CDI)."""
