@@ -34,6 +34,8 @@ from tests.conftest import (
 from tests.integration.test_cdi import cdi_study, records
 from tests.integration.test_cli import CLI, cli
 
+DOCKER_URL = "unix:///var/run/docker.sock"
+
 pytestmark = [pytest.mark.docker, pytest.mark.podman, pytest.mark.cdi]
 
 
@@ -101,6 +103,11 @@ def test_sigkill_then_resume_reaps_on_podman_and_gives_each_result_once(
         proc.wait(timeout=30)
     orphans = labelled_containers(label)
     assert len(orphans) >= 2, "SIGKILL left the containers running (as it must)"
+    # `reap` looks at Docker unless told the engine: there it finds none of these.
+    mine = ("--dry-run", "--results", str(out))
+    assert "no orphaned" in cli("reap", *mine, "--engine-url", DOCKER_URL).stdout
+    listed = cli("reap", *mine, "--engine-url", PODMAN_URL)
+    assert f"would remove {len(orphans)} container(s)" in listed.stdout, listed.stdout
     study.write_text(quick)  # what is run again now finishes at once
     resumed = cli("run", str(study), "--results", str(out), "--resume", timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr

@@ -35,8 +35,8 @@ __all__ = [
     "PodmanRunner",
     "PodmanRunnerKind",
     "podman_url",
-    "require_podman",
     "podman_version",
+    "require_podman",
 ]
 
 #: The environment variable (and `--engine-url`) naming the engine's API socket.
