@@ -152,3 +152,11 @@ def test_dry_run_shows_the_cdi_request(tmp_path: Path, test_labels: dict[str, st
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert '"Driver": "cdi"' in proc.stdout
     assert f"{CDI_TEST_KIND}=" in proc.stdout
+
+
+def test_doctor_says_cdi_is_on_and_what_the_specs_offer() -> None:
+    proc = cli("doctor")
+    text = proc.stdout
+    assert "PASS CDI: on, spec dirs /etc/cdi" in text, text
+    assert f"{CDI_TEST_KIND}: 4 device(s)" in " ".join(text.split())
+    assert cdi_test_uuids()[0] in text.replace("\n", "")

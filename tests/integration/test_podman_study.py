@@ -261,3 +261,13 @@ def test_prestart_on_podman_holds_containers_at_their_gate(
         if gpu_a == gpu_b:
             assert start_b >= end_a, f"{gpu_a} was used by two experiments at once"
     assert all(r["result"]["data"]["seen"] == r["gpu_ids"][0] for r in done)
+
+
+def test_doctor_names_each_podman_its_version_and_cdi() -> None:
+    new = " ".join(cli("doctor", "--engine-url", PODMAN_URL).stdout.split())
+    assert "PASS Podman API: Podman 5.4" in new, new
+    assert "PASS Podman GPU requests: device requests honoured" in new
+    assert f"{CDI_TEST_KIND}: 4 device(s)" in new
+    old = " ".join(cli("doctor", "--engine-url", PODMAN43_URL).stdout.split())
+    assert "PASS Podman API: Podman 4.3" in old, old
+    assert "WARN Podman GPU requests: 4.3.1 ignores device requests" in old
