@@ -8,6 +8,7 @@ import pty
 import re
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -269,6 +270,24 @@ def require_docker(request: pytest.FixtureRequest) -> None:
         pytest.skip(problem)
     elif problem:
         pytest.fail(f"LLEM_REQUIRE_DOCKER=1 but {problem}")
+
+
+def interrupt_and_wait(proc: subprocess.Popen[str], bound_s: float) -> tuple[float, str]:
+    """Ctrl-C a CLI run; wait (at most `bound_s`) for it to exit. (seconds it took, output).
+
+    A run still alive at the bound is killed and the test fails: clean-up must not be
+    a race against a timer, and a hung one must not hang the suite.
+    """
+    proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    try:
+        proc.wait(timeout=bound_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output = proc.communicate()[0] or ""
+        pytest.fail(f"the run did not exit within {bound_s:g}s of Ctrl-C:\n{output[-3000:]}")
+    took = time.monotonic() - sent
+    return took, proc.communicate()[0] or ""
 
 
 def use_podman(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:

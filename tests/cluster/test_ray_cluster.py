@@ -25,7 +25,7 @@ from tests.cluster.conftest import (
     study_dict,
     wait_running,
 )
-from tests.conftest import labelled_containers
+from tests.conftest import interrupt_and_wait, labelled_containers
 
 #: How long stopping a study of these files (stop_grace_s: 2) may take, every step
 #: within its own bound: under load a task's drain can take far longer than the grace.
@@ -292,7 +292,6 @@ async def test_cli_names_an_unreachable_cluster_in_seconds(tmp_path: Path) -> No
 async def test_ctrl_c_on_the_cli_driver_stops_every_container_on_the_nodes(
     ray_cluster: tuple[Any, list[Any]], tmp_path: Path, test_labels: dict[str, str]
 ) -> None:
-    import signal
     import subprocess
 
     cluster, _ = ray_cluster
@@ -311,16 +310,10 @@ async def test_ctrl_c_on_the_cli_driver_stops_every_container_on_the_nodes(
     )
     try:
         await wait_running(label, 4, proc)
-        proc.send_signal(signal.SIGINT)
-        sent = time.monotonic()
-        with anyio.fail_after(STOP_BOUND_S + 10):
-            while proc.poll() is None:
-                await anyio.sleep(0.1)
-        took = time.monotonic() - sent
+        took, text = interrupt_and_wait(proc, STOP_BOUND_S + 10)
     finally:
         if proc.poll() is None:
             proc.kill()
-    text = proc.communicate()[0]
     print(f"\nexit took {took:.1f}s")
     assert proc.returncode == 130, text
     assert "clean-up did not finish" not in text, text

@@ -28,6 +28,7 @@ from tests.conftest import (
     PYTHON_IMAGE,
     cdi_test_uuids,
     fail_on_leaks,
+    interrupt_and_wait,
     labelled_containers,
     ping,
 )
@@ -136,10 +137,7 @@ def test_ctrl_c_stops_the_study_and_leaves_nothing_on_podman(
         while len(labelled_containers(label, running_only=True)) < 2:
             assert time.monotonic() < deadline, "containers never started on Podman"
             time.sleep(0.2)
-        started = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        output, _ = proc.communicate(timeout=60)
-        took = time.monotonic() - started
+        took, output = interrupt_and_wait(proc, 60)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -15,6 +15,7 @@ import anyio
 import pytest
 
 from llem_dispatch import SlurmPlacement
+from tests.conftest import interrupt_and_wait
 from tests.slurm.conftest import (
     journal,
     ledger,
@@ -98,16 +99,10 @@ async def test_ctrl_c_exits_130_and_leaves_no_job(tmp_path: Path, study_name: st
                 assert proc.poll() is None, f"the CLI exited with {proc.returncode}"
                 await anyio.sleep(0.3)
         assert len(squeue_jobs(f"llem-{study_name}")) == 6, "2 more wait in the queue"
-        proc.send_signal(signal.SIGINT)
-        sent = time.monotonic()
-        with anyio.fail_after(STOP_BOUND_S + 10):
-            while proc.poll() is None:
-                await anyio.sleep(0.1)
-        took = time.monotonic() - sent
+        took, text = interrupt_and_wait(proc, STOP_BOUND_S + 10)
     finally:
         if proc.poll() is None:
             proc.kill()
-    text = proc.communicate()[0]
     print(f"\nexit took {took:.1f}s")
     assert proc.returncode == 130, text
     assert "clean-up did not finish" not in text, text
