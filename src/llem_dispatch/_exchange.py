@@ -38,6 +38,10 @@ SECRETS_FILENAME = ".llem-secrets.json"
 LOG_FILENAME = "container.log"
 #: The gate's go file: a prestarted experiment waits for it before touching a GPU.
 GO_FILENAME = ".llem-go"
+#: Where the experiment (the helper, or any program) appends its timing marks.
+MARKS_FILENAME = ".llem-marks.jsonl"
+#: The most of the marks file the host reads (a few lines are expected).
+MAX_MARKS_BYTES = 64 * 1024
 DEFAULT_MAX_RESULT_BYTES = 64 * 1024 * 1024
 ERROR_KEYS = frozenset({"type", "message", "traceback", "config_hash"})
 
@@ -115,6 +119,7 @@ class ExchangeDir:
             "LLEM_ERROR_PATH": f"{root}/{self.error_name}",
             "LLEM_EXCHANGE_DIR": root,
             "LLEM_CONFIG_HASH": self.config_hash,
+            "LLEM_MARKS_PATH": f"{root}/{MARKS_FILENAME}",
         }
         if self.secrets_path.exists():
             env["LLEM_SECRETS_PATH"] = f"{root}/{SECRETS_FILENAME}"
@@ -125,6 +130,29 @@ class ExchangeDir:
     def open_gate(self) -> None:
         """Write the go file: the experiment held at its gate may use its GPUs now."""
         (self.path / GO_FILENAME).touch(mode=0o644)
+
+    def read_marks(self) -> dict[str, dict[str, Any]]:
+        """The experiment's timing marks, first of each name: `{name: {"t": s, ...}}`.
+
+        Best effort and never raises: marks are timing, not results; a malformed
+        line is skipped, a link or an oversized file reads as no marks.
+        """
+        try:
+            raw = self._read_bounded(MARKS_FILENAME, MAX_MARKS_BYTES)
+        except ResultError:
+            return {}
+        marks: dict[str, dict[str, Any]] = {}
+        for line in (raw or b"").decode("utf-8", "replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(entry, dict) or not isinstance(entry.get("mark"), str):
+                continue
+            t = entry.get("t")
+            if isinstance(t, int | float) and not isinstance(t, bool):
+                marks.setdefault(entry["mark"], {**entry, "t": float(t)})
+        return marks
 
     def write_config(self, config: Mapping[str, Any]) -> Path:
         """Write the config as canonical JSON."""

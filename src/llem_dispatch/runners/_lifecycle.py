@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ from llem_dispatch.models import (
 from llem_dispatch.runners._backend import Gate, Run, RunBackend, RunSettings
 from llem_dispatch.runners._cancel import CANCEL_SLACK_S, FORCE_KILL
 from llem_dispatch.runners._outcome import collect_outcome
+from llem_dispatch.runners._phases import phase_times
 from llem_dispatch.runners._supervise import supervise
 from llem_dispatch.runners.protocol import Outcome, RunInfo, RunObserver
 
@@ -78,10 +80,15 @@ async def run_lifecycle(
         run.exchange.write_config(data)
         run.exchange.write_secrets(collect_secrets(settings.secret_env))
         await _start(settings, backend, run)
+        launched = time.time()
+        gate_opened: float | None = None
         if gate is not None:
             await _pass_gate(settings, backend, run, gate)
+            gate_opened = time.time()
         run.capture = LogCapture(run.exchange.log_path)
         error = await supervise(settings, backend, run, run.capture, observer)
+        marks = run.exchange.read_marks()
+        run.info.phases = phase_times(marks, launched=launched, gate=gate_opened)
         if error is not None:
             raise error
         metadata = RunnerMetadata(
