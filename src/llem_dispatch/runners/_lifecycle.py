@@ -83,8 +83,7 @@ async def run_lifecycle(
         launched = time.time()
         gate_opened: float | None = None
         if gate is not None:
-            await _pass_gate(settings, backend, run, gate)
-            gate_opened = time.time()
+            gate_opened = await _pass_gate(settings, backend, run, gate)
         run.capture = LogCapture(run.exchange.log_path)
         error = await supervise(settings, backend, run, run.capture, observer)
         marks = run.exchange.read_marks()
@@ -134,8 +133,8 @@ async def _start(settings: RunSettings, backend: RunBackend, run: Run) -> None:
         )
 
 
-async def _pass_gate(settings: RunSettings, backend: RunBackend, run: Run, gate: Gate) -> None:
-    """Hold the started experiment until `gate()` returns, then open its gate.
+async def _pass_gate(settings: RunSettings, backend: RunBackend, run: Run, gate: Gate) -> float:
+    """Hold the started experiment until `gate()` returns, then open its gate; return when.
 
     Meanwhile it does its CPU-side start-up. If it exits first (an import
     error), the gate stays shut and its exit is supervised as usual. The
@@ -155,11 +154,13 @@ async def _pass_gate(settings: RunSettings, backend: RunBackend, run: Run, gate:
 
         watch.start_soon(exited_early)
         await gate()
+        opened = time.time()  # before the go file: nothing the experiment marks precedes it
         run.exchange.open_gate()
         watch.cancel_scope.cancel()
     if errors:
         raise errors[0]
     run.deadline = anyio.current_time() + (settings.timeout or math.inf)
+    return opened
 
 
 def _open_run(
