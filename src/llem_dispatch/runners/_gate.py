@@ -14,12 +14,26 @@ from typing import Any
 
 from llem_dispatch.errors import ConfigError
 
-__all__ = ["GATE_ENTRYPOINT", "SHELL_GATE", "gated_argv", "gated_spec", "image_argv"]
+__all__ = [
+    "GATE_ENTRYPOINT",
+    "NO_SHELL",
+    "NO_SHELL_FIX",
+    "SHELL_GATE",
+    "gated_argv",
+    "gated_spec",
+    "image_argv",
+]
 
 #: Polls the go file every 10 ms (a fractional `sleep`: busybox, coreutils, dash's).
 SHELL_GATE = 'while [ ! -e "$LLEM_GO_PATH" ]; do sleep 0.01; done; exec "$@"'
 #: The Entrypoint of a gated container: its Cmd (the original argv) becomes "$@".
 GATE_ENTRYPOINT: tuple[str, ...] = ("/bin/sh", "-c", SHELL_GATE, "llem-gate")
+#: In a start error of a gated run: the image has no shell for the gate.
+NO_SHELL = '"/bin/sh"'
+NO_SHELL_FIX = (
+    "This image has no /bin/sh, which a prestarted `command:` run's gate needs: set "
+    "`prestart: false` for it, or use `function:` in an image with python3."
+)
 
 
 def gated_argv(argv: Sequence[str]) -> list[str]:

@@ -29,6 +29,7 @@ from llem_dispatch.models import (
 )
 from llem_dispatch.runners._backend import Gate, Run, RunBackend, RunSettings
 from llem_dispatch.runners._cancel import CANCEL_SLACK_S, FORCE_KILL
+from llem_dispatch.runners._gate import NO_SHELL, NO_SHELL_FIX
 from llem_dispatch.runners._outcome import collect_outcome
 from llem_dispatch.runners._phases import phase_times
 from llem_dispatch.runners._supervise import supervise
@@ -123,8 +124,13 @@ async def run_lifecycle(
 
 async def _start(settings: RunSettings, backend: RunBackend, run: Run) -> None:
     """Bring it up, within what is left of the experiment's timeout."""
-    with anyio.CancelScope(deadline=run.deadline) as scope:
-        await backend.start(run)
+    try:
+        with anyio.CancelScope(deadline=run.deadline) as scope:
+            await backend.start(run)
+    except LlemError as exc:
+        if run.exchange.gated and NO_SHELL in str(exc):
+            exc.fix_suggestion = NO_SHELL_FIX
+        raise
     if scope.cancelled_caught:
         raise backend.errors.timeout(
             f"timed out after {settings.timeout}s before the {backend.noun} had started"
