@@ -139,8 +139,11 @@ async def _start(settings: RunSettings, backend: RunBackend, run: Run) -> None:
         )
 
 
-async def _pass_gate(settings: RunSettings, backend: RunBackend, run: Run, gate: Gate) -> float:
-    """Hold the started experiment until `gate()` returns, then open its gate; return when.
+async def _pass_gate(
+    settings: RunSettings, backend: RunBackend, run: Run, gate: Gate
+) -> float | None:
+    """Hold the started experiment until `gate()` returns, then open its gate; return when
+    (None: it exited at its gate, which stayed shut).
 
     Meanwhile it does its CPU-side start-up. If it exits first (an import
     error), the gate stays shut and its exit is supervised as usual. The
@@ -148,6 +151,7 @@ async def _pass_gate(settings: RunSettings, backend: RunBackend, run: Run, gate:
     unwrapped, as the `LlemError` they are.
     """
     errors: list[LlemError] = []
+    opened: float | None = None
     async with anyio.create_task_group() as watch:
 
         async def exited_early() -> None:
