@@ -318,7 +318,7 @@ async def run(ctx: Context) -> None:
             "acquire, exchange dir and create call. The daemon's start alone is "
             f"{phase['start'] / floor:.0%} of the floor: pre-creating would save only the "
             "create; meeting the target needs the next container started before the GPU frees "
-            "(prestart, below: `function:` runs only)."
+            "(prestart, below)."
         )
     report_prestart(ctx, warm, floor)
     report_prestart(ctx, warm_cmd, floor, command=True)

@@ -295,7 +295,7 @@ class _LeaseObserver:
 class LocalPlacement(Placement):
     """This host: GPUs leased from `pool`, each attempt run by `runner`.
 
-    With `prestart` and a runner that speaks the gate (`function:` runs), an
+    With `prestart` and a runner that speaks the gate (both built-in runners do), an
     attempt whose GPUs are busy starts before they free, held at its gate (see
     the module's docstring); otherwise `prestart` changes nothing. Closing the
     placement closes its runner.

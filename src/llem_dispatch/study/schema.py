@@ -200,10 +200,11 @@ class Study(BaseModel):
     )
     prestart: bool = Field(
         default=False,
-        description="Warm hand-off (`function:` studies, local GPUs): start the next "
-        "experiment's container while its GPUs are still busy and hold it at a gate "
-        "(LLEM_GO_PATH) until they are free and cooled down; its CPU start-up runs beside "
-        "the current experiment. Its timeout counts from the gate. Off by default.",
+        description="Warm hand-off (local GPUs): start the next experiment's container "
+        "while its GPUs are still busy and hold it at a gate (LLEM_GO_PATH; a `command:` "
+        "behind a /bin/sh gate) until they are free and cooled down; its CPU start-up "
+        "(and a generator's prepare part) runs beside the current experiment. Its "
+        "timeout counts from the gate. Off by default.",
     )
     prestart_memory_reserve: str | None = Field(
         default=None,
