@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import re
@@ -97,9 +98,92 @@ def _slurm_required_but_missing() -> None:
     pytest.fail(f"LLEM_REQUIRE_SLURM=1 but {_slurm_problem()}")
 
 
+#: The made-up CDI spec .ci/setup-docker.sh installs: its kind and its four fake GPU UUIDs.
+CDI_TEST_SPEC = REPO_ROOT / ".ci" / "cdi" / "llem-test-gpu.yaml"
+CDI_TEST_KIND = "llem.test/gpu"
+#: Podman's Docker-compatible API as .ci/setup-podman.sh serves it (5.4), and an old 4.3.
+PODMAN_URL = os.environ.get("LLEM_TEST_PODMAN_URL", "unix:///run/llem-podman/podman.sock")
+PODMAN43_URL = os.environ.get("LLEM_TEST_PODMAN43_URL", "unix:///run/llem-podman43/podman.sock")
+
+
+def cdi_test_uuids() -> list[str]:
+    """The fake GPU UUIDs the test spec names (in its order)."""
+    import yaml
+
+    spec = yaml.safe_load(CDI_TEST_SPEC.read_text())
+    return [device["name"] for device in spec["devices"]]
+
+
+def _cdi_problem() -> str | None:
+    """None when the daemon has CDI on and reads the test spec, else why not."""
+    if (problem := docker_problem()) is not None:
+        return problem
+    proc = subprocess.run(
+        ["docker", "info", "--format", "{{json .CDISpecDirs}}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    dirs = json.loads(proc.stdout or "null") if proc.returncode == 0 else None
+    if not dirs:
+        return "the Docker daemon has CDI off (daemon.json features.cdi; .ci/setup-docker.sh)"
+    from llem_dispatch._cdi import read_specs
+
+    if read_specs(dirs).missing(CDI_TEST_KIND, cdi_test_uuids()):
+        return f"no CDI spec of kind {CDI_TEST_KIND} in {dirs} (.ci/setup-docker.sh writes it)"
+    return None
+
+
+def ping(url: str, timeout: float = 5.0) -> str | None:
+    """None when an engine API answers /_ping on the unix socket `url`, else why not."""
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(url.removeprefix("unix://"))
+        sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: d\r\n\r\n")
+        reply = sock.recv(256)
+    except OSError as exc:
+        return f"nothing answers on {url}: {exc}"
+    finally:
+        sock.close()
+    return None if b"200 OK" in reply else f"{url} answered {reply[:60]!r}"
+
+
+def _podman_problem() -> str | None:
+    return ping(PODMAN_URL) and f"Podman: {ping(PODMAN_URL)} (run `bash .ci/setup-podman.sh`)"
+
+
+def _gate(items: list[pytest.Item], marker: str, problem: Any, require_env: str) -> None:
+    """Skip the tests carrying `marker` when `problem()` says why; fail them under require_env."""
+    marked = [item for item in items if item.get_closest_marker(marker)]
+    if not marked or (why := problem()) is None:
+        return
+    if os.environ.get(require_env) == "1":
+        mark = pytest.mark.usefixtures("_required_but_missing")
+        for item in marked:
+            item.stash[_MISSING] = f"{require_env}=1 but {why}"
+            item.add_marker(mark)
+        return
+    for item in marked:
+        item.add_marker(pytest.mark.skip(reason=why))
+
+
+_MISSING = pytest.StashKey[str]()
+
+
+@pytest.fixture
+def _required_but_missing(request: pytest.FixtureRequest) -> None:
+    pytest.fail(request.node.stash[_MISSING])
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     _mark_browser_tests(items)
     _mark_slurm_tests(items)
+    _gate(items, "cdi", _cdi_problem, "LLEM_REQUIRE_CDI")
+    _gate(items, "podman", _podman_problem, "LLEM_REQUIRE_PODMAN")
     needs_ray = [item for item in items if item.get_closest_marker("ray")]
     if needs_ray and (ray_problem := _ray_problem()) is not None:
         if os.environ.get("LLEM_REQUIRE_RAY") == "1":
@@ -185,6 +269,30 @@ def require_docker(request: pytest.FixtureRequest) -> None:
         pytest.skip(problem)
     elif problem:
         pytest.fail(f"LLEM_REQUIRE_DOCKER=1 but {problem}")
+
+
+def use_podman(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """For tests parametrized over engines: the Podman variant. Marks it `podman`, skips
+    or fails (LLEM_REQUIRE_PODMAN=1) without Podman, and points DOCKER_HOST (the docker
+    CLI the test helpers call) at Podman's socket for the test. Returns that URL."""
+    request.applymarker(pytest.mark.podman)
+    problem = _podman_problem()
+    if problem and os.environ.get("LLEM_REQUIRE_PODMAN") == "1":
+        pytest.fail(f"LLEM_REQUIRE_PODMAN=1 but {problem}")
+    elif problem:
+        pytest.skip(problem)
+    monkeypatch.setenv("DOCKER_HOST", PODMAN_URL)
+    return PODMAN_URL
+
+
+def fail_on_leaks(label: str) -> None:
+    """Fail if containers carrying `label` are left (on DOCKER_HOST's engine); remove them."""
+    leaked = labelled_containers(label)
+    if leaked:
+        subprocess.run(
+            ["docker", "rm", "-f", *leaked], capture_output=True, timeout=60, check=False
+        )
+        pytest.fail(f"containers left behind: {leaked}")
 
 
 @pytest.fixture

@@ -156,7 +156,13 @@ def _assigned_uuids() -> list[str] | None:
         import pynvml
 
         pynvml.nvmlInit()
-        uuids = [pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(int(i))) for i in ids]
+        # Handed over by UUID (the dispatcher's rule), or by index where NVML was absent.
+        uuids = [
+            i
+            if not i.isdigit()
+            else pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(int(i)))
+            for i in ids
+        ]
         return [u.decode() if isinstance(u, bytes) else str(u) for u in uuids]
     except Exception:  # noqa: BLE001 - no NVML: nothing to compare against
         return None

@@ -42,6 +42,7 @@ __all__ = [
     "build_image",
     "docker_available",
     "docker_url",
+    "engine_info",
     "engine_version",
     "hung_error",
     "image_missing_error",
@@ -52,6 +53,7 @@ __all__ = [
     "run_probe",
     "runtimes",
     "translate_api_error",
+    "version_info",
 ]
 
 DEFAULT_DOCKER_URL = "unix:///var/run/docker.sock"
@@ -70,9 +72,9 @@ def docker_url() -> str:
     return os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_URL
 
 
-def docker_available(timeout: float = 3.0) -> bool:
-    """Whether a Docker daemon answers on this host (a quick API ping)."""
-    url = docker_url()
+def docker_available(timeout: float = 3.0, *, url: str | None = None) -> bool:
+    """Whether a Docker daemon (or the engine at `url`) answers here (a quick API ping)."""
+    url = url or docker_url()
     if not url.startswith("unix://"):
         return (
             shutil.which("docker") is not None
@@ -207,6 +209,16 @@ async def engine_version(*, url: str | None = None) -> tuple[str, str]:
     """The daemon's server version and Engine API version, e.g. ("24.0.7", "1.43")."""
     info = await _query(lambda docker: docker.version(), phase="version", url=url)
     return str(info.get("Version", "")), str(info.get("ApiVersion", ""))
+
+
+async def engine_info(*, url: str | None = None) -> dict[str, Any]:
+    """The engine's `/info` (CDISpecDirs, Runtimes, ...), bounded like every query."""
+    return dict(await _query(lambda docker: docker.system.info(), phase="info", url=url))
+
+
+async def version_info(*, url: str | None = None) -> dict[str, Any]:
+    """The engine's `/version` whole: Version, ApiVersion and its Components (Podman's)."""
+    return dict(await _query(lambda docker: docker.version(), phase="version", url=url))
 
 
 async def runtimes(*, url: str | None = None) -> list[str]:

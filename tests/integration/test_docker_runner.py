@@ -28,7 +28,16 @@ from llem_dispatch import (
     RunInfo,
     compute_config_hash,
 )
-from tests.conftest import BUSYBOX_IMAGE, PYTHON_IMAGE
+from llem_dispatch.errors import ConfigError
+from llem_dispatch.runners.podman_kind import PodmanRunner
+from tests.conftest import (
+    BUSYBOX_IMAGE,
+    CDI_TEST_KIND,
+    PYTHON_IMAGE,
+    cdi_test_uuids,
+    fail_on_leaks,
+    use_podman,
+)
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leaked_containers")]
 
@@ -49,23 +58,42 @@ echo "note on stderr" >&2
 MakeRunner = Callable[..., DockerRunner]
 
 
-@pytest.fixture
+@pytest.fixture(params=["docker", "podman"])
 async def make_runner(
-    test_labels: dict[str, str], exchange_base: Path
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    test_labels: dict[str, str],
+    exchange_base: Path,
 ) -> AsyncIterator[MakeRunner]:
+    """The runner under test: on Docker, and the same tests on Podman's compatible API
+    (there DOCKER_HOST points the docker CLI of the helpers at Podman)."""
     runners: list[DockerRunner] = []
+    podman = request.param == "podman"
+    url = use_podman(request, monkeypatch) if podman else None
 
     def make(image: str = BUSYBOX_IMAGE, **kwargs: Any) -> DockerRunner:
         kwargs.setdefault("labels", test_labels)
         kwargs.setdefault("exchange_base", exchange_base)
         kwargs.setdefault("shm_size", "64m")
-        runner = DockerRunner(image, **kwargs)
+        runner = (
+            PodmanRunner(image, docker_host=url, **kwargs)
+            if podman
+            else DockerRunner(image, **kwargs)
+        )
         runners.append(runner)
         return runner
 
     yield make
     for runner in runners:
         await runner.aclose()
+    if podman:
+        fail_on_leaks(f"llem.test.node={test_labels['llem.test.node']}")
+
+
+def docker_only(runner: DockerRunner, why: str) -> None:
+    """Skip the Podman variant of a test about something only Docker does."""
+    if runner.runner_type != "docker":
+        pytest.skip(f"{runner.runner_type}: {why}")
 
 
 def sh(script: str) -> list[str]:
@@ -110,13 +138,14 @@ async def test_protocol_round_trip(make_runner: MakeRunner, exchange_base: Path)
     assert result.data["result_path"] == f"/run/llem/{config_hash}_result.json"
     assert result.data["shm_kb"] == 128 * 1024
     # Runner metadata, for reproducibility.
-    assert result.runner.runner_type == "docker"
+    assert result.runner.runner_type == runner.runner_type
     assert result.runner.runner_image == BUSYBOX_IMAGE
     assert result.runner.image_digest is not None
-    assert result.runner.image_digest.startswith("sha256:")
+    # An image id, or a repo digest (Podman gives locally loaded images one).
+    assert result.runner.image_digest.split("@")[-1].startswith("sha256:")
     assert result.runner.container_id is not None
     assert len(result.runner.container_id) == 64
-    assert result.effective_config["runner_type"] == "docker"
+    assert result.effective_config["runner_type"] == runner.runner_type
     assert result.effective_config["batch_size"] == 4
     # Success removes the exchange dir and the container.
     assert kept_dirs(exchange_base) == []
@@ -139,10 +168,10 @@ async def test_result_model_validation_and_metadata_injection(make_runner: MakeR
     assert isinstance(result, FrozenResult)
     assert result.throughput == 12.5
     assert result.effective_config["dtype"] == "bf16"
-    assert result.effective_config["runner_type"] == "docker"
+    assert result.effective_config["runner_type"] == runner.runner_type
     assert result.effective_config["runner_source"] == "study"
     assert result.effective_config["runner_image"] == BUSYBOX_IMAGE
-    assert str(result.effective_config["image_digest"]).startswith("sha256:")
+    assert str(result.effective_config["image_digest"]).split("@")[-1].startswith("sha256:")
 
 
 async def test_result_of_wrong_schema_keeps_exchange_dir(
@@ -263,6 +292,7 @@ async def test_gpu_request_without_nvidia_runtime_is_gpu_access_error(
     make_runner: MakeRunner,
 ) -> None:
     runner = make_runner(command=sh(ECHO_PROTOCOL))
+    docker_only(runner, "GPUs go by CDI name only (test_gpus_by_cdi_name)")
     with pytest.raises(DockerGPUAccessError) as info:
         await runner.run({"x": 11}, gpus=["0", "1"])
     assert "NVIDIA Container Toolkit" in info.value.fix_suggestion
@@ -284,6 +314,7 @@ async def test_device_request_is_exact(make_runner: MakeRunner) -> None:
     from llem_dispatch._exchange import ExchangeDir
 
     runner = make_runner(command=["true"])
+    docker_only(runner, "NVIDIA device requests are never made (CDI only)")
     exchange = ExchangeDir(Path("/tmp/llem-x"), "h")
     spec = runner.container_spec(exchange, ["GPU-aaaa", "3"], config_hash="h")
     assert spec["HostConfig"]["DeviceRequests"] == [
@@ -295,11 +326,38 @@ async def test_device_request_is_exact(make_runner: MakeRunner) -> None:
     assert "NVIDIA_VISIBLE_DEVICES=void" in no_gpu["Env"]
 
 
+@pytest.mark.cdi
+async def test_gpus_by_cdi_name(make_runner: MakeRunner) -> None:
+    """Each engine gives the container exactly the CDI devices named by UUID (fake spec)."""
+    uuids = cdi_test_uuids()
+    runner = make_runner(
+        command=sh(
+            "env | grep '^LLEM_CDI_GPU_' | sed 's/^[^=]*=//' | sort | tr '\\n' ' ' > /tmp/s; "
+            'printf \'{"seen": "%s", "nvidia": "%s"}\' "$(cat /tmp/s)" '
+            '"$NVIDIA_VISIBLE_DEVICES" > "$LLEM_RESULT_PATH"'
+        ),
+        gpu_devices="cdi",
+        cdi_kind=CDI_TEST_KIND,
+    )
+    await runner.check_gpus(uuids)
+    recorder = Recorder()
+    result = await runner.run({"x": 30}, gpus=[uuids[3], uuids[1]], observer=recorder)
+    assert isinstance(result, ExperimentResult)
+    assert sorted(result.data["seen"].split()) == sorted([uuids[3], uuids[1]])
+    assert result.data["nvidia"] == "void"
+    assert recorder.started[0].gpu_request == "cdi"
+    with pytest.raises(ConfigError, match="not known by UUID"):
+        await runner.check_gpus(["0"])
+
+
 async def test_oom_killed_is_oom_error(make_runner: MakeRunner) -> None:
     runner = make_runner(
         command=sh("dd if=/dev/zero of=/dev/null bs=100M count=1"), mem_limit="32m"
     )
-    with pytest.raises(DockerOOMError, match="OOMKilled"):
+    # Podman under Docker on this cgroup v1 host never sets State.OOMKilled (the kernel
+    # kill is real): the exit-137 rule names the OOM killer there.
+    evidence = "OOMKilled" if runner.runner_type == "docker" else "exit 137, not by us"
+    with pytest.raises(DockerOOMError, match=evidence):
         await runner.run({"x": 13})
 
 

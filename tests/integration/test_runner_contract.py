@@ -19,7 +19,14 @@ from llem_dispatch import (
     LocalRunner,
     Runner,
 )
-from tests.conftest import BUSYBOX_IMAGE, PYTHON_IMAGE, require_docker
+from llem_dispatch.runners.podman_kind import PodmanRunner
+from tests.conftest import (
+    BUSYBOX_IMAGE,
+    PYTHON_IMAGE,
+    fail_on_leaks,
+    require_docker,
+    use_podman,
+)
 from tests.integration.test_docker_runner import Recorder
 
 pytestmark = pytest.mark.usefixtures("no_leaked_containers")
@@ -27,21 +34,26 @@ pytestmark = pytest.mark.usefixtures("no_leaked_containers")
 MakeRunner = Callable[..., Runner]
 
 
-@pytest.fixture(params=["docker", "local"])
+@pytest.fixture(params=["docker", "local", "podman"])
 async def make(
-    request: pytest.FixtureRequest, test_labels: dict[str, str], exchange_base: Path
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    test_labels: dict[str, str],
+    exchange_base: Path,
 ) -> AsyncIterator[MakeRunner]:
     kind = request.param
     if kind == "docker":
         require_docker(request)
+    podman_url = use_podman(request, monkeypatch) if kind == "podman" else None
     made: list[Runner] = []
 
     def factory(script: str | None = None, *, function: str | None = None, **kwargs: Any) -> Runner:
         command = ["sh", "-c", script] if script is not None else None
         runner: Runner
-        if kind == "docker":
-            runner = DockerRunner(
+        if kind in {"docker", "podman"}:
+            runner = (PodmanRunner if podman_url else DockerRunner)(
                 PYTHON_IMAGE if function else BUSYBOX_IMAGE,
+                docker_host=podman_url,
                 command=command,
                 function=function,
                 labels=test_labels,
@@ -57,6 +69,8 @@ async def make(
     yield factory
     for runner in made:
         await runner.aclose()
+    if podman_url:
+        fail_on_leaks(f"llem.test.node={test_labels['llem.test.node']}")
 
 
 def kept(base: Path) -> list[Path]:
@@ -91,7 +105,7 @@ async def test_error_payload(make: MakeRunner, exchange_base: Path) -> None:
 
 def exit_error_class(runner: Runner) -> type[ExperimentExitError]:
     """The Docker runner keeps its Docker class; the local runner raises the neutral one."""
-    return DockerContainerError if runner.runner_type == "docker" else ExperimentExitError
+    return DockerContainerError if isinstance(runner, DockerRunner) else ExperimentExitError
 
 
 async def test_nonzero_exit(make: MakeRunner) -> None:

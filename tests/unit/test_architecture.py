@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "src" / "llem_dispatch"
 #: Bottom to top. A module may import its own layer or any layer below it.
 LAYERS: list[set[str]] = [
     {"errors", "models", "container"},
-    {"_labels", "_logging", "_logcapture", "_exchange", "_docker"},
+    {"_labels", "_logging", "_logcapture", "_exchange", "_docker", "_cdi"},
     {"gpu"},
     {"runners", "reap", "testing"},
     {"dispatch"},
@@ -190,6 +190,7 @@ KIND_MODULES = {
     "llem_dispatch.runners.kinds",
     "llem_dispatch.runners.local",
     "llem_dispatch.runners.docker_kind",
+    "llem_dispatch.runners.podman_kind",
 }
 #: Other modules whose literals happen to equal a kind's name, and why that is no kind.
 KIND_NAME_ALLOWED = {

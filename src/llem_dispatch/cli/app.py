@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import IO, Any, cast
+from typing import IO, Annotated, Any, cast
 
 import structlog
 import typer
@@ -19,13 +19,34 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_USAGE",
+    "EngineUrlOption",
     "app",
     "fail_usage",
     "main",
     "make_console",
+    "use_engine_url",
 ]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+#: `--engine-url`: the container engine's API socket for engine kinds that read
+#: LLEM_ENGINE_URL (podman; Docker keeps DOCKER_HOST).
+EngineUrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--engine-url",
+        metavar="URL",
+        help="The container engine's API, e.g. unix:///run/user/1000/podman/podman.sock "
+        "(runner podman; same as LLEM_ENGINE_URL). Docker: DOCKER_HOST.",
+    ),
+]
+
+
+def use_engine_url(url: str | None) -> None:
+    """`--engine-url` given: the engine kinds (and any process they start) read it."""
+    if url:
+        os.environ["LLEM_ENGINE_URL"] = url
+
 
 app = typer.Typer(
     add_completion=False,

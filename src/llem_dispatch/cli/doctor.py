@@ -13,16 +13,18 @@ from rich.text import Text
 from llem_dispatch.cli.app import (
     EXIT_FAILED,
     EXIT_OK,
+    EngineUrlOption,
     app,
     fail_usage,
     make_console,
+    use_engine_url,
 )
 from llem_dispatch.cluster import check_cluster
 from llem_dispatch.dispatch import placement_class
 from llem_dispatch.errors import LlemError
 from llem_dispatch.gpu import GpuPool, nvml_used_memory_mb
 from llem_dispatch.runners import DoctorCheck, RunnerKind, get_runner_kind
-from llem_dispatch.runners.kinds import AUTO, kind_origin, registered_names
+from llem_dispatch.runners.kinds import AUTO, AUTO_ORDER, kind_origin, registered_names
 from llem_dispatch.study import (
     RunnerSpec,
     Study,
@@ -116,8 +118,9 @@ def _doctor_checks(study_file: Path | None) -> list[Check]:
                 Check(f"runner {name}", False, exc.message, exc.fix_suggestion, chosen is None)
             )
             continue
-        # With a kind chosen, the other kinds' lines are worth knowing but need not pass.
-        required = chosen is None or chosen is kind
+        # With a kind chosen, the other kinds' lines are worth knowing but need not pass;
+        # under `auto`, those of the kinds the auto rule may take.
+        required = chosen is kind or (chosen is None and name in AUTO_ORDER)
         images = _study_images(study, kind, explicit=chosen is kind) if study else []
         buildable = study is not None and study.build is not None
         checks += anyio.run(
@@ -187,10 +190,12 @@ def doctor(
             "GPUs, a job writes where you are). Default: the study's.",
         ),
     ] = None,
+    engine_url: EngineUrlOption = None,
 ) -> None:
     """Check the host: each runner kind (Docker daemon, NVIDIA runtime, a study's images,
     a probe run), the GPUs, and the study's placement."""
     console = make_console()
+    use_engine_url(engine_url)
     try:
         checks = (
             _cluster_checks(ray_address, study_file)

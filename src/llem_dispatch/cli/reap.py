@@ -32,6 +32,14 @@ def reap(
         str | None,
         typer.Option("--ray", metavar="ADDRESS", help="Reap on every host of this Ray cluster."),
     ] = None,
+    engine_url: Annotated[
+        str | None,
+        typer.Option(
+            "--engine-url",
+            metavar="URL",
+            help="Reap on this engine's API instead of Docker's (a Podman socket, say).",
+        ),
+    ] = None,
 ) -> None:
     """Remove containers left by dispatchers that are gone (their logs are kept)."""
     console = make_console()
@@ -41,7 +49,10 @@ def reap(
     try:
         found = anyio.run(
             lambda: do_reap(
-                results_dir=results_dir, dry_run=dry_run, logs_dir=Path("llem-orphan-logs")
+                results_dir=results_dir,
+                dry_run=dry_run,
+                logs_dir=Path("llem-orphan-logs"),
+                docker_host=engine_url,
             )
         )
     except LlemError as exc:

@@ -26,9 +26,11 @@ from llem_dispatch._exchange import ExchangeDir
 from llem_dispatch.cli.app import (
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EngineUrlOption,
     app,
     fail_usage,
     make_console,
+    use_engine_url,
 )
 from llem_dispatch.cli.progress import LiveDisplay, ProgressState, resumed_count
 from llem_dispatch.dispatch import Event, RunRecord, placement_class
@@ -37,6 +39,7 @@ from llem_dispatch.gpu import GpuPool
 from llem_dispatch.runners import Runner, set_force_kill
 from llem_dispatch.runners.docker import DockerRunner
 from llem_dispatch.runners.local import LocalRunner
+from llem_dispatch.runners.protocol import GpuCheckingRunner
 from llem_dispatch.study import (
     Experiment,
     RunnerSpec,
@@ -68,7 +71,11 @@ def _parse_gpus(value: str | None) -> list[str] | Literal["auto"] | None:
 
 
 def _print_dry_run(
-    study: Study, study_path: Path, runner_value: str | None, virtual: bool, console: Console
+    study: Study,
+    study_path: Path,
+    runner_value: str | None,
+    pool: GpuPool | None,
+    console: Console,
 ) -> None:
     """The plan: every experiment, the runner and why, the first experiment's container."""
     experiments = expand_study(study)
@@ -91,14 +98,21 @@ def _print_dry_run(
             f"({configs * adaptive.max} at most) while the 95% CI of "
             f"{adaptive.until.field} is over {adaptive.until.rel_ci95:g} of its mean"
         )
+    virtual = pool.virtual if pool else False
     spec = resolve_runner(runner_value, study)
     runner = make_runner(
         study, spec, study_dir=study_path.parent, experiments=experiments, virtual=virtual
     )
     console.print(f"runner: {spec.kind} (chosen by: {spec.source})")
     console.print(_gpu_policy(study, virtual))
+    # The GPUs as the runner is handed them (UUIDs where known), asked for as a run would.
+    handed = list(pool.handed(pool.devices)) if pool else []
+    if handed and isinstance(runner, GpuCheckingRunner):
+        anyio.run(runner.check_gpus, handed)
     if experiments:
-        _print_first_experiment(runner, experiments[0], console)
+        first = experiments[0]
+        ids = handed[: first.gpu_count] or [str(i) for i in range(first.gpu_count)]
+        _print_first_experiment(runner, first, ids, console)
 
 
 def _gpu_policy(study: Study, virtual: bool) -> str:
@@ -121,10 +135,11 @@ def _gpu_policy(study: Study, virtual: bool) -> str:
     return "GPUs: " + ", ".join(parts)
 
 
-def _print_first_experiment(runner: Runner, first: Experiment, console: Console) -> None:
+def _print_first_experiment(
+    runner: Runner, first: Experiment, gpu_ids: list[str], console: Console
+) -> None:
     """What the runner would start for `first`: a container body or a process."""
     placeholder = ExchangeDir(Path("/tmp/llem-XXXXXXXX"), first.config_hash)
-    gpu_ids = [str(i) for i in range(first.gpu_count)]
     if isinstance(runner, DockerRunner):
         body = runner.container_spec(placeholder, gpu_ids, config_hash=first.config_hash)
         console.print("container spec of the first experiment (Engine API create body):")
@@ -173,6 +188,7 @@ def run(
         typer.Option(help="A runner kind: local | docker | docker:IMAGE | a registered one | auto"),
     ] = None,
     ray_address: _RayOption = None,
+    engine_url: EngineUrlOption = None,
     max_concurrency: Annotated[int | None, typer.Option(min=1)] = None,
     timeout: Annotated[float | None, typer.Option(help="Per-experiment timeout, seconds.")] = None,
     dry_run: Annotated[
@@ -189,11 +205,11 @@ def run(
         json_logs=json_logs, level=logging.INFO if verbose or json_logs else logging.WARNING
     )
     console = make_console()
+    use_engine_url(engine_url)
     try:
         plan = _load_plan(study_file, timeout, gpus, virtual_gpus, ray_address)
         if dry_run:
-            virtual = plan.pool.virtual if plan.pool else False
-            _print_dry_run(plan.study, study_file, runner, virtual, console)
+            _print_dry_run(plan.study, study_file, runner, plan.pool, console)
             raise typer.Exit(EXIT_OK)
         spec = _choose_runner_and_build(plan, runner, study_file, console)
     except LlemError as exc:

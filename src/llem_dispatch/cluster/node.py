@@ -148,6 +148,7 @@ class _QueueObserver:
                     "log_path": info.log_path,
                     "image": info.image,
                     "image_digest": info.image_digest,
+                    "gpu_request": info.gpu_request,
                 },
             }
         )
@@ -176,7 +177,9 @@ async def _run_on_node(
     runner: Runner | None = None
     try:
         runner = factory(context)
-        outcome = await runner.run(config, gpus=context.gpu_ids, observer=observer)
+        # Handed over by UUID where NVML knows it: never a guessable index.
+        gpus = tuple(context.gpu_uuids.get(i, i) for i in context.gpu_ids)
+        outcome = await runner.run(config, gpus=gpus, observer=observer)
     except Exception as exc:
         if not isinstance(exc, LlemError):
             log.exception("node_task_failed", config_hash=config.config_hash)

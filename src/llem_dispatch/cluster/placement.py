@@ -202,6 +202,7 @@ def _note_started(draft: RecordDraft, message: Mapping[str, Any]) -> None:
     draft.log_path = info["log_path"]
     draft.image = info["image"]
     draft.image_digest = info["image_digest"]
+    draft.gpu_request = info.get("gpu_request")
     draft.gpus_at_start = [GpuAtStart(**g) for g in message.get("gpus_at_start", [])]
     draft.gpu_uuids = [g.uuid for g in draft.gpus_at_start if g.uuid]
 

@@ -37,7 +37,14 @@ from llem_dispatch.gpu.discovery import nvml_thermal
 from llem_dispatch.models import HashedConfig
 from llem_dispatch.runners import CANCEL_SLACK_S
 from llem_dispatch.runners.kinds import DoctorCheck
-from llem_dispatch.runners.protocol import GatedRunner, Outcome, RunInfo, Runner, utcnow
+from llem_dispatch.runners.protocol import (
+    GatedRunner,
+    GpuCheckingRunner,
+    Outcome,
+    RunInfo,
+    Runner,
+    utcnow,
+)
 
 __all__ = [
     "HostContext",
@@ -101,7 +108,7 @@ class HostGpus:
         residual = self.residual_memory_mb
         if self.ids is None or self.ids == "auto":
             return GpuPool.detect(cooldown_s=cooldown_s, residual_memory_mb=residual, settle=settle)
-        return GpuPool(
+        return GpuPool.named(
             list(self.ids), cooldown_s=cooldown_s, residual_memory_mb=residual, settle=settle
         )
 
@@ -285,6 +292,7 @@ class _LeaseObserver:
         draft.log_path = info.log_path
         draft.image = info.image
         draft.image_digest = info.image_digest
+        draft.gpu_request = info.gpu_request
         self._on_started()
 
     def on_exited(self, info: RunInfo) -> None:
@@ -333,6 +341,10 @@ class LocalPlacement(Placement):
         """The runner's own checks here (the pool was checked when it was built)."""
         if request.check_here is not None:
             await request.check_here()
+        if isinstance(self.runner, GpuCheckingRunner):
+            # How the engine is asked for the GPUs (by UUID through CDI, or not), decided
+            # and refused here, before anything runs.
+            await self.runner.check_gpus(self.pool.handed(self.pool.devices))
 
     async def sweep(self, request: PlacementRequest, *, study_over: bool) -> None:
         """Before the study, reap this host's containers of dead runs (their logs kept)."""
@@ -396,10 +408,12 @@ class LocalPlacement(Placement):
         gate: Callable[[], Awaitable[None]] | None,
     ) -> Outcome:
         try:
+            # Handed over by UUID where known: never a guessable index.
+            gpus = self.pool.handed(lease)
             if gate is None:
-                return await self.runner.run(config, gpus=tuple(lease), observer=observer)
+                return await self.runner.run(config, gpus=gpus, observer=observer)
             assert isinstance(self.runner, GatedRunner)
-            return await self.runner.run(config, gpus=tuple(lease), observer=observer, gate=gate)
+            return await self.runner.run(config, gpus=gpus, observer=observer, gate=gate)
         finally:
             if observer.released and observer.started_mono is not None:
                 # From the GPUs' last release to this run's start (its gate) on them.

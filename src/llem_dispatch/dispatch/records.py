@@ -121,6 +121,11 @@ class RunRecord(BaseModel):
         default_factory=list, description="The GPUs' UUIDs where NVML knows them (real GPUs)."
     )
     gpu_name: str | None = Field(default=None, description="The GPUs' model, per NVML.")
+    gpu_request: str | None = Field(
+        default=None,
+        description="How the run was given its GPUs: `cdi` (the engine named them by UUID), "
+        "`nvidia` (NVIDIA device requests) or `env` (visibility variables only).",
+    )
     gpus_at_start: list[GpuAtStart] = Field(
         default_factory=list,
         description="Per GPU: UUID, model, temperature and power at start, settle wait.",
@@ -214,6 +219,7 @@ class RecordDraft:
     handoff_gap_s: float | None = None
     gpu_uuids: list[str] = field(default_factory=list)
     gpu_name: str | None = None
+    gpu_request: str | None = None
     gpus_at_start: list[GpuAtStart] = field(default_factory=list)
     prestarted: bool = False
     gate_opened_at: datetime | None = None

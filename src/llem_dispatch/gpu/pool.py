@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Literal, TypedDict, Unpack
 
@@ -24,6 +24,7 @@ import anyio
 import anyio.lowlevel
 import structlog
 
+from llem_dispatch._cdi import is_gpu_uuid
 from llem_dispatch.errors import ConfigError, GpuRequestError
 from llem_dispatch.gpu.discovery import (
     match_visible,
@@ -174,6 +175,43 @@ class GpuPool:
         pool.names = nvml_names(list(uuids))
         log.info("gpu_pool_detected", source=source, devices=list(pool.devices))
         return pool
+
+    @classmethod
+    def named(cls, devices: Sequence[str | int], **options: Unpack[GpuPoolOptions]) -> GpuPool:
+        """This host's GPUs `devices` (indices or UUIDs), each resolved to its UUID.
+
+        GPUs are handed to runners by UUID, never by a guessable index: an index is
+        resolved through NVML; a UUID is kept as given (and checked against NVML
+        when NVML answers). Without NVML an index stays unresolved (it is handed
+        over as written, and `gpu_devices: cdi` refuses it).
+        """
+        pool = cls(devices, **options)
+        inventory, reason = nvml_inventory()
+        by_index = dict(inventory or [])
+        by_uuid = {u: i for i, u in by_index.items()}
+        for gpu in pool.devices:
+            known = by_index.get(gpu) or (gpu if gpu in by_uuid else None)
+            if inventory is not None and known is None:
+                listed = ", ".join(f"{i} ({u})" for i, u in by_index.items()) or "none"
+                raise ConfigError(
+                    f"gpus: {gpu} is not a GPU of this host (NVML lists: {listed})",
+                    fix_suggestion="List this host's GPUs by index or UUID (`nvidia-smi -L`).",
+                )
+            if known is not None:
+                pool.uuids[gpu] = known
+            elif is_gpu_uuid(gpu):
+                pool.uuids[gpu] = gpu
+        if inventory is None:
+            log.info("gpu_nvml_unavailable", reason=reason, resolved=sorted(pool.uuids))
+            return pool
+        index_of = {g: g if g in by_index else by_uuid[g] for g in pool.devices}
+        names = nvml_names(list(index_of.values()))
+        pool.names = {g: names[i] for g, i in index_of.items() if i in names}
+        return pool
+
+    def handed(self, ids: Iterable[str]) -> tuple[str, ...]:
+        """What a runner is handed for these ids: each GPU's UUID where known, else its id."""
+        return tuple(self.uuids.get(i, i) for i in ids)
 
     @classmethod
     def virtual_devices(cls, n: int, **options: Unpack[GpuPoolOptions]) -> GpuPool:

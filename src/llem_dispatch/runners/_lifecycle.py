@@ -185,6 +185,8 @@ def _open_run(
         runner_type=settings.runner_type,
         image=settings.image,
         image_digest=backend.image_digest,
+        # Visibility variables unless the backend asks its engine for devices.
+        gpu_request="env" if gpu_ids else None,
     )
     context: dict[str, Any] = {
         "config_hash": config_hash,

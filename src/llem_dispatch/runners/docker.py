@@ -7,13 +7,10 @@ llem-dispatch's own classes here, once.
 
 from __future__ import annotations
 
-import codecs
-import contextlib
 import math
 import os
 import re
-import secrets as _secrets_mod
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -25,43 +22,38 @@ import structlog
 from pydantic import BaseModel
 
 from llem_dispatch import _labels
+from llem_dispatch._cdi import DEFAULT_CDI_KIND, check_kind, read_specs
 from llem_dispatch._docker import (
     DEFAULT_DEADLINES,
     ApiDeadlines,
-    bounded,
     docker_url,
+    engine_info,
     image_missing_error,
     inspect_image,
-    translate_api_error,
 )
 from llem_dispatch._exchange import (
     CONTAINER_EXCHANGE_DIR,
     DEFAULT_MAX_RESULT_BYTES,
     ExchangeDir,
 )
-from llem_dispatch._logcapture import LogCapture
-from llem_dispatch.errors import (
-    DockerContainerError,
-    DockerDaemonHungError,
-    DockerError,
-    DockerHangError,
-    DockerOOMError,
-    DockerTimeoutError,
-    LlemError,
-)
 from llem_dispatch.runners._backend import (
     LOG_DRAIN_S,
-    ErrorClasses,
-    ExitStatus,
     Gate,
-    Pump,
-    Run,
     check_run_options,
     helper_script,
 )
-from llem_dispatch.runners._cancel import FORCE_KILL, wait_until_forced
+from llem_dispatch.runners._container_run import DOCKER_ERRORS, ContainerRun
 from llem_dispatch.runners._gate import gated_spec
 from llem_dispatch.runners._lifecycle import DEFAULT_SECRET_ENV, run_lifecycle
+from llem_dispatch.runners.gpu_request import (
+    GPU_DEVICE_MODES,
+    EngineGpuFacts,
+    GpuDevices,
+    GpuRequestMode,
+    decide_mode,
+    device_requests,
+    visibility_env,
+)
 from llem_dispatch.runners.protocol import Outcome, RunObserver
 
 __all__ = [
@@ -83,17 +75,6 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.I)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 log = structlog.get_logger("llem_dispatch.docker")
-
-#: What a container run raises for what the shared lifecycle detects: the Docker
-#: classes (llenergymeasure's contract), each a subclass of its neutral class.
-DOCKER_ERRORS = ErrorClasses(
-    timeout=DockerTimeoutError,
-    hang=DockerHangError,
-    oom=DockerOOMError,
-    bad_exit=DockerContainerError,
-    other=DockerError,
-    slow_start=" (the Docker daemon is slow or stuck)",
-)
 
 
 def parse_size(value: int | str) -> int:
@@ -132,9 +113,15 @@ class DockerRunner:
             runs of a `function:` whose module is not in the image).
         api_deadlines: how long each Docker API call may take before the daemon counts
             as hung (`DockerDaemonHungError`, retried as transient).
+        gpu_devices: how GPUs are asked for: `cdi` (`<cdi_kind>=<UUID>`, Container
+            Device Interface), `nvidia` (NVIDIA device requests) or `auto` (CDI when
+            the engine has it on and a spec names the GPUs); see `gpu_request`.
+        cdi_kind: the CDI kind naming the GPUs (`nvidia.com/gpu`, NVIDIA's toolkit).
     """
 
     runner_type = "docker"
+    #: What the engine is called in messages and facts.
+    engine_name = "Docker"
 
     def __init__(
         self,
@@ -162,6 +149,8 @@ class DockerRunner:
         log_driver: str = "none",
         source_dir: str | Path | None = None,
         api_deadlines: ApiDeadlines = DEFAULT_DEADLINES,
+        gpu_devices: GpuDevices = "auto",
+        cdi_kind: str = DEFAULT_CDI_KIND,
     ) -> None:
         if command is not None and function is not None:
             raise ValueError("give either command= or function=, not both")
@@ -197,6 +186,14 @@ class DockerRunner:
         self.log_driver = log_driver
         self.source_dir = Path(source_dir).resolve() if source_dir is not None else None
         self.deadlines = api_deadlines
+        if gpu_devices not in GPU_DEVICE_MODES:
+            raise ValueError(f"gpu_devices must be one of {GPU_DEVICE_MODES}, got {gpu_devices!r}")
+        self.gpu_devices: GpuDevices = gpu_devices
+        self.cdi_kind = check_kind(cdi_kind)
+        self._gpu_facts: EngineGpuFacts | None = None
+        #: The mode decided for the study's GPUs by `check_gpus` (before anything ran).
+        self._gpu_mode: GpuRequestMode | None = None
+        self._checked_gpus: frozenset[str] = frozenset()
         self._docker: aiodocker.Docker | None = None
         self._digest: str | None = None
         self._image_config: dict[str, Any] | None = None
@@ -240,7 +237,7 @@ class DockerRunner:
         if self._closed:
             raise RuntimeError("DockerRunner is closed")
         if self._docker is None:
-            self._docker = aiodocker.Docker(url=self._docker_host or docker_url())
+            self._docker = aiodocker.Docker(url=self._engine_url())
         return self._docker
 
     # -- image -------------------------------------------------------------------
@@ -256,10 +253,58 @@ class DockerRunner:
             self._image_config = info.get("Config") or {}
         return self._digest
 
+    # -- GPUs ----------------------------------------------------------------------
+
+    async def gpu_facts(self) -> EngineGpuFacts:
+        """Is CDI on in the engine, and what its spec dirs offer (asked once)."""
+        if self._gpu_facts is None:
+            info = await engine_info(url=self._engine_url())
+            dirs = tuple(str(d) for d in info.get("CDISpecDirs") or ())
+            specs = await anyio.to_thread.run_sync(read_specs, dirs)
+            self._gpu_facts = EngineGpuFacts(self.engine_name, bool(dirs), dirs, specs)
+        return self._gpu_facts
+
+    def _engine_url(self) -> str:
+        return self._docker_host or docker_url()
+
+    async def check_gpus(self, gpus: Sequence[str]) -> None:
+        """Before anything runs: decide how the study's `gpus` are asked for, once.
+
+        Raises `ConfigError` (with the fix) when `gpu_devices: cdi` cannot name
+        them; `auto` settles on CDI or NVIDIA requests here, for every run.
+        """
+        if not gpus or not self.gpu_passthrough:
+            return
+        facts = None if self.gpu_devices == "nvidia" else await self.gpu_facts()
+        mode, why = decide_mode(self.gpu_devices, self.cdi_kind, gpus, facts)
+        self._gpu_mode, self._checked_gpus = mode, frozenset(gpus)
+        log.info("gpu_request_mode", mode=mode, asked=self.gpu_devices, why=why, gpus=list(gpus))
+
+    async def gpu_mode_for(self, gpus: Sequence[str]) -> GpuRequestMode:
+        """How this run's `gpus` are asked for (decided by `check_gpus`, else now)."""
+        if not self.gpu_passthrough:
+            return "env"
+        if not gpus:  # nothing to ask the engine for
+            return self._static_mode()
+        if self._gpu_mode is not None and self._checked_gpus.issuperset(gpus):
+            return self._gpu_mode
+        facts = None if self.gpu_devices == "nvidia" else await self.gpu_facts()
+        return decide_mode(self.gpu_devices, self.cdi_kind, gpus, facts)[0]
+
+    def _static_mode(self) -> GpuRequestMode:
+        if not self.gpu_passthrough:
+            return "env"
+        return self._gpu_mode or ("cdi" if self.gpu_devices == "cdi" else "nvidia")
+
     # -- container spec ------------------------------------------------------------
 
     def container_spec(
-        self, exchange: ExchangeDir, gpu_ids: Sequence[str], *, config_hash: str
+        self,
+        exchange: ExchangeDir,
+        gpu_ids: Sequence[str],
+        *,
+        config_hash: str,
+        gpu_request: GpuRequestMode | None = None,
     ) -> dict[str, Any]:
         """The Engine API create body for one experiment (also shown by --dry-run)."""
         labels = {
@@ -268,12 +313,13 @@ class DockerRunner:
             _labels.LABEL_CONFIG_HASH: config_hash,
             _labels.LABEL_EXCHANGE_DIR: str(exchange.path),
         }
-        env = self._container_env(exchange, gpu_ids)
+        mode = gpu_request or self._static_mode()
+        env = self._container_env(exchange, gpu_ids, mode)
         spec: dict[str, Any] = {
             "Image": self.image,
             "Env": [f"{k}={v}" for k, v in sorted(env.items())],
             "Labels": labels,
-            "HostConfig": self._host_config(exchange, gpu_ids),
+            "HostConfig": self._host_config(exchange, gpu_ids, mode),
             "AttachStdout": False,
             "AttachStderr": False,
             "Tty": False,
@@ -289,24 +335,21 @@ class DockerRunner:
             spec["User"] = user
         return spec
 
-    def _container_env(self, exchange: ExchangeDir, gpu_ids: Sequence[str]) -> dict[str, str]:
+    def _container_env(
+        self, exchange: ExchangeDir, gpu_ids: Sequence[str], mode: GpuRequestMode
+    ) -> dict[str, str]:
         env = {**self.env, **exchange.env(CONTAINER_EXCHANGE_DIR)}
         env["LLEM_GPU_IDS"] = ",".join(gpu_ids)
         if self.source_dir is not None:
             env["PYTHONPATH"] = ":".join(
                 p for p in (SOURCE_CONTAINER_PATH, self.env.get("PYTHONPATH")) if p
             )
-        if gpu_ids:
-            env["NVIDIA_VISIBLE_DEVICES"] = ",".join(gpu_ids)
-            # Inside the container the runtime renumbers the devices from 0.
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(len(gpu_ids)))
-        else:
-            # CUDA images default to NVIDIA_VISIBLE_DEVICES=all: never share by accident.
-            env["NVIDIA_VISIBLE_DEVICES"] = "void"
-            env["CUDA_VISIBLE_DEVICES"] = ""
+        env.update(visibility_env(mode, gpu_ids))
         return env
 
-    def _host_config(self, exchange: ExchangeDir, gpu_ids: Sequence[str]) -> dict[str, Any]:
+    def _host_config(
+        self, exchange: ExchangeDir, gpu_ids: Sequence[str], mode: GpuRequestMode
+    ) -> dict[str, Any]:
         mounts: list[dict[str, Any]] = [
             {
                 "Type": "bind",
@@ -349,10 +392,9 @@ class DockerRunner:
         if self.mem_limit is not None:
             host_config["Memory"] = self.mem_limit
             host_config["MemorySwap"] = self.mem_limit
-        if gpu_ids and self.gpu_passthrough:
-            host_config["DeviceRequests"] = [
-                {"Driver": "nvidia", "DeviceIDs": list(gpu_ids), "Capabilities": [["gpu"]]}
-            ]
+        requests = device_requests(mode, gpu_ids, self.cdi_kind)
+        if requests:
+            host_config["DeviceRequests"] = requests
         return host_config
 
     def container_user(self) -> str | None:
@@ -391,7 +433,7 @@ class DockerRunner:
         and is let go once `gate()` returns (prestart).
         """
         return await run_lifecycle(
-            self, _ContainerRun(self), config, gpus=gpus, observer=observer, gate=gate
+            self, ContainerRun(self), config, gpus=gpus, observer=observer, gate=gate
         )
 
     async def _remove(self, container: Any, bound: Any, *, by: float = math.inf) -> None:
@@ -423,177 +465,3 @@ class DockerRunner:
         for container_id in list(self._pending_removal):
             container = self._client().containers.container(container_id)
             await self._remove(container, log.bind(container_id=container_id[:12]))
-
-
-class _ContainerRun:
-    """One run's container: the `RunBackend` that `run_lifecycle` drives for DockerRunner."""
-
-    noun = "container"
-    errors = DOCKER_ERRORS
-
-    def __init__(self, runner: DockerRunner) -> None:
-        self.runner = runner
-        self.log = log.bind(image=runner.image)
-        self.image_digest: str | None = None
-        self.container: Any = None
-        self.stream: Any = None
-
-    def exchange_root(self, exchange: ExchangeDir) -> str:
-        return CONTAINER_EXCHANGE_DIR
-
-    async def prepare(self) -> None:
-        if self.runner._pending_removal:
-            await self.runner._remove_pending()
-        self.image_digest = await self.runner.image_digest()
-
-    async def start(self, run: Run) -> None:
-        """Create, attach, start; every Docker error translated with the run's context."""
-        runner, exchange = self.runner, run.exchange
-        if runner.user is not None and os.geteuid() == 0:
-            uid, _, gid = runner.user.partition(":")
-            if uid.isdigit():
-                exchange.chown(int(uid), int(gid) if gid.isdigit() else int(uid))
-        spec = runner.container_spec(exchange, run.info.gpu_ids, config_hash=exchange.config_hash)
-        name = f"llem-{exchange.config_hash}-{_secrets_mod.token_hex(3)}"
-
-        async def create() -> Any:
-            return await runner._client().containers.create(spec, name=name)
-
-        # Shielded: a create cancelled mid-request can still make a container whose
-        # id we would never learn. Let it finish (bounded), then clean up; one that
-        # hangs is removed by name later, if the daemon ever makes it.
-        try:
-            with anyio.CancelScope(shield=True):
-                self.container = await self._call("create", run, create)
-        except DockerDaemonHungError:
-            runner._pending_removal.add(name)
-            raise
-        run.info.container_id = self.container.id
-        run.context["container_id"] = self.container.id
-        run.bind(container_id=self.container.id[:12])
-        # Attach before start: the raw stdio stream misses nothing (the logs endpoint
-        # with follow=True drops a last line without newline) and, with the "none" log
-        # driver, costs the daemon no JSON encoding per line.
-        self.stream = await self._call("attach", run, self._attach)
-        await self._call("start", run, self.container.start)
-
-    async def _attach(self) -> Any:
-        stream = self.container.attach(stdout=True, stderr=True)
-        await stream.__aenter__()
-        return stream
-
-    async def _call(self, phase: str, run: Run, call: Callable[[], Awaitable[Any]]) -> Any:
-        """One API call of this run, under its deadline (`DockerDaemonHungError` past it)."""
-        return await bounded(
-            phase, self.runner.deadlines.of(phase), call, image=self.runner.image, **run.context
-        )
-
-    def pumps(self, capture: LogCapture) -> Sequence[Pump]:
-        return [lambda: _pump(self.stream, capture)]
-
-    async def wait(self, run: Run) -> None:
-        """Until the container exits; a bounded inspect every `liveness_every` s meanwhile.
-
-        The wait itself may last as long as the experiment: a daemon that hangs
-        meanwhile is caught by the inspects, which then pass their deadline. Errors
-        leave the task group unwrapped, as the `LlemError` they are.
-        """
-        errors: list[LlemError] = []
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._prove_alive, run, errors, tg.cancel_scope)
-            try:
-                await self.container.wait()
-            except Exception as exc:  # noqa: BLE001 - translated, then raised below
-                errors.append(
-                    translate_api_error(exc, image=self.runner.image, phase="wait", **run.context)
-                )
-            tg.cancel_scope.cancel()
-        if errors:
-            raise errors[0]
-
-    async def _prove_alive(
-        self, run: Run, errors: list[LlemError], scope: anyio.CancelScope
-    ) -> None:
-        try:
-            while True:
-                await anyio.sleep(self.runner.deadlines.liveness_every)
-                await self._call("inspect", run, self.container.show)
-        except LlemError as exc:
-            errors.append(exc)
-            scope.cancel()
-
-    async def kill(self, run: Run) -> None:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(self.runner.deadlines.kill):
-            try:
-                await self.container.kill(signal="SIGKILL")
-                return
-            except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
-                run.bound.debug("kill_failed", error=repr(exc))
-                return
-        run.bound.warning("kill_timed_out", deadline_s=self.runner.deadlines.kill)
-
-    async def exited(self, run: Run) -> ExitStatus:
-        state = (await self._call("inspect", run, self.container.show))["State"]
-        code = int(state.get("ExitCode", -1))
-        oom_killed = bool(state.get("OOMKilled"))
-        oom = None
-        if oom_killed or code == 137:
-            oom = "container was killed by the OOM killer" + (
-                " (State.OOMKilled)" if oom_killed else " (exit 137, not by us)"
-            )
-        return ExitStatus(code=code, oom=oom, log_fields={"oom_killed": oom_killed})
-
-    async def stop(self, run: Run) -> None:
-        """SIGTERM, SIGKILL after the grace period (at once if forced)."""
-        if self.container is None:
-            return
-        grace = 0 if FORCE_KILL.is_set() else self.runner.stop_grace_s
-        limit = min(anyio.current_time() + grace + self.runner.deadlines.stop, run.cleanup_deadline)
-        with anyio.CancelScope(shield=True, deadline=limit):
-            try:
-                if grace > 0:
-                    run.bound.info("container_stopping", grace_s=grace)
-                    # Docker sends SIGTERM, then SIGKILL once `t` seconds have passed.
-                    with anyio.move_on_after(grace + 5):
-                        async with anyio.create_task_group() as tg:
-                            tg.start_soon(self._kill_when_forced, tg.cancel_scope)
-                            await self.container.stop(t=math.ceil(grace))
-                            tg.cancel_scope.cancel()
-                else:
-                    await self.container.kill(signal="SIGKILL")
-            except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
-                run.bound.debug("stop_failed", error=repr(exc))
-
-    async def _kill_when_forced(self, scope: anyio.CancelScope) -> None:
-        await wait_until_forced()
-        with contextlib.suppress(aiodocker.DockerError, aiohttp.ClientError, OSError):
-            await self.container.kill(signal="SIGKILL")
-        scope.cancel()
-
-    async def cleanup(self, run: Run) -> None:
-        """Close the attached stream, then force-remove the container."""
-        if self.stream is not None:
-            limit = min(anyio.current_time() + 5, run.cleanup_deadline)
-            with anyio.CancelScope(shield=True, deadline=limit), contextlib.suppress(Exception):
-                await self.stream.close()
-        if self.container is not None:
-            await self.runner._remove(self.container, run.bound, by=run.cleanup_deadline)
-
-
-async def _pump(stream: Any, capture: LogCapture) -> None:
-    """Copy the attached stdout/stderr frames into the capture until EOF."""
-    decoders = {
-        1: codecs.getincrementaldecoder("utf-8")(errors="replace"),
-        2: codecs.getincrementaldecoder("utf-8")(errors="replace"),
-    }
-    try:
-        while True:
-            message = await stream.read_out()
-            if message is None:
-                break
-            fileno = 2 if message.stream == 2 else 1
-            capture.feed(
-                "stderr" if fileno == 2 else "stdout", decoders[fileno].decode(message.data)
-            )
-    except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
-        log.debug("attach_stream_ended", error=repr(exc))

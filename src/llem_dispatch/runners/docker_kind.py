@@ -7,11 +7,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import anyio
 import structlog
 
+from llem_dispatch._cdi import DEFAULT_CDI_KIND, DEFAULT_SPEC_DIRS, read_specs
 from llem_dispatch._docker import (
     ApiDeadlines,
     docker_available,
+    docker_url,
+    engine_info,
     engine_version,
     missing_images,
     run_once,
@@ -19,10 +23,11 @@ from llem_dispatch._docker import (
     runtimes,
 )
 from llem_dispatch.errors import ConfigError, DockerError, LlemError
+from llem_dispatch.gpu.discovery import nvml_inventory
 from llem_dispatch.runners.docker import DockerRunner
 from llem_dispatch.runners.kinds import DoctorCheck, RunnerKind, RunnerOptions
 
-__all__ = ["FIXED_ENGINE_MAJOR", "DockerRunnerKind", "engine_check"]
+__all__ = ["FIXED_ENGINE_MAJOR", "DockerRunnerKind", "cdi_checks", "engine_check", "image_checks"]
 
 log = structlog.get_logger("llem_dispatch.docker")
 
@@ -47,10 +52,16 @@ class DockerRunnerKind(RunnerKind):
     uses_study_folder = False
     reapable = True
     summary = "Docker containers"
+    #: The runner class built (a subclass for engines that speak the same API).
+    runner_class: type[DockerRunner] = DockerRunner
+
+    def engine_url(self) -> str:
+        """Where the engine's API is: DOCKER_HOST, else the standard local socket."""
+        return docker_url()
 
     def available(self) -> bool:
-        """Whether a Docker daemon answers here (a quick API ping)."""
-        return docker_available()
+        """Whether the engine answers here (a quick API ping)."""
+        return docker_available(url=self.engine_url())
 
     def build(self, options: RunnerOptions, image: str | None = None) -> DockerRunner:
         """A DockerRunner for `image` with the study's container settings."""
@@ -60,7 +71,7 @@ class DockerRunnerKind(RunnerKind):
                 fix_suggestion="Add `image:` to the study, or run with --runner local.",
             )
         passthrough = options.gpu_passthrough
-        return DockerRunner(
+        return self.runner_class(
             image,
             timeout=options.timeout_s,
             source=options.source,
@@ -79,11 +90,14 @@ class DockerRunnerKind(RunnerKind):
             exchange_base=options.exchange_base,
             source_dir=options.study_dir if options.mount_study_dir else None,
             api_deadlines=ApiDeadlines(**options.api_deadlines),
+            gpu_devices=options.gpu_devices,
+            cdi_kind=options.cdi_kind,
+            docker_host=self.engine_url(),
         )
 
     async def missing_images(self, images: Sequence[str]) -> list[str]:
         """Those of `images` the daemon does not have."""
-        return await missing_images(images) if images else []
+        return await missing_images(images, url=self.engine_url()) if images else []
 
     async def check_study(self, options: RunnerOptions, images: Sequence[str]) -> None:
         """Is the `function:` module importable in each image?
@@ -103,7 +117,7 @@ class DockerRunnerKind(RunnerKind):
         for image in images:
             try:
                 exit_code, stderr, _ = await run_once(
-                    image, ["python3", "-c", code], env=options.env
+                    image, ["python3", "-c", code], env=options.env, url=self.engine_url()
                 )
             except DockerError as exc:
                 if "executable file not found" in exc.message:
@@ -133,8 +147,9 @@ class DockerRunnerKind(RunnerKind):
                 DoctorCheck("Docker daemon", False, "not reachable", _START_DOCKER, not required)
             ]
         checks = await _daemon_checks()
+        checks += await cdi_checks(self.engine_url(), cdi_native=False)
         for image in images:
-            checks += await _image_checks(image, buildable)
+            checks += await image_checks(image, buildable, url=self.engine_url())
         return checks
 
 
@@ -185,10 +200,10 @@ def engine_check(version: str) -> DoctorCheck:
     )
 
 
-async def _image_checks(image: str, buildable: bool) -> list[DoctorCheck]:
-    """Is the image on the daemon, and does a container of it start and exit 0."""
+async def image_checks(image: str, buildable: bool, *, url: str) -> list[DoctorCheck]:
+    """Is the image on the engine, and does a container of it start and exit 0."""
     try:
-        present = not await missing_images([image])
+        present = not await missing_images([image], url=url)
     except LlemError as exc:
         return [DoctorCheck(f"image {image}", False, exc.message, exc.fix_suggestion)]
     fix = (
@@ -202,14 +217,14 @@ async def _image_checks(image: str, buildable: bool) -> list[DoctorCheck]:
         )
     ]
     if present:
-        checks.append(await _probe_check(image))
+        checks.append(await _probe_check(image, url))
     return checks
 
 
-async def _probe_check(image: str) -> DoctorCheck:
+async def _probe_check(image: str, url: str) -> DoctorCheck:
     name = f"probe container ({image})"
     try:
-        await run_probe(image)
+        await run_probe(image, url=url)
     except LlemError as exc:
         # The container's own stderr (its tail) says most; without any, the daemon's refusal.
         stderr = getattr(exc, "stderr_snippet", "")
@@ -217,3 +232,73 @@ async def _probe_check(image: str) -> DoctorCheck:
             name, False, stderr[-200:] if stderr else exc.message, "See the error above."
         )
     return DoctorCheck(name, True, "ran `true`")
+
+
+async def cdi_checks(
+    url: str, *, cdi_native: bool, engine: str = "Docker", kind: str = DEFAULT_CDI_KIND
+) -> list[DoctorCheck]:
+    """Is CDI on, which kinds and devices its specs offer, and is every GPU here named.
+
+    `cdi_native`: the engine always reads CDI specs from the default dirs (Podman);
+    else the engine's /info says its spec dirs, none when its `cdi` feature is off.
+    """
+    if cdi_native:
+        dirs: tuple[str, ...] = DEFAULT_SPEC_DIRS
+    else:
+        try:
+            dirs = tuple(str(d) for d in (await engine_info(url=url)).get("CDISpecDirs") or ())
+        except LlemError as exc:
+            return [DoctorCheck("CDI", False, exc.message, exc.fix_suggestion, optional=True)]
+    if not dirs:
+        return [
+            DoctorCheck(
+                "CDI",
+                False,
+                f"off in the {engine} engine: GPUs go by NVIDIA device requests",
+                'Add {"features": {"cdi": true}} to /etc/docker/daemon.json and restart '
+                "dockerd, to hand GPUs over by UUID (`gpu_devices: cdi`).",
+                optional=True,
+            )
+        ]
+    specs = await anyio.to_thread.run_sync(read_specs, dirs)
+    offered = "; ".join(
+        f"{k}: {len(names)} device(s) ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
+        for k, names in sorted(specs.devices.items())
+    )
+    checks = [
+        DoctorCheck("CDI", True, f"on, spec dirs {', '.join(dirs)}"),
+        DoctorCheck(
+            "CDI specs",
+            bool(specs.devices),
+            offered or "no spec names any device",
+            ""
+            if specs.devices
+            else f"Generate one: `sudo nvidia-ctk cdi generate "
+            f"--output=/etc/cdi/nvidia.yaml` (kind {kind}).",
+            optional=True,
+        ),
+    ]
+    checks += [
+        DoctorCheck("CDI spec file", False, problem, "Fix or remove the file.", optional=True)
+        for problem in specs.problems
+    ]
+    inventory, reason = await anyio.to_thread.run_sync(nvml_inventory)
+    if inventory is None:
+        checks.append(DoctorCheck(f"GPUs named by {kind}", True, f"no GPU to name here ({reason})"))
+        return checks
+    missing = specs.missing(kind, [uuid for _, uuid in inventory])
+    checks.append(
+        DoctorCheck(
+            f"GPUs named by {kind}",
+            not missing,
+            f"all {len(inventory)} by UUID"
+            if not missing
+            else f"{len(missing)} of {len(inventory)} not named: {', '.join(missing)}",
+            ""
+            if not missing
+            else "Regenerate the spec: `sudo nvidia-ctk cdi generate "
+            "--output=/etc/cdi/nvidia.yaml` (after a driver or GPU change).",
+            optional=True,
+        )
+    )
+    return checks

@@ -72,6 +72,7 @@ known_runner_kinds: Mapping[str, str] = MappingProxyType(
     {
         "docker": "llem_dispatch.runners.docker_kind:DockerRunnerKind",
         "local": "llem_dispatch.runners.local:LocalRunnerKind",
+        "podman": "llem_dispatch.runners.podman_kind:PodmanRunnerKind",
     }
 )
 
@@ -120,6 +121,9 @@ class RunnerOptions:
     mem_limit: str | None = None
     #: Seconds each engine API call may take (by call name) before the engine counts as hung.
     api_deadlines: Mapping[str, float] = field(default_factory=dict)
+    #: How a container engine is asked for GPUs (`auto`, `cdi`, `nvidia`), and the CDI kind.
+    gpu_devices: Literal["auto", "cdi", "nvidia"] = "auto"
+    cdi_kind: str = "nvidia.com/gpu"
 
 
 class RunnerKind:
@@ -153,6 +157,10 @@ class RunnerKind:
     def available(self) -> bool:
         """Whether this kind can run here now (its engine answers); for `auto` and doctor."""
         return True
+
+    def engine_url(self) -> str | None:
+        """Where its engine's API is (kinds with an engine), for `reap` and the runner."""
+        return None
 
     def build(self, options: RunnerOptions, image: str | None = None) -> Runner:
         """The runner for a study's experiments (`image` when the kind `needs_image`)."""

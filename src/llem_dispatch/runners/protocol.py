@@ -17,6 +17,7 @@ from llem_dispatch.models import ExperimentFailure
 
 __all__ = [
     "GatedRunner",
+    "GpuCheckingRunner",
     "Outcome",
     "PhaseTimes",
     "RunInfo",
@@ -70,6 +71,8 @@ class RunInfo:
     started_at: datetime | None = None
     exited_at: datetime | None = None
     exit_code: int | None = None
+    #: How the run was given its GPUs: `cdi`, `nvidia` (device requests) or `env`.
+    gpu_request: str | None = None
     #: Set once it has exited: prepare, gate wait, gate to first work.
     phases: PhaseTimes | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -104,6 +107,17 @@ class Runner(Protocol):
     ) -> Outcome: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class GpuCheckingRunner(Runner, Protocol):
+    """A Runner that checks, before anything runs, that it can hand over these GPUs.
+
+    Given every GPU the study may hand it (UUIDs where known), it decides how it
+    asks its engine for them and raises `ConfigError` for what cannot be done.
+    """
+
+    async def check_gpus(self, gpus: Sequence[str]) -> None: ...
 
 
 @runtime_checkable

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel
 
 from llem_dispatch.errors import ConfigError
-from llem_dispatch.runners.protocol import GatedRunner, Outcome, Runner, RunObserver
+from llem_dispatch.runners.protocol import (
+    GatedRunner,
+    GpuCheckingRunner,
+    Outcome,
+    Runner,
+    RunObserver,
+)
 
 __all__ = ["RoutingRunner"]
 
@@ -16,11 +22,17 @@ __all__ = ["RoutingRunner"]
 class RoutingRunner:
     """Sends each config to the runner of its backend (one image per backend)."""
 
-    runner_type = "docker"
-
     def __init__(self, field_name: str, runners: Mapping[str, Runner]) -> None:
         self.field_name = field_name
         self.runners = dict(runners)
+        #: The backends' kind (one kind for all of them: docker, podman).
+        self.runner_type = next((r.runner_type for r in self.runners.values()), "docker")
+
+    async def check_gpus(self, gpus: Sequence[str]) -> None:
+        """Each backend's runner checks that it can hand over `gpus`."""
+        for runner in self.runners.values():
+            if isinstance(runner, GpuCheckingRunner):
+                await runner.check_gpus(gpus)
 
     async def run(
         self,

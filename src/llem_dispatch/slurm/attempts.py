@@ -110,7 +110,14 @@ def fill_started(draft: RecordDraft, attempt: Attempt, node: str | None) -> None
 
 
 def _fill_ended(draft: RecordDraft, info: Mapping[str, Any]) -> None:
-    for name in ("container_id", "image", "image_digest", "log_path", "exchange_dir"):
+    for name in (
+        "container_id",
+        "image",
+        "image_digest",
+        "log_path",
+        "exchange_dir",
+        "gpu_request",
+    ):
         if info.get(name):
             setattr(draft, name, info[name])
     if info.get("runner_type"):

@@ -92,6 +92,7 @@ class _Observer:
             log_path=info.log_path,
             image=info.image,
             image_digest=info.image_digest,
+            gpu_request=info.gpu_request,
         )
 
     def on_exited(self, info: RunInfo) -> None:
@@ -177,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         host = JobHost(virtual=virtual, driver_host=started["node"] == spec.get("driver_host"))
         runner = factory(host)
         config = HashedConfig(spec["config"], spec["config_hash"])
-        message = anyio.run(_run, runner, config, ids)
+        # Handed over by UUID where NVML knows it: never a guessable index.
+        message = anyio.run(_run, runner, config, tuple(uuids.get(i, i) for i in ids))
     except Exception as exc:  # noqa: BLE001 - the driver gets every failure as data
         message = {"kind": "error", "error": error_payload(exc), "info": {}}
     message["node"] = started["node"]

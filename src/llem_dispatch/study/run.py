@@ -557,6 +557,7 @@ def _request(
     if kind is not None and kind.reapable:
         reap_here = functools.partial(
             reap,
+            docker_host=kind.engine_url(),
             results_dir=results.path,
             logs_dir=results.path / "orphans",
             deadlines=ApiDeadlines(**study.docker_deadlines),

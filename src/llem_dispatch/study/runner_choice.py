@@ -209,6 +209,8 @@ def runner_options(
         cap_add=tuple(study.cap_add),
         mem_limit=study.mem_limit,
         api_deadlines=dict(study.docker_deadlines),
+        gpu_devices=study.gpu_devices,
+        cdi_kind=study.cdi_kind,
     )
 
 

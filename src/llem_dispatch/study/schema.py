@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from llem_dispatch._cdi import check_kind
 from llem_dispatch._docker import ApiDeadlines
 from llem_dispatch.cluster.settings import RaySettings
 from llem_dispatch.dispatch.registry import placement_names, unknown_placement_message
@@ -256,6 +257,19 @@ class Study(BaseModel):
         default=None,
         description="Hand the assigned GPUs to containers (default: unless they are virtual).",
     )
+    gpu_devices: Literal["auto", "cdi", "nvidia"] = Field(
+        default="auto",
+        description="How a container engine is asked for the GPUs: `cdi` names each by "
+        "UUID (`<cdi_kind>=<UUID>`, Container Device Interface; refused before anything "
+        "runs when the engine or its specs cannot), `nvidia` uses NVIDIA device requests, "
+        "`auto` takes CDI when the engine has it and a spec names every GPU. Records say "
+        "which (`gpu_request`).",
+    )
+    cdi_kind: str = Field(
+        default="nvidia.com/gpu",
+        description="The CDI kind (vendor/class) whose specs name the GPUs by UUID "
+        "(NVIDIA's toolkit: nvidia.com/gpu).",
+    )
     retries: int = Field(
         default=3, ge=0, description="Retries for transient infrastructure errors only."
     )
@@ -338,6 +352,11 @@ class Study(BaseModel):
         if value and not {"start", "end"} <= set(value):
             raise ValueError("give both `start` and `end` (result fields, epoch seconds)")
         return {k: v.removeprefix("result.") for k, v in value.items()}
+
+    @field_validator("cdi_kind")
+    @classmethod
+    def _cdi_kind_form(cls, value: str) -> str:
+        return check_kind(value)
 
     @field_validator("image")
     @classmethod

@@ -13,8 +13,9 @@ import anyio
 import pytest
 from structlog.testing import capture_logs
 
-from llem_dispatch.errors import GpuRequestError
+from llem_dispatch.errors import ConfigError, GpuRequestError
 from llem_dispatch.gpu import GpuLease, GpuPool, SettleSpec
+from llem_dispatch.gpu import pool as pool_module
 
 ALL4 = ("0", "1", "2", "3")
 
@@ -727,3 +728,28 @@ def test_detect_survives_a_broken_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "DRIVER_NOT_LOADED" in reasons[0]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert GpuPool.detect().devices == ()
+
+
+def test_named_pool_hands_gpus_over_by_uuid_where_known(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without NVML: a UUID is kept as given; an index stays unresolved."""
+    monkeypatch.setattr(pool_module, "nvml_inventory", lambda: (None, "no NVML here"))
+    uuid = "GPU-5e1f0a00-0000-4000-8000-000000000000"
+    pool = GpuPool.named([uuid, "3"])
+    assert pool.uuids == {uuid: uuid}
+    assert pool.handed([uuid, "3"]) == (uuid, "3")
+    assert pool.devices == (uuid, "3")
+
+
+def test_named_pool_resolves_indices_through_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With NVML's inventory: indices become UUIDs; a GPU the host lacks is refused."""
+    inventory = [
+        ("0", "GPU-aaaaaaaa-0000-4000-8000-000000000000"),
+        ("1", "GPU-bbbbbbbb-0000-4000-8000-000000000001"),
+    ]
+    monkeypatch.setattr(pool_module, "nvml_inventory", lambda: (inventory, "ok"))
+    monkeypatch.setattr(pool_module, "nvml_names", lambda ids: dict.fromkeys(ids, "NVIDIA H200"))
+    pool = GpuPool.named(["1", "GPU-aaaaaaaa-0000-4000-8000-000000000000"])
+    assert pool.handed(pool.devices) == (inventory[1][1], inventory[0][1])
+    assert set(pool.names.values()) == {"NVIDIA H200"}
+    with pytest.raises(ConfigError, match="gpus: 7 is not a GPU of this host"):
+        GpuPool.named(["7"])

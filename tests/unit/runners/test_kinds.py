@@ -60,10 +60,11 @@ def test_builtins_are_dotted_paths_in_a_read_only_view() -> None:
     assert dict(known_runner_kinds) == {
         "docker": "llem_dispatch.runners.docker_kind:DockerRunnerKind",
         "local": "llem_dispatch.runners.local:LocalRunnerKind",
+        "podman": "llem_dispatch.runners.podman_kind:PodmanRunnerKind",
     }
-    assert {"docker", "local"} <= set(runner_kinds)
+    assert {"docker", "local", "podman"} <= set(runner_kinds)
     with pytest.raises(TypeError):
-        runner_kinds["podman"] = "x:Y"  # type: ignore[index]
+        runner_kinds["apptainer"] = "x:Y"  # type: ignore[index]
 
 
 def test_naming_a_kind_imports_nothing_heavy() -> None:
@@ -134,7 +135,7 @@ def test_unknown_names_list_the_registered_kinds_with_a_suggestion() -> None:
     with pytest.raises(ConfigError) as info:
         get_runner_kind("dokcer")
     assert "did you mean 'docker'?" in info.value.message
-    assert "registered kinds: docker, local; or auto" in info.value.message
+    assert "registered kinds: docker, local, podman; or auto" in info.value.message
     assert find_runner_kind("dokcer") is None
     assert find_runner_kind("docker") is get_runner_kind("docker")
 

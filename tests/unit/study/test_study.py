@@ -112,8 +112,8 @@ def test_parse_runner_value() -> None:
     assert parse_runner_value("local").kind == "local"
     spec = parse_runner_value("docker:ghcr.io/org/img:1.2")
     assert (spec.kind, spec.image) == ("docker", "ghcr.io/org/img:1.2")
-    with pytest.raises(ConfigError, match="unknown runner kind 'podman'"):
-        parse_runner_value("podman")
+    with pytest.raises(ConfigError, match="unknown runner kind 'apptainer'"):
+        parse_runner_value("apptainer")
     with pytest.raises(ConfigError, match="not a valid image"):
         parse_runner_value("docker:BAD IMAGE")
 
