@@ -80,8 +80,9 @@ async def run_lifecycle(
     try:
         run.exchange.write_config(data)
         run.exchange.write_secrets(collect_secrets(settings.secret_env))
-        await _start(settings, backend, run)
+        # Before the start call: a process may mark its work before that call returns.
         launched = time.time()
+        await _start(settings, backend, run)
         gate_opened: float | None = None
         if gate is not None:
             gate_opened = await _pass_gate(settings, backend, run, gate)

@@ -20,7 +20,7 @@ def phase_times(
 ) -> PhaseTimes:
     """Prepare, gate wait and gate-to-work seconds (None where a mark is missing).
 
-    `launched`: when the host started the experiment; `gate`: when its gate opened
+    `launched`: when the host began starting the experiment; `gate`: when its gate opened
     (None: it was not held at one, so its GPUs were its own from `launched`).
     """
 
