@@ -11,7 +11,8 @@ Usage::
 It reads the config from $LLEM_CONFIG_PATH, loads secrets from
 $LLEM_SECRETS_PATH into the environment, imports the function and, when
 $LLEM_GO_PATH is set (a prestarted run held at its gate), waits until that
-file exists before it calls `function(config)` (the GPU is not the run's
+file exists (blocked on the $LLEM_GO_FIFO the host writes to as it opens the gate,
+else polling) before it calls `function(config)` (the GPU is not the run's
 until then: touch nothing on it at import time). It writes
 its return value (a JSON-able dict, or an object with `model_dump()`) to
 $LLEM_RESULT_PATH atomically. On any exception it writes
@@ -87,6 +88,14 @@ def _wait_at_gate() -> None:
     path = os.environ.get("LLEM_GO_PATH")
     if not path:
         return
+    fifo = os.environ.get("LLEM_GO_FIFO")
+    if fifo and not os.path.exists(path):
+        # Blocks, using no CPU, until the host writes a line when it opens the gate.
+        try:
+            with open(fifo, "rb") as handle:
+                handle.readline()
+        except OSError as exc:
+            print(f"llem-container: gate FIFO unusable ({exc}); polling", file=sys.stderr)
     while not os.path.exists(path):
         time.sleep(GATE_POLL_S)
 

@@ -1,7 +1,9 @@
-"""The gate in front of a `command:` run's own program: a POSIX shell loop, then `exec`.
+"""The gate in front of a `command:` run's own program: a POSIX shell wait, then `exec`.
 
 A prestarted `command:` run starts as `/bin/sh -c SHELL_GATE llem-gate ARGV...`:
-the shell waits for the go file ($LLEM_GO_PATH) and then `exec`s ARGV unchanged
+the shell blocks reading the gate's FIFO ($LLEM_GO_FIFO: no CPU while it waits),
+makes sure of the go file ($LLEM_GO_PATH; polled every 10 ms where there is no
+FIFO, or reading it failed) and then `exec`s ARGV unchanged
 (same pid, environment, working directory and stdio), so the image's own command
 runs exactly as it would have, only later. Any image with /bin/sh can be gated;
 one without (distroless, scratch) cannot, and its start fails naming this.
@@ -24,8 +26,13 @@ __all__ = [
     "image_argv",
 ]
 
-#: Polls the go file every 10 ms (a fractional `sleep`: busybox, coreutils, dash's).
-SHELL_GATE = 'while [ ! -e "$LLEM_GO_PATH" ]; do sleep 0.01; done; exec "$@"'
+#: Blocks on the FIFO, then polls the go file every 10 ms (a fractional `sleep`:
+#: busybox's, coreutils') until it exists, then `exec`s the command.
+SHELL_GATE = (
+    'if [ -p "${LLEM_GO_FIFO:-}" ] && [ ! -e "$LLEM_GO_PATH" ]; '
+    'then read -r _ < "$LLEM_GO_FIFO"; fi; '
+    'while [ ! -e "$LLEM_GO_PATH" ]; do sleep 0.01; done; exec "$@"'
+)
 #: The Entrypoint of a gated container: its Cmd (the original argv) becomes "$@".
 GATE_ENTRYPOINT: tuple[str, ...] = ("/bin/sh", "-c", SHELL_GATE, "llem-gate")
 #: In a start error of a gated run: the image has no shell for the gate.

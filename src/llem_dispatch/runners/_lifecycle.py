@@ -75,7 +75,8 @@ async def run_lifecycle(
     await backend.prepare()
     run = _open_run(settings, backend, config_hash, tuple(str(g) for g in gpus or ()))
     run.deadline = deadline
-    run.exchange.gated = gate is not None
+    if gate is not None:
+        run.exchange.hold_at_gate()
     succeeded = False
     try:
         run.exchange.write_config(data)
@@ -220,6 +221,7 @@ async def _clean_up(backend: RunBackend, run: Run, *, remove_exchange: bool) -> 
     run's outcome (result or error) as it was.
     """
     _attempt(run, "secrets", run.exchange.remove_secrets)
+    _attempt(run, "gate", run.exchange.close_gate)
     if run.capture is not None:
         _attempt(run, "log", run.capture.close)
     try:

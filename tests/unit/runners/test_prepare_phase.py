@@ -61,7 +61,9 @@ def test_a_generator_prepares_before_the_gate_and_works_after_it(protocol_env: P
         """,
     )
     codes: list[int] = []
-    helper = threading.Thread(target=lambda: codes.append(container.main(["gen_ok:run"])))
+    helper = threading.Thread(
+        target=lambda: codes.append(container.main(["gen_ok:run"])), daemon=True
+    )
     helper.start()
     deadline = time.monotonic() + 10
     # The prepare part ran and the helper is waiting at its gate: the `ready` mark.
@@ -184,3 +186,69 @@ def test_the_shell_gate_waits_for_the_go_file_then_execs(tmp_path: Path) -> None
     finally:
         process.kill()
     assert out.read_text() == "one two words\n"
+
+
+def test_a_gate_blocked_on_the_fifo_uses_no_cpu_and_wakes_at_once(tmp_path: Path) -> None:
+    import resource
+    import subprocess
+
+    exchange = ExchangeDir(tmp_path, "c")
+    exchange.hold_at_gate()
+    env = {**os.environ, **exchange.env(str(tmp_path))}
+    assert env["LLEM_GO_FIFO"].endswith(".llem-go.fifo")
+    out = tmp_path / "out"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    process = subprocess.Popen(gated_argv(["/bin/sh", "-c", f"echo ran > {out}"]), env=env)
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            process.wait(1.0)  # held, blocked reading the FIFO
+        assert not out.exists()
+        exchange.open_gate()
+        assert process.wait(10) == 0
+    finally:
+        process.kill()
+        exchange.close_gate()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    # Polling the go file every 10 ms would take 0.06-0.09 s of CPU in that second.
+    assert cpu < 0.03
+    assert out.read_text() == "ran\n"
+
+
+def test_a_gate_that_opens_the_fifo_late_still_finds_the_line(tmp_path: Path) -> None:
+    exchange = ExchangeDir(tmp_path, "c")
+    exchange.hold_at_gate()
+    exchange.open_gate()  # before any reader: the line stays, the write end held
+    try:
+        with (tmp_path / ".llem-go.fifo").open("rb") as fifo:
+            assert fifo.readline() == b"go\n"
+    finally:
+        exchange.close_gate()
+    exchange.close_gate()  # idempotent
+    assert (tmp_path / ".llem-go").exists()
+
+
+def test_the_helper_waits_on_the_fifo(protocol_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _module(protocol_env, "fifo_ok", "def run(config):\n    return {'ok': True}\n")
+    exchange = ExchangeDir(protocol_env, "c")
+    exchange.hold_at_gate()
+    monkeypatch.setenv("LLEM_GO_PATH", str(protocol_env / ".llem-go"))
+    monkeypatch.setenv("LLEM_GO_FIFO", str(protocol_env / ".llem-go.fifo"))
+    codes: list[int] = []
+    helper = threading.Thread(
+        target=lambda: codes.append(container.main(["fifo_ok:run"])), daemon=True
+    )
+    helper.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not (protocol_env / "marks.jsonl").exists() or "ready" not in _marks(protocol_env):
+            assert time.monotonic() < deadline, "never became ready"
+            time.sleep(0.005)
+        helper.join(0.3)
+        assert helper.is_alive()  # blocked at its gate
+        exchange.open_gate()
+        helper.join(10)
+    finally:
+        exchange.close_gate()
+    assert codes == [0]
+    assert "go" in _marks(protocol_env)
