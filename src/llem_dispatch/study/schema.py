@@ -29,13 +29,13 @@ from llem_dispatch.cluster.settings import RaySettings
 from llem_dispatch.dispatch.registry import placement_names, unknown_placement_message
 from llem_dispatch.errors import ConfigError
 from llem_dispatch.gpu import SettleSpec
-from llem_dispatch.runners.docker import parse_size
 from llem_dispatch.slurm.settings import SlurmSettings
 from llem_dispatch.study.runner_value import RunnerSpec, check_image, parse_runner_value
 from llem_dispatch.study.sections import (
     BuildSpec,
     CycleSpec,
     ReportSpec,
+    SizeText,
     TelemetrySpec,
     UntilSpec,
     problems,
@@ -207,20 +207,11 @@ class Study(BaseModel):
         "(and a generator's prepare part) runs beside the current experiment. Its "
         "timeout counts from the gate. Off by default.",
     )
-    prestart_memory_reserve: str | None = Field(
+    prestart_memory_reserve: SizeText | None = Field(
         default=None,
-        description='Host memory prestarted runs must leave available ("32g"): while '
-        "MemAvailable is below it, a run is not started early (nor prepared) but waits "
-        "for its GPUs; null: 20% of the host's memory.",
+        description='Host memory prestarts must leave available ("32g"; null: 20% of it): '
+        "below it, a run is not started early (nor prepared) but waits for its GPUs.",
     )
-
-    @field_validator("prestart_memory_reserve")
-    @classmethod
-    def _reserve_ok(cls, value: str | None) -> str | None:
-        """A size as for `shm_size` ("32g", "512m", bytes)."""
-        if value is not None:
-            parse_size(value)  # its ValueError says what a size looks like
-        return value
 
     cycle_gap_s: float = Field(
         default=0.0, ge=0, allow_inf_nan=False, description="Pause between cycles, seconds."
