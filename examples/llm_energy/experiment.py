@@ -22,6 +22,7 @@ and GPU memory are then None), which is what the CI test does with a tiny model.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -272,8 +273,114 @@ def _check_gpus(config: dict[str, Any], gpus: list[dict[str, str]]) -> list[str]
     return assigned
 
 
+def _mark_work() -> None:
+    """Tell llem-dispatch the measured work starts now (a `work` mark, for `gate_to_work_s`)."""
+    path = os.environ.get("LLEM_MARKS_PATH")
+    if path:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"mark": "work", "t": time.time()}) + "\n")
+
+
+def write_weights(model: str, folder: str, dtype: str = "bf16") -> str:
+    """Save a random-weight Llama of size `model` to `folder` (safetensors), once."""
+    import torch
+
+    target = os.path.join(folder, f"{model}-{dtype}")
+    if os.path.exists(os.path.join(target, "config.json")):
+        return target
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    built = build_model({"model": model, "dtype": dtype}, [device])
+    built.save_pretrained(target, safe_serialization=True)
+    return target
+
+
+def _weights_path(config: dict[str, Any]) -> str:
+    folder = str(config["weights_dir"])
+    return os.path.join(
+        folder, f"{config.get('model', 'llama-0.1b')}-{config.get('dtype', 'bf16')}"
+    )
+
+
+def load_model(config: dict[str, Any], device: Any) -> Any:
+    """The config's model from its saved weights (`weights_dir`), straight onto `device`."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    dtype = getattr(torch, DTYPES[str(config.get("dtype", "bf16"))])
+    model = LlamaForCausalLM.from_pretrained(_weights_path(config), dtype=dtype, device_map=device)
+    model.eval()
+    return model
+
+
 def run(config: dict[str, Any]) -> dict[str, Any]:
-    """Generate `max_new_tokens` greedily for a batch; report times, energy, memory, GPUs."""
+    """Generate `max_new_tokens` greedily for a batch; report times, energy, memory, GPUs.
+
+    With `weights_dir` in the config the weights are read from disk (saved by
+    `write_weights`) after the gate, as most real experiments do; otherwise the
+    model is built with random weights on the GPU.
+    """
+    import torch
+
+    gpus = _visible_gpus()
+    assigned = _check_gpus(config, gpus)
+    devices: list[Any] = [f"cuda:{i}" for i in range(len(gpus))] or ["cpu"]
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    if config.get("weights_dir") and len(devices) == 1:
+        model = load_model(config, devices[0])
+    else:
+        model = build_model(config, devices)
+    if gpus:
+        torch.cuda.synchronize(devices[0])
+    timings["load_s"] = time.perf_counter() - start
+    steps = _generate_and_measure(config, model, devices, gpus, assigned, timings)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            result: dict[str, Any] = stop.value
+            return result
+        _mark_work()
+
+
+def prepared(config: dict[str, Any]) -> Any:
+    """`run` with a prepare phase (a generator: llem-dispatch's container protocol).
+
+    Before its first `yield` (the gate) it touches no GPU: imports, and the weights
+    read from disk into host memory. After it, the model moves to the GPU, warms up,
+    marks its measured work with the second `yield`, and returns the result.
+    """
+    import torch
+
+    start = time.perf_counter()
+    cpu_model = load_model(config, "cpu")
+    with torch.no_grad():
+        # Into this process's memory, not pages of a memory-mapped file still to be read.
+        for tensor in [*cpu_model.parameters(), *cpu_model.buffers()]:
+            tensor.data = tensor.data.clone()
+    read_s = time.perf_counter() - start
+    yield  # prepared: wait here until the GPU is this experiment's
+    gpus = _visible_gpus()
+    assigned = _check_gpus(config, gpus)
+    devices: list[Any] = [f"cuda:{i}" for i in range(len(gpus))] or ["cpu"]
+    start = time.perf_counter()
+    model = cpu_model.to(devices[0])
+    if gpus:
+        torch.cuda.synchronize(devices[0])
+    timings = {"host_read_s": read_s, "load_s": time.perf_counter() - start}
+    result = yield from _generate_and_measure(config, model, devices, gpus, assigned, timings)
+    return result
+
+
+def _generate_and_measure(
+    config: dict[str, Any],
+    model: Any,
+    devices: list[Any],
+    gpus: list[dict[str, str]],
+    assigned: list[str] | None,
+    timings: dict[str, float],
+) -> Any:
+    """Warm up, yield once (measuring starts now), measure; return the result."""
     import torch
     import transformers
 
@@ -281,10 +388,6 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     prompt_tokens = int(config.get("prompt_tokens", 256))
     new_tokens = int(config.get("max_new_tokens", 128))
     repeats = int(config.get("repeats", 2))
-    gpus = _visible_gpus()
-    assigned = _check_gpus(config, gpus)
-    devices: list[Any] = [f"cuda:{i}" for i in range(len(gpus))] or ["cpu"]
-    model = build_model(config, devices)
     vocab = int(model.config.vocab_size)
     prompts = torch.randint(
         3, vocab, (batch, prompt_tokens), generator=torch.Generator().manual_seed(1)
@@ -306,12 +409,15 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         for device in devices if gpus else ():
             torch.cuda.synchronize(device)
 
+    start = time.perf_counter()
     produced = generate(new_tokens).shape[1] - prompt_tokens  # warm-up, not measured
     if produced != new_tokens:
         raise RuntimeError(f"generated {produced} tokens, expected {new_tokens}")
+    timings["warmup_s"] = time.perf_counter() - start
     for device in devices if gpus else ():
         torch.cuda.reset_peak_memory_stats(device)
     energy = _nvml_energy_reader([g["uuid"] for g in gpus]) if gpus else None
+    yield  # measuring starts now
     windows = _measure(generate, new_tokens, repeats, sync, energy)
     peak = [torch.cuda.max_memory_allocated(d) / 2**30 for d in devices] if gpus else None
     return {
@@ -339,4 +445,25 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         "python": platform.python_version(),
         "start_wall": windows["prefill"]["start_wall"],
         "end_wall": windows["full"]["end_wall"],
+        "phases_s": timings,
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python experiment.py --write-weights DIR MODEL...`: save random weights once."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write-weights", metavar="DIR", required=True)
+    parser.add_argument("models", nargs="+")
+    parser.add_argument("--dtype", default="bf16")
+    args = parser.parse_args(argv)
+    for model in args.models:
+        start = time.perf_counter()
+        path = write_weights(model, args.write_weights, args.dtype)
+        print(f"{path}: {time.perf_counter() - start:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -38,6 +38,13 @@ SECRETS_FILENAME = ".llem-secrets.json"
 LOG_FILENAME = "container.log"
 #: The gate's go file: a prestarted experiment waits for it before touching a GPU.
 GO_FILENAME = ".llem-go"
+#: A FIFO beside the go file: a gate blocked reading it wakes when the gate opens,
+#: where polling the go file would cost CPU beside the measuring experiment.
+GO_FIFO_NAME = ".llem-go.fifo"
+#: Where the experiment (the helper, or any program) appends its timing marks.
+MARKS_FILENAME = ".llem-marks.jsonl"
+#: The most of the marks file the host reads (a few lines are expected).
+MAX_MARKS_BYTES = 64 * 1024
 DEFAULT_MAX_RESULT_BYTES = 64 * 1024 * 1024
 ERROR_KEYS = frozenset({"type", "message", "traceback", "config_hash"})
 
@@ -80,6 +87,8 @@ class ExchangeDir:
         self.config_hash = config_hash
         #: Held at a gate (prestart): `env` names the go file, `open_gate` writes it.
         self.gated = False
+        #: The write end of the gate's FIFO, held open from the gate's opening to `close_gate`.
+        self._gate_fd: int | None = None
 
     @classmethod
     def create(cls, config_hash: str, *, base_dir: str | Path | None = None) -> ExchangeDir:
@@ -115,16 +124,72 @@ class ExchangeDir:
             "LLEM_ERROR_PATH": f"{root}/{self.error_name}",
             "LLEM_EXCHANGE_DIR": root,
             "LLEM_CONFIG_HASH": self.config_hash,
+            "LLEM_MARKS_PATH": f"{root}/{MARKS_FILENAME}",
         }
         if self.secrets_path.exists():
             env["LLEM_SECRETS_PATH"] = f"{root}/{SECRETS_FILENAME}"
         if self.gated:
             env["LLEM_GO_PATH"] = f"{root}/{GO_FILENAME}"
+            if (self.path / GO_FIFO_NAME).exists():
+                env["LLEM_GO_FIFO"] = f"{root}/{GO_FIFO_NAME}"
         return env
 
+    def hold_at_gate(self) -> None:
+        """Mark the run as held at a gate, with a FIFO its gate may block on (no polling).
+
+        Without FIFOs (not POSIX) the gate polls the go file alone.
+        """
+        self.gated = True
+        with contextlib.suppress(OSError, AttributeError):
+            os.mkfifo(self.path / GO_FIFO_NAME, 0o644)
+            os.chmod(self.path / GO_FIFO_NAME, 0o644)  # past the umask, as the go file
+
     def open_gate(self) -> None:
-        """Write the go file: the experiment held at its gate may use its GPUs now."""
+        """Write the go file, then wake a gate blocked on the FIFO: the GPUs are its now.
+
+        The FIFO's write end stays open (read-write, so opening never blocks and the
+        line stays buffered) until `close_gate`: a gate that opens the FIFO only now
+        still finds the line, never an end of file or a reader with no writer.
+        """
         (self.path / GO_FILENAME).touch(mode=0o644)
+        fifo = self.path / GO_FIFO_NAME
+        if self._gate_fd is not None or not fifo.exists():
+            return
+        try:
+            self._gate_fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW)
+            os.write(self._gate_fd, b"go\n")
+        except OSError as exc:  # the go file alone still opens the gate (by polling)
+            log.warning("gate_fifo_failed", exchange_dir=str(self.path), error=str(exc))
+
+    def close_gate(self) -> None:
+        """Close the FIFO's write end (after the run); idempotent."""
+        fd, self._gate_fd = self._gate_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def read_marks(self) -> dict[str, dict[str, Any]]:
+        """The experiment's timing marks, first of each name: `{name: {"t": s, ...}}`.
+
+        Best effort and never raises: marks are timing, not results; a malformed
+        line is skipped, a link or an oversized file reads as no marks.
+        """
+        try:
+            raw = self._read_bounded(MARKS_FILENAME, MAX_MARKS_BYTES)
+        except ResultError:
+            return {}
+        marks: dict[str, dict[str, Any]] = {}
+        for line in (raw or b"").decode("utf-8", "replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(entry, dict) or not isinstance(entry.get("mark"), str):
+                continue
+            t = entry.get("t")
+            if isinstance(t, int | float) and not isinstance(t, bool):
+                marks.setdefault(entry["mark"], {**entry, "t": float(t)})
+        return marks
 
     def write_config(self, config: Mapping[str, Any]) -> Path:
         """Write the config as canonical JSON."""

@@ -11,16 +11,35 @@ Usage::
 It reads the config from $LLEM_CONFIG_PATH, loads secrets from
 $LLEM_SECRETS_PATH into the environment, imports the function and, when
 $LLEM_GO_PATH is set (a prestarted run held at its gate), waits until that
-file exists before it calls `function(config)` (the GPU is not the run's
+file exists (blocked on the $LLEM_GO_FIFO the host writes to as it opens the gate,
+else polling) before it calls `function(config)` (the GPU is not the run's
 until then: touch nothing on it at import time). It writes
 its return value (a JSON-able dict, or an object with `model_dump()`) to
 $LLEM_RESULT_PATH atomically. On any exception it writes
 {"type", "message", "traceback"} to $LLEM_ERROR_PATH and exits 1.
+
+Prepare phase: a generator function splits its work at its `yield`s. Its body up
+to the first `yield` is the prepare part, run BEFORE the gate (host-side only:
+imports, weights into host memory, tokenizer, data; nothing on the GPU, which
+the previous experiment is still measuring on); after the gate it resumes. An
+optional second `yield` marks the start of its first measured work; its
+`return` value is the result::
+
+    def run(config):
+        weights = load_to_host_memory(config)      # prepare: before the gate
+        yield                                      # ready: wait for the GPU
+        model = to_gpu(weights); warm_up(model)    # the GPU is this run's now
+        yield                                      # (optional) measuring starts
+        return measure(model)
+
+It appends its marks (`start`, `ready`, `go`, `work`: wall-clock seconds) as JSON
+lines to $LLEM_MARKS_PATH, which any experiment may append a `work` mark to.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import sys
@@ -69,8 +88,71 @@ def _wait_at_gate() -> None:
     path = os.environ.get("LLEM_GO_PATH")
     if not path:
         return
+    fifo = os.environ.get("LLEM_GO_FIFO")
+    if fifo and not os.path.exists(path):
+        # Blocks, using no CPU, until the host writes a line when it opens the gate.
+        try:
+            with open(fifo, "rb") as handle:
+                handle.readline()
+        except OSError as exc:
+            print(f"llem-container: gate FIFO unusable ({exc}); polling", file=sys.stderr)
     while not os.path.exists(path):
         time.sleep(GATE_POLL_S)
+
+
+def _mark(name: str, **fields: Any) -> None:
+    """Append `{"mark": name, "t": now}` to $LLEM_MARKS_PATH (best effort: timing only)."""
+    path = os.environ.get("LLEM_MARKS_PATH")
+    if not path:
+        return
+    line = json.dumps({"mark": name, "t": time.time(), **fields})
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+    except OSError as exc:
+        print(f"llem-container: could not write mark {name}: {exc}", file=sys.stderr)
+
+
+def _rss_bytes() -> int | None:
+    """This process's resident memory (Linux), reported with the `ready` mark."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _call(function: Any, config: Any, target: str) -> Any:
+    """Call the experiment, its prepare part (a generator's) before the gate."""
+    if not inspect.isgeneratorfunction(function):
+        _mark("ready", rss_bytes=_rss_bytes())
+        _wait_at_gate()
+        _mark("go")
+        return function(config)
+    steps = function(config)
+    try:
+        next(steps)
+    except StopIteration as stop:
+        raise TypeError(
+            f"{target} is a generator that returned before its first `yield`: "
+            "yield once when prepared (before any GPU work)"
+        ) from stop
+    _mark("ready", rss_bytes=_rss_bytes())
+    _wait_at_gate()
+    _mark("go")
+    for marked in ("work", None):
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+        if marked is None:
+            break
+        _mark(marked)
+    steps.close()
+    raise TypeError(f"{target} yielded more than twice (prepared, then measuring)")
 
 
 def _to_jsonable(value: Any) -> Any:
@@ -105,13 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     error_path = os.environ.get("LLEM_ERROR_PATH") or result_path.replace(
         "_result.json", "_error.json"
     )
+    _mark("start")
     try:
         _load_secrets()
         with open(config_path, encoding="utf-8") as handle:
             config = json.load(handle)
         function = _load_target(args[0])
-        _wait_at_gate()
-        result = _to_jsonable(function(config))
+        result = _to_jsonable(_call(function, config, args[0]))
         if not isinstance(result, dict):
             raise TypeError(
                 f"{args[0]} returned {type(result).__name__}; it must return a dict "

@@ -81,6 +81,41 @@ def test_experiment_generates_and_reports_on_cpu(
     assert result["peak_memory_gib"] is None
 
 
+def test_weights_on_disk_with_and_without_a_prepare_phase(
+    experiment: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.delenv("LLEM_GPU_IDS", raising=False)
+    marks = tmp_path / "marks.jsonl"
+    monkeypatch.setenv("LLEM_MARKS_PATH", str(marks))
+    path = experiment.write_weights("tiny", str(tmp_path / "w"))
+    assert (Path(path) / "model.safetensors").exists()
+    config = {**TINY, "weights_dir": str(tmp_path / "w")}
+    plain = experiment.run(config)
+    assert plain["phases_s"]["load_s"] > 0
+    assert [json.loads(line)["mark"] for line in marks.read_text().splitlines()] == ["work"]
+    # The prepare phase: a generator that yields when prepared, then when measuring.
+    steps = experiment.prepared(config)
+    next(steps)  # prepared: the weights are in host memory, nothing on a GPU
+    next(steps)  # measuring starts
+    with pytest.raises(StopIteration) as done:
+        next(steps)
+    result = done.value.value
+    json.dumps(result, allow_nan=False)
+    assert result["phases_s"]["host_read_s"] > 0
+    assert result["output_tokens"] == plain["output_tokens"] == 2 * 4
+    assert result["params_b"] == pytest.approx(plain["params_b"])
+
+
+@pytest.mark.parametrize("name", ["study-disk", "study-disk-prepare"])
+def test_disk_studies_differ_only_in_their_function(name: str) -> None:
+    study = load_study(EXAMPLE / f"{name}.yaml")
+    assert study.function == ("disk:prepared" if name.endswith("prepare") else "disk:run")
+    assert study.prestart
+    assert study.experiment_gap_s == 2
+    assert len(expand_study(study)) == 8
+
+
 def test_device_map_covers_every_weight_in_contiguous_blocks(experiment: ModuleType) -> None:
     model = experiment.build_model({**TINY, "arch": {"num_hidden_layers": 5}}, ["cpu"])
     device_map = experiment.split_device_map(5, [0, 1])

@@ -7,13 +7,17 @@ writes `{hash}_error.json` then re-raises on failure.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from llem_dispatch import DockerRunner, ExperimentFailure, ExperimentResult, ResultError
+from llem_dispatch.dispatch import Dispatcher
+from llem_dispatch.gpu import GpuPool
 from tests.conftest import PYTHON_IMAGE
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leaked_containers")]
@@ -40,9 +44,12 @@ def lem_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     subprocess.run(["docker", "image", "rm", "-f", IMAGE], capture_output=True, check=False)
 
 
-def runner(image: str, labels: dict[str, str], exchange_base: Path) -> DockerRunner:
+def runner(
+    image: str, labels: dict[str, str], exchange_base: Path, *, gpu_passthrough: bool = True
+) -> DockerRunner:
     return DockerRunner(
         image,
+        gpu_passthrough=gpu_passthrough,
         network="none",
         shm_size="16m",
         timeout=60,
@@ -98,3 +105,39 @@ async def test_two_result_files_are_a_clear_error(
     async with r:
         with pytest.raises(ResultError, match=r"aaaa_result\.json, bbbb_result\.json"):
             await r.run({"x": 1})
+
+
+async def test_their_entrypoint_runs_unchanged_under_prestart(
+    lem_image: str, test_labels: dict[str, str], exchange_base: Path
+) -> None:
+    # Their image's own CMD runs behind the shell gate: same results, same failures.
+    configs = [
+        {"model": "llama-8b", "batch_size": 1},
+        {"model": "llama-8b", "fail": "oom-on-purpose"},
+        {"model": "llama-8b", "batch_size": 8, "precision": "fp16"},
+    ]
+    pool = GpuPool.virtual_devices(1, cooldown_s=0.05)
+    async with runner(lem_image, test_labels, exchange_base, gpu_passthrough=False) as r:
+        with anyio.fail_after(120):
+            async with Dispatcher(r, pool=pool, prestart=True) as dispatcher:
+                records = [rec async for rec in dispatcher.map(configs, gpus=1)]
+    by_config = {json.dumps(rec.config, sort_keys=True): rec for rec in records}
+    assert sum(rec.prestarted for rec in records) == 2
+    ok = [by_config[json.dumps(c, sort_keys=True)] for c in (configs[0], configs[2])]
+    for record in ok:
+        assert record.ok, (record.error, record.failure)
+        assert record.result is not None
+        data = record.result["data"]
+        assert data["tokens_per_s"] == 1234.5
+        assert record.result["runner"]["result_file"] == f"{data['config_hash']}_result.json"
+    assert ok[1].result is not None
+    assert ok[1].result["data"]["precision"] == "fp16"
+    failed = by_config[json.dumps(configs[1], sort_keys=True)]
+    assert failed.status == "failed"
+    assert failed.failure is not None
+    assert failed.failure.type == "ValueError"
+    assert "fail=oom-on-purpose" in failed.failure.message
+    for record in records:
+        if record.prestarted:
+            assert record.gate_opened_at is not None
+            assert record.gate_wait_s is not None

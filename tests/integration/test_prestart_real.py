@@ -135,21 +135,35 @@ async def test_cancelling_leaves_no_container_held_at_a_gate(
     assert pool.busy() == {}
 
 
-async def test_a_command_study_is_not_prestarted(
+async def test_a_busybox_command_is_held_at_the_shell_gate(
     test_labels: dict[str, str], exchange_base: Path
 ) -> None:
+    # Busybox has no python: its own command waits behind the shell gate, then runs.
+    script = (
+        '[ -z "$LLEM_GO_PATH" ] || [ -e "$LLEM_GO_PATH" ] || exit 3; '
+        'echo "{\\"gated\\": \\"${LLEM_GO_PATH:+yes}\\"}" > "$LLEM_RESULT_PATH"; sleep 1'
+    )
     runner = DockerRunner(
         BUSYBOX_IMAGE,
-        command=["sh", "-c", 'echo {} > "$LLEM_RESULT_PATH"'],
+        command=["sh", "-c", script],
         gpu_passthrough=False,
         labels=test_labels,
         exchange_base=exchange_base,
         network="none",
         shm_size="16m",
     )
-    pool = GpuPool.virtual_devices(1)
-    with anyio.fail_after(60):
+    pool = GpuPool.virtual_devices(1, cooldown_s=COOLDOWN_S)
+    with anyio.fail_after(90):
         async with Dispatcher(runner, pool=pool, prestart=True) as dispatcher:
             records = [r async for r in dispatcher.map([{"i": i} for i in range(3)], gpus=1)]
-    assert all(r.ok for r in records)
-    assert not any(r.prestarted for r in records)
+    assert all(r.ok for r in records), [(r.status, r.error, r.failure) for r in records]
+    prestarted = [r for r in records if r.prestarted]
+    assert len(prestarted) == 2
+    for record in prestarted:
+        assert record.result is not None
+        assert record.result["data"]["gated"] == "yes"
+        assert record.gate_wait_s is not None
+        assert record.gate_wait_s > 0.2  # created while its predecessor worked 1 s
+        assert record.handoff_gap_s is not None
+        assert record.handoff_gap_s < COOLDOWN_S + 0.25
+    assert_measured_windows_disjoint(records, COOLDOWN_S)

@@ -141,7 +141,7 @@ def _fit(columns: list[_Column], width: int) -> list[str]:
         widest.cap = widths[id(widest)]
     dropped: list[str] = []
     droppable = [c for c in columns if c.result][1:][::-1]
-    droppable += [c for c in columns if c.header in {"duration", "GPU"} and not c.result]
+    droppable += [c for c in columns if c.header in {"duration", "GPU", "to work"} and not c.result]
     while total() > width and droppable:
         column = droppable.pop(0)
         columns.remove(column)
@@ -167,6 +167,10 @@ def _people_table(
         _Column("GPU", [Text(g) for g in gpus], flexible=True),
         _Column("duration", [Text(format_duration(r["duration_s"])) for r in rows], right=True),
     ]
+    if any(r.get("gate_to_work_s") is not None for r in rows):
+        # The GPU idle inside each run: from its gate (or start) to its first measured work.
+        cells = [Text(format_duration(r.get("gate_to_work_s"))) for r in rows]
+        columns.append(_Column("to work", cells, right=True))
     for name in selection.params:
         values = [r.get(f"param.{name}") for r in rows]
         numeric = all(_is_number(v) for v in values)

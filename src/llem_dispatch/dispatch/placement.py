@@ -12,7 +12,10 @@ with `for_study` and then only calls the methods below, whatever the placement.
 With `prestart`, a local attempt that finds its GPUs busy is promised the GPUs
 of a running lease of its size, starts its container at once held at a gate,
 and has the gate opened when those GPUs are free and cooled down: the GPU idles
-for the gate, not for a container start.
+for the gate, not for a container start. While the host has less memory available
+than `prestart_memory_reserve`, such an attempt is not started early: it waits for
+its GPUs and starts then (its record says `prestart_held: memory`), so experiments
+prepared and waiting cannot push the host into swap.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any, ClassVar, Literal, Protocol
 import anyio
 from pydantic import BaseModel
 
+from llem_dispatch.dispatch.memory import MemoryReserve
 from llem_dispatch.dispatch.records import GpuAtStart, RecordDraft
 from llem_dispatch.errors import ConfigError
 from llem_dispatch.gpu import GpuLease, GpuPool, SettleSpec
@@ -141,6 +145,8 @@ class PlacementRequest:
     #: A pool built by the caller, used instead of `host_gpus` (local placement only).
     pool: GpuPool | None = None
     prestart: bool = False
+    #: Host memory prestarted runs must leave available (bytes); None: the default share.
+    prestart_memory_reserve: int | None = None
     stop_grace_s: float = 10.0
     host_needs: HostNeeds = HostNeeds()
     #: The study's name (a batch scheduler's job names carry it).
@@ -273,8 +279,10 @@ class _LeaseObserver:
         self.started_mono: float | None = None
         #: When the GPUs were last released before this run got them (known ones).
         self.released: list[float] = []
+        self.info: RunInfo | None = None
 
     def on_started(self, info: RunInfo) -> None:
+        self.info = info
         self.started_mono = anyio.current_time()
         draft = self._draft
         draft.started_at = info.started_at
@@ -295,20 +303,27 @@ class _LeaseObserver:
 class LocalPlacement(Placement):
     """This host: GPUs leased from `pool`, each attempt run by `runner`.
 
-    With `prestart` and a runner that speaks the gate (`function:` runs), an
+    With `prestart` and a runner that speaks the gate (both built-in runners do), an
     attempt whose GPUs are busy starts before they free, held at its gate (see
     the module's docstring); otherwise `prestart` changes nothing. Closing the
     placement closes its runner.
     """
 
     def __init__(
-        self, runner: Runner, pool: GpuPool | None = None, *, prestart: bool = False
+        self,
+        runner: Runner,
+        pool: GpuPool | None = None,
+        *,
+        prestart: bool = False,
+        memory_reserve: MemoryReserve | None = None,
     ) -> None:
         self.runner = runner
         self.pool = pool if pool is not None else GpuPool([])
         self.runner_type: str | None = getattr(runner, "runner_type", None)
         #: Whether attempts are prestarted (asked for, and the runner speaks the gate).
         self.prestart = prestart and isinstance(runner, GatedRunner) and runner.speaks_gate
+        #: What a prestart must leave available of the host's memory.
+        self.memory_reserve = memory_reserve if memory_reserve is not None else MemoryReserve()
 
     @classmethod
     def for_study(cls, request: PlacementRequest, settings: BaseModel | None) -> LocalPlacement:
@@ -319,7 +334,8 @@ class LocalPlacement(Placement):
         # Before the runner is built: a request no GPU set here can meet is the first error.
         pool.check_request(request.max_gpu_count)
         runner = request.runner_factory(ThisHost(virtual=pool.virtual))
-        return cls(runner, pool, prestart=request.prestart)
+        reserve = MemoryReserve(request.prestart_memory_reserve)
+        return cls(runner, pool, prestart=request.prestart, memory_reserve=reserve)
 
     async def prepare(self, request: PlacementRequest) -> None:
         """The runner's own checks here (the pool was checked when it was built)."""
@@ -366,6 +382,10 @@ class LocalPlacement(Placement):
         """
         async with self.pool.acquire(gpus, early=self.prestart) as lease:
             observer = _LeaseObserver(lease, draft, on_started)
+            if lease.pending and not self.memory_reserve.allows_prestart():
+                # Too little host memory for one more prepared, waiting run: start late.
+                draft.prestart_held = "memory"
+                await lease.wait_ready()
             if not lease.pending:
                 self._hand_on(lease, draft, observer)
                 return await self._run(config, lease, draft, observer, None)
@@ -398,6 +418,13 @@ class LocalPlacement(Placement):
             if observer.released and observer.started_mono is not None:
                 # From the GPUs' last release to this run's start (its gate) on them.
                 draft.handoff_gap_s = max(0.0, observer.started_mono - max(observer.released))
+            phases = observer.info.phases if observer.info is not None else None
+            if phases is not None:
+                draft.prepare_s = phases.prepare_s
+                draft.gate_wait_s = phases.gate_wait_s
+                draft.gate_to_work_s = phases.gate_to_work_s
+                draft.work_started_at = phases.work_started_at
+                draft.ready_rss_bytes = phases.ready_rss_bytes
 
     def _hand_on(self, lease: GpuLease, draft: RecordDraft, observer: _LeaseObserver) -> None:
         """The GPUs are the attempt's now: describe them, note when they were released."""

@@ -138,6 +138,32 @@ class RunRecord(BaseModel):
         default=None,
         description="Prestarted runs: when the gate opened (the measured window's start).",
     )
+    # -- the GPU's idle gap inside the run (issue 28): prepare, gate, first work --
+    prepare_s: float | None = Field(
+        default=None,
+        description="Seconds from the experiment's start to ready: its prepare part "
+        "(a generator function's, before its first `yield`) or its imports.",
+    )
+    gate_wait_s: float | None = Field(
+        default=None,
+        description="Prestarted runs: seconds from ready to the gate's opening.",
+    )
+    gate_to_work_s: float | None = Field(
+        default=None,
+        description="Seconds from the gate (or the start, if not prestarted) to the first "
+        "measured work (the experiment's `work` mark): the GPU idle inside the run.",
+    )
+    work_started_at: datetime | None = Field(
+        default=None, description="When the first measured work began (the `work` mark)."
+    )
+    ready_rss_bytes: int | None = Field(
+        default=None, description="The experiment's resident memory when it was ready."
+    )
+    prestart_held: str | None = Field(
+        default=None,
+        description="Why a run that could have been prestarted was not (`memory`: the "
+        "host had less available than `prestart_memory_reserve`).",
+    )
     tags: dict[str, Any] = Field(default_factory=dict)
     node: NodeInfo | None = Field(
         default=None,
@@ -197,6 +223,12 @@ class RecordDraft:
     gpus_at_start: list[GpuAtStart] = field(default_factory=list)
     prestarted: bool = False
     gate_opened_at: datetime | None = None
+    prepare_s: float | None = None
+    gate_wait_s: float | None = None
+    gate_to_work_s: float | None = None
+    work_started_at: datetime | None = None
+    ready_rss_bytes: int | None = None
+    prestart_held: str | None = None
     node: NodeInfo | None = None
     job_id: str | None = None
     outcome: Any = None

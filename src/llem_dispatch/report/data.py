@@ -175,6 +175,9 @@ def flat_row(data: Mapping[str, Any], *, lists: bool = False) -> dict[str, Any]:
     row["gpu_ids"] = gpu_ids if lists else ",".join(gpu_ids)
     for field in ("runner_type", "image", "image_digest", "attempts", "handoff_gap_s"):
         row[field] = data.get(field)
+    # Where the GPU's idle gap went (prepare, gate, first measured work).
+    for field in ("prestarted", "prepare_s", "gate_wait_s", "gate_to_work_s", "prestart_held"):
+        row[field] = data.get(field)
     result = data.get("result") or {}
     payload = result.get("data", result) if isinstance(result, dict) else {}
     if isinstance(payload, Mapping):

@@ -36,6 +36,7 @@ KIND_STYLE: dict[str, tuple[str, str]] = {
     "retried": ("attempt retried", "#f2c14e"),
     "unfinished": ("no end recorded", "#b58bd6"),
     "cooldown": ("cooldown", "#d9dde3"),
+    "before_work": ("before its first measured work", "#a7d8b9"),
 }
 _STATUS_CLASS = {"succeeded": "ok", "failed": "bad", "error": "bad", "cancelled": "dim"}
 _PLOT_CONFIG = {"displaylogo": False, "responsive": True}
@@ -57,7 +58,7 @@ def _bar_hover(bar: Mapping[str, Any]) -> str:
     ]
     if bar["config"]:
         lines.append(_E(describe(bar["config"])))
-    if bar["result"] and bar["kind"] != "cooldown":
+    if bar["result"] and bar["kind"] not in {"cooldown", "before_work"}:
         lines.append(_E(describe(bar["result"], rounded=True)))
     if bar.get("error"):
         lines.append(f"error: {_E(str(bar['error']))}")
@@ -103,7 +104,7 @@ def _timeline_figure(data: ReportData, go: Any, subplots: Any) -> Any:
                 },
                 customdata=[_bar_hover(b) for b in bars],
                 hovertemplate="%{customdata}<extra></extra>",
-                text=[b["short"] if kind != "cooldown" else "" for b in bars],
+                text=[b["short"] if kind not in {"cooldown", "before_work"} else "" for b in bars],
                 textposition="inside",
                 insidetextanchor="middle",
                 textangle=0,
@@ -296,6 +297,9 @@ def _cards(summary: Mapping[str, Any]) -> str:
     if summary["cooldown_gpu_s"]:
         share = summary["cooldown_gpu_s"] / max(1e-9, (gpus or 1) * summary["wall_s"])
         cards.append(("in cooldown", f"{share:.0%}", "of GPU time"))
+    if summary.get("before_work_gpu_s"):
+        share = summary["before_work_gpu_s"] / max(1e-9, (gpus or 1) * summary["wall_s"])
+        cards.append(("before first work", f"{share:.0%}", "of GPU time, inside runs"))
     items = "".join(
         f'<div class="card {"ok" if note == "ok" else "bad" if note == "bad" else ""}">'
         f"<div class=label>{_E(label)}</div><div class=value>{_E(value)}</div>"
@@ -446,9 +450,11 @@ report generated {_E(summary["generated_at"])}</p>
 {_cards(summary)}
 <h2>GPU timeline</h2>
 <p class=hint>Each bar is one attempt of an experiment on one GPU, from its start to its exit
-(hover for its config and result). Grey after a bar: the cooldown gap; hatched: an attempt
-that failed and was retried; blank: the GPU was idle. Below, where the study sampled GPU
-telemetry: each GPU's power and temperature on the same time axis.</p>
+(hover for its config and result). Pale green at a bar's start: from its gate (or start)
+to its first measured work, where the experiment marked it. Grey after a bar: the cooldown
+gap; hatched: an attempt that failed and was retried; blank: the GPU was idle. Below,
+where the study sampled GPU telemetry: each GPU's power and temperature on the same time
+axis.</p>
 {timeline}
 <h2>Results</h2>
 {_results_section(data, go)}

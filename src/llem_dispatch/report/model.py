@@ -92,6 +92,7 @@ def _summary(results: StudyResults, timeline: Timeline, traces: dict[str, Trace]
         "gpus": timeline.gpus,
         "busy_gpu_s": round(timeline.busy_gpu_s, 3),
         "cooldown_gpu_s": round(timeline.cooldown_gpu_s, 3),
+        "before_work_gpu_s": round(timeline.before_work_gpu_s, 3),
         # Occupancy: the share of GPU time held by an experiment (what the timeline shows);
         # `utilisation` is its older name. What the GPUs did is the sampled SM utilisation.
         "occupancy": timeline.utilisation,

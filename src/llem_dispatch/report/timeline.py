@@ -18,7 +18,9 @@ from llem_dispatch.report.data import StudyResults
 __all__ = ["EXPERIMENT_KINDS", "Bar", "Session", "Timeline", "build_timeline"]
 
 #: Bar kinds that are an experiment's last attempt (its outcome); the others are
-#: "retried" (an attempt that failed and was retried), "unfinished" and "cooldown".
+#: "retried" (an attempt that failed and was retried), "unfinished", "cooldown" and
+#: "before_work" (inside an experiment's bar: from its gate, or start, to its first
+#: measured work, where the experiment marked one: the GPU idle inside the run).
 EXPERIMENT_KINDS = ("succeeded", "failed", "error", "cancelled")
 TERMINAL_EVENTS = frozenset(EXPERIMENT_KINDS)
 SESSION_ENDS = frozenset({"study_finished", "interrupted", "crashed"})
@@ -74,8 +76,15 @@ class Timeline:
         return sum(
             b.seconds
             for b in self.bars
-            if b.lane not in self.cpu_lanes and (b.kind == "cooldown") == cooldown
+            if b.lane not in self.cpu_lanes
+            and b.kind != "before_work"
+            and (b.kind == "cooldown") == cooldown
         )
+
+    @property
+    def before_work_gpu_s(self) -> float:
+        """GPU-seconds inside experiments before their first measured work (marked ones)."""
+        return sum(b.seconds for b in self.bars if b.kind == "before_work")
 
     @property
     def busy_gpu_s(self) -> float:
@@ -226,6 +235,18 @@ def _cooldowns(bars: list[Bar], gap_s: float, sessions: list[Session]) -> list[B
     return out
 
 
+def _before_work(bars: list[Bar], records: Mapping[str, Mapping[str, Any]]) -> list[Bar]:
+    """From each bar's start to its record's first measured work (`work_started_at`)."""
+    out: list[Bar] = []
+    for bar in bars:
+        work = _epoch((records.get(bar.key) or {}).get("work_started_at"))
+        if work is not None and bar.start < work <= bar.end:
+            out.append(
+                Bar(bar.key, bar.lane, bar.start, work, "before_work", bar.attempt, bar.session)
+            )
+    return out
+
+
 def _lane_order(lane: str) -> tuple[Any, ...]:
     """Natural order: GPU 2 before GPU 10, nodes grouped, CPU lanes last."""
     node, _, gpu = lane.rpartition(":")
@@ -251,5 +272,6 @@ def build_timeline(results: StudyResults) -> Timeline:
     gap = float(results.study.get("experiment_gap_s") or 0)
     if gap > 0:
         bars += _cooldowns([b for b in bars if b.lane not in cpu_lanes], gap, builder.sessions)
+    bars += _before_work([b for b in bars if b.kind == "succeeded"], records)
     lanes = sorted({b.lane for b in bars} | set(results.facts.get("gpus") or []), key=_lane_order)
     return Timeline(bars, builder.sessions, lanes, results.gpu_count, builder.retries, cpu_lanes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -28,7 +29,9 @@ from llem_dispatch.models import (
 )
 from llem_dispatch.runners._backend import Gate, Run, RunBackend, RunSettings
 from llem_dispatch.runners._cancel import CANCEL_SLACK_S, FORCE_KILL
+from llem_dispatch.runners._gate import NO_SHELL, NO_SHELL_FIX
 from llem_dispatch.runners._outcome import collect_outcome
+from llem_dispatch.runners._phases import phase_times
 from llem_dispatch.runners._supervise import supervise
 from llem_dispatch.runners.protocol import Outcome, RunInfo, RunObserver
 
@@ -72,16 +75,22 @@ async def run_lifecycle(
     await backend.prepare()
     run = _open_run(settings, backend, config_hash, tuple(str(g) for g in gpus or ()))
     run.deadline = deadline
-    run.exchange.gated = gate is not None
+    if gate is not None:
+        run.exchange.hold_at_gate()
     succeeded = False
     try:
         run.exchange.write_config(data)
         run.exchange.write_secrets(collect_secrets(settings.secret_env))
+        # Before the start call: a process may mark its work before that call returns.
+        launched = time.time()
         await _start(settings, backend, run)
+        gate_opened: float | None = None
         if gate is not None:
-            await _pass_gate(settings, backend, run, gate)
+            gate_opened = await _pass_gate(settings, backend, run, gate)
         run.capture = LogCapture(run.exchange.log_path)
         error = await supervise(settings, backend, run, run.capture, observer)
+        marks = run.exchange.read_marks()
+        run.info.phases = phase_times(marks, launched=launched, gate=gate_opened)
         if error is not None:
             raise error
         metadata = RunnerMetadata(
@@ -117,8 +126,13 @@ async def run_lifecycle(
 
 async def _start(settings: RunSettings, backend: RunBackend, run: Run) -> None:
     """Bring it up, within what is left of the experiment's timeout."""
-    with anyio.CancelScope(deadline=run.deadline) as scope:
-        await backend.start(run)
+    try:
+        with anyio.CancelScope(deadline=run.deadline) as scope:
+            await backend.start(run)
+    except LlemError as exc:
+        if run.exchange.gated and NO_SHELL in str(exc):
+            exc.fix_suggestion = NO_SHELL_FIX
+        raise
     if scope.cancelled_caught:
         raise backend.errors.timeout(
             f"timed out after {settings.timeout}s before the {backend.noun} had started"
@@ -127,8 +141,11 @@ async def _start(settings: RunSettings, backend: RunBackend, run: Run) -> None:
         )
 
 
-async def _pass_gate(settings: RunSettings, backend: RunBackend, run: Run, gate: Gate) -> None:
-    """Hold the started experiment until `gate()` returns, then open its gate.
+async def _pass_gate(
+    settings: RunSettings, backend: RunBackend, run: Run, gate: Gate
+) -> float | None:
+    """Hold the started experiment until `gate()` returns, then open its gate; return when
+    (None: it exited at its gate, which stayed shut).
 
     Meanwhile it does its CPU-side start-up. If it exits first (an import
     error), the gate stays shut and its exit is supervised as usual. The
@@ -136,6 +153,7 @@ async def _pass_gate(settings: RunSettings, backend: RunBackend, run: Run, gate:
     unwrapped, as the `LlemError` they are.
     """
     errors: list[LlemError] = []
+    opened: float | None = None
     async with anyio.create_task_group() as watch:
 
         async def exited_early() -> None:
@@ -148,11 +166,13 @@ async def _pass_gate(settings: RunSettings, backend: RunBackend, run: Run, gate:
 
         watch.start_soon(exited_early)
         await gate()
+        opened = time.time()  # before the go file: nothing the experiment marks precedes it
         run.exchange.open_gate()
         watch.cancel_scope.cancel()
     if errors:
         raise errors[0]
     run.deadline = anyio.current_time() + (settings.timeout or math.inf)
+    return opened
 
 
 def _open_run(
@@ -201,6 +221,7 @@ async def _clean_up(backend: RunBackend, run: Run, *, remove_exchange: bool) -> 
     run's outcome (result or error) as it was.
     """
     _attempt(run, "secrets", run.exchange.remove_secrets)
+    _attempt(run, "gate", run.exchange.close_gate)
     if run.capture is not None:
         _attempt(run, "log", run.capture.close)
     try:

@@ -43,6 +43,7 @@ from llem_dispatch.runners._backend import (
     helper_script,
 )
 from llem_dispatch.runners._container_run import DOCKER_ERRORS, ContainerRun
+from llem_dispatch.runners._gate import gated_spec
 from llem_dispatch.runners._lifecycle import DEFAULT_SECRET_ENV, run_lifecycle
 from llem_dispatch.runners.gpu_request import (
     GPU_DEVICE_MODES,
@@ -195,6 +196,7 @@ class DockerRunner:
         self._checked_gpus: frozenset[str] = frozenset()
         self._docker: aiodocker.Docker | None = None
         self._digest: str | None = None
+        self._image_config: dict[str, Any] | None = None
         self._pending_removal: set[str] = set()
         self._closed = False
 
@@ -248,6 +250,7 @@ class DockerRunner:
                 raise image_missing_error(self.image)
             repo_digests = info.get("RepoDigests") or []
             self._digest = str(repo_digests[0] if repo_digests else info["Id"])
+            self._image_config = info.get("Config") or {}
         return self._digest
 
     # -- GPUs ----------------------------------------------------------------------
@@ -323,6 +326,8 @@ class DockerRunner:
         }
         if self.function is not None:
             spec["Cmd"] = ["python3", HELPER_CONTAINER_PATH, self.function]
+        elif exchange.gated:
+            spec.update(gated_spec(self._image_config, self.command))
         elif self.command is not None:
             spec["Cmd"] = self.command
         user = self.container_user()
@@ -408,8 +413,9 @@ class DockerRunner:
 
     @property
     def speaks_gate(self) -> bool:
-        """Whether runs can be held at a gate: `function:` runs (the helper waits)."""
-        return self.function is not None
+        """Runs can be held at a gate: the helper waits (`function:`), or a shell gate
+        in front of the image's own command (`command:` or its CMD; needs /bin/sh)."""
+        return True
 
     async def run(
         self,

@@ -37,6 +37,7 @@ from llem_dispatch.runners._backend import (
     helper_script,
 )
 from llem_dispatch.runners._cancel import FORCE_KILL, wait_until_forced
+from llem_dispatch.runners._gate import gated_argv
 from llem_dispatch.runners._lifecycle import DEFAULT_SECRET_ENV, run_lifecycle
 from llem_dispatch.runners.kinds import RunnerKind, RunnerOptions
 from llem_dispatch.runners.protocol import Outcome, RunObserver
@@ -124,8 +125,9 @@ class LocalRunner:
 
     @property
     def speaks_gate(self) -> bool:
-        """Whether runs can be held at a gate: `function:` runs (the helper waits)."""
-        return self.function is not None
+        """Runs can be held at a gate: the helper waits (`function:`), or a shell gate
+        `exec`s the `command:` once the gate opens."""
+        return True
 
     async def run(
         self,
@@ -172,9 +174,12 @@ class _ProcessRun:
     async def start(self, run: Run) -> None:
         runner = self.runner
         env = runner.process_env(run.exchange, run.info.gpu_ids)
+        command = runner.command
+        if run.exchange.gated and runner.function is None:
+            command = gated_argv(command)
         try:
             self.process = await anyio.open_process(
-                runner.command, env=env, cwd=runner.cwd, start_new_session=True, stdin=None
+                command, env=env, cwd=runner.cwd, start_new_session=True, stdin=None
             )
         except OSError as exc:
             raise ExperimentStartError(

@@ -19,6 +19,7 @@ __all__ = [
     "GatedRunner",
     "GpuCheckingRunner",
     "Outcome",
+    "PhaseTimes",
     "RunInfo",
     "RunObserver",
     "Runner",
@@ -30,6 +31,28 @@ Outcome: TypeAlias = BaseModel | ExperimentFailure
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseTimes:
+    """Where one run's time went before it measured: the GPU's idle gap, in parts.
+
+    "The gate" is when the GPUs became the run's: its gate opening when it was
+    prestarted, its start otherwise. From the experiment's marks (the container
+    helper writes them; see `llem_dispatch.container`) and the host's own times;
+    None where the experiment left no mark for it.
+    """
+
+    #: From the experiment's start to ready (a generator's prepare part, or the imports).
+    prepare_s: float | None = None
+    #: Prestarted runs: from ready (or the start, without marks) to the gate's opening.
+    gate_wait_s: float | None = None
+    #: From the gate to the first measured work (the experiment's `work` mark).
+    gate_to_work_s: float | None = None
+    #: When the first measured work began (the `work` mark).
+    work_started_at: datetime | None = None
+    #: The experiment's resident memory when it was ready (what waiting held).
+    ready_rss_bytes: int | None = None
 
 
 @dataclass(slots=True)
@@ -50,6 +73,8 @@ class RunInfo:
     exit_code: int | None = None
     #: How the run was given its GPUs: `cdi`, `nvidia` (device requests) or `env`.
     gpu_request: str | None = None
+    #: Set once it has exited: prepare, gate wait, gate to first work.
+    phases: PhaseTimes | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

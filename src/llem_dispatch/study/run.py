@@ -45,6 +45,7 @@ from llem_dispatch.gpu import GpuPool
 from llem_dispatch.gpu.telemetry import TelemetryReader, TelemetrySampler
 from llem_dispatch.reap import reap
 from llem_dispatch.runners import Runner
+from llem_dispatch.runners.docker import parse_size
 from llem_dispatch.runners.kinds import find_runner_kind
 from llem_dispatch.study.adaptive import CycleHistory, Unresolved
 from llem_dispatch.study.plan import cycle_experiments, expand_study, unique_configs
@@ -571,6 +572,9 @@ def _request(
         host_gpus=host_gpus(study),
         pool=pool,
         prestart=study.prestart,
+        prestart_memory_reserve=parse_size(study.prestart_memory_reserve)
+        if study.prestart_memory_reserve is not None
+        else None,
         stop_grace_s=study.stop_grace_s,
         host_needs=needs,
         study_name=study.name,

@@ -35,6 +35,7 @@ from llem_dispatch.study.sections import (
     BuildSpec,
     CycleSpec,
     ReportSpec,
+    SizeText,
     TelemetrySpec,
     UntilSpec,
     problems,
@@ -200,11 +201,18 @@ class Study(BaseModel):
     )
     prestart: bool = Field(
         default=False,
-        description="Warm hand-off (`function:` studies, local GPUs): start the next "
-        "experiment's container while its GPUs are still busy and hold it at a gate "
-        "(LLEM_GO_PATH) until they are free and cooled down; its CPU start-up runs beside "
-        "the current experiment. Its timeout counts from the gate. Off by default.",
+        description="Warm hand-off (local GPUs): start the next experiment's container "
+        "while its GPUs are still busy and hold it at a gate (LLEM_GO_PATH; a `command:` "
+        "behind a /bin/sh gate) until they are free and cooled down; its CPU start-up "
+        "(and a generator's prepare part) runs beside the current experiment. Its "
+        "timeout counts from the gate. Off by default.",
     )
+    prestart_memory_reserve: SizeText | None = Field(
+        default=None,
+        description='Host memory prestarts must leave available ("32g"; null: 20% of it): '
+        "below it, a run is not started early (nor prepared) but waits for its GPUs.",
+    )
+
     cycle_gap_s: float = Field(
         default=0.0, ge=0, allow_inf_nan=False, description="Pause between cycles, seconds."
     )

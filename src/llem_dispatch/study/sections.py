@@ -5,16 +5,38 @@ Each a pydantic model of its own, checked where the study is loaded (`schema.Stu
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from typing import Annotated
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from llem_dispatch.runners.docker import parse_size
 
 __all__ = [
     "BuildSpec",
     "CycleSpec",
     "ReportSpec",
+    "SizeText",
     "TelemetrySpec",
     "UntilSpec",
     "problems",
 ]
+
+
+def _size_ok(value: str) -> str:
+    parse_size(value)  # its ValueError says what a size looks like
+    return value
+
+
+#: A size as `shm_size` takes it ("32g", "512m", bytes), checked where it is written.
+SizeText = Annotated[str, AfterValidator(_size_ok)]
 
 
 class BuildSpec(BaseModel):

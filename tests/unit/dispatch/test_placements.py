@@ -120,6 +120,10 @@ def test_the_local_placement_builds_its_pool_and_runner_here() -> None:
     assert (built.runner, built.pool.size, built.pool.virtual) == (runner, 3, True)
     assert [(h.virtual, h.driver_host) for h in hosts] == [(True, True)]
     assert built.describe() == {"gpus": ["0", "1", "2"], "virtual_gpus": True}
+    reserved = LocalPlacement.for_study(
+        request(host_gpus=HostGpus(virtual=1), prestart_memory_reserve=123), None
+    )
+    assert reserved.memory_reserve.reserve_bytes == 123
     with pytest.raises(GpuRequestError):
         LocalPlacement.for_study(request(host_gpus=HostGpus(virtual=1), max_gpu_count=2), None)
 

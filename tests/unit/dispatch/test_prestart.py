@@ -166,9 +166,12 @@ async def test_prestart_is_off_for_a_runner_without_the_gate() -> None:
     placement = LocalPlacement(FakeRunner(), GpuPool.virtual_devices(2), prestart=True)
     assert placement.prestart is False
     assert placement.parallelism() == 8
+
+
+async def test_command_runs_are_prestarted_behind_the_shell_gate() -> None:
     command = LocalPlacement(LocalRunner(["true"]), GpuPool.virtual_devices(8), prestart=True)
-    assert command.prestart is False
-    assert command.parallelism() == 8
+    assert command.prestart is True
+    assert command.parallelism() == 16
 
 
 async def test_prestart_doubles_parallelism_for_function_runs(tmp_path: Path) -> None:

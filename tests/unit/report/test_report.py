@@ -393,3 +393,35 @@ def test_report_escapes_what_experiments_wrote(tmp_path: Path) -> None:
     data = _embedded(html)
     assert data["failures"][0]["message"] == evil
     assert data["bars"][0]["config"] == {"i": evil}
+
+
+def test_timeline_marks_the_time_before_each_runs_first_measured_work(tmp_path: Path) -> None:
+    """a on GPU 0 0-4 s, its first measured work at 1.5 s; b after it, no mark."""
+    t = 1_000_000.0
+    journal = [
+        {"event": "study_started", "ts": t, "resume": False},
+        {"event": "started", "ts": t, "key": "a_c1", "gpu_ids": ["0"], "attempt": 1},
+        {"event": "succeeded", "ts": t + 4, "key": "a_c1", "gpu_ids": ["0"]},
+        {"event": "started", "ts": t + 5, "key": "b_c1", "gpu_ids": ["0"], "attempt": 1},
+        {"event": "succeeded", "ts": t + 8, "key": "b_c1", "gpu_ids": ["0"]},
+        {"event": "study_finished", "ts": t + 8},
+    ]
+    a = {
+        **_record("a_c1", 0, "0", 0, 4, "succeeded"),
+        "work_started_at": _stamp(1.5),
+        "gate_to_work_s": 1.5,
+        "prepare_s": 3.0,
+    }
+    records = [a, _record("b_c1", 1, "0", 5, 8, "succeeded")]
+    results = read_results(_write_dir(tmp_path / "d", journal, records))
+    timeline = build_timeline(results)
+    before = [(b.key, b.start - t, b.end - t) for b in timeline.bars if b.kind == "before_work"]
+    assert before == [("a_c1", 0.0, 1.5)]
+    assert timeline.before_work_gpu_s == pytest.approx(1.5)
+    assert timeline.busy_gpu_s == pytest.approx(4 + 3)  # not counted twice
+    row = flat_row(a)
+    assert (row["gate_to_work_s"], row["prepare_s"], row["gate_wait_s"]) == (1.5, 3.0, None)
+    shown = cli("results", str(tmp_path / "d"), columns=120)
+    assert shown.exit_code == 0, shown.output
+    assert "to work" in shown.output
+    assert "1.50s" in shown.output

@@ -305,3 +305,11 @@ async def test_a_daemon_hung_past_the_retries_stops_the_study(tmp_path: Path) ->
     ]
     assert "stopped" in events
     assert events[-1] == "study_finished"
+
+
+def test_prestart_memory_reserve_is_a_size_checked_where_it_is_written(tmp_path: Path) -> None:
+    text = "name: s\nfunction: m:f\nvirtual_gpus: 1\nprestart: true\n"
+    study = load_study(write(tmp_path, text + 'prestart_memory_reserve: "32g"\ngrid: {a: [1]}\n'))
+    assert study.prestart_memory_reserve == "32g"
+    with pytest.raises(ConfigError, match=r"study\.yaml:5: prestart_memory_reserve: cannot parse"):
+        load_study(write(tmp_path, text + "prestart_memory_reserve: lots\ngrid: {a: [1]}\n"))
