@@ -307,7 +307,10 @@ def load_model(config: dict[str, Any], device: Any) -> Any:
     from transformers import LlamaForCausalLM
 
     dtype = getattr(torch, DTYPES[str(config.get("dtype", "bf16"))])
-    model = LlamaForCausalLM.from_pretrained(_weights_path(config), dtype=dtype, device_map=device)
+    # Host memory is from_pretrained's default; a device_map (straight onto a GPU)
+    # needs accelerate, which the example's image has and a CPU-only venv may not.
+    placed = {} if str(device) == "cpu" else {"device_map": device}
+    model = LlamaForCausalLM.from_pretrained(_weights_path(config), dtype=dtype, **placed)
     model.eval()
     return model
 
