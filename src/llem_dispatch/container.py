@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             config = json.load(handle)
         function = _load_target(args[0])
         result = _to_jsonable(_call(function, config, args[0]))
+        _mark("done")  # its work on the GPU is over: the cooldown may count from here
         if not isinstance(result, dict):
             raise TypeError(
                 f"{args[0]} returned {type(result).__name__}; it must return a dict "

@@ -63,17 +63,19 @@ def make_runner(
 
 def assert_measured_windows_disjoint(records: list[RunRecord], cooldown_s: float) -> None:
     """The interval check: per GPU, no two measured windows overlap; cooldowns between."""
-    by_gpu: dict[str, list[tuple[object, object]]] = {}
+    by_gpu: dict[str, list[tuple[object, object, object]]] = {}
     for record in records:
         assert record.started_at is not None
         assert record.exited_at is not None
+        ended = record.work_ended_at or record.exited_at  # the cooldown counts from here
         for gpu in record.gpu_ids:
-            by_gpu.setdefault(gpu, []).append((record.started_at, record.exited_at))
+            by_gpu.setdefault(gpu, []).append((record.started_at, record.exited_at, ended))
     slack = timedelta(milliseconds=5)
     for spans in by_gpu.values():
         spans.sort()
-        for (_, end), (start, _) in itertools.pairwise(spans):
-            assert start >= end + timedelta(seconds=cooldown_s) - slack  # type: ignore[operator]
+        for (_, end, ended), (start, _, _) in itertools.pairwise(spans):
+            assert start >= end - slack  # type: ignore[operator]
+            assert start >= ended + timedelta(seconds=cooldown_s) - slack  # type: ignore[operator]
 
 
 async def test_prestarted_containers_wait_at_their_gate_and_never_share_a_gpu(

@@ -21,6 +21,7 @@ prepared and waiting cannot push the host into swap.
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -297,7 +298,13 @@ class _LeaseObserver:
 
     def on_exited(self, info: RunInfo) -> None:
         self._draft.exited_at = info.exited_at
-        self._lease.release()
+        ago = 0.0
+        if info.work_ended is not None and self.started_mono is not None:
+            # The cooldown counts from the end of its work (never before it got the
+            # GPUs): the exit's own teardown (CUDA, the interpreter) overlaps it.
+            held_s = anyio.current_time() - self.started_mono
+            ago = min(max(0.0, time.time() - info.work_ended), held_s)
+        self._lease.release(work_ended_s_ago=ago)
 
 
 class LocalPlacement(Placement):
@@ -425,6 +432,7 @@ class LocalPlacement(Placement):
                 draft.gate_to_work_s = phases.gate_to_work_s
                 draft.work_started_at = phases.work_started_at
                 draft.ready_rss_bytes = phases.ready_rss_bytes
+                draft.work_ended_at = phases.work_ended_at
 
     def _hand_on(self, lease: GpuLease, draft: RecordDraft, observer: _LeaseObserver) -> None:
         """The GPUs are the attempt's now: describe them, note when they were released."""

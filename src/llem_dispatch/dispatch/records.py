@@ -156,6 +156,11 @@ class RunRecord(BaseModel):
     work_started_at: datetime | None = Field(
         default=None, description="When the first measured work began (the `work` mark)."
     )
+    work_ended_at: datetime | None = Field(
+        default=None,
+        description="When its work ended (the experiment's `done` mark), before its "
+        "process exited: the GPUs' cooldown counts from here.",
+    )
     ready_rss_bytes: int | None = Field(
         default=None, description="The experiment's resident memory when it was ready."
     )
@@ -228,6 +233,7 @@ class RecordDraft:
     gate_to_work_s: float | None = None
     work_started_at: datetime | None = None
     ready_rss_bytes: int | None = None
+    work_ended_at: datetime | None = None
     prestart_held: str | None = None
     node: NodeInfo | None = None
     job_id: str | None = None

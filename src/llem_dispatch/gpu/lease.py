@@ -26,7 +26,7 @@ class GpuLease(tuple[str, ...]):
     collected; leaving `GpuPool.acquire`'s block releases whatever is still held.
     """
 
-    _on_release: Callable[[GpuLease], None] | None
+    _on_release: Callable[[GpuLease, float], None] | None
     _released: bool
     _grant: Grant | None
     _ready_wait: Callable[[], Awaitable[None]] | None
@@ -35,7 +35,7 @@ class GpuLease(tuple[str, ...]):
         cls,
         ids: Iterable[str] = (),
         *,
-        on_release: Callable[[GpuLease], None] | None = None,
+        on_release: Callable[[GpuLease, float], None] | None = None,
         grant: Grant | None = None,
         ready_wait: Callable[[], Awaitable[None]] | None = None,
     ) -> Self:
@@ -75,13 +75,17 @@ class GpuLease(tuple[str, ...]):
         if self.pending and self._ready_wait is not None:
             await self._ready_wait()
 
-    def release(self) -> None:
-        """Give the ids back to the pool now; later calls do nothing."""
+    def release(self, *, work_ended_s_ago: float = 0.0) -> None:
+        """Give the ids back to the pool now; later calls do nothing.
+
+        `work_ended_s_ago`: the holder's work on them ended that long before its
+        process exited (its `done` mark); their cooldown counts from then.
+        """
         if self.released:
             return
         self._released = True
         if self._on_release is not None:
-            self._on_release(self)
+            self._on_release(self, max(0.0, work_ended_s_ago))
 
     def __repr__(self) -> str:
         return f"GpuLease({', '.join(map(repr, self))})"

@@ -385,8 +385,10 @@ class GpuPool:
             with anyio.CancelScope(deadline=schedule.ready_deadline(grant, now)):
                 await self._sleep(grant)
 
-    def _release(self, grant: Grant, _lease: GpuLease) -> None:
-        self._apply(self._schedule.release(grant, anyio.current_time()))
+    def _release(self, grant: Grant, _lease: GpuLease, work_ended_s_ago: float) -> None:
+        now = anyio.current_time()
+        work_ended = now - work_ended_s_ago if work_ended_s_ago > 0 else None
+        self._apply(self._schedule.release(grant, now, work_ended=work_ended))
 
     def _apply(self, step: Step) -> None:
         """Wake the waiters a step served or asked to look again."""

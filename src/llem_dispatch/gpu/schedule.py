@@ -311,14 +311,19 @@ class Schedule:
         self._arm_timer(now, step)
         return step
 
-    def release(self, grant: Grant, now: float) -> Step:
-        """The grant's holder gives its ids back at `now`; their cooldown starts."""
+    def release(self, grant: Grant, now: float, *, work_ended: float | None = None) -> Step:
+        """The grant's holder gives its ids back at `now`; their cooldown starts.
+
+        `work_ended` (not after `now`): when the holder's work on them ended, before
+        its process exited; the cooldown counts from then, the ids free from `now`.
+        """
         if grant.pending:
             return self._abandon(grant, now)
         grant.released = True
+        cooldown_from = now if work_ended is None else min(now, work_ended)
         for d in grant.ids:
             del self.held[d]
-            self.last_released[d] = now
+            self.last_released[d] = cooldown_from
             if self.settle is not None:
                 self.settle.released(d)
         self.live.remove(grant)

@@ -216,8 +216,17 @@ def _replace_lane(bar: Bar, lane: str) -> Bar:
     return Bar(bar.key, lane, bar.start, bar.end, bar.kind, bar.attempt, bar.session, bar.error)
 
 
-def _cooldowns(bars: list[Bar], gap_s: float, sessions: list[Session]) -> list[Bar]:
-    """The per-GPU cooldown after each attempt, cut at the next start and the session end."""
+def _cooldowns(
+    bars: list[Bar],
+    gap_s: float,
+    sessions: list[Session],
+    records: Mapping[str, Mapping[str, Any]],
+) -> list[Bar]:
+    """The per-GPU cooldown after each attempt, cut at the next start and the session end.
+
+    It counts from the end of the attempt's work where the record has it (its `done`
+    mark, before the process exited), as the pool counted it; else from its end.
+    """
     out: list[Bar] = []
     by_lane: dict[str, list[Bar]] = {}
     for bar in sorted(bars, key=lambda b: b.start):
@@ -227,7 +236,10 @@ def _cooldowns(bars: list[Bar], gap_s: float, sessions: list[Session]) -> list[B
             limit = sessions[bar.session].end if bar.session < len(sessions) else bar.end + gap_s
             if index + 1 < len(lane_bars):
                 limit = min(limit, lane_bars[index + 1].start)
-            end = min(bar.end + gap_s, limit)
+            ended = _epoch((records.get(bar.key) or {}).get("work_ended_at"))
+            if ended is None or not bar.start <= ended <= bar.end:
+                ended = bar.end
+            end = min(ended + gap_s, limit)
             if end > bar.end:
                 out.append(
                     Bar(bar.key, bar.lane, bar.end, end, "cooldown", bar.attempt, bar.session)
@@ -271,7 +283,8 @@ def build_timeline(results: StudyResults) -> Timeline:
     bars, cpu_lanes = _cpu_lanes(builder.bars)
     gap = float(results.study.get("experiment_gap_s") or 0)
     if gap > 0:
-        bars += _cooldowns([b for b in bars if b.lane not in cpu_lanes], gap, builder.sessions)
+        gpu_bars = [b for b in bars if b.lane not in cpu_lanes]
+        bars += _cooldowns(gpu_bars, gap, builder.sessions, records)
     bars += _before_work([b for b in bars if b.kind == "succeeded"], records)
     lanes = sorted({b.lane for b in bars} | set(results.facts.get("gpus") or []), key=_lane_order)
     return Timeline(bars, builder.sessions, lanes, results.gpu_count, builder.retries, cpu_lanes)

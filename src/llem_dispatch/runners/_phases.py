@@ -1,7 +1,7 @@
 """One run's phases before it measured, from the experiment's marks and the host's times.
 
 Pure: `phase_times` turns the marks file's entries (`start`, `ready`, `go`, `work`,
-wall-clock seconds) and two host instants into a `PhaseTimes`.
+`done`, wall-clock seconds) and two host instants into a `PhaseTimes`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def phase_times(
         entry = marks.get(name)
         return float(entry["t"]) if entry is not None else None
 
-    start, ready, work = at("start"), at("ready"), at("work")
+    start, ready, work, done = at("start"), at("ready"), at("work"), at("done")
     prepare_s = ready - start if start is not None and ready is not None else None
     gate_wait_s = None
     if gate is not None:
@@ -41,4 +41,5 @@ def phase_times(
         gate_to_work_s=work - handed if work is not None else None,
         work_started_at=datetime.fromtimestamp(work, UTC) if work is not None else None,
         ready_rss_bytes=int(rss) if isinstance(rss, int) and not isinstance(rss, bool) else None,
+        work_ended_at=datetime.fromtimestamp(done, UTC) if done is not None else None,
     )

@@ -133,6 +133,8 @@ async def _until_exit(
         run.bound.warning(f"{backend.noun}_killed", reason=killed_for)
         await _kill_and_wait(backend, run)
     run.info.exited_at = utcnow()
+    done = run.exchange.read_marks().get("done")
+    run.info.work_ended = float(done["t"]) if done is not None else None
     if observer is not None:
         observer.on_exited(run.info)
     return killed_for, await backend.exited(run)

@@ -53,6 +53,8 @@ class PhaseTimes:
     work_started_at: datetime | None = None
     #: The experiment's resident memory when it was ready (what waiting held).
     ready_rss_bytes: int | None = None
+    #: When its work ended (the `done` mark), before its process exited.
+    work_ended_at: datetime | None = None
 
 
 @dataclass(slots=True)
@@ -75,6 +77,9 @@ class RunInfo:
     gpu_request: str | None = None
     #: Set once it has exited: prepare, gate wait, gate to first work.
     phases: PhaseTimes | None = None
+    #: Set as it exits, before `on_exited`: when its work ended (the `done` mark),
+    #: epoch seconds; None without the mark.
+    work_ended: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

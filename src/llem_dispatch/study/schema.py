@@ -197,7 +197,9 @@ class Study(BaseModel):
         default=0.0,
         ge=0,
         allow_inf_nan=False,
-        description="Per-GPU cooldown between experiments (thermal settling), seconds.",
+        description="Per-GPU cooldown between experiments (thermal settling), seconds: "
+        "from the end of the previous one's work (its `done` mark), else from its exit; "
+        "the GPUs are handed on no earlier than the exit.",
     )
     prestart: bool = Field(
         default=False,

@@ -72,7 +72,9 @@ async def test_prepare_runs_while_another_experiment_holds_the_gpu(
         assert data["prepare_end"] < prev.exited_at.timestamp()
         # ...and worked on it only after its gate, after the cooldown.
         assert data["work_start"] >= nxt.gate_opened_at.timestamp()
-        assert nxt.gate_opened_at.timestamp() >= prev.exited_at.timestamp() + COOLDOWN_S - 0.005
+        assert nxt.gate_opened_at.timestamp() >= prev.exited_at.timestamp()
+        assert prev.work_ended_at is not None  # the cooldown counts from its `done` mark
+        assert nxt.gate_opened_at.timestamp() >= prev.work_ended_at.timestamp() + COOLDOWN_S - 0.005
         assert nxt.prepare_s == pytest.approx(PREPARE_S, abs=0.3)
         assert nxt.gate_wait_s is not None
         assert nxt.gate_wait_s > 0
@@ -164,3 +166,41 @@ async def test_a_command_run_is_held_at_the_shell_gate(tmp_path: Path) -> None:
         assert record.gate_wait_s is not None
         assert record.gate_wait_s > 0.1  # it waited (its predecessor worked 0.5 s)
         assert record.prepare_s is None  # a command leaves no marks of its own
+
+
+TEARDOWN_S = 0.6
+GAP_S = 1.0
+
+
+async def test_the_cooldown_counts_from_the_end_of_the_work_not_the_exit(tmp_path: Path) -> None:
+    """A process that takes TEARDOWN_S to exit after its work: the cooldown overlaps it."""
+    (tmp_path / "slow_exit.py").write_text(
+        textwrap.dedent(
+            f"""
+            import atexit, time
+
+            def run(config):
+                atexit.register(time.sleep, {TEARDOWN_S})  # CUDA and interpreter teardown
+                return {{"i": config["i"], "returned": time.time()}}
+            """
+        )
+    )
+    pool = GpuPool.virtual_devices(1, cooldown_s=GAP_S)
+    runner = LocalRunner(function="slow_exit:run", cwd=tmp_path, exchange_base=tmp_path)
+    with anyio.fail_after(60):
+        async with Dispatcher(runner, pool=pool, prestart=True) as d:
+            records = [r async for r in d.map([{"i": i} for i in range(3)], gpus=1)]
+    assert all(r.ok for r in records), [(r.error, r.failure) for r in records]
+    records.sort(key=lambda r: r.result["data"]["returned"])  # type: ignore[index]
+    for prev, nxt in itertools.pairwise(records):
+        assert prev.work_ended_at is not None
+        assert prev.exited_at is not None
+        ended, exited = prev.work_ended_at.timestamp(), prev.exited_at.timestamp()
+        assert ended >= prev.result["data"]["returned"]  # type: ignore[index]
+        assert exited - ended >= TEARDOWN_S
+        assert nxt.gate_opened_at is not None
+        gate = nxt.gate_opened_at.timestamp()
+        assert gate >= exited  # never while the previous process holds the GPU
+        assert gate >= ended + GAP_S - 0.005  # the whole cooldown, from the work's end
+        # Counted from the exit it would open no earlier than exited + GAP_S.
+        assert gate < exited + GAP_S - TEARDOWN_S / 2

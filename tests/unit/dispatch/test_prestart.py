@@ -52,7 +52,7 @@ def runner(module_dir: Path, exchange_base: Path, **options: object) -> LocalRun
 
 
 def assert_windows_disjoint(records: list[RunRecord], cooldown_s: float) -> None:
-    """No GPU in two measured windows (gate/start -> exit) at once; cooldowns between them."""
+    """No GPU in two runs (gate/start -> exit) at once; a cooldown from each one's work end."""
     by_gpu: dict[str, list[RunRecord]] = {}
     for record in records:
         assert record.started_at is not None
@@ -63,7 +63,10 @@ def assert_windows_disjoint(records: list[RunRecord], cooldown_s: float) -> None
     for runs in by_gpu.values():
         runs.sort(key=lambda r: r.started_at)  # type: ignore[arg-type, return-value]
         for prev, nxt in itertools.pairwise(runs):
-            assert nxt.started_at >= prev.exited_at + timedelta(seconds=cooldown_s) - slack  # type: ignore[operator]
+            assert nxt.started_at >= prev.exited_at - slack  # type: ignore[operator]
+            # The cooldown counts from the end of the work (`done`), else from the exit.
+            ended = prev.work_ended_at or prev.exited_at
+            assert nxt.started_at >= ended + timedelta(seconds=cooldown_s) - slack  # type: ignore[operator]
 
 
 async def test_prestart_hides_the_start_up_and_keeps_gpus_exclusive(

@@ -384,3 +384,21 @@ def test_gpu_modules_touch_only_their_own_private_attributes() -> None:
         and not (isinstance(node.value, ast.Name) and node.value.id in {"self", "cls"})
     ]
     assert not reach_ins, "\n".join(reach_ins)
+
+
+def test_a_cooldown_counts_from_when_the_work_ended_and_the_ids_free_at_release() -> None:
+    schedule = Schedule(["0"], cooldown_s=2.0)
+    first = ask(schedule, 1)
+    waiter = Request(1)
+    schedule.enqueue(waiter)
+    # Its work ended at 9, its process exited at 10: cooled at 11, not 12.
+    assert schedule.release(held(first), 10.0, work_ended=9.0).woken == []
+    assert schedule.last_released["0"] == 9.0
+    assert schedule.free_ids(10.9) == ()
+    assert schedule.dispatch(11.0).woken == [waiter]
+
+
+def test_a_work_end_after_the_release_counts_as_the_release() -> None:
+    schedule = Schedule(["0"], cooldown_s=1.0)
+    schedule.release(held(ask(schedule, 1)), 5.0, work_ended=7.0)
+    assert schedule.last_released["0"] == 5.0

@@ -78,6 +78,7 @@ def test_a_generator_prepares_before_the_gate_and_works_after_it(protocol_env: P
     result = json.loads((protocol_env / "c_result.json").read_text())
     marks = _marks(protocol_env)
     assert marks["start"] <= result["prepared_at"] <= marks["ready"] <= marks["go"] <= marks["work"]
+    assert marks["work"] <= marks["done"]  # returned: the cooldown may count from here
     assert result["x"] == 1
 
 
@@ -85,7 +86,7 @@ def test_a_plain_function_is_still_called_after_the_gate(protocol_env: Path) -> 
     _module(protocol_env, "plain_ok", "def run(config):\n    return {'ok': True}\n")
     (protocol_env / "go").touch()
     assert container.main(["plain_ok:run"]) == 0
-    assert set(_marks(protocol_env)) == {"start", "ready", "go"}
+    assert set(_marks(protocol_env)) == {"start", "ready", "go", "done"}
 
 
 @pytest.mark.parametrize(
@@ -135,6 +136,7 @@ def test_phases_of_a_prestarted_run() -> None:
         "ready": {"t": 103.0, "rss_bytes": 2048},
         "go": {"t": 110.01},
         "work": {"t": 110.5},
+        "done": {"t": 130.0},
     }
     phases = phase_times(marks, launched=99.5, gate=110.0)
     assert phases.prepare_s == pytest.approx(3.0)
@@ -143,6 +145,8 @@ def test_phases_of_a_prestarted_run() -> None:
     assert phases.ready_rss_bytes == 2048
     assert phases.work_started_at is not None
     assert phases.work_started_at.timestamp() == pytest.approx(110.5)
+    assert phases.work_ended_at is not None
+    assert phases.work_ended_at.timestamp() == pytest.approx(130.0)
 
 
 def test_phases_without_a_gate_or_marks() -> None:
