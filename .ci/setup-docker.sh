@@ -125,7 +125,8 @@ if ! daemon_up; then
       log "removing stale $SOCKET"; rm -f "$SOCKET"
     fi
     log "starting dockerd (log: /var/log/llem-dockerd.log)"
-    nohup dockerd >/var/log/llem-dockerd.log 2>&1 &
+    # From `/`: a daemon must not keep the checkout (which may be deleted) as its cwd.
+    env -C / nohup dockerd >/var/log/llem-dockerd.log 2>&1 &
   fi
   if ! wait_up 60; then
     log "dockerd did not answer within 60 s; last log lines:"

@@ -109,6 +109,14 @@ if docker container inspect "$PODMAN_CONTAINER" >/dev/null 2>&1; then
   have_image="$(docker container inspect -f '{{.Image}}' "$PODMAN_CONTAINER")"
   missing=()
   for p in "${share[@]}"; do covered "$p" || missing+=("$p"); done
+  if [ "$(docker container inspect -f '{{.State.Running}}' "$PODMAN_CONTAINER")" = true ]; then
+    # A shared path deleted and made again (a new checkout at the same place) is another
+    # directory: the container's bind mount still holds the old, deleted one.
+    for p in "${share[@]}"; do
+      [ "$(stat -c %i "$p")" = "$(docker exec "$PODMAN_CONTAINER" stat -c %i "$p" 2>/dev/null)" ] \
+        || missing+=("$p (stale)")
+    done
+  fi
   if [ "$want_image" != "$have_image" ] || [ ${#missing[@]} -gt 0 ]; then
     log "re-creating $PODMAN_CONTAINER (image changed or paths not shared: ${missing[*]:-})"
     docker rm -f "$PODMAN_CONTAINER" >/dev/null
@@ -177,13 +185,16 @@ if ! dpkg -s podman >/dev/null 2>&1; then
 fi
 pid="$(cat "$PODMAN43_DIR/podman.pid" 2>/dev/null || true)"
 ours() {  # the service we started, with its own containers.conf (an older one had none)
+  # and `/` as its working directory: conmon inherits it, and a service started from a
+  # checkout that is later deleted fails every start ("Failed to get working directory").
   [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = podman ] \
+    && [ "$(readlink "/proc/$pid/cwd")" = / ] \
     && tr '\0' '\n' <"/proc/$pid/environ" | grep -qx "CONTAINERS_CONF=$PODMAN43_DIR/containers.conf"
 }
 if ! ping_ok "$PODMAN43_SOCK" || ! ours; then
   mkdir -p "$PODMAN43_DIR"
   if [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = podman ]; then
-    log "podman $pid does not answer or runs without its containers.conf: stopping it"
+    log "podman $pid does not answer, or runs without its containers.conf or outside /: stopping it"
     kill "$pid" 2>/dev/null || true
     for _ in $(seq 1 20); do [ -d "/proc/$pid" ] || break; sleep 0.25; done
     kill -9 "$pid" 2>/dev/null || true
@@ -200,7 +211,7 @@ if ! ping_ok "$PODMAN43_SOCK" || ! ours; then
   printf '[containers]\ndefault_ulimits = ["nofile=%s:%s", "nproc=%s:%s"]\n' \
     "$nofile" "$nofile" "$nproc" "$nproc" >"$PODMAN43_DIR/containers.conf"
   log "starting podman 4.3 (log: $PODMAN43_LOG; nofile $nofile, nproc $nproc)"
-  CONTAINERS_CONF="$PODMAN43_DIR/containers.conf" setsid nohup podman "${PODMAN_FLAGS[@]}" system service --time=0 "unix://$PODMAN43_SOCK" \
+  CONTAINERS_CONF="$PODMAN43_DIR/containers.conf" setsid env -C / nohup podman "${PODMAN_FLAGS[@]}" system service --time=0 "unix://$PODMAN43_SOCK" \
     >"$PODMAN43_LOG" 2>&1 &
   echo $! >"$PODMAN43_DIR/podman.pid"
   if ! wait_ping "$PODMAN43_SOCK" 60; then
