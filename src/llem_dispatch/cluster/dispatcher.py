@@ -10,7 +10,8 @@ of orphaned containers). On the node where an attempt lands, the task:
    assigned, which are that node's own device ids;
 2. runs the experiment in a private event loop and streams 'started', 'exited'
    and the outcome back as they happen (a streaming-generator task);
-3. keeps its GPUs for the cooldown after the container exits, so Ray cannot
+3. keeps its GPUs past the container's exit until the cooldown (counted from the
+   end of its work, its `done` mark, else from the exit) is over, so Ray cannot
    give them to the next experiment early (the driver has the result by then).
 
 Results travel back only as JSON and are recorded by the driver, so nothing is

@@ -130,9 +130,14 @@ class _QueueObserver:
         self._events = events
         self._node = node
         self._at_start = at_start or []
+        self.started_mono: float | None = None
         self.exited_mono: float | None = None
+        #: Where the GPUs' cooldown counts from: the end of the work (its `done` mark)
+        #: where known, else the exit.
+        self.cooldown_from_mono: float | None = None
 
     def on_started(self, info: RunInfo) -> None:
+        self.started_mono = time.monotonic()
         self._events.put(
             {
                 "kind": "started",
@@ -154,7 +159,9 @@ class _QueueObserver:
         )
 
     def on_exited(self, info: RunInfo) -> None:
-        self.exited_mono = time.monotonic()
+        self.exited_mono = now = time.monotonic()
+        held_s = now - self.started_mono if self.started_mono is not None else 0.0
+        self.cooldown_from_mono = now - info.work_ended_s_ago(held_s)
         self._events.put(
             {
                 "kind": "exited",
@@ -239,10 +246,10 @@ def experiment_task(
     at_start = [] if virtual else gpus_at_start(ids, uuids)
     observer = _QueueObserver(events, node.model_dump(), at_start)
     yield from _relay(factory, context, HashedConfig(config, config_hash), observer, events)
-    # Hold the GPUs (this task's Ray resources) for the cooldown after the exit,
-    # then, with a thermal gate, until they have settled.
-    if observer.exited_mono is not None and cooldown_s > 0:
-        deadline = observer.exited_mono + cooldown_s
+    # Hold the GPUs (this task's Ray resources) past the exit until the cooldown from
+    # the end of the work is over, then, with a thermal gate, until they have settled.
+    if observer.cooldown_from_mono is not None and cooldown_s > 0:
+        deadline = observer.cooldown_from_mono + cooldown_s
         while (left := deadline - time.monotonic()) > 0:
             time.sleep(min(left, 0.1))
     if observer.exited_mono is not None and settle is not None and not virtual:

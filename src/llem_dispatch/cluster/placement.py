@@ -212,7 +212,8 @@ class RayPlacement(Placement):
 
     `runner_factory(NodeContext) -> Runner` is shipped to the nodes and called
     there for every attempt; results are validated with `result_model` here. A
-    task keeps its GPUs for `cooldown_s` after its container exits. See
+    task keeps its GPUs past its container's exit until `cooldown_s` has passed since
+    the end of its work (its `done` mark, else the exit). See
     `RayDispatcher` for the other options. Chosen by a study as `placement: ray`
     (or `cluster: ADDRESS`), with its `ray:` block (`RaySettings`); before the
     study it checks every host that may get an experiment, and it sweeps every

@@ -21,7 +21,6 @@ prepared and waiting cannot push the host into swap.
 from __future__ import annotations
 
 import abc
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -299,11 +298,10 @@ class _LeaseObserver:
     def on_exited(self, info: RunInfo) -> None:
         self._draft.exited_at = info.exited_at
         ago = 0.0
-        if info.work_ended is not None and self.started_mono is not None:
+        if self.started_mono is not None:
             # The cooldown counts from the end of its work (never before it got the
             # GPUs): the exit's own teardown (CUDA, the interpreter) overlaps it.
-            held_s = anyio.current_time() - self.started_mono
-            ago = min(max(0.0, time.time() - info.work_ended), held_s)
+            ago = info.work_ended_s_ago(anyio.current_time() - self.started_mono)
         self._lease.release(work_ended_s_ago=ago)
 
 

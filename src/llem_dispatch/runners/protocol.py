@@ -6,6 +6,7 @@ everything about GPUs, concurrency, retries and journals lives above it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -81,6 +82,15 @@ class RunInfo:
     #: epoch seconds; None without the mark.
     work_ended: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def work_ended_s_ago(self, held_s: float, *, now: float | None = None) -> float:
+        """How long before `now` its work ended (the `done` mark): where the GPUs'
+        cooldown counts from. Never more than `held_s` (since the run got its GPUs),
+        nor less than 0; 0 without the mark."""
+        if self.work_ended is None:
+            return 0.0
+        ago = (time.time() if now is None else now) - self.work_ended
+        return min(max(0.0, ago), max(0.0, held_s))
 
 
 class RunObserver(Protocol):

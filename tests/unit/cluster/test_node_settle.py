@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import queue
+import time
+
 import pytest
 
 from llem_dispatch.cluster import node
 from llem_dispatch.cluster.node import gpus_at_start, settle_after_exit
 from llem_dispatch.gpu import SettleSpec
+from llem_dispatch.runners.protocol import RunInfo
 
 IDLE = (35.0, 70.0)
 HOT = (70.0, 400.0)
@@ -64,3 +68,30 @@ def test_a_gpu_that_never_settles_is_let_go_at_max_s() -> None:
     )
     assert not settled
     assert clock.now - exited == pytest.approx(20.0, abs=0.6)
+
+
+def _info(work_ended: float | None) -> RunInfo:
+    return RunInfo("h", ("0",), "/x", "/x/log", "local", work_ended=work_ended)
+
+
+def test_the_cooldown_counts_from_the_done_mark_within_the_time_held() -> None:
+    assert _info(None).work_ended_s_ago(10.0, now=100.0) == 0.0  # no mark: from the exit
+    assert _info(98.5).work_ended_s_ago(10.0, now=100.0) == pytest.approx(1.5)
+    assert _info(50.0).work_ended_s_ago(3.0, now=100.0) == 3.0  # never before it got its GPUs
+    assert _info(101.0).work_ended_s_ago(3.0, now=100.0) == 0.0  # a clock step: the exit
+
+
+def test_a_ray_task_holds_its_gpus_for_the_cooldown_from_the_end_of_the_work(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    observer = node._QueueObserver(queue.Queue(), {"hostname": "n"})
+    clock = Clock()
+    monkeypatch.setattr(node.time, "monotonic", clock)
+    observer.on_started(_info(None))
+    clock.sleep(20.0)
+    info = _info(time.time() - 1.25)  # its work ended 1.25 s before the exit
+    observer.on_exited(info)
+    assert observer.exited_mono == 120.0
+    assert observer.cooldown_from_mono == pytest.approx(118.75, abs=0.05)
+    observer.on_exited(_info(None))
+    assert observer.cooldown_from_mono == observer.exited_mono  # no mark: from the exit
