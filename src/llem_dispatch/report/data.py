@@ -178,6 +178,8 @@ def flat_row(data: Mapping[str, Any], *, lists: bool = False) -> dict[str, Any]:
     # Where the GPU's idle gap went (prepare, gate, first measured work).
     for field in ("prestarted", "prepare_s", "gate_wait_s", "gate_to_work_s", "prestart_held"):
         row[field] = data.get(field)
+    for field in ("work_started_at", "work_ended_at"):  # the `work` and `done` marks
+        row[field] = data.get(field)
     result = data.get("result") or {}
     payload = result.get("data", result) if isinstance(result, dict) else {}
     if isinstance(payload, Mapping):

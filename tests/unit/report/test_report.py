@@ -425,3 +425,23 @@ def test_timeline_marks_the_time_before_each_runs_first_measured_work(tmp_path: 
     assert shown.exit_code == 0, shown.output
     assert "to work" in shown.output
     assert "1.50s" in shown.output
+
+
+def test_a_cooldown_bar_starts_where_the_work_ended(tmp_path: Path) -> None:
+    t = 1_000_000.0
+    journal = [
+        {"event": "study_started", "ts": t, "resume": False},
+        {"event": "started", "ts": t, "key": "a_c1", "gpu_ids": ["0"], "attempt": 1},
+        {"event": "succeeded", "ts": t + 4, "key": "a_c1", "gpu_ids": ["0"]},
+        {"event": "started", "ts": t + 6, "key": "b_c1", "gpu_ids": ["0"], "attempt": 1},
+        {"event": "succeeded", "ts": t + 8, "key": "b_c1", "gpu_ids": ["0"]},
+        {"event": "study_finished", "ts": t + 8},
+    ]
+    # a's work ended at 3.5 (its `done` mark), its process exited at 4: the 1 s
+    # cooldown ran from 3.5, so what is left of it after the bar ends at 4.5, not 5.
+    a = {**_record("a_c1", 0, "0", 0, 4, "succeeded"), "work_ended_at": _stamp(3.5)}
+    records = [a, _record("b_c1", 1, "0", 6, 8, "succeeded")]
+    timeline = build_timeline(read_results(_write_dir(tmp_path / "d", journal, records)))
+    cooldowns = [(b.key, b.start - t, b.end - t) for b in timeline.bars if b.kind == "cooldown"]
+    assert cooldowns == [("a_c1", 4.0, 4.5)]
+    assert flat_row(a)["work_ended_at"] == _stamp(3.5)
