@@ -85,7 +85,7 @@ class GpuLease(tuple[str, ...]):
             return
         self._released = True
         if self._on_release is not None:
-            self._on_release(self, max(0.0, work_ended_s_ago))
+            self._on_release(self, work_ended_s_ago)
 
     def __repr__(self) -> str:
         return f"GpuLease({', '.join(map(repr, self))})"

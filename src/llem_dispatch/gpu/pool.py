@@ -387,8 +387,7 @@ class GpuPool:
 
     def _release(self, grant: Grant, _lease: GpuLease, work_ended_s_ago: float) -> None:
         now = anyio.current_time()
-        work_ended = now - work_ended_s_ago if work_ended_s_ago > 0 else None
-        self._apply(self._schedule.release(grant, now, work_ended=work_ended))
+        self._apply(self._schedule.release(grant, now, work_ended=now - work_ended_s_ago))
 
     def _apply(self, step: Step) -> None:
         """Wake the waiters a step served or asked to look again."""

@@ -103,6 +103,10 @@ class Run:
     deadline: float = math.inf
     #: Once cancelled: by when stopping and removing it must be over, hung engine or not.
     cleanup_deadline: float = math.inf
+    #: Epoch seconds: when the host began starting it, and when its gate opened (None:
+    #: not held at one). With its marks, they give `info.phases` as it exits.
+    launched: float = 0.0
+    gate_opened: float | None = None
 
     def bind(self, **fields: Any) -> None:
         """Add fields to every later log event of this run."""

@@ -31,7 +31,6 @@ from llem_dispatch.runners._backend import Gate, Run, RunBackend, RunSettings
 from llem_dispatch.runners._cancel import CANCEL_SLACK_S, FORCE_KILL
 from llem_dispatch.runners._gate import NO_SHELL, NO_SHELL_FIX
 from llem_dispatch.runners._outcome import collect_outcome
-from llem_dispatch.runners._phases import phase_times
 from llem_dispatch.runners._supervise import supervise
 from llem_dispatch.runners.protocol import Outcome, RunInfo, RunObserver
 
@@ -82,15 +81,12 @@ async def run_lifecycle(
         run.exchange.write_config(data)
         run.exchange.write_secrets(collect_secrets(settings.secret_env))
         # Before the start call: a process may mark its work before that call returns.
-        launched = time.time()
+        run.launched = time.time()
         await _start(settings, backend, run)
-        gate_opened: float | None = None
         if gate is not None:
-            gate_opened = await _pass_gate(settings, backend, run, gate)
+            run.gate_opened = await _pass_gate(settings, backend, run, gate)
         run.capture = LogCapture(run.exchange.log_path)
         error = await supervise(settings, backend, run, run.capture, observer)
-        marks = run.exchange.read_marks()
-        run.info.phases = phase_times(marks, launched=launched, gate=gate_opened)
         if error is not None:
             raise error
         metadata = RunnerMetadata(

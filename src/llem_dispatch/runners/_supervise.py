@@ -26,6 +26,7 @@ from llem_dispatch.runners._backend import (
     RunBackend,
     RunSettings,
 )
+from llem_dispatch.runners._phases import phase_times
 from llem_dispatch.runners.protocol import RunObserver, utcnow
 
 __all__ = ["KilledFor", "killed_error", "supervise", "wait_bounded"]
@@ -133,8 +134,9 @@ async def _until_exit(
         run.bound.warning(f"{backend.noun}_killed", reason=killed_for)
         await _kill_and_wait(backend, run)
     run.info.exited_at = utcnow()
-    done = run.exchange.read_marks().get("done")
-    run.info.work_ended = float(done["t"]) if done is not None else None
+    # Before `on_exited`: its `done` mark says where the GPUs' cooldown counts from.
+    marks = run.exchange.read_marks()
+    run.info.phases = phase_times(marks, launched=run.launched, gate=run.gate_opened)
     if observer is not None:
         observer.on_exited(run.info)
     return killed_for, await backend.exited(run)

@@ -76,20 +76,19 @@ class RunInfo:
     exit_code: int | None = None
     #: How the run was given its GPUs: `cdi`, `nvidia` (device requests) or `env`.
     gpu_request: str | None = None
-    #: Set once it has exited: prepare, gate wait, gate to first work.
+    #: Set as it exits, before `on_exited`: prepare, gate wait, gate to first work,
+    #: the end of its work.
     phases: PhaseTimes | None = None
-    #: Set as it exits, before `on_exited`: when its work ended (the `done` mark),
-    #: epoch seconds; None without the mark.
-    work_ended: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def work_ended_s_ago(self, held_s: float, *, now: float | None = None) -> float:
         """How long before `now` its work ended (the `done` mark): where the GPUs'
         cooldown counts from. Never more than `held_s` (since the run got its GPUs),
         nor less than 0; 0 without the mark."""
-        if self.work_ended is None:
+        ended = self.phases.work_ended_at if self.phases is not None else None
+        if ended is None:
             return 0.0
-        ago = (time.time() if now is None else now) - self.work_ended
+        ago = (time.time() if now is None else now) - ended.timestamp()
         return min(max(0.0, ago), max(0.0, held_s))
 
 

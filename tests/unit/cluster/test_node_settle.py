@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import queue
 import time
+from datetime import UTC, datetime
 
 import pytest
 
 from llem_dispatch.cluster import node
 from llem_dispatch.cluster.node import gpus_at_start, settle_after_exit
 from llem_dispatch.gpu import SettleSpec
-from llem_dispatch.runners.protocol import RunInfo
+from llem_dispatch.runners.protocol import PhaseTimes, RunInfo
 
 IDLE = (35.0, 70.0)
 HOT = (70.0, 400.0)
@@ -71,7 +72,8 @@ def test_a_gpu_that_never_settles_is_let_go_at_max_s() -> None:
 
 
 def _info(work_ended: float | None) -> RunInfo:
-    return RunInfo("h", ("0",), "/x", "/x/log", "local", work_ended=work_ended)
+    ended = datetime.fromtimestamp(work_ended, UTC) if work_ended is not None else None
+    return RunInfo("h", ("0",), "/x", "/x/log", "local", phases=PhaseTimes(work_ended_at=ended))
 
 
 def test_the_cooldown_counts_from_the_done_mark_within_the_time_held() -> None:

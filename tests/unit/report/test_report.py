@@ -395,17 +395,22 @@ def test_report_escapes_what_experiments_wrote(tmp_path: Path) -> None:
     assert data["bars"][0]["config"] == {"i": evil}
 
 
-def test_timeline_marks_the_time_before_each_runs_first_measured_work(tmp_path: Path) -> None:
-    """a on GPU 0 0-4 s, its first measured work at 1.5 s; b after it, no mark."""
-    t = 1_000_000.0
-    journal = [
+def _a_then_b(t: float, b_start: float) -> list[dict[str, Any]]:
+    """The journal of a on GPU 0 from 0 to 4 s, then b from `b_start` to 8 s."""
+    return [
         {"event": "study_started", "ts": t, "resume": False},
         {"event": "started", "ts": t, "key": "a_c1", "gpu_ids": ["0"], "attempt": 1},
         {"event": "succeeded", "ts": t + 4, "key": "a_c1", "gpu_ids": ["0"]},
-        {"event": "started", "ts": t + 5, "key": "b_c1", "gpu_ids": ["0"], "attempt": 1},
+        {"event": "started", "ts": t + b_start, "key": "b_c1", "gpu_ids": ["0"], "attempt": 1},
         {"event": "succeeded", "ts": t + 8, "key": "b_c1", "gpu_ids": ["0"]},
         {"event": "study_finished", "ts": t + 8},
     ]
+
+
+def test_timeline_marks_the_time_before_each_runs_first_measured_work(tmp_path: Path) -> None:
+    """a on GPU 0 0-4 s, its first measured work at 1.5 s; b after it, no mark."""
+    t = 1_000_000.0
+    journal = _a_then_b(t, 5)
     a = {
         **_record("a_c1", 0, "0", 0, 4, "succeeded"),
         "work_started_at": _stamp(1.5),
@@ -429,14 +434,7 @@ def test_timeline_marks_the_time_before_each_runs_first_measured_work(tmp_path: 
 
 def test_a_cooldown_bar_starts_where_the_work_ended(tmp_path: Path) -> None:
     t = 1_000_000.0
-    journal = [
-        {"event": "study_started", "ts": t, "resume": False},
-        {"event": "started", "ts": t, "key": "a_c1", "gpu_ids": ["0"], "attempt": 1},
-        {"event": "succeeded", "ts": t + 4, "key": "a_c1", "gpu_ids": ["0"]},
-        {"event": "started", "ts": t + 6, "key": "b_c1", "gpu_ids": ["0"], "attempt": 1},
-        {"event": "succeeded", "ts": t + 8, "key": "b_c1", "gpu_ids": ["0"]},
-        {"event": "study_finished", "ts": t + 8},
-    ]
+    journal = _a_then_b(t, 6)
     # a's work ended at 3.5 (its `done` mark), its process exited at 4: the 1 s
     # cooldown ran from 3.5, so what is left of it after the bar ends at 4.5, not 5.
     a = {**_record("a_c1", 0, "0", 0, 4, "succeeded"), "work_ended_at": _stamp(3.5)}
