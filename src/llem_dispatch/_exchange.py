@@ -43,6 +43,9 @@ GO_FILENAME = ".llem-go"
 GO_FIFO_NAME = ".llem-go.fifo"
 #: Where the experiment (the helper, or any program) appends its timing marks.
 MARKS_FILENAME = ".llem-marks.jsonl"
+#: Written by the host once the run's neighbours are quiet (paused, or the policy lets
+#: them run): the experiment, having marked `quiet`, waits for it before it measures.
+QUIET_FILENAME = ".llem-quiet"
 #: The most of the marks file the host reads (a few lines are expected).
 MAX_MARKS_BYTES = 64 * 1024
 DEFAULT_MAX_RESULT_BYTES = 64 * 1024 * 1024
@@ -87,6 +90,9 @@ class ExchangeDir:
         self.config_hash = config_hash
         #: Held at a gate (prestart): `env` names the go file, `open_gate` writes it.
         self.gated = False
+        #: The host follows its marks and grants its quiet window (`grant_quiet`): only
+        #: then is the experiment told to ask for one (it would wait in vain otherwise).
+        self.grants_quiet = False
         #: The write end of the gate's FIFO, held open from the gate's opening to `close_gate`.
         self._gate_fd: int | None = None
 
@@ -126,6 +132,8 @@ class ExchangeDir:
             "LLEM_CONFIG_HASH": self.config_hash,
             "LLEM_MARKS_PATH": f"{root}/{MARKS_FILENAME}",
         }
+        if self.grants_quiet:
+            env["LLEM_QUIET_PATH"] = f"{root}/{QUIET_FILENAME}"
         if self.secrets_path.exists():
             env["LLEM_SECRETS_PATH"] = f"{root}/{SECRETS_FILENAME}"
         if self.gated:
@@ -160,6 +168,10 @@ class ExchangeDir:
             os.write(self._gate_fd, b"go\n")
         except OSError as exc:  # the go file alone still opens the gate (by polling)
             log.warning("gate_fifo_failed", exchange_dir=str(self.path), error=str(exc))
+
+    def grant_quiet(self) -> None:
+        """Tell the experiment its measured window may open (its neighbours are quiet)."""
+        (self.path / QUIET_FILENAME).touch(mode=0o644)
 
     def close_gate(self) -> None:
         """Close the FIFO's write end (after the run); idempotent."""

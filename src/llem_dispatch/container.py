@@ -32,12 +32,19 @@ optional second `yield` marks the start of its first measured work; its
         yield                                      # (optional) measuring starts
         return measure(model)
 
-It appends its marks (`start`, `ready`, `go`, `work`: wall-clock seconds) as JSON
-lines to $LLEM_MARKS_PATH, which any experiment may append a `work` mark to.
+It appends its marks (`start`, `ready`, `go`, `work`, `done`: wall-clock seconds) as
+JSON lines to $LLEM_MARKS_PATH, which any experiment may append a `work` mark to.
+
+Quiet window: just before the measured part (the second `yield`'s, else the whole
+call after the gate) it marks `quiet` and waits until $LLEM_QUIET_PATH exists: the
+host writes it once the preparing runs beside it are paused (the study's
+`prepare_during_measurement`). The measured window lasts until `done`. Any program
+may do the same: append `{"mark": "quiet", "t": ...}`, wait for the file.
 """
 
 from __future__ import annotations
 
+import dis
 import importlib
 import inspect
 import json
@@ -52,6 +59,8 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 #: How often a run held at its gate looks for the go file (seconds).
 GATE_POLL_S = 0.002
+#: How long a run waits for its quiet window before it measures anyway (seconds).
+QUIET_WAIT_S = 120.0
 
 
 def _atomic_write_json(path: str, data: Any) -> None:
@@ -100,6 +109,24 @@ def _wait_at_gate() -> None:
         time.sleep(GATE_POLL_S)
 
 
+def _wait_for_quiet() -> None:
+    """Ask the host for a quiet window (mark `quiet`) and wait until it grants it.
+
+    Bounded: a host that never answers costs `QUIET_WAIT_S`, then it measures
+    anyway and says so. Without $LLEM_QUIET_PATH (an older host) it asks nothing.
+    """
+    path = os.environ.get("LLEM_QUIET_PATH")
+    if not path:
+        return
+    _mark("quiet")
+    deadline = time.monotonic() + float(os.environ.get("LLEM_QUIET_WAIT_S", QUIET_WAIT_S))
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            print("llem-container: no quiet window granted; measuring anyway", file=sys.stderr)
+            return
+        time.sleep(GATE_POLL_S)
+
+
 def _mark(name: str, **fields: Any) -> None:
     """Append `{"mark": name, "t": now}` to $LLEM_MARKS_PATH (best effort: timing only)."""
     path = os.environ.get("LLEM_MARKS_PATH")
@@ -131,6 +158,7 @@ def _call(function: Any, config: Any, target: str) -> Any:
         _mark("ready", rss_bytes=_rss_bytes())
         _wait_at_gate()
         _mark("go")
+        _wait_for_quiet()
         return function(config)
     steps = function(config)
     try:
@@ -143,16 +171,32 @@ def _call(function: Any, config: Any, target: str) -> Any:
     _mark("ready", rss_bytes=_rss_bytes())
     _wait_at_gate()
     _mark("go")
-    for marked in ("work", None):
-        try:
-            next(steps)
-        except StopIteration as stop:
-            return stop.value
-        if marked is None:
-            break
-        _mark(marked)
+    # One `yield` in its code: all it does after the gate is measured, so the quiet
+    # window opens now; with two, at the second (its `work` mark).
+    measured_from_go = _yield_sites(function) < 2
+    if measured_from_go:
+        _wait_for_quiet()
+    try:
+        next(steps)  # after the gate, up to the measured part (or the end)
+    except StopIteration as stop:
+        return stop.value
+    if not measured_from_go:
+        _wait_for_quiet()
+    _mark("work")
+    try:
+        next(steps)
+    except StopIteration as stop:
+        return stop.value
     steps.close()
     raise TypeError(f"{target} yielded more than twice (prepared, then measuring)")
+
+
+def _yield_sites(function: Any) -> int:
+    """How many `yield`s a generator function's own code has (not its nested ones')."""
+    code = getattr(inspect.unwrap(function), "__code__", None)
+    if code is None:
+        return 0
+    return sum(1 for ins in dis.get_instructions(code) if ins.opname == "YIELD_VALUE")
 
 
 def _to_jsonable(value: Any) -> Any:

@@ -51,7 +51,13 @@ def report(
         f"succeeded, {counts['failed'] + counts['error'] + counts['cancelled']} failed, "
         f"wall {format_duration(summary['wall_s'])}"
         + (f", GPU occupancy {util:.0%}" if util is not None else "")
-        + (f", SM utilisation {summary['sm_util']:.0%}" if summary.get("sm_util") else ""),
+        + (f", SM utilisation {summary['sm_util']:.0%}" if summary.get("sm_util") else "")
+        + (
+            f", {summary['windows_disturbed']} of {summary['windows_checked']} measured "
+            "windows disturbed by a neighbour's preparation"
+            if summary["windows_checked"]
+            else ""
+        ),
         soft_wrap=True,
     )
     size_mb = path.stat().st_size / 1e6

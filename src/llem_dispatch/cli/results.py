@@ -1,18 +1,20 @@
 """`llem-dispatch results`: one row per experiment, as a table to read, CSV, JSON lines or Parquet.
 
-The table shows what a person scans (short key, status, GPUs, duration, the
-parameters that vary, a few result fields, rounded); `--all` shows every column;
-CSV, JSON lines and Parquet are complete and unrounded.
+The table shows what a person scans (short key, status, GPUs, duration, whether a
+neighbour's preparation disturbed the measured window, the parameters that vary, a
+few result fields, rounded); `--all` shows every column; CSV, JSON lines and Parquet
+are complete and unrounded. `--exclude-disturbed` leaves disturbed windows out.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -40,6 +42,7 @@ from llem_dispatch.report import (
     short_keys,
     sort_records,
     stats_rows,
+    window_disturbed,
     write_parquet,
 )
 from llem_dispatch.study import ReportSpec
@@ -167,6 +170,10 @@ def _people_table(
         _Column("GPU", [Text(g) for g in gpus], flexible=True),
         _Column("duration", [Text(format_duration(r["duration_s"])) for r in rows], right=True),
     ]
+    if any(r.get("window_disturbed") is not None for r in rows):
+        # Whether a neighbour's unpaused preparation ran inside the measured window.
+        cells = [_window_cell(r.get("window_disturbed")) for r in rows]
+        columns.append(_Column("window", cells))
     if any(r.get("gate_to_work_s") is not None for r in rows):
         # The GPU idle inside each run: from its gate (or start) to its first measured work.
         cells = [Text(format_duration(r.get("gate_to_work_s"))) for r in rows]
@@ -194,6 +201,12 @@ def _people_table(
     if dropped:
         table.caption = f"not shown for lack of width: {', '.join(dropped)} (see --all, or widen)"
     return table
+
+
+def _window_cell(disturbed: bool | None) -> Text:
+    if disturbed is None:
+        return Text("")
+    return Text("disturbed", style="red") if disturbed else Text("clean", style="dim")
 
 
 def _is_number(value: Any) -> bool:
@@ -231,33 +244,67 @@ def _write_text(fmt: str, rows: list[dict[str, Any]], output: Path | None) -> No
         output.write_text(buffer.getvalue())
 
 
-def _stats(data: StudyResults, fmt: str, output: Path | None, columns: str | None) -> None:
+def _stats(
+    data: StudyResults, fmt: str, output: Path | None, columns: str | None, exclude: bool
+) -> None:
     """`--stats`: one row per config, written as `fmt`."""
-    rows = stats_rows(data.records, data.param_order())
-    if _written(fmt, rows, output, lambda: load_stats(data.path), "stats.parquet"):
+    rows = stats_rows(data.records, data.param_order(), exclude_disturbed=exclude)
+    succeeded = [r for r in data.records if r.get("status") == "succeeded"]
+    _say_left_out(succeeded, exclude, fmt)
+    frame = functools.partial(load_stats, data.path, exclude_disturbed=exclude)
+    if _written(fmt, rows, output, frame, "stats.parquet"):
         return
     console = make_console()
     flat = [flat_row(r) for r in data.records]
     selection = select_columns(data, flat, report_spec(data, columns))
     shown = selection.results or [c.removeprefix("result.") for c in _result_fields(rows)]
+    # Telemetry's window energy over the workload's own figure, where both were measured.
+    shown += ["energy.ratio"] if any(r.get("energy.ratio_mean") is not None for r in rows) else []
+    disturbed = any("disturbed" in r for r in rows)
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, header_style="bold")
     table.add_column("config", no_wrap=True, min_width=7)
     for name in selection.params:
         table.add_column(name, no_wrap=True)
     table.add_column("n", justify="right", no_wrap=True, min_width=2)
+    if disturbed:
+        table.add_column("disturbed", justify="right", no_wrap=True)
     for name in shown:
         table.add_column(f"{name} (mean ± ci95)", justify="right", no_wrap=True)
     for row in rows:
         cells = [Text(str(row["config_hash"])[:7])]
         cells += [Text(format_param(row.get(f"param.{p}"))) for p in selection.params]
         cells.append(Text(str(row["n"])))
+        if disturbed:
+            count = row.get("disturbed") or 0
+            cells.append(Text(str(count), style="red" if count and not exclude else ""))
         for name in shown:
-            mean, ci = row.get(f"result.{name}_mean"), row.get(f"result.{name}_ci95")
+            column = name if name.startswith("energy.") else f"result.{name}"
+            mean, ci = row.get(f"{column}_mean"), row.get(f"{column}_ci95")
             text = format_value(mean) + (f" ± {format_value(ci)}" if ci is not None else "")
             cells.append(Text(text))
         table.add_row(*cells)
     console.print(Text.assemble((data.name, "bold"), f": {len(rows)} configs, across cycles"))
     console.print(table)
+
+
+def _say_left_out(records: Sequence[Mapping[str, Any]], exclude: bool, fmt: str) -> None:
+    """With `--exclude-disturbed`: how many records it left out (stderr beside a file format)."""
+    if not exclude:
+        return
+    flags = [window_disturbed(r) for r in records]
+    known = [f for f in flags if f is not None]
+    if not known:
+        note = (
+            "--exclude-disturbed: no record says whether its measured window was disturbed "
+            "(results from before the window checks); none left out"
+        )
+    else:
+        left = sum(known)
+        note = (
+            f"left out {left} of {len(known)} measured windows: disturbed by a "
+            "neighbour's unpaused preparation"
+        )
+    make_console(stderr=fmt != "table").print(Text(note, style="yellow"))
 
 
 def _result_fields(rows: list[dict[str, Any]]) -> list[str]:
@@ -288,17 +335,29 @@ def results(
             "(Student-t 95% half-width) of every numeric field.",
         ),
     ] = False,
+    exclude_disturbed: Annotated[
+        bool,
+        typer.Option(
+            "--exclude-disturbed",
+            help="Leave out runs whose measured window overlapped a neighbour's unpaused "
+            "preparation (the record's window_disturbed), saying how many.",
+        ),
+    ] = False,
 ) -> None:
     """One row per experiment: params, status, duration, GPU ids, key result fields."""
     if fmt not in FORMATS:
         raise fail_usage(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     data = open_results(results_dir)
     if stats:
-        _stats(data, fmt, output, columns)
+        _stats(data, fmt, output, columns, exclude_disturbed)
         return
     records = sort_records(data.records, data.param_order())
+    _say_left_out(records, exclude_disturbed, fmt)
+    if exclude_disturbed:
+        records = [r for r in records if window_disturbed(r) is not True]
     rows = [flat_row(r) for r in records]
-    if _written(fmt, rows, output, lambda: load_results(results_dir), "results.parquet"):
+    frame = functools.partial(_results_frame, results_dir, exclude_disturbed)
+    if _written(fmt, rows, output, frame, "results.parquet"):
         return
     console = make_console()
     selection = select_columns(data, rows, report_spec(data, columns))
@@ -312,6 +371,14 @@ def results(
         table = _people_table(data, rows, selection, console.width)
     _header(data, selection, console)
     console.print(table)
+
+
+def _results_frame(results_dir: Path, exclude_disturbed: bool) -> Any:
+    """`load_results`, less the disturbed windows when asked (as the rows written)."""
+    frame = load_results(results_dir)
+    if exclude_disturbed and "window_disturbed" in frame.columns:
+        frame = frame[frame["window_disturbed"].map(lambda d: d is not True)]
+    return frame
 
 
 def _written(

@@ -21,6 +21,7 @@ prepared and waiting cannot push the host into swap.
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,19 +31,24 @@ import anyio
 from pydantic import BaseModel
 
 from llem_dispatch.dispatch.memory import MemoryReserve
+from llem_dispatch.dispatch.quiet import Policy, QuietHost
 from llem_dispatch.dispatch.records import GpuAtStart, RecordDraft
 from llem_dispatch.errors import ConfigError
 from llem_dispatch.gpu import GpuLease, GpuPool, SettleSpec
-from llem_dispatch.gpu.discovery import nvml_thermal
+from llem_dispatch.gpu.cores import CorePlan, plan_cores
+from llem_dispatch.gpu.discovery import nvml_cpu_affinity, nvml_thermal
 from llem_dispatch.models import HashedConfig
 from llem_dispatch.runners import CANCEL_SLACK_S
 from llem_dispatch.runners.kinds import DoctorCheck
 from llem_dispatch.runners.protocol import (
+    CpuPlacement,
     GatedRunner,
     GpuCheckingRunner,
     Outcome,
+    RunControl,
     RunInfo,
     Runner,
+    RunPhase,
     utcnow,
 )
 
@@ -159,6 +165,11 @@ class PlacementRequest:
     #: Reaps this host's leftovers of the study's dead runs (a container runner's
     #: orphans, logs kept), before it starts; None when the runner leaves none.
     reap_here: Callable[[], Awaitable[object]] | None = None
+    #: What preparing runs do while one measures on their host (`pause` or `run`).
+    isolation: Policy = "pause"
+    #: Cores each GPU's experiments measure on (None: NVML's nearest share on real GPUs,
+    #: no pinning on virtual ones).
+    cpus_per_gpu: int | None = None
 
 
 class Placement(abc.ABC):
@@ -270,16 +281,69 @@ class Placement(abc.ABC):
 
 
 class _LeaseObserver:
-    """Fills the draft as one run progresses; frees its GPUs the moment it exits."""
+    """Fills the draft as one run progresses; frees its GPUs the moment it exits.
 
-    def __init__(self, lease: GpuLease, draft: RecordDraft, on_started: Callable[[], None]) -> None:
+    It also follows the run's phases for its host's quiet windows (`quiet`) and
+    places it on its cores (`cores`): the spare ones at low priority while it
+    prepares, its GPUs' own once they are its.
+    """
+
+    def __init__(
+        self,
+        lease: GpuLease,
+        draft: RecordDraft,
+        on_started: Callable[[], None],
+        quiet: QuietHost | None = None,
+        cores: CorePlan | None = None,
+    ) -> None:
         self._lease = lease
         self._draft = draft
         self._on_started = on_started
+        self._quiet = quiet
+        self._cores = cores
+        self._moved = False
         self.started_mono: float | None = None
         #: When the GPUs were last released before this run got them (known ones).
         self.released: list[float] = []
         self.info: RunInfo | None = None
+
+    def _measuring(self) -> CpuPlacement | None:
+        cpus = self._cores.measuring(list(self._lease)) if self._cores is not None else ()
+        return CpuPlacement(cpus, threads=len(cpus)) if cpus else None
+
+    def cpu_placement(self, gated: bool) -> CpuPlacement | None:
+        """Its GPUs' cores; while it prepares held at a gate, the spare ones, low priority."""
+        measuring = self._measuring()
+        if measuring is None or self._cores is None:
+            return None
+        self._draft.cpus = list(measuring.cpus)
+        if not gated:
+            self._moved = True
+            return measuring
+        return CpuPlacement(self._cores.preparing(), low_priority=True, threads=measuring.threads)
+
+    async def on_phase(self, phase: RunPhase, control: RunControl) -> None:
+        """Tell the host's quiet windows; onto its own cores once its GPUs are its."""
+        if self._quiet is not None:
+            await self._quiet.on_phase(self, phase, control)
+        if phase in ("loading", "measuring") and not self._moved:
+            self._moved = True
+            measuring = self._measuring()
+            if measuring is not None:
+                await control.place(measuring)
+
+    async def finish(self) -> None:
+        """The run has ended: what overlapped its measured window goes into the record."""
+        if self._quiet is None:
+            return
+        share = await self._quiet.finish(self)
+        draft = self._draft
+        draft.isolation = self._quiet.policy
+        if share is not None and share.opened:
+            draft.window_prepare_overlap_s = round(share.prepare_s, 3)
+            draft.window_work_overlap_s = round(share.work_s, 3)
+            draft.neighbours_paused_s = round(share.paused_s, 3)
+            draft.window_disturbed = share.disturbed
 
     def on_started(self, info: RunInfo) -> None:
         self.info = info
@@ -305,6 +369,25 @@ class _LeaseObserver:
         self._lease.release(work_ended_s_ago=ago)
 
 
+def host_cores(pool: GpuPool, per_gpu: int | None, *, keep_spare: bool) -> CorePlan | None:
+    """This host's cores split among the pool's GPUs (None: virtual GPUs with no
+    `per_gpu`, or no GPUs: nothing is pinned)."""
+    if not pool.devices or (pool.virtual and per_gpu is None):
+        return None
+    affinity = {}
+    if not pool.virtual:
+        for gpu in pool.devices:
+            near = nvml_cpu_affinity(gpu)
+            if near is not None:
+                affinity[gpu] = near
+    host = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not host:
+        return None
+    return plan_cores(
+        host, list(pool.devices), per_gpu=per_gpu, affinity=affinity, keep_spare=keep_spare
+    )
+
+
 class LocalPlacement(Placement):
     """This host: GPUs leased from `pool`, each attempt run by `runner`.
 
@@ -321,9 +404,15 @@ class LocalPlacement(Placement):
         *,
         prestart: bool = False,
         memory_reserve: MemoryReserve | None = None,
+        isolation: Policy = "pause",
+        cores: CorePlan | None = None,
     ) -> None:
         self.runner = runner
         self.pool = pool if pool is not None else GpuPool([])
+        #: This host's quiet windows: preparing runs paused while one measures (`pause`).
+        self.quiet = QuietHost(isolation)
+        #: Each GPU's cores (None: runs are not pinned).
+        self.cores = cores
         self.runner_type: str | None = getattr(runner, "runner_type", None)
         #: Whether attempts are prestarted (asked for, and the runner speaks the gate).
         self.prestart = prestart and isinstance(runner, GatedRunner) and runner.speaks_gate
@@ -340,7 +429,14 @@ class LocalPlacement(Placement):
         pool.check_request(request.max_gpu_count)
         runner = request.runner_factory(ThisHost(virtual=pool.virtual))
         reserve = MemoryReserve(request.prestart_memory_reserve)
-        return cls(runner, pool, prestart=request.prestart, memory_reserve=reserve)
+        return cls(
+            runner,
+            pool,
+            prestart=request.prestart,
+            memory_reserve=reserve,
+            isolation=request.isolation,
+            cores=host_cores(pool, request.cpus_per_gpu, keep_spare=request.prestart),
+        )
 
     async def prepare(self, request: PlacementRequest) -> None:
         """The runner's own checks here (the pool was checked when it was built)."""
@@ -386,7 +482,7 @@ class LocalPlacement(Placement):
         until `wait_ready` says they are its own.
         """
         async with self.pool.acquire(gpus, early=self.prestart) as lease:
-            observer = _LeaseObserver(lease, draft, on_started)
+            observer = _LeaseObserver(lease, draft, on_started, self.quiet, self.cores)
             if lease.pending and not self.memory_reserve.allows_prestart():
                 # Too little host memory for one more prepared, waiting run: start late.
                 draft.prestart_held = "memory"
@@ -420,6 +516,7 @@ class LocalPlacement(Placement):
             assert isinstance(self.runner, GatedRunner)
             return await self.runner.run(config, gpus=gpus, observer=observer, gate=gate)
         finally:
+            await observer.finish()
             if observer.released and observer.started_mono is not None:
                 # From the GPUs' last release to this run's start (its gate) on them.
                 draft.handoff_gap_s = max(0.0, observer.started_mono - max(observer.released))

@@ -169,6 +169,31 @@ class RunRecord(BaseModel):
         description="Why a run that could have been prestarted was not (`memory`: the "
         "host had less available than `prestart_memory_reserve`).",
     )
+    # -- what shared its host while it measured (issue 33) --
+    cpus: list[int] = Field(
+        default_factory=list, description="The host cores it measured on (empty: not pinned)."
+    )
+    isolation: str | None = Field(
+        default=None,
+        description="`prepare_during_measurement` on its host: `pause` (preparing runs "
+        "were frozen during its measured window) or `run`.",
+    )
+    window_prepare_overlap_s: float | None = Field(
+        default=None,
+        description="Neighbour-seconds of other experiments' preparation (not paused) "
+        "inside its measured window (`quiet` or gate to `done`, or to its exit).",
+    )
+    window_work_overlap_s: float | None = Field(
+        default=None,
+        description="Neighbour-seconds of other experiments' measured windows inside its own.",
+    )
+    neighbours_paused_s: float | None = Field(
+        default=None, description="Neighbour-seconds held paused during its measured window."
+    )
+    window_disturbed: bool | None = Field(
+        default=None,
+        description="True when unpaused preparation overlapped its measured window.",
+    )
     tags: dict[str, Any] = Field(default_factory=dict)
     node: NodeInfo | None = Field(
         default=None,
@@ -235,6 +260,12 @@ class RecordDraft:
     ready_rss_bytes: int | None = None
     work_ended_at: datetime | None = None
     prestart_held: str | None = None
+    cpus: list[int] = field(default_factory=list)
+    isolation: str | None = None
+    window_prepare_overlap_s: float | None = None
+    window_work_overlap_s: float | None = None
+    neighbours_paused_s: float | None = None
+    window_disturbed: bool | None = None
     node: NodeInfo | None = None
     job_id: str | None = None
     outcome: Any = None

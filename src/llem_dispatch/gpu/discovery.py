@@ -6,6 +6,7 @@ Owns every call into NVML; the pool asks here and never imports pynvml itself.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -14,6 +15,7 @@ import structlog
 
 __all__ = [
     "match_visible",
+    "nvml_cpu_affinity",
     "nvml_inventory",
     "nvml_names",
     "nvml_processes",
@@ -40,6 +42,22 @@ def nvml_thermal(device_id: str) -> tuple[float, float] | None:
         return float(temperature), float(nvml.nvmlDeviceGetPowerUsage(handle)) / 1000.0
 
     return _ask_device(device_id, "thermal", read)
+
+
+def nvml_cpu_affinity(device_id: str) -> tuple[int, ...] | None:
+    """The host cores nearest a device (its NUMA node's), per NVML; None if unknown."""
+
+    def read(nvml: Any, handle: Any) -> tuple[int, ...]:
+        words = (os.cpu_count() or 1) // 64 + 1
+        masks = nvml.nvmlDeviceGetCpuAffinity(handle, words)
+        return tuple(
+            word * 64 + bit
+            for word, mask in enumerate(masks)
+            for bit in range(64)
+            if int(mask) >> bit & 1
+        )
+
+    return _ask_device(device_id, "cpu affinity", read) or None
 
 
 def nvml_processes(device_id: str) -> list[str]:

@@ -16,6 +16,7 @@ from llem_dispatch.report.data import (
     require_extra,
     short_keys,
     sort_records,
+    window_disturbed,
 )
 from llem_dispatch.report.frame import load_results, load_stats, write_parquet
 from llem_dispatch.report.html import render_report, write_report
@@ -50,6 +51,7 @@ __all__ = [
     "short_keys",
     "sort_records",
     "stats_rows",
+    "window_disturbed",
     "write_parquet",
     "write_report",
 ]

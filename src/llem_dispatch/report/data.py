@@ -36,9 +36,18 @@ __all__ = [
     "require_extra",
     "short_keys",
     "sort_records",
+    "window_disturbed",
 ]
 
 PARAM, RESULT = "param.", "result."
+#: What a record says about its neighbours during its measured window (optional:
+#: results written before the isolation policy existed carry none of them).
+WINDOW_FIELDS = (
+    "isolation",
+    "window_prepare_overlap_s",
+    "window_work_overlap_s",
+    "neighbours_paused_s",
+)
 #: The fix shown for an experiment that reported its own failure (nothing to retry).
 SELF_REPORTED_FIX = "The experiment reported this itself; see its traceback in the record."
 
@@ -153,8 +162,11 @@ def flat_row(data: Mapping[str, Any], *, lists: bool = False) -> dict[str, Any]:
     parameter); nested result dicts become `result.a.b`; GPU telemetry's energy is
     `energy.run_j` (start to exit) and, for a study with `measure:`, `energy.window_j`,
     `energy.reported_j`, `energy.ratio` (ours / reported), `energy.window_s`,
-    `energy.window_short`; result lists, and `gpu_ids` as a list rather than "0,3",
-    only with `lists=True` (for pandas).
+    `energy.window_short`; what shared the host while it measured is `cpus` (the cores
+    it was pinned to), `isolation`, the neighbour-seconds `window_prepare_overlap_s`,
+    `window_work_overlap_s`, `neighbours_paused_s`, and `window_disturbed` (None where
+    the record does not say); result lists, and `gpu_ids` and `cpus` as lists rather
+    than "0,3", only with `lists=True` (for pandas).
     """
     row: dict[str, Any] = {
         "key": data.get("key"),
@@ -180,6 +192,12 @@ def flat_row(data: Mapping[str, Any], *, lists: bool = False) -> dict[str, Any]:
         row[field] = data.get(field)
     for field in ("work_started_at", "work_ended_at"):  # the `work` and `done` marks
         row[field] = data.get(field)
+    # What shared the host while it measured: its cores, and what its neighbours did.
+    cpus = [str(c) for c in data.get("cpus") or []]
+    row["cpus"] = cpus if lists else ",".join(cpus)
+    for field in WINDOW_FIELDS:
+        row[field] = data.get(field)
+    row["window_disturbed"] = window_disturbed(data)
     result = data.get("result") or {}
     payload = result.get("data", result) if isinstance(result, dict) else {}
     if isinstance(payload, Mapping):
@@ -207,6 +225,21 @@ def _energy_columns(telemetry: Any) -> dict[str, Any]:
         out["energy.window_s"] = window.get("duration_s")
         out["energy.window_short"] = window.get("short")
     return out
+
+
+def window_disturbed(record: Mapping[str, Any]) -> bool | None:
+    """Whether the run's measured window overlapped unpaused preparation of a neighbour.
+
+    The record's `window_disturbed`; where only the overlap was recorded, a positive
+    `window_prepare_overlap_s`. None when the record does not say (older results).
+    """
+    flag = record.get("window_disturbed")
+    if isinstance(flag, bool):
+        return flag
+    overlap = record.get("window_prepare_overlap_s")
+    if isinstance(overlap, int | float) and not isinstance(overlap, bool):
+        return overlap > 0
+    return None
 
 
 def failure_info(record: Mapping[str, Any]) -> tuple[str | None, str | None, str | None]:

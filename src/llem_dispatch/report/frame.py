@@ -30,6 +30,8 @@ def load_results(results_dir: str | Path, *, stats: bool = False) -> pd.DataFram
     config field, `duration_s`, the timestamps (`queued_at`, `started_at`,
     `exited_at`, `ended_at`, UTC), `gpu_ids` (a list of ids), `node` (clusters),
     `attempts`, `result.<name>` for every result field (nested dicts dotted),
+    `energy.*` (GPU telemetry), `cpus`, `isolation`, the window's overlaps and
+    `window_disturbed` (see `flat_row`),
     `error` (the error class), `error_message`, `fix`, `exchange_dir`. Rows are
     ordered by parameters, then cycle. `df.attrs["study"]` is the study as run.
     Needs pandas (`pip install 'llem-dispatch[analysis]'`).
@@ -51,16 +53,17 @@ def load_results(results_dir: str | Path, *, stats: bool = False) -> pd.DataFram
     return frame
 
 
-def load_stats(results_dir: str | Path) -> pd.DataFrame:
+def load_stats(results_dir: str | Path, *, exclude_disturbed: bool = False) -> pd.DataFrame:
     """One row per config across its cycles: `n`, and `<field>_mean`, `<field>_std`
     (sample, ddof=1) and `<field>_ci95` (Student-t 95% half-width) for every numeric
     field (`duration_s`, `result.*`, `energy.*`), as `results --stats` writes them.
 
-    Only succeeded cycles count; `runs` counts every record. Needs pandas.
+    Only succeeded cycles count (with `exclude_disturbed`, only those whose measured
+    window no neighbour's preparation overlapped); `runs` counts every record. Needs pandas.
     """
     pandas = require_extra("pandas", "load_stats")
     results = read_results(results_dir)
-    rows = stats_rows(results.records, results.param_order())
+    rows = stats_rows(results.records, results.param_order(), exclude_disturbed=exclude_disturbed)
     columns: dict[str, None] = {}
     for row in rows:
         columns.update(dict.fromkeys(row))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import html
 import json
-import statistics
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ from llem_dispatch.report.data import (
 )
 from llem_dispatch.report.model import ReportData, build_report_data, describe
 from llem_dispatch.study import ReportSpec
-from llem_dispatch.study.stats import describe as describe_values
 
 __all__ = ["KIND_STYLE", "render_report", "write_report"]
 
@@ -190,55 +188,58 @@ def _mark_sessions(fig: Any, data: ReportData) -> list[dict[str, Any]]:
     return breaks
 
 
-def _group_label(values: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={format_param(v)}" for k, v in values.items()) or "all"
+def _plot_x(x: Any) -> Any:
+    return x if isinstance(x, int | float) and not isinstance(x, bool) else format_param(x)
 
 
-def _x_value(row: Mapping[str, Any], x: str) -> Any:
-    return row["cycle"] if x == "cycle" else row["config"].get(x)
+def _point_hover(point: Mapping[str, Any]) -> str:
+    """The point's mean, interval and cycles (numbers only: nothing to escape)."""
+    spread = f" ± {format_value(point['ci95'])} (95% CI)" if point["ci95"] is not None else ""
+    text = f"mean {format_value(point['mean'])}{spread}<br>n={point['n']} cycles"
+    if point["disturbed"]:
+        text += f", {point['disturbed']} disturbed (a neighbour prepared in its window)"
+    return text
 
 
-def _result_figure(data: ReportData, rows: list[dict[str, Any]], column: str, go: Any) -> Any:
-    axes = data.axes
-    groups: dict[str, dict[Any, list[float]]] = {}
-    for row in rows:
-        value = row["results"].get(column)
-        if row["status"] != "succeeded" or not isinstance(value, int | float):
-            continue
-        label = _group_label({g: _x_value(row, g) for g in axes.group})
-        groups.setdefault(label, {}).setdefault(_x_value(row, axes.x), []).append(float(value))
+def _line_figure(
+    lines: list[dict[str, Any]], x: str, title: str, go: Any, reference: float | None = None
+) -> Any:
+    """Per line, the mean over cycles at each x with its 95% CI as error bars.
+
+    A point holding a disturbed window (a neighbour's unpaused preparation inside
+    it) is drawn as a crossed ring, so it is seen before it is believed.
+    """
     fig = go.Figure()
-    for label, by_x in groups.items():
-        xs = sorted(
-            by_x,
-            key=lambda v: (
-                not isinstance(v, int | float),
-                str(v) if not isinstance(v, int | float) else v,
-            ),
-        )
-        # The 95% CI of the mean (Student t), as `results --stats` gives it.
-        spread = [describe_values(by_x[x]).ci95 or 0.0 for x in xs]
+    for line in lines:
+        points = line["points"]
+        spread = [p["ci95"] or 0.0 for p in points]
         fig.add_trace(
             go.Scatter(
-                name=_E(label),
-                x=[x if isinstance(x, int | float) else str(x) for x in xs],
-                y=[statistics.fmean(by_x[x]) for x in xs],
-                customdata=[len(by_x[x]) for x in xs],
+                name=_E(line["label"]),
+                x=[_plot_x(p["x"]) for p in points],
+                y=[p["mean"] for p in points],
+                customdata=[_point_hover(p) for p in points],
                 error_y={"type": "data", "array": spread, "visible": any(spread)},
                 mode="lines+markers",
-                hovertemplate=f"{_E(label)}<br>{_E(axes.x)}=%{{x}}<br>{_E(column)}=%{{y:.4g}}"
-                "<br>n=%{customdata}<extra></extra>",
+                marker={
+                    "symbol": ["circle-x-open" if p["disturbed"] else "circle" for p in points],
+                    "size": [12 if p["disturbed"] else 7 for p in points],
+                },
+                hovertemplate=f"{_E(line['label'])}<br>{_E(x)}=%{{x}}<br>"
+                "%{customdata}<extra></extra>",
             )
         )
-    xs_all = [x for by_x in groups.values() for x in by_x if isinstance(x, int | float)]
-    ys_all = [statistics.fmean(v) for by_x in groups.values() for v in by_x.values()]
+    if reference is not None:
+        fig.add_hline(y=reference, line={"color": "#8a8a8a", "dash": "dot", "width": 1})
+    xs_all = [p["x"] for line in lines for p in line["points"] if _is_number(p["x"])]
+    ys_all = [p["mean"] for line in lines for p in line["points"]]
     fig.update_layout(
-        title={"text": _E(column), "font": {"size": 14}},
+        title={"text": _E(title), "font": {"size": 14}},
         height=360,
         margin={"l": 10, "r": 10, "t": 40, "b": 40},
-        xaxis={"title": _E(axes.x), "type": "log" if _spans_decades(xs_all) else "-"},
+        xaxis={"title": _E(x), "type": "log" if _spans_decades(xs_all) else "-"},
         yaxis={
-            "title": _E(column),
+            "title": _E(title),
             "automargin": True,
             "type": "log" if _spans_decades(ys_all) else "-",
         },
@@ -246,6 +247,10 @@ def _result_figure(data: ReportData, rows: list[dict[str, Any]], column: str, go
         plot_bgcolor="#fafbfc",
     )
     return fig
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _spans_decades(values: list[Any]) -> bool:
@@ -300,13 +305,23 @@ def _cards(summary: Mapping[str, Any]) -> str:
     if summary.get("before_work_gpu_s"):
         share = summary["before_work_gpu_s"] / max(1e-9, (gpus or 1) * summary["wall_s"])
         cards.append(("before first work", f"{share:.0%}", "of GPU time, inside runs"))
+    disturbed = summary.get("windows_disturbed") or 0
+    if summary.get("windows_checked"):
+        what = "with a neighbour's unpaused prepare inside"
+        cards.append(("disturbed windows", f"{disturbed} of {summary['windows_checked']}", what))
     items = "".join(
-        f'<div class="card {"ok" if note == "ok" else "bad" if note == "bad" else ""}">'
+        f'<div class="card {_card_class(label, note, disturbed)}">'
         f"<div class=label>{_E(label)}</div><div class=value>{_E(value)}</div>"
         f"<div class=note>{_E(note) if note not in {'ok', 'bad'} else ''}</div></div>"
         for label, value, note in cards
     )
     return f'<div class="cards">{items}</div>'
+
+
+def _card_class(label: str, note: str, disturbed: int) -> str:
+    if note in {"ok", "bad"}:
+        return note
+    return "bad" if label == "disturbed windows" and disturbed else ""
 
 
 def _table(headers: list[str], rows: list[list[str]], numeric: set[int]) -> str:
@@ -344,9 +359,22 @@ def _failures_table(data: ReportData) -> str:
     return _table(headers, rows, set())
 
 
+def _window_cell(row: Mapping[str, Any]) -> str:
+    """The measured window's flag: what else ran while it measured, in its tooltip."""
+    if row.get("disturbed") is None:
+        return ""
+    details = describe(row.get("window") or {}, rounded=True)
+    if row["disturbed"]:
+        return f'<span class="status bad" title="{_E(details)}">&#9888; disturbed</span>'
+    return f'<span class="status dim" title="{_E(details)}">clean</span>'
+
+
 def _experiments_table(data: ReportData) -> str:
     selection = data.selection
-    headers = ["key", "status", "GPU", "duration", *selection.params, *selection.results]
+    # The window column only where some record says (results from before it say nothing).
+    flagged = any(row.get("disturbed") is not None for row in data.rows)
+    window = ["window"] if flagged else []
+    headers = ["key", "status", "GPU", "duration", *window, *selection.params, *selection.results]
     rows = []
     for row in data.rows:
         status = _E(str(row["status"])) + (f": {_E(row['error'])}" if row.get("error") else "")
@@ -356,15 +384,17 @@ def _experiments_table(data: ReportData) -> str:
                 f'<span class="status {_STATUS_CLASS.get(str(row["status"]), "")}">{status}</span>',
                 _E(((row["node"] + ":") if row.get("node") else "") + row["gpu_ids"]),
                 format_duration(row["duration_s"]),
+                *([_window_cell(row)] if flagged else []),
                 *(_E(format_param(row["config"].get(p))) for p in selection.params),
                 *(_E(format_value(row["results"].get(c))) for c in selection.results),
             ]
         )
-    numeric = {3, *range(4 + len(selection.params), len(headers))}
+    first = 4 + len(window)  # the first parameter's column
+    numeric = {3, *range(first + len(selection.params), len(headers))}
     for index, param in enumerate(selection.params):
         values = [row["config"].get(param) for row in data.rows]
         if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
-            numeric.add(4 + index)
+            numeric.add(first + index)
     table = _table(headers, rows, numeric)
     if len(rows) > 200:
         return f"<details><summary>{len(rows)} experiments</summary>{table}</details>"
@@ -400,13 +430,14 @@ def _axes_hint(data: ReportData) -> str:
         parts.append("one line per " + ", ".join(axes.group))
     if axes.averaged:
         parts.append("averaged over " + ", ".join(axes.averaged))
-    points = [
-        json.dumps([_x_value(r, p) for p in (axes.x, *axes.group)], default=str)
-        for r in data.rows
-        if r["status"] == "succeeded"
-    ]
-    if len(set(points)) < len(points):
-        parts.append("points: the mean, error bars: its 95% confidence interval (Student t)")
+    points = [p for lines in data.plots.values() for line in lines for p in line["points"]]
+    if any(p["n"] > 1 for p in points):
+        parts.append(
+            "points: the mean over cycles, error bars: its 95% confidence interval "
+            "(Student t, as `results --stats`)"
+        )
+    if any(p["disturbed"] for p in points):
+        parts.append("crossed rings: points holding a disturbed window")
     return " · ".join(parts)
 
 
@@ -414,16 +445,46 @@ def _results_section(data: ReportData, go: Any) -> str:
     if not data.selection.results:
         return "<p class=hint>No numeric result fields to plot.</p>"
     figures = "".join(
-        f"<div>{_figure_html(_result_figure(data, data.rows, column, go))}</div>"
+        f"<div>{_figure_html(_line_figure(data.plots[column], data.axes.x, column, go))}</div>"
         for column in data.selection.results
     )
-    unknown = data.selection.unknown
-    warn = (
-        f"<p class=hint>report.columns names no result field: {_E(', '.join(unknown))}</p>"
-        if unknown
-        else ""
-    )
+    notes = []
+    if data.selection.unknown:
+        notes.append(f"report.columns names no result field: {', '.join(data.selection.unknown)}")
+    if data.selection.hidden:
+        notes.append(
+            "not plotted (timestamps, or the measured window's bounds): "
+            + ", ".join(data.selection.hidden)
+        )
+    warn = "".join(f"<p class=hint>{_E(n)}</p>" for n in notes)
     return f"<p class=hint>{_E(_axes_hint(data))}</p>{warn}<div class=grid>{figures}</div>"
+
+
+def _energy_section(data: ReportData, go: Any) -> str:
+    """Telemetry's energy over the measured window / the workload's own figure, per config."""
+    energy = data.energy
+    if not energy:
+        return ""
+    workload = f"result.{energy['field']}" if energy.get("field") else "the workload's figure"
+    params = data.selection.params
+    headers = [*params, "n", "telemetry (J)", "workload (J)", "ratio", "± ci95", "std", "range"]
+    rows = [
+        [
+            *(_E(format_param(c["params"].get(p))) for p in params),
+            str(c["n"]) + (f" ({c['disturbed']} disturbed)" if c["disturbed"] else ""),
+            *(_E(format_value(c[k])) for k in ("window_j", "reported_j", "mean", "ci95", "std")),
+            _E(f"{format_value(c['min'])} to {format_value(c['max'])}"),
+        ]
+        for c in energy["configs"]
+    ]
+    figure = _line_figure(energy["lines"], data.axes.x, "energy ratio", go, reference=1.0)
+    return f"""<h2>Energy: telemetry over the workload's own figure</h2>
+<p class=hint>Per config: GPU telemetry's energy over the measured window (the study's
+<code>measure:</code>) divided by {_E(workload)}; 1 is agreement. Mean over cycles with
+the 95% confidence interval (Student t).</p>
+<div class=grid><div>{_figure_html(figure)}</div>
+<div>{_table(headers, rows, set(range(len(params), len(headers))))}</div></div>
+"""
 
 
 def _page(data: ReportData, plotly_js: str, go: Any) -> str:
@@ -458,6 +519,7 @@ axis.</p>
 {timeline}
 <h2>Results</h2>
 {_results_section(data, go)}
+{_energy_section(data, go)}
 <h2>Failures ({len(data.failures)})</h2>
 {_failures_table(data)}
 <h2>All experiments ({len(data.rows)})</h2>

@@ -1,4 +1,5 @@
-"""What a report shows, as plain JSON-ready data: summary, timeline bars, rows, failures.
+"""What a report shows, as plain JSON-ready data: summary, timeline bars, rows, failures,
+and the plotted means over cycles (results, and telemetry's energy over the workload's).
 
 The HTML report renders this and embeds it whole (`<script id="llem-report-data">`),
 so what a reader sees and what a script can extract are the same numbers.
@@ -7,13 +8,14 @@ so what a reader sees and what a script can extract are the same numbers.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from llem_dispatch.report.data import (
     RESULT,
+    WINDOW_FIELDS,
     StudyResults,
     failure_info,
     flat_row,
@@ -21,8 +23,10 @@ from llem_dispatch.report.data import (
     format_value,
     short_keys,
     sort_records,
+    window_disturbed,
 )
 from llem_dispatch.report.selection import PlotAxes, Selection, plot_axes, select_columns
+from llem_dispatch.report.series import config_ratios, energy_ratio, line_series
 from llem_dispatch.report.timeline import EXPERIMENT_KINDS, Bar, Timeline, build_timeline
 from llem_dispatch.report.traces import FIELDS, Trace, mean_sm_util, read_traces
 from llem_dispatch.study import ReportSpec
@@ -52,9 +56,15 @@ class ReportData:
     sessions: list[dict[str, Any]]
     #: GPU telemetry per GPU id: "t" (plotly's UTC times) and each sampled figure.
     traces: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    #: Per plotted result field, its lines (`series.line_series`): means over cycles.
+    plots: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    #: Telemetry's window energy over the workload's: `field` (the workload's, from
+    #: `measure.energy`), `lines` (as `plots`) and `configs` (`series.config_ratios`);
+    #: empty where no record has both.
+    energy: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
-        """The embedded data: summary, bars, rows, failures, and the columns chosen."""
+        """The embedded data: summary, bars, rows, failures, columns, and what is plotted."""
         return {
             "summary": self.summary,
             "bars": self.bars,
@@ -69,12 +79,16 @@ class ReportData:
             "lanes": self.lanes,
             "sessions": self.sessions,
             "traces": self.traces,
+            "plots": self.plots,
+            "energy": self.energy,
         }
 
 
 def _summary(results: StudyResults, timeline: Timeline, traces: dict[str, Trace]) -> dict[str, Any]:
     counts = Counter(str(r.get("status")) for r in results.records)
     planned = results.facts.get("experiments")
+    # Only records that say (results from before the isolation policy do not).
+    windows = [d for r in results.records if (d := window_disturbed(r)) is not None]
     return {
         "study": results.name,
         "results_dir": str(results.path.resolve()),
@@ -98,6 +112,8 @@ def _summary(results: StudyResults, timeline: Timeline, traces: dict[str, Trace]
         "occupancy": timeline.utilisation,
         "utilisation": timeline.utilisation,
         "sm_util": mean_sm_util(traces),
+        "windows_checked": len(windows),
+        "windows_disturbed": sum(windows),
     }
 
 
@@ -108,6 +124,7 @@ def _hover(
     row = flat_row(record) if record else {}
     names = [*selection.results]
     names += [k.removeprefix(RESULT) for k in row if k.startswith(RESULT) and k not in names]
+    names = [n for n in names if n not in selection.hidden]
     shown = {n: row.get(RESULT + n) for n in names if row.get(RESULT + n) is not None}
     return {
         "config": config,
@@ -152,6 +169,7 @@ def _rows(
         rows.append(
             {
                 "key": flat["key"],
+                "config_hash": flat["config_hash"],
                 "short": shorts.get(str(flat["key"])),
                 "status": flat["status"],
                 "gpu_ids": flat["gpu_ids"],
@@ -161,6 +179,14 @@ def _rows(
                 "config": dict(record.get("config") or {}),
                 "results": {c: flat.get(RESULT + c) for c in selection.results},
                 "error": flat["error"],
+                "disturbed": flat["window_disturbed"],
+                "window": {
+                    **({"cpus": flat["cpus"]} if flat["cpus"] else {}),
+                    **{f: flat[f] for f in WINDOW_FIELDS if flat[f] is not None},
+                },
+                "energy": {
+                    name: flat.get(f"energy.{name}") for name in ("window_j", "reported_j", "ratio")
+                },
             }
         )
     return rows
@@ -202,6 +228,7 @@ def build_report_data(results: StudyResults, spec: ReportSpec | None = None) -> 
     traces = read_traces(results.path)
     shorts = short_keys(results.records)
     records = {str(r.get("key")): r for r in results.records}
+    rows = _rows(results, selection, shorts)
     sessions = [
         {
             "index": s.index,
@@ -216,7 +243,7 @@ def build_report_data(results: StudyResults, spec: ReportSpec | None = None) -> 
     return ReportData(
         _summary(results, timeline, traces),
         _bars(timeline, records, shorts, selection),
-        _rows(results, selection, shorts),
+        rows,
         _failures(results, selection, shorts),
         selection,
         axes,
@@ -226,7 +253,35 @@ def build_report_data(results: StudyResults, spec: ReportSpec | None = None) -> 
             gpu: {"t": [iso(t) for t in trace.t], **{n: trace.values(n) for n in FIELDS}}
             for gpu, trace in traces.items()
         },
+        {c: line_series(rows, axes, _result_value(c)) for c in selection.results},
+        _energy(results, rows, selection, axes),
     )
+
+
+def _result_value(column: str) -> Callable[[Mapping[str, Any]], float | None]:
+    def value(row: Mapping[str, Any]) -> float | None:
+        number = row["results"].get(column)
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            return None
+        return float(number)
+
+    return value
+
+
+def _energy(
+    results: StudyResults, rows: list[dict[str, Any]], selection: Selection, axes: PlotAxes
+) -> dict[str, Any]:
+    """Telemetry over the workload's energy, per config and along the plots' axes."""
+    configs = config_ratios(rows, selection.params)
+    if not configs:
+        return {}
+    measure = results.study.get("measure") or {}
+    reported = measure.get("energy") if isinstance(measure, Mapping) else None
+    return {
+        "field": str(reported).removeprefix(RESULT) if reported else None,
+        "lines": line_series(rows, axes, energy_ratio),
+        "configs": configs,
+    }
 
 
 def describe(values: Mapping[str, Any], *, rounded: bool = False) -> str:

@@ -10,7 +10,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from llem_dispatch.report.data import PARAM, RESULT, flat_row, sort_records
+from llem_dispatch.report.data import PARAM, RESULT, flat_row, sort_records, window_disturbed
 from llem_dispatch.study.stats import describe
 
 __all__ = ["STAT_SUFFIXES", "numeric_fields", "stats_rows"]
@@ -40,15 +40,21 @@ def numeric_fields(rows: Iterable[Mapping[str, Any]]) -> list[str]:
     return list(names)
 
 
-def stats_rows(records: Iterable[Mapping[str, Any]], params: list[str]) -> list[dict[str, Any]]:
+def stats_rows(
+    records: Iterable[Mapping[str, Any]], params: list[str], *, exclude_disturbed: bool = False
+) -> list[dict[str, Any]]:
     """One row per config over its succeeded cycles, ordered by parameters.
 
-    Columns: `config_hash`, `param.<name>`..., `n` (succeeded cycles), `runs` (records,
-    failures included), then for every numeric field F: `F_mean`, `F_std` (sample,
-    ddof=1), `F_ci95` (half-width of the Student-t 95% interval of the mean), and
-    `F_n` only where F is missing from some succeeded cycle. Std and CI are None
-    below two values.
+    Columns: `config_hash`, `param.<name>`..., `n` (succeeded cycles counted), `runs`
+    (records, failures included), `disturbed` (succeeded cycles whose measured window
+    overlapped a neighbour's unpaused preparation; only where some record says), then
+    for every numeric field F: `F_mean`, `F_std` (sample, ddof=1), `F_ci95` (half-width
+    of the Student-t 95% interval of the mean), and `F_n` only where F is missing from
+    some counted cycle. Std and CI are None below two values. With `exclude_disturbed`,
+    the disturbed cycles are left out of `n` and of every figure.
     """
+    records = list(records)
+    known = any(window_disturbed(r) is not None for r in records)
     groups: dict[str, list[Mapping[str, Any]]] = {}
     order: list[str] = []
     for record in sort_records(records, params):
@@ -59,6 +65,9 @@ def stats_rows(records: Iterable[Mapping[str, Any]], params: list[str]) -> list[
         groups[key].append(record)
     flat = {key: [flat_row(r) for r in groups[key]] for key in order}
     ok = {key: [r for r in rows if r.get("status") == "succeeded"] for key, rows in flat.items()}
+    disturbed = {key: sum(r["window_disturbed"] is True for r in rows) for key, rows in ok.items()}
+    if exclude_disturbed:
+        ok = {k: [r for r in rows if r["window_disturbed"] is not True] for k, rows in ok.items()}
     fields = numeric_fields(r for rows in ok.values() for r in rows)
     out: list[dict[str, Any]] = []
     for key in order:
@@ -68,6 +77,8 @@ def stats_rows(records: Iterable[Mapping[str, Any]], params: list[str]) -> list[
         succeeded = ok[key]
         row["n"] = len(succeeded)
         row["runs"] = len(flat[key])
+        if known:
+            row["disturbed"] = disturbed[key]
         for name in fields:
             values = [v for r in succeeded if (v := _number(r.get(name))) is not None]
             summary = describe(values)

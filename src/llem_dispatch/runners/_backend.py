@@ -25,7 +25,7 @@ from llem_dispatch.errors import (
     ExperimentTimeoutError,
     RunnerError,
 )
-from llem_dispatch.runners.protocol import RunInfo
+from llem_dispatch.runners.protocol import CpuPlacement, RunInfo
 
 __all__ = [
     "KILL_WAIT_S",
@@ -107,6 +107,10 @@ class Run:
     #: not held at one). With its marks, they give `info.phases` as it exits.
     launched: float = 0.0
     gate_opened: float | None = None
+    #: The cores it starts on (None: not pinned); set before the start.
+    cpu: CpuPlacement | None = None
+    #: Frozen by its host for a neighbour's measured window (`RunBackend.pause`).
+    paused: bool = False
 
     def bind(self, **fields: Any) -> None:
         """Add fields to every later log event of this run."""
@@ -136,6 +140,8 @@ class RunSettings(Protocol):
     def exchange_base(self) -> str | Path | None: ...
     @property
     def stop_grace_s(self) -> float: ...
+    @property
+    def function(self) -> str | None: ...
 
 
 class RunBackend(Protocol):
@@ -177,6 +183,15 @@ class RunBackend(Protocol):
 
     async def cleanup(self, run: Run) -> None:
         """Remove what is left of it, success or not (bounded)."""
+
+    async def pause(self, run: Run) -> bool:
+        """Freeze it (bounded); True when it is paused now. Never raises."""
+
+    async def resume(self, run: Run) -> None:
+        """Thaw it (bounded, idempotent). Never raises."""
+
+    async def place(self, run: Run, placement: CpuPlacement) -> None:
+        """Move all of it to these cores, at this priority (bounded). Never raises."""
 
 
 def check_run_options(

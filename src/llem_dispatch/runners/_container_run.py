@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import json
 import math
 import os
 import secrets as _secrets_mod
@@ -33,11 +34,12 @@ from llem_dispatch.errors import (
 )
 from llem_dispatch.runners._backend import ErrorClasses, ExitStatus, Pump, Run
 from llem_dispatch.runners._cancel import FORCE_KILL, wait_until_forced
+from llem_dispatch.runners.protocol import CpuPlacement
 
 if TYPE_CHECKING:
     from llem_dispatch.runners.docker import DockerRunner
 
-__all__ = ["DOCKER_ERRORS", "ContainerRun"]
+__all__ = ["DOCKER_ERRORS", "ContainerRun", "cpu_update"]
 
 log = structlog.get_logger("llem_dispatch.docker")
 
@@ -51,6 +53,20 @@ DOCKER_ERRORS = ErrorClasses(
     other=DockerError,
     slow_start=" (the Docker daemon is slow or stuck)",
 )
+
+
+#: A preparing container's CPU weight (cgroup `cpu.shares`; the default is 1024).
+LOW_CPU_SHARES = 2
+#: How long one pause, unpause or update call may take (seconds).
+CONTROL_DEADLINE_S = 10.0
+
+
+def cpu_update(placement: CpuPlacement) -> dict[str, Any]:
+    """The HostConfig fields (create) or update body that put a container on `placement`."""
+    body: dict[str, Any] = {"CpuShares": LOW_CPU_SHARES if placement.low_priority else 1024}
+    if placement.cpus:
+        body["CpusetCpus"] = ",".join(str(c) for c in placement.cpus)
+    return body
 
 
 class ContainerRun:
@@ -84,7 +100,11 @@ class ContainerRun:
         mode = await runner.gpu_mode_for(run.info.gpu_ids)
         run.info.gpu_request = mode if run.info.gpu_ids else None
         spec = runner.container_spec(
-            exchange, run.info.gpu_ids, config_hash=exchange.config_hash, gpu_request=mode
+            exchange,
+            run.info.gpu_ids,
+            config_hash=exchange.config_hash,
+            gpu_request=mode,
+            cpu=run.cpu,
         )
         name = f"llem-{exchange.config_hash}-{_secrets_mod.token_hex(3)}"
 
@@ -163,6 +183,41 @@ class ContainerRun:
                 run.bound.debug("kill_failed", error=repr(exc))
                 return
         run.bound.warning("kill_timed_out", deadline_s=self.runner.deadlines.kill)
+
+    async def pause(self, run: Run) -> bool:
+        """The engine's pause (the cgroup freezer); False when it could not."""
+        return await self._control(run, "pause", self.container.pause)
+
+    async def resume(self, run: Run) -> None:
+        """The engine's unpause."""
+        await self._control(run, "unpause", self.container.unpause)
+
+    async def place(self, run: Run, placement: CpuPlacement) -> None:
+        """Its cpuset and CPU weight, updated in place (`docker update`)."""
+        body = cpu_update(placement)
+
+        async def update() -> None:
+            path = f"containers/{self.container.id}/update"
+            data = json.dumps(body)
+            async with self.container.docker._query(path, method="POST", data=data):
+                pass
+
+        await self._control(run, "update", update)
+
+    async def _control(self, run: Run, what: str, call: Callable[[], Awaitable[Any]]) -> bool:
+        """One pause/unpause/update call, bounded; a failure is a warning, never raised."""
+        if self.container is None:
+            return False
+        with anyio.move_on_after(CONTROL_DEADLINE_S) as scope:
+            try:
+                await call()
+            except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
+                run.bound.warning(f"container_{what}_failed", error=repr(exc))
+                return False
+        if scope.cancelled_caught:
+            run.bound.warning(f"container_{what}_timed_out", deadline_s=CONTROL_DEADLINE_S)
+            return False
+        return True
 
     async def exited(self, run: Run) -> ExitStatus:
         state = (await self._call("inspect", run, self.container.show))["State"]

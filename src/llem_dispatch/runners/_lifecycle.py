@@ -31,6 +31,7 @@ from llem_dispatch.runners._backend import Gate, Run, RunBackend, RunSettings
 from llem_dispatch.runners._cancel import CANCEL_SLACK_S, FORCE_KILL
 from llem_dispatch.runners._gate import NO_SHELL, NO_SHELL_FIX
 from llem_dispatch.runners._outcome import collect_outcome
+from llem_dispatch.runners._quiet import PhaseFollower
 from llem_dispatch.runners._supervise import supervise
 from llem_dispatch.runners.protocol import Outcome, RunInfo, RunObserver
 
@@ -74,19 +75,26 @@ async def run_lifecycle(
     await backend.prepare()
     run = _open_run(settings, backend, config_hash, tuple(str(g) for g in gpus or ()))
     run.deadline = deadline
+    follower = PhaseFollower(backend, run, observer, asks_quiet=settings.function is not None)
+    run.exchange.grants_quiet = True  # the follower grants it, whatever the observer
+    run.cpu = follower.cpu_placement(gated=gate is not None)
     if gate is not None:
         run.exchange.hold_at_gate()
     succeeded = False
     try:
         run.exchange.write_config(data)
         run.exchange.write_secrets(collect_secrets(settings.secret_env))
+        if gate is None:
+            # Its GPUs are its own from the start: a window opening at once is quiet first.
+            await follower.handed()
         # Before the start call: a process may mark its work before that call returns.
         run.launched = time.time()
         await _start(settings, backend, run)
         if gate is not None:
-            run.gate_opened = await _pass_gate(settings, backend, run, gate)
+            await follower.enter("preparing")
+            run.gate_opened = await _pass_gate(settings, backend, run, gate, follower)
         run.capture = LogCapture(run.exchange.log_path)
-        error = await supervise(settings, backend, run, run.capture, observer)
+        error = await supervise(settings, backend, run, run.capture, observer, follower)
         if error is not None:
             raise error
         metadata = RunnerMetadata(
@@ -138,7 +146,7 @@ async def _start(settings: RunSettings, backend: RunBackend, run: Run) -> None:
 
 
 async def _pass_gate(
-    settings: RunSettings, backend: RunBackend, run: Run, gate: Gate
+    settings: RunSettings, backend: RunBackend, run: Run, gate: Gate, follower: PhaseFollower
 ) -> float | None:
     """Hold the started experiment until `gate()` returns, then open its gate; return when
     (None: it exited at its gate, which stayed shut).
@@ -161,7 +169,10 @@ async def _pass_gate(
             watch.cancel_scope.cancel()
 
         watch.start_soon(exited_early)
+        watch.start_soon(follower.watch_ready)
         await gate()
+        # Resumed, on its own cores, and (if its window opens now) its neighbours quiet.
+        await follower.handed()
         opened = time.time()  # before the go file: nothing the experiment marks precedes it
         run.exchange.open_gate()
         watch.cancel_scope.cancel()
@@ -207,6 +218,8 @@ async def _on_failure(
         grace = 0.0 if FORCE_KILL.is_set() else settings.stop_grace_s
         run.cleanup_deadline = anyio.current_time() + grace + CANCEL_SLACK_S
         with anyio.CancelScope(shield=True, deadline=run.cleanup_deadline):
+            if run.paused:  # a frozen run would take no signal but SIGKILL
+                await backend.resume(run)
             await backend.stop(run)
 
 
@@ -222,6 +235,8 @@ async def _clean_up(backend: RunBackend, run: Run, *, remove_exchange: bool) -> 
         _attempt(run, "log", run.capture.close)
     try:
         with anyio.CancelScope(shield=True, deadline=run.cleanup_deadline) as scope:
+            if run.paused:
+                await backend.resume(run)
             await backend.cleanup(run)
         if scope.cancelled_caught:
             run.bound.warning("cleanup_cut_short", step=backend.noun, reason="interrupted")

@@ -27,6 +27,7 @@ from llem_dispatch.runners._backend import (
     RunSettings,
 )
 from llem_dispatch.runners._phases import phase_times
+from llem_dispatch.runners._quiet import PhaseFollower
 from llem_dispatch.runners.protocol import RunObserver, utcnow
 
 __all__ = ["KilledFor", "killed_error", "supervise", "wait_bounded"]
@@ -90,8 +91,12 @@ async def supervise(
     run: Run,
     capture: LogCapture,
     observer: RunObserver | None,
+    follower: PhaseFollower | None = None,
 ) -> LlemError | None:
-    """From start to exit under the limits; the error for how it ended, if any."""
+    """From start to exit under the limits; the error for how it ended, if any.
+
+    `follower` follows its phases meanwhile (grants its quiet window, sees `done`).
+    """
     info = run.info
     info.started_at = utcnow()
     capture.touch()
@@ -101,6 +106,8 @@ async def supervise(
     errors: list[LlemError] = []
     async with anyio.create_task_group() as followers:
         drained = [_follow(followers, pump) for pump in backend.pumps(capture)]
+        if follower is not None:
+            followers.start_soon(follower.follow)
         try:
             killed_for, status = await _until_exit(settings, backend, run, capture, observer)
         except LlemError as exc:
@@ -157,6 +164,8 @@ def _follow(followers: anyio.abc.TaskGroup, pump: Pump) -> anyio.Event:
 
 
 async def _kill_and_wait(backend: RunBackend, run: Run) -> None:
+    if run.paused:  # an engine refuses to kill a paused container
+        await backend.resume(run)
     await backend.kill(run)
     try:
         with anyio.fail_after(KILL_WAIT_S):

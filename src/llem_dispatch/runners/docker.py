@@ -42,9 +42,10 @@ from llem_dispatch.runners._backend import (
     check_run_options,
     helper_script,
 )
-from llem_dispatch.runners._container_run import DOCKER_ERRORS, ContainerRun
+from llem_dispatch.runners._container_run import DOCKER_ERRORS, ContainerRun, cpu_update
 from llem_dispatch.runners._gate import gated_spec
 from llem_dispatch.runners._lifecycle import DEFAULT_SECRET_ENV, run_lifecycle
+from llem_dispatch.runners._quiet import thread_env
 from llem_dispatch.runners.gpu_request import (
     GPU_DEVICE_MODES,
     EngineGpuFacts,
@@ -54,7 +55,7 @@ from llem_dispatch.runners.gpu_request import (
     device_requests,
     visibility_env,
 )
-from llem_dispatch.runners.protocol import Outcome, RunObserver
+from llem_dispatch.runners.protocol import CpuPlacement, Outcome, RunObserver
 
 __all__ = [
     "DOCKER_ERRORS",
@@ -305,8 +306,12 @@ class DockerRunner:
         *,
         config_hash: str,
         gpu_request: GpuRequestMode | None = None,
+        cpu: CpuPlacement | None = None,
     ) -> dict[str, Any]:
-        """The Engine API create body for one experiment (also shown by --dry-run)."""
+        """The Engine API create body for one experiment (also shown by --dry-run).
+
+        `cpu`: the cores it starts on (`CpusetCpus`), at low CPU weight while it prepares.
+        """
         labels = {
             **self.labels,
             **_labels.base_labels(),
@@ -315,11 +320,15 @@ class DockerRunner:
         }
         mode = gpu_request or self._static_mode()
         env = self._container_env(exchange, gpu_ids, mode)
+        env.update(thread_env(cpu, env))
+        host_config = self._host_config(exchange, gpu_ids, mode)
+        if cpu is not None:
+            host_config.update(cpu_update(cpu))
         spec: dict[str, Any] = {
             "Image": self.image,
             "Env": [f"{k}={v}" for k, v in sorted(env.items())],
             "Labels": labels,
-            "HostConfig": self._host_config(exchange, gpu_ids, mode),
+            "HostConfig": host_config,
             "AttachStdout": False,
             "AttachStderr": False,
             "Tty": False,

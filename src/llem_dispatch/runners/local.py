@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Self
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 import structlog
 from pydantic import BaseModel
 
@@ -38,9 +39,11 @@ from llem_dispatch.runners._backend import (
 )
 from llem_dispatch.runners._cancel import FORCE_KILL, wait_until_forced
 from llem_dispatch.runners._gate import gated_argv
+from llem_dispatch.runners._hostproc import place_group, place_process
 from llem_dispatch.runners._lifecycle import DEFAULT_SECRET_ENV, run_lifecycle
+from llem_dispatch.runners._quiet import thread_env
 from llem_dispatch.runners.kinds import RunnerKind, RunnerOptions
-from llem_dispatch.runners.protocol import Outcome, RunObserver
+from llem_dispatch.runners.protocol import CpuPlacement, Outcome, RunObserver
 
 __all__ = ["LocalRunner", "LocalRunnerKind"]
 
@@ -174,6 +177,7 @@ class _ProcessRun:
     async def start(self, run: Run) -> None:
         runner = self.runner
         env = runner.process_env(run.exchange, run.info.gpu_ids)
+        env.update(thread_env(run.cpu, env))
         command = runner.command
         if run.exchange.gated and runner.function is None:
             command = gated_argv(command)
@@ -191,6 +195,33 @@ class _ProcessRun:
             ) from exc
         run.info.process_id = self.process.pid
         run.bind(pid=self.process.pid)
+        if run.cpu is not None:
+            # At once, while it is one thread that has started nothing: all it starts
+            # later inherits the cores and priority.
+            place_process(self.process.pid, run.cpu)
+
+    async def pause(self, run: Run) -> bool:
+        """SIGSTOP its process group."""
+        if self.process is None or self.process.returncode is not None:
+            return False
+        try:
+            os.killpg(self.process.pid, signal.SIGSTOP)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    async def resume(self, run: Run) -> None:
+        """SIGCONT its process group."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGCONT)
+
+    async def place(self, run: Run, placement: CpuPlacement) -> None:
+        """Every thread of its process group onto these cores, at this priority."""
+        if self.process is not None and self.process.returncode is None:
+            pid = self.process.pid
+            moved = await anyio.to_thread.run_sync(place_group, pid, placement)
+            run.bound.debug("process_placed", cpus=list(placement.cpus), threads=moved)
 
     def _running(self) -> anyio.abc.Process:
         assert self.process is not None

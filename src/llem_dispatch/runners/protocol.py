@@ -10,19 +10,23 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeAlias, runtime_checkable
+from typing import Any, Literal, Protocol, TypeAlias, runtime_checkable
 
 from pydantic import BaseModel
 
 from llem_dispatch.models import ExperimentFailure
 
 __all__ = [
+    "CpuPlacement",
     "GatedRunner",
     "GpuCheckingRunner",
+    "HostObserver",
     "Outcome",
     "PhaseTimes",
+    "RunControl",
     "RunInfo",
     "RunObserver",
+    "RunPhase",
     "Runner",
     "utcnow",
 ]
@@ -100,6 +104,65 @@ class RunObserver(Protocol):
 
     def on_exited(self, info: RunInfo) -> None:
         """It has exited (logs and files not yet collected): its GPUs are free now."""
+
+
+#: Where a started run is, as its host sees it (see `HostObserver.on_phase`):
+#: `preparing` started and not yet ready (a prestarted run's prepare part),
+#: `waiting` ready and held at its gate, `loading` its GPUs are its own but its
+#: measured window has not opened, `measuring` inside its measured window, `finishing`
+#: after it (its `done` mark) until its exit.
+RunPhase: TypeAlias = Literal["preparing", "waiting", "loading", "measuring", "finishing"]
+
+
+@dataclass(frozen=True, slots=True)
+class CpuPlacement:
+    """The cores a run may use, and whether it runs at low CPU and I/O priority."""
+
+    cpus: tuple[int, ...]
+    low_priority: bool = False
+    #: The thread count its thread pools are sized to (OMP_NUM_THREADS and the like):
+    #: the cores it measures on, also while it prepares on others.
+    threads: int | None = None
+
+    @property
+    def count(self) -> int:
+        """How many cores (the thread-count variables are set to it)."""
+        return len(self.cpus)
+
+
+class RunControl(Protocol):
+    """What a host may do to one started run: pause it, resume it, move its cores.
+
+    Each call is bounded and never raises for a run that has already ended.
+    """
+
+    async def pause(self) -> bool:
+        """Freeze it (SIGSTOP to its process group; the engine's pause for a
+        container); True when it is paused now."""
+
+    async def resume(self) -> None:
+        """Thaw it (idempotent)."""
+
+    async def place(self, placement: CpuPlacement) -> None:
+        """Move every thread of it to these cores, at this priority."""
+
+
+@runtime_checkable
+class HostObserver(RunObserver, Protocol):
+    """A `RunObserver` that also follows a run's phases on its host (quiet windows).
+
+    A runner that supports it (both built-in runners do) calls `cpu_placement`
+    before the start, then `on_phase` at each change of phase, awaiting it: before
+    `loading` the gate has not opened yet, before `measuring` the measured window
+    has not opened yet, so what the host does there (pause its neighbours, move
+    its cores) is done before the run goes on.
+    """
+
+    def cpu_placement(self, gated: bool) -> CpuPlacement | None:
+        """The cores the run starts on (None: not pinned); `gated`: it is held at a gate."""
+
+    async def on_phase(self, phase: RunPhase, control: RunControl) -> None:
+        """The run has entered `phase` (`control` acts on it)."""
 
 
 @runtime_checkable

@@ -581,4 +581,6 @@ def _request(
         timeout_s=study.timeout_s,
         check_here=check_here,
         reap_here=reap_here,
+        isolation=study.prepare_during_measurement,
+        cpus_per_gpu=study.cpus_per_gpu,
     )

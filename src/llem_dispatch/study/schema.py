@@ -26,6 +26,7 @@ from pydantic import (
 from llem_dispatch._cdi import check_kind
 from llem_dispatch._docker import ApiDeadlines
 from llem_dispatch.cluster.settings import RaySettings
+from llem_dispatch.dispatch.quiet import Policy
 from llem_dispatch.dispatch.registry import placement_names, unknown_placement_message
 from llem_dispatch.errors import ConfigError
 from llem_dispatch.gpu import SettleSpec
@@ -214,7 +215,19 @@ class Study(BaseModel):
         description='Host memory prestarts must leave available ("32g"; null: 20% of it): '
         "below it, a run is not started early (nor prepared) but waits for its GPUs.",
     )
-
+    prepare_during_measurement: Policy = Field(
+        default="pause",
+        description="What runs preparing beside a measured window do: `pause` (frozen, "
+        "SIGSTOP or the engine's pause, from the window's `quiet` mark to its `done`) or "
+        "`run` (not paused; records count the overlap).",
+    )
+    cpus_per_gpu: int | None = Field(
+        default=None,
+        ge=1,
+        description="Host cores each GPU's experiments measure on (preparing runs get the "
+        "rest, at low priority); null: the cores NVML names nearest each GPU, shared out, "
+        "on real GPUs, and no pinning on virtual ones.",
+    )
     cycle_gap_s: float = Field(
         default=0.0, ge=0, allow_inf_nan=False, description="Pause between cycles, seconds."
     )
@@ -345,6 +358,16 @@ class Study(BaseModel):
         if value and not {"start", "end"} <= set(value):
             raise ValueError("give both `start` and `end` (result fields, epoch seconds)")
         return {k: v.removeprefix("result.") for k, v in value.items()}
+
+    @field_validator("cpus_per_gpu")
+    @classmethod
+    def _cpus_ok(cls, value: int | None) -> int | None:
+        have = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        if value is not None and have and value > have:
+            raise ValueError(
+                f"{value} cores per GPU, but this host gives us {have}: at most {have}"
+            )
+        return value
 
     @field_validator("cdi_kind")
     @classmethod

@@ -60,8 +60,10 @@ async def test_prepare_runs_while_another_experiment_holds_the_gpu(
 ) -> None:
     pool = GpuPool.virtual_devices(1, cooldown_s=COOLDOWN_S)
     runner = LocalRunner(function="prep:run", cwd=prepared_module, exchange_base=tmp_path)
+    # `run`: preparation goes on beside the measured windows (`pause` holds it out of them).
+    placement = LocalPlacement(runner, pool, prestart=True, isolation="run")
     with anyio.fail_after(30):
-        async with Dispatcher(runner, pool=pool, prestart=True) as d:
+        async with Dispatcher(placement=placement) as d:
             records = _by_start([r async for r in d.map([{"i": i} for i in range(3)], gpus=1)])
     for prev, nxt in itertools.pairwise(records):
         data = nxt.result["data"]  # type: ignore[index]

@@ -115,15 +115,14 @@ def test_error_bars_are_the_95_ci_of_the_mean() -> None:
     pytest.importorskip("plotly")
     import plotly.graph_objects as go
 
-    from llem_dispatch.report.html import _result_figure
+    from llem_dispatch.report.html import _line_figure
     from llem_dispatch.report.selection import PlotAxes
-
-    class Data:
-        axes = PlotAxes("x", [], [])
+    from llem_dispatch.report.series import line_series
 
     rows = [
         {"status": "succeeded", "results": {"e": v}, "config": {"x": 1}, "cycle": i}
         for i, v in enumerate([10.0, 12.0, 17.0])
     ]
-    fig = _result_figure(Data(), rows, "e", go)  # type: ignore[arg-type]
+    lines = line_series(rows, PlotAxes("x", [], []), lambda r: r["results"]["e"])
+    fig = _line_figure(lines, "x", "e", go)
     assert fig.data[0].error_y.array[0] == pytest.approx(describe([10.0, 12.0, 17.0]).ci95)
