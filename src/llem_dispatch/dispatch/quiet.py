@@ -23,9 +23,11 @@ __all__ = ["POLICIES", "Policy", "QuietHost", "QuietLedger", "WindowShare"]
 Policy: TypeAlias = Literal["pause", "run"]
 POLICIES: tuple[Policy, ...] = ("pause", "run")
 #: Phases that count as a neighbour's preparation (its host-side work outside a window).
-_PREPARING: frozenset[RunPhase] = frozenset({"preparing", "loading"})
+_PREPARING: frozenset[RunPhase] = frozenset({"starting", "preparing", "loading"})
 #: How long pausing or resuming one run may take before it is given up (seconds).
 CONTROL_S = 15.0
+#: How long a window opening waits for a neighbour's start to end (to pause it after).
+STARTS_S = 30.0
 
 
 @dataclass(slots=True)
@@ -95,6 +97,10 @@ class QuietLedger:
         self.paused.discard(key)
         return self.shares.pop(key, None)
 
+    def starting(self) -> list[Hashable]:
+        """The runs being started (they cannot be paused until they have)."""
+        return [key for key, phase in self.phases.items() if phase == "starting"]
+
     def measuring(self) -> list[Hashable]:
         """The runs whose window is open."""
         return [key for key, phase in self.phases.items() if phase == "measuring"]
@@ -123,34 +129,40 @@ class QuietHost:
         self.ledger = QuietLedger()
         self._clock = clock or anyio.current_time
         self._controls: dict[Hashable, RunControl] = {}
-        self._lock = anyio.Lock()
+        self._changed = anyio.Condition()
 
     async def on_phase(self, key: Hashable, phase: RunPhase, control: RunControl) -> None:
         """`key` has entered `phase`: pause or resume runs as the policy says, then return.
 
         A run leaving `preparing` is resumed before it goes on; a window opening
-        returns only once the runs preparing beside it are paused.
+        returns only once the runs preparing beside it are paused, after waiting
+        (bounded) for any being started to have started.
         """
         with anyio.CancelScope(shield=True):
-            async with self._lock:
+            async with self._changed:
                 self._controls[key] = control
-                if phase == "measuring":
+                if phase == "measuring" and self.policy == "pause":
+                    with anyio.move_on_after(STARTS_S):
+                        while self.ledger.starting():
+                            await self._changed.wait()
                     # Quiet first: the window opens (and counts) once they are paused.
                     await self._pause(opening=True)
                 self.ledger.set_phase(key, phase, self._clock())
                 await self._settle()
+                self._changed.notify_all()
 
     async def finish(self, key: Hashable) -> WindowShare | None:
         """`key` has ended: thawed if it was paused, forgotten; its window's share."""
         share = None
         with anyio.CancelScope(shield=True):
-            async with self._lock:
+            async with self._changed:
                 control = self._controls.pop(key, None)
                 if key in self.ledger.paused and control is not None:
                     with anyio.move_on_after(CONTROL_S):
                         await control.resume()
                 share = self.ledger.remove(key, self._clock())
                 await self._settle()
+                self._changed.notify_all()
         return share
 
     async def _settle(self) -> None:

@@ -89,6 +89,8 @@ async def run_lifecycle(
             await follower.handed()
         # Before the start call: a process may mark its work before that call returns.
         run.launched = time.time()
+        if gate is not None:
+            await follower.enter("starting")
         await _start(settings, backend, run)
         if gate is not None:
             await follower.enter("preparing")

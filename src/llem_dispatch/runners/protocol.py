@@ -106,12 +106,14 @@ class RunObserver(Protocol):
         """It has exited (logs and files not yet collected): its GPUs are free now."""
 
 
-#: Where a started run is, as its host sees it (see `HostObserver.on_phase`):
-#: `preparing` started and not yet ready (a prestarted run's prepare part),
+#: Where a run is, as its host sees it (see `HostObserver.on_phase`): `starting`
+#: a prestarted run being started, `preparing` started and not yet ready (its prepare part),
 #: `waiting` ready and held at its gate, `loading` its GPUs are its own but its
 #: measured window has not opened, `measuring` inside its measured window, `finishing`
 #: after it (its `done` mark) until its exit.
-RunPhase: TypeAlias = Literal["preparing", "waiting", "loading", "measuring", "finishing"]
+RunPhase: TypeAlias = Literal[
+    "starting", "preparing", "waiting", "loading", "measuring", "finishing"
+]
 
 
 @dataclass(frozen=True, slots=True)
