@@ -19,6 +19,7 @@ import pytest
 
 from llem_dispatch import DockerRunner
 from llem_dispatch.dispatch import Dispatcher, RunRecord
+from llem_dispatch.dispatch.placement import LocalPlacement
 from llem_dispatch.gpu import GpuPool
 from tests.conftest import PYTHON_IMAGE
 
@@ -75,8 +76,10 @@ async def test_a_container_prepares_while_another_holds_the_gpu(
         shm_size="16m",
     )
     pool = GpuPool.virtual_devices(1, cooldown_s=COOLDOWN_S)
+    # `run`: it prepares beside the measured window (`pause` would hold it out of it).
+    placement = LocalPlacement(runner, pool, prestart=True, isolation="run")
     with anyio.fail_after(120):
-        async with Dispatcher(runner, pool=pool, prestart=True) as dispatcher:
+        async with Dispatcher(placement=placement) as dispatcher:
             records = [r async for r in dispatcher.map([{"i": i} for i in range(3)], gpus=1)]
     records = _sorted_ok(records)
     for prev, nxt in itertools.pairwise(records):
