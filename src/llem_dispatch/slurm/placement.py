@@ -91,8 +91,11 @@ class SlurmPlacement(Placement):
         timeout_s: float | None = None,
         runner_type: str = "slurm",
         result_model: type[BaseModel] = ExperimentResult,
+        cpus_per_gpu: int | None = None,
     ) -> None:
         self.runner_factory = runner_factory
+        #: The study's cores per GPU: each job asks for them and its step is bound to them.
+        self.cpus_per_gpu = cpus_per_gpu
         self.settings = settings or SlurmSettings()
         self.base = Path(results_dir) / "slurm"
         self.study_name = study_name
@@ -132,6 +135,7 @@ class SlurmPlacement(Placement):
             settle=request.settle,
             timeout_s=request.timeout_s,
             runner_type=request.runner_kind,
+            cpus_per_gpu=request.cpus_per_gpu,
         )
 
     @classmethod
@@ -502,14 +506,20 @@ class SlurmPlacement(Placement):
                 ("--constraint", s.constraint),
             )
         )
+        cpus = s.cpus_per_task
+        if cpus is None and self.cpus_per_gpu is not None and gpus:
+            # The study's cores per GPU, for the job's GPUs (`slurm.cpus_per_task` wins).
+            cpus = self.cpus_per_gpu * gpus
         for flag, value in (
             *where,
             ("--time", self.time_limit()),
-            ("--cpus-per-task", s.cpus_per_task),
+            ("--cpus-per-task", cpus),
             ("--mem", s.mem),
         ):
             if value is not None:
                 argv.append(f"{flag}={value}")
+        if step and cpus is not None:
+            argv.append("--cpu-bind=cores")  # the step's task on its own cores
         if not step:
             # Slurm would requeue a job whose node failed and run it again unseen: our
             # retry policy decides instead, so each retry is journalled and bounded.

@@ -86,6 +86,21 @@ def test_job_options_follow_the_settings_and_the_study_timeout(tmp_path: Path) -
     assert SlurmPlacement(_factory, tmp_path).time_limit() is None
 
 
+def test_cores_per_gpu_become_the_jobs_cpus_and_a_steps_binding(tmp_path: Path) -> None:
+    placement = SlurmPlacement(_factory, tmp_path, cpus_per_gpu=4)
+    assert "--cpus-per-task=8" in placement.sbatch_options(2, "n")
+    assert "--cpu-bind" not in " ".join(placement.sbatch_options(2, "n"))
+    step = placement.sbatch_options(1, "n", step=True)
+    assert "--cpus-per-task=4" in step
+    assert "--cpu-bind=cores" in step
+    # A CPU-only job asks for none; `slurm.cpus_per_task` wins over the study's.
+    assert not any(a.startswith("--cpus") for a in placement.sbatch_options(0, "n"))
+    mine = SlurmPlacement(
+        _factory, tmp_path, settings=SlurmSettings(cpus_per_task=3), cpus_per_gpu=4
+    )
+    assert "--cpus-per-task=3" in mine.sbatch_options(2, "n")
+
+
 def _attempt(tmp_path: Path, outcome: dict[str, Any] | None = None) -> Attempt:
     attempt = Attempt.new(tmp_path, "abcd")
     attempt.job_id = "42"
