@@ -120,6 +120,14 @@ class CycleHistory:
         value = result_field(record, self.field) if ok else None
         self._values.setdefault(config_hash, {})[cycle] = value
 
+    def forget(self, config_hash: str, cycle: int) -> None:
+        """Drop one cycle's value (it is to run again)."""
+        self._values.get(config_hash, {}).pop(cycle, None)
+
+    def cycles(self, config_hash: str) -> set[int]:
+        """The config's cycles on record (succeeded or not)."""
+        return set(self._values.get(config_hash, {}))
+
     def before(self, config_hash: str, cycle: int) -> tuple[list[float], int]:
         """(values, cycles run) of the config's cycles numbered below `cycle`."""
         seen = {c: v for c, v in self._values.get(config_hash, {}).items() if c < cycle}

@@ -48,6 +48,7 @@ from llem_dispatch.runners import Runner
 from llem_dispatch.runners.docker import parse_size
 from llem_dispatch.runners.kinds import find_runner_kind
 from llem_dispatch.study.adaptive import CycleHistory, Unresolved
+from llem_dispatch.study.chains import CycleChains
 from llem_dispatch.study.plan import cycle_experiments, expand_study, unique_configs
 from llem_dispatch.study.results import Journal, ResultsDir, StudySummary, iter_records
 from llem_dispatch.study.runner_choice import (
@@ -232,6 +233,9 @@ class _StudyRun:
         self.done: set[str] = set()
         self.skipped = 0
         self.unresolved: list[Unresolved] = []
+        #: Adaptive: each config's cycles, and where their next ones are started.
+        self.chains: CycleChains | None = None
+        self._more: anyio.abc.TaskGroup | None = None
         self.sampler: TelemetrySampler | None = None
         spec = study.adaptive
         self.history = CycleHistory(spec.until.field) if spec is not None else None
@@ -308,10 +312,80 @@ class _StudyRun:
         groups: list[list[Experiment]] = [todo]
         if study.cycle_gap_s > 0 and study.min_cycles > 1:
             groups = [[e for e in todo if e.cycle == c] for c in range(1, study.min_cycles + 1)]
-        for index, group in enumerate(groups):
-            await self._group(group, gap=index > 0)
-        if self.history is not None:
-            await self._more_cycles(self.history)
+        spec = study.adaptive
+        if self.history is None or spec is None:
+            for index, group in enumerate(groups):
+                await self._group(group, gap=index > 0)
+            return
+        # Adaptive: each config goes on as its own cycles end (no round waits for all).
+        again = self._resumed_cycles(self.history, spec.min)
+        self.chains = CycleChains.start(self.history, spec, unique_configs(study))
+        async with anyio.create_task_group() as more:
+            self._more = more
+            for exp in again:
+                more.start_soon(self.one, exp)
+            for config_hash in self.chains.configs:
+                self._advance(config_hash)  # resumed configs whose cycles are all on record
+            for index, group in enumerate(groups):
+                await self._group(group, gap=index > 0)
+        self._more = None
+        self.unresolved = self.chains.unresolved()
+
+    def _resumed_cycles(self, history: CycleHistory, min_cycles: int) -> list[Experiment]:
+        """Cycles past `min` on record (resume): counted, and the failed ones to run again."""
+        again = []
+        for config_hash, config in unique_configs(self.study):
+            for cycle in sorted(c for c in history.cycles(config_hash) if c > min_cycles):
+                (exp,) = cycle_experiments(self.study, [(config_hash, config)], cycle)
+                self.planned += 1
+                if exp.key in self.done:
+                    self.skipped += 1
+                else:
+                    history.forget(config_hash, cycle)
+                    again.append(exp)
+        return again
+
+    def _speculate(self) -> bool:
+        """Whether to ask for a config's next cycle before it has decided: prestart is
+        on and fewer GPUs' worth of experiments are in flight than could be prepared."""
+        placement = self.placed.placement
+        pool = getattr(placement, "pool", None)
+        if not getattr(placement, "prestart", False) or pool is None or not pool.size:
+            return False
+        return len(self.in_flight) < 2 * int(pool.size)
+
+    def _advance(self, config_hash: str) -> None:
+        """Decide for this config now if it can, and start what it asks for."""
+        if self.chains is None or self._more is None:
+            return
+        step = self.chains.step(config_hash, speculate=self._speculate())
+        if step.decision is not None:
+            self.results.journal.write(
+                "cycle_decided",
+                sync=True,
+                config_hash=config_hash,
+                cycles=step.cycles_run,
+                verdict=step.decision.verdict,
+                reason=step.decision.reason,
+                n=step.decision.stats.n,
+                mean=step.decision.stats.mean,
+                rel_ci95=step.decision.stats.rel_ci95,
+            )
+        config = self.chains.configs[config_hash]
+        for cycle in step.request:
+            (exp,) = cycle_experiments(self.study, [(config_hash, config)], cycle)
+            self.planned += 1
+            if exp.key in self.done:
+                self.skipped += 1
+                continue
+            if step.speculative:
+                self.results.journal.write("cycle_ahead", key=exp.key, cycle=cycle)
+            self._more.start_soon(self._one_after_gap, exp)
+
+    async def _one_after_gap(self, exp: Experiment) -> None:
+        if self.study.cycle_gap_s:
+            await anyio.sleep(self.study.cycle_gap_s)
+        await self.one(exp)
 
     async def _group(self, group: list[Experiment], *, gap: bool) -> None:
         if gap and self.study.cycle_gap_s:
@@ -321,44 +395,6 @@ class _StudyRun:
         async with contextlib.aclosing(fan_out(group, self.one, workers=workers)) as done:
             async for _ in done:
                 pass  # each record was written by the task that ran it
-
-    async def _more_cycles(self, history: CycleHistory) -> None:
-        """Adaptive: after `min`, one more cycle at a time for configs outside the target.
-
-        Each decision reads only the cycles before the one decided, so a resumed
-        study makes the same decisions and skips the cycles already done.
-        """
-        spec = self.study.adaptive
-        assert spec is not None
-        active = unique_configs(self.study)
-        for cycle in range(spec.min + 1, spec.max + 2):
-            decisions = {h: history.decide(h, cycle, spec) for h, _ in active}
-            for config_hash, config in active:
-                decision = decisions[config_hash]
-                if decision.verdict == "unresolved":
-                    self.unresolved.append(
-                        Unresolved.of(config_hash, config, cycle - 1, spec.until.field, decision)
-                    )
-            still = [item for item in active if decisions[item[0]].verdict == "more"]
-            self.results.journal.write(
-                "cycles_decided",
-                sync=True,
-                cycle=cycle - 1,
-                field=spec.until.field,
-                more=[h for h, _ in still],
-                **{
-                    verdict: [h for h, _ in active if decisions[h].verdict == verdict]
-                    for verdict in ("converged", "unresolved")
-                },
-            )
-            active = still
-            if not active or cycle > spec.max:
-                return
-            experiments = cycle_experiments(self.study, active, cycle)
-            self.planned += len(experiments)
-            todo = [e for e in experiments if e.key not in self.done]
-            self.skipped += len(experiments) - len(todo)
-            await self._group(todo, gap=bool(todo))
 
     async def one(self, exp: Experiment) -> RunRecord:
         """Run one experiment and write its record the moment it ends."""
@@ -377,6 +413,8 @@ class _StudyRun:
         payload = _record(self.results, exp, record, extra)
         if self.history is not None:
             self.history.add(payload)
+            self.in_flight.discard(exp.key)
+            self._advance(exp.config_hash)
         # The summary keeps the record, not the exception (its frames) nor the
         # validated outcome object beside its JSON form.
         self.records.append(record.model_copy(update={"outcome": None, "exception": None}))

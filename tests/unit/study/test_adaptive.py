@@ -19,6 +19,7 @@ from llem_dispatch.errors import ConfigError
 from llem_dispatch.report import stats_rows
 from llem_dispatch.study import Study, expand_study, iter_records, load_study, run_study
 from llem_dispatch.study.adaptive import CycleHistory, decide
+from llem_dispatch.study.chains import CycleChains
 from llem_dispatch.study.plan import cycle_experiments, unique_configs
 from llem_dispatch.study.sections import CycleSpec
 from llem_dispatch.testing import FakeRunner
@@ -169,14 +170,35 @@ async def test_noiseless_stops_at_min_noisy_runs_to_max_and_is_unresolved(tmp_pa
     ci = 2.570581835636314 * _std(noisy) / math.sqrt(6)
     assert unresolved["ci95"] == pytest.approx(ci, rel=1e-9)
     journal = [json.loads(x) for x in (out / "journal.jsonl").read_text().splitlines()]
-    decided = [e for e in journal if e["event"] == "cycles_decided"]
-    assert [(e["cycle"], len(e["more"])) for e in decided] == [(3, 2), (4, 2), (5, 1), (6, 0)]
+    # Each config decides alone, as its own cycles end: one line per decision.
+    decided: dict[str, list[tuple[int, str]]] = {}
+    names = {e["config_hash"]: e["config"]["noise"] for e in map(_record_of(out), journal) if e}
+    for event in journal:
+        if event["event"] == "cycle_decided":
+            name = names[event["config_hash"]]
+            decided.setdefault(name, []).append((event["cycles"], event["verdict"]))
+    assert decided == {
+        "flat": [(3, "converged")],
+        "medium": [(3, "more"), (4, "more"), (5, "converged")],
+        "noisy": [(3, "more"), (4, "more"), (5, "more"), (6, "unresolved")],
+    }
     rows = {r["param.noise"]: r for r in stats_rows(list(iter_records(out)), ["noise"])}
     for name, count in series.given.items():
         values = SERIES[name][:count]
         assert rows[name]["n"] == count
         assert rows[name]["result.e_mean"] == pytest.approx(_mean(values))
         assert rows[name]["result.e_std"] == pytest.approx(_std(values), abs=1e-12)
+
+
+def _record_of(out: Path) -> Any:
+    """The record file a journal line names (None for other lines)."""
+
+    def read(event: dict[str, Any]) -> dict[str, Any] | None:
+        key = event.get("key")
+        path = out / "records" / f"{key}.json"
+        return json.loads(path.read_text()) if key and path.exists() else None
+
+    return read
 
 
 def _mean(values: list[float]) -> float:
@@ -210,3 +232,62 @@ async def test_a_resumed_adaptive_study_continues_and_repeats_no_cycle(tmp_path:
     assert [u.config["noise"] for u in summary.unresolved] == ["noisy"]
     keys = sorted(p.stem for p in (out / "records").glob("*.json"))
     assert len(keys) == 14
+
+
+async def test_no_config_waits_for_another_to_decide(tmp_path: Path) -> None:
+    """`slow` holds its third cycle until `fast` has run its fifth: with a round that
+    waits for all of its experiments, `fast` could never get past its fourth."""
+    fast_fifth = anyio.Event()
+    ran: dict[str, int] = {"fast": 0, "slow": 0}
+
+    async def handler(config: dict[str, Any], gpus: tuple[str, ...]) -> dict[str, Any]:
+        name = config["noise"]
+        ran[name] += 1
+        if name == "slow" and ran[name] == 3:
+            await fast_fifth.wait()
+        if name == "fast" and ran[name] == 5:
+            fast_fifth.set()
+        # Never converges: alternating far apart.
+        return {"e": 1.0 if ran[name] % 2 else 9.0, "tokens": 7}
+
+    study = Study.model_validate(
+        {
+            "name": "no-barrier",
+            "grid": {"noise": ["fast", "slow"]},
+            "n_cycles": {"min": 2, "max": 6, "until": {"field": "e", "rel_ci95": 0.05}},
+            "max_concurrency": 2,
+        }
+    )
+    with anyio.fail_after(20):
+        summary = await run_study(study, tmp_path / "o", runner=FakeRunner(handler))
+    assert ran == {"fast": 6, "slow": 6}
+    assert summary.succeeded == 12
+    assert sorted(u.config["noise"] for u in summary.unresolved) == ["fast", "slow"]
+
+
+def test_chains_speculate_one_cycle_ahead_never_past_max() -> None:
+    spec = CycleSpec.model_validate({"min": 2, "max": 3, "until": {"field": "e", "rel_ci95": 0.01}})
+    history = CycleHistory("e")
+    chains = CycleChains.start(history, spec, [("h", {"x": 1})])
+    assert chains.requested["h"] == {1, 2}
+    # Cycle 1 done, 2 running: ask for 3 now (speculative), not 4 (past max).
+
+    def record(cycle: int, value: float) -> None:
+        history.add(
+            {"config_hash": "h", "cycle": cycle, "status": "succeeded", "result": {"e": value}}
+        )
+
+    record(1, 1.0)
+    # Its last min cycle runs: the next is asked for now, to be prepared beside it.
+    step = chains.step("h", speculate=True)
+    assert (step.request, step.speculative, step.decision) == ((3,), True, None)
+    assert chains.step("h", speculate=True).request == ()  # one ahead at most
+    record(2, 5.0)
+    step = chains.step("h", speculate=True)
+    assert (step.request, step.decision) == ((), None)  # 3 runs (4 would be past max)
+    record(3, 9.0)
+    final = chains.step("h", speculate=True)
+    assert final.decision is not None
+    assert final.decision.verdict == "unresolved"
+    assert [u.cycles for u in chains.unresolved()] == [3]
+    assert chains.step("h").decision is None  # decided on these cycles already
