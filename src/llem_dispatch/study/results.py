@@ -24,6 +24,7 @@ from llem_dispatch._exchange import atomic_write
 from llem_dispatch.dispatch import RunRecord
 from llem_dispatch.errors import ConfigError, ResultsDirBusyError
 from llem_dispatch.study.adaptive import Unresolved
+from llem_dispatch.study.schema import Experiment, Study
 
 __all__ = ["Journal", "ResultsDir", "StudySummary", "completed_keys", "iter_records"]
 
@@ -189,6 +190,35 @@ class ResultsDir:
 
     def completed_keys(self) -> set[str]:
         return completed_keys(self.path)
+
+    def done_keys(self, study: Study, experiments: list[Experiment]) -> set[str]:
+        """Keys of this study already succeeded: records of configs no longer in it are
+        neither skipped nor run; an adaptive study's later cycles count too."""
+        done = self.completed_keys()
+        if study.adaptive is None:
+            return done & {e.key for e in experiments}
+        hashes = {e.config_hash for e in experiments}
+        later = range(study.min_cycles + 1, study.max_cycles + 1)
+        return done & ({e.key for e in experiments} | {f"{h}_c{c}" for h in hashes for c in later})
+
+    def record(self, exp: Experiment, record: RunRecord, extra: dict[str, Any]) -> dict[str, Any]:
+        """One experiment's record file, then its journal line (fsynced); the record's payload."""
+        payload = {**record.model_dump(mode="json"), **extra}
+        payload["cycle"] = exp.cycle
+        payload["key"] = exp.key
+        self.write_record(exp.key, payload)
+        self.journal.write(
+            record.status,
+            sync=True,
+            key=exp.key,
+            config_hash=exp.config_hash,
+            cycle=exp.cycle,
+            gpu_ids=record.gpu_ids,
+            error=record.error.type if record.error else None,
+            exchange_dir=record.exchange_dir,
+            **({"node": record.node.label} if record.node else {}),
+        )
+        return payload
 
     def write_json(self, name: str, data: Any) -> None:
         """A file of the results dir (study.json, summary.json), written atomically."""

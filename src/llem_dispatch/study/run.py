@@ -146,7 +146,7 @@ async def run_study(
             for path in remove_stale_secrets(results.exchange):
                 # A killed run's kept exchange dirs: plaintext secrets must not stay there.
                 log.warning("stale_secrets_removed", path=str(path))
-            done = _done_keys(results, study, experiments) if resume else set()
+            done = results.done_keys(study, experiments) if resume else set()
             todo = [e for e in experiments if e.key not in done]
             _write_study(results, study, placed, len(experiments))
             journal_box.append(results.start())
@@ -170,17 +170,6 @@ async def run_study(
                 # Bounded (the thread wakes every interval); the last samples are written.
                 run.sampler.stop(timeout=2.0)
         return run.finish(started=started)
-
-
-def _done_keys(results: ResultsDir, study: Study, experiments: list[Experiment]) -> set[str]:
-    """Keys of this study already succeeded: records of configs no longer in it are
-    neither skipped nor run; an adaptive study's later cycles count too."""
-    done = results.completed_keys()
-    if study.adaptive is None:
-        return done & {e.key for e in experiments}
-    hashes = {e.config_hash for e in experiments}
-    later = range(study.min_cycles + 1, study.max_cycles + 1)
-    return done & ({e.key for e in experiments} | {f"{h}_c{c}" for h in hashes for c in later})
 
 
 def _journal_start(
@@ -410,7 +399,7 @@ class _StudyRun:
             block = energy_block(self.sampler, record, self.study.measure, payload)
             if block is not None:
                 extra["telemetry"] = block
-        payload = _record(self.results, exp, record, extra)
+        payload = self.results.record(exp, record, extra)
         if self.history is not None:
             self.history.add(payload)
             self.in_flight.discard(exp.key)
@@ -436,28 +425,6 @@ class _StudyRun:
         self.stopped_fix = fix
         log.error("study_stopped", reason=reason, fix=fix)
         self._stop_scope.cancel()
-
-
-def _record(
-    results: ResultsDir, exp: Experiment, record: RunRecord, extra: dict[str, Any]
-) -> dict[str, Any]:
-    """One experiment's record file, then its journal line (fsynced); the record's payload."""
-    payload = {**record.model_dump(mode="json"), **extra}
-    payload["cycle"] = exp.cycle
-    payload["key"] = exp.key
-    results.write_record(exp.key, payload)
-    results.journal.write(
-        record.status,
-        sync=True,
-        key=exp.key,
-        config_hash=exp.config_hash,
-        cycle=exp.cycle,
-        gpu_ids=record.gpu_ids,
-        error=record.error.type if record.error else None,
-        exchange_dir=record.exchange_dir,
-        **({"node": record.node.label} if record.node else {}),
-    )
-    return payload
 
 
 def _journalling(
