@@ -10,7 +10,7 @@
 set -u
 OUT=${OUT:-/tmp/llem-isolation-out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 python3 -c "import llem_dispatch.cli, torch, transformers; print('torch', torch.__version__, \
 'transformers', transformers.__version__, torch.cuda.get_device_name(0))" || exit 1
 nvidia-smi --query-gpu=name,uuid,driver_version --format=csv,noheader

@@ -28,8 +28,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
 import anyio
+import structlog
 from pydantic import BaseModel
 
+from llem_dispatch.dispatch.depth import MAX_AUTO_DEPTH, PrepareDepth
 from llem_dispatch.dispatch.memory import MemoryReserve
 from llem_dispatch.dispatch.quiet import Policy, QuietHost
 from llem_dispatch.dispatch.records import GpuAtStart, RecordDraft
@@ -51,6 +53,8 @@ from llem_dispatch.runners.protocol import (
     RunPhase,
     utcnow,
 )
+
+log = structlog.get_logger("llem_dispatch.placement")
 
 __all__ = [
     "HostContext",
@@ -167,6 +171,8 @@ class PlacementRequest:
     reap_here: Callable[[], Awaitable[object]] | None = None
     #: What preparing runs do while one measures on their host (`pause` or `run`).
     isolation: Policy = "pause"
+    #: Prestarted experiments per GPU ahead of the running one, or `auto` (measured).
+    prestart_depth: int | Literal["auto"] = 1
     #: Cores each GPU's experiments measure on (None: NVML's nearest share on real GPUs,
     #: no pinning on virtual ones).
     cpus_per_gpu: int | None = None
@@ -295,8 +301,12 @@ class _LeaseObserver:
         on_started: Callable[[], None],
         quiet: QuietHost | None = None,
         cores: CorePlan | None = None,
+        on_late: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._lease = lease
+        #: Called when its gate opens while it still prepares (its GPU waits for it).
+        self._on_late = on_late
+        self._phase: RunPhase | None = None
         self._draft = draft
         self._on_started = on_started
         self._quiet = quiet
@@ -324,6 +334,9 @@ class _LeaseObserver:
 
     async def on_phase(self, phase: RunPhase, control: RunControl) -> None:
         """Tell the host's quiet windows; onto its own cores once its GPUs are its."""
+        before, self._phase = self._phase, phase
+        if before == "preparing" and phase in ("loading", "measuring") and self._on_late:
+            await self._on_late()
         if self._quiet is not None:
             await self._quiet.on_phase(self, phase, control)
         if phase in ("loading", "measuring") and not self._moved:
@@ -406,6 +419,7 @@ class LocalPlacement(Placement):
         memory_reserve: MemoryReserve | None = None,
         isolation: Policy = "pause",
         cores: CorePlan | None = None,
+        prestart_depth: int | Literal["auto"] = 1,
     ) -> None:
         self.runner = runner
         self.pool = pool if pool is not None else GpuPool([])
@@ -413,6 +427,10 @@ class LocalPlacement(Placement):
         self.quiet = QuietHost(isolation)
         #: Each GPU's cores (None: runs are not pinned).
         self.cores = cores
+        #: `auto`: the depth follows the measured prepare and run times (`PrepareDepth`).
+        self.depth = PrepareDepth() if prestart_depth == "auto" else None
+        if isinstance(prestart_depth, int):
+            self.pool.prestart_depth = prestart_depth
         self.runner_type: str | None = getattr(runner, "runner_type", None)
         #: Whether attempts are prestarted (asked for, and the runner speaks the gate).
         self.prestart = prestart and isinstance(runner, GatedRunner) and runner.speaks_gate
@@ -436,6 +454,7 @@ class LocalPlacement(Placement):
             memory_reserve=reserve,
             isolation=request.isolation,
             cores=host_cores(pool, request.cpus_per_gpu, keep_spare=request.prestart),
+            prestart_depth=request.prestart_depth,
         )
 
     async def prepare(self, request: PlacementRequest) -> None:
@@ -466,8 +485,10 @@ class LocalPlacement(Placement):
         self.pool.check_request(gpus)
 
     def parallelism(self) -> int:
-        """The pool's size (twice it with prestart), and at least 8 (GPU-less ones share)."""
-        return max(self.pool.size * (2 if self.prestart else 1), 8)
+        """The pool's size (times 1 + the deepest prestart depth with prestart), and at
+        least 8 (GPU-less ones share)."""
+        ahead = (MAX_AUTO_DEPTH if self.depth is not None else self.pool.prestart_depth) + 1
+        return max(self.pool.size * (ahead if self.prestart else 1), 8)
 
     async def attempt(
         self,
@@ -482,7 +503,9 @@ class LocalPlacement(Placement):
         until `wait_ready` says they are its own.
         """
         async with self.pool.acquire(gpus, early=self.prestart) as lease:
-            observer = _LeaseObserver(lease, draft, on_started, self.quiet, self.cores)
+            observer = _LeaseObserver(
+                lease, draft, on_started, self.quiet, self.cores, on_late=self._deepen
+            )
             if lease.pending and not self.memory_reserve.allows_prestart():
                 # Too little host memory for one more prepared, waiting run: start late.
                 draft.prestart_held = "memory"
@@ -528,6 +551,15 @@ class LocalPlacement(Placement):
                 draft.work_started_at = phases.work_started_at
                 draft.ready_rss_bytes = phases.ready_rss_bytes
                 draft.work_ended_at = phases.work_ended_at
+                draft.gate_late_s = phases.gate_late_s
+
+    async def _deepen(self) -> None:
+        """`auto` depth: a prestarted run was late, so start the next ones further ahead."""
+        if self.depth is not None:
+            before = self.pool.prestart_depth
+            await self.pool.deepen(self.depth.late())
+            if self.pool.prestart_depth != before:
+                log.info("prestart_deeper", depth=self.pool.prestart_depth)
 
     def _hand_on(self, lease: GpuLease, draft: RecordDraft, observer: _LeaseObserver) -> None:
         """The GPUs are the attempt's now: describe them, note when they were released."""

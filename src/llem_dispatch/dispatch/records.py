@@ -169,6 +169,11 @@ class RunRecord(BaseModel):
         description="Why a run that could have been prestarted was not (`memory`: the "
         "host had less available than `prestart_memory_reserve`).",
     )
+    gate_late_s: float | None = Field(
+        default=None,
+        description="Prestarted runs: seconds from its gate's opening to its `ready` mark "
+        "(its GPU waited for its preparation); 0 when it was ready first.",
+    )
     # -- what shared its host while it measured (issue 33) --
     cpus: list[int] = Field(
         default_factory=list, description="The host cores it measured on (empty: not pinned)."
@@ -260,6 +265,7 @@ class RecordDraft:
     ready_rss_bytes: int | None = None
     work_ended_at: datetime | None = None
     prestart_held: str | None = None
+    gate_late_s: float | None = None
     cpus: list[int] = field(default_factory=list)
     isolation: str | None = None
     window_prepare_overlap_s: float | None = None

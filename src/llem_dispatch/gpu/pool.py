@@ -281,6 +281,24 @@ class GpuPool:
         held = self._schedule.held
         return {d: held[d] for d in self.devices if d in held}
 
+    @property
+    def prestart_depth(self) -> int:
+        """How many early (prestarted) leases may be promised behind each running one."""
+        return self._schedule.depth
+
+    @prestart_depth.setter
+    def prestart_depth(self, depth: int) -> None:
+        if depth < 1:
+            raise ValueError(f"prestart_depth must be >= 1, got {depth!r}")
+        self._schedule.depth = depth
+
+    async def deepen(self, depth: int) -> None:
+        """Set `prestart_depth` and promise at once what the deeper chains now allow."""
+        deeper = depth > self._schedule.depth
+        self.prestart_depth = depth
+        if deeper:
+            await self._look()
+
     def promised(self) -> tuple[str, ...]:
         """Ids promised to a pending (prestarted) lease, in pool order."""
         return tuple(d for d in self.devices if d in self._schedule.promised)
@@ -290,7 +308,11 @@ class GpuPool:
         return tuple(r.k for r in self._schedule.queue)
 
     def last_released(self, device_id: str) -> float | None:
-        """`anyio.current_time()` of the id's last release, or None if never released."""
+        """`anyio.current_time()` of the id's last release, or None if never released.
+
+        The release itself (its holder's exit), where hand-off gaps count from; its
+        cooldown may count from earlier (the end of the holder's work).
+        """
         return self._schedule.last_released.get(device_id)
 
     @asynccontextmanager

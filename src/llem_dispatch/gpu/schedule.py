@@ -8,7 +8,9 @@ clock and the sensors, and `tests/unit/gpu/test_schedule.py` drives it directly.
 Requests are served first come, first served; while the oldest one cannot be
 met, later ones that fit may go ahead of it, but at most `max_backfill` times.
 An id released at t is handed out again at t + `cooldown_s` at the earliest
-(and, with a settle tracker, once settled). An `early` request may instead be
+(and, with a settle tracker, once settled); t is the end of its holder's work
+where the release says when that was (the cooldown then counts from there,
+the id still frees only at its release). An `early` request may instead be
 promised the ids of a running grant of its size (its successor): a pending
 grant, which becomes held once `activate` finds its ids released, cooled and
 settled.
@@ -156,7 +158,11 @@ class Schedule:
         self.unread = False
         self.position = {d: i for i, d in enumerate(self.devices)}
         self.held: dict[str, GpuHolding] = {}
+        #: When each id was last released (its holder's exit): what hand-off gaps count from.
         self.last_released: dict[str, float] = {}
+        #: When each id's cooldown (and settling) counts from: the end of its last
+        #: holder's work (its `done` mark) where known, else its release.
+        self.cooling_since: dict[str, float] = {}
         self.memory_blocked_until: dict[str, float] = {}
         self.memory_flagged: set[str] = set()
         self.queue: deque[Request] = deque()
@@ -165,6 +171,9 @@ class Schedule:
         #: Ids promised to a pending grant.
         self.promised: dict[str, Grant] = {}
         self.has_early = False
+        #: How many pending grants may queue behind one running grant (prestart depth):
+        #: each is promised the ids after the one before it.
+        self.depth = 1
         #: When the last step looked (`next_deadline` counts only later moments).
         self.looked_at = NEVER
 
@@ -174,7 +183,7 @@ class Schedule:
         """Not held, cooled down, not blocked for its memory, and settled."""
         if device_id in self.held:
             return False
-        released = self.last_released.get(device_id, NEVER)
+        released = self.cooling_since.get(device_id, NEVER)
         if now < released + self.cooldown_s:
             return False
         if now < self.memory_blocked_until.get(device_id, NEVER):
@@ -208,11 +217,13 @@ class Schedule:
         if self.settle is None:
             return ()
         max_s = self.settle.spec.max_s
-        return tuple(d for d in ids if now - self.last_released.get(d, -math.inf) < max_s)
+        return tuple(d for d in ids if now - self.cooling_since.get(d, -math.inf) < max_s)
 
     def promise_to_sense(self, grant: Grant, now: float) -> tuple[str, ...]:
-        """The ids of a pending grant once all are released and cooled, else ()."""
-        if all(self._cooled(d, now) for d in grant.ids):
+        """The ids of a pending grant, first in line for them, once all are released and
+        cooled, else ()."""
+        first = all(self.promised.get(d) is grant for d in grant.ids)
+        if first and all(self._cooled(d, now) for d in grant.ids):
             return grant.ids
         return ()
 
@@ -233,8 +244,9 @@ class Schedule:
         return min(times, default=math.inf)
 
     def ready_deadline(self, grant: Grant, now: float) -> float:
-        """When a pending grant should look again: never before its ids are released."""
-        if any(d in self.held for d in grant.ids):
+        """When a pending grant should look again: never before its ids are released,
+        nor while an earlier promise of them is pending (it is woken after that one)."""
+        if any(d in self.held or self.promised.get(d) is not grant for d in grant.ids):
             return math.inf
         times = [t for d in grant.ids for t in self._moments(d, now) if t > now]
         return min(times, default=now + self.memory_poll_s)
@@ -242,20 +254,20 @@ class Schedule:
     def _cooled(self, device_id: str, now: float) -> bool:
         return (
             device_id not in self.held
-            and now >= self.last_released.get(device_id, NEVER) + self.cooldown_s
+            and now >= self.cooling_since.get(device_id, NEVER) + self.cooldown_s
             and now >= self.memory_blocked_until.get(device_id, NEVER)
         )
 
     def _moments(self, device_id: str, now: float) -> tuple[float, float, float]:
         return (
-            self.last_released.get(device_id, NEVER) + self.cooldown_s,
+            self.cooling_since.get(device_id, NEVER) + self.cooldown_s,
             self.memory_blocked_until.get(device_id, NEVER),
             self._settle_check(device_id, now),
         )
 
     def _settle_check(self, device_id: str, now: float) -> float:
         """When a settling GPU should be looked at again (its next sample), else -inf."""
-        released = self.last_released.get(device_id)
+        released = self.cooling_since.get(device_id)
         if self.settle is None or released is None:
             return NEVER
         when = self.settle.next_check(device_id, released, now)
@@ -323,7 +335,8 @@ class Schedule:
         cooldown_from = now if work_ended is None else min(now, work_ended)
         for d in grant.ids:
             del self.held[d]
-            self.last_released[d] = cooldown_from
+            self.last_released[d] = now
+            self.cooling_since[d] = cooldown_from
             if self.settle is not None:
                 self.settle.released(d)
         self.live.remove(grant)
@@ -354,8 +367,11 @@ class Schedule:
         """
         self._record(readings, now)
         step = Step()
-        ready = all(self.available(d, now) for d in grant.ids) and all(
-            self._memory_ok(d, now, readings, step) for d in grant.ids
+        first = all(self.promised.get(d) is grant for d in grant.ids)
+        ready = (
+            first
+            and all(self.available(d, now) for d in grant.ids)
+            and all(self._memory_ok(d, now, readings, step) for d in grant.ids)
         )
         if not ready:
             return step
@@ -364,6 +380,8 @@ class Schedule:
         for d in grant.ids:
             del self.promised[d]
             self.held[d] = holding
+            if grant.successor is not None:  # next in line for them (prestart depth)
+                self.promised[d] = grant.successor
         self._hand_on(grant, now)
         self.live.append(grant)
         step.extend(self.dispatch(now))
@@ -379,7 +397,7 @@ class Schedule:
     def _candidates(self, now: float) -> list[str]:
         # Longest-free first spreads the heat; never-used ids tie, lowest first.
         free = [d for d in self.devices if d not in self.promised and self.available(d, now)]
-        free.sort(key=lambda d: (self.last_released.get(d, NEVER), self.position[d]))
+        free.sort(key=lambda d: (self.cooling_since.get(d, NEVER), self.position[d]))
         return free
 
     def _take(
@@ -445,12 +463,19 @@ class Schedule:
     def _hand_on(self, grant: Grant, now: float) -> None:
         if self.settle is not None:
             grant.settle = {
-                d: self.settle.hand_on(d, self.last_released.get(d), now) for d in grant.ids
+                d: self.settle.hand_on(d, self.cooling_since.get(d), now) for d in grant.ids
             }
 
     def _promise_successors(self, step: Step) -> None:
-        """Promise running grants' ids to early requests of their size, FIFO, bounded."""
-        open_grants = [g for g in self.live if g.successor is None]
+        """Promise running grants' ids to early requests of their size, FIFO, bounded:
+        each running grant has at most `depth` promises queued behind it, in a chain."""
+        open_grants = []
+        for live in self.live:
+            tail, behind = live, 0
+            while tail.successor is not None:
+                tail, behind = tail.successor, behind + 1
+            if behind < self.depth:
+                open_grants.append(tail)
         head = self.queue[0]
         promised: list[tuple[Request, Grant]] = []
         for request in self.queue:
@@ -470,7 +495,7 @@ class Schedule:
             grant = Grant(predecessor.ids, pending=True)
             predecessor.successor = grant
             for d in grant.ids:
-                self.promised[d] = grant
+                self.promised.setdefault(d, grant)  # the first pending one is next in line
             request.grant = grant
             request.deadline = NEVER
             step.woken.append(request)
@@ -479,14 +504,22 @@ class Schedule:
         """A promise given up before it was ready: its ids are as they were, no cooldown."""
         grant.pending = False
         grant.released = True
+        after = grant.successor
         for d in grant.ids:
             if self.promised.get(d) is grant:
                 del self.promised[d]
+                if after is not None:
+                    self.promised[d] = after
         for live in self.live:
-            if live.successor is grant:
-                live.successor = None
+            before = live
+            while before.successor is not None and before.successor is not grant:
+                before = before.successor
+            if before.successor is grant:
+                before.successor = after  # the chain closes up behind it
         step = self.dispatch(now)
         step.promises.append(grant)
+        if after is not None:
+            step.promises.append(after)
         return step
 
     def _arm_timer(self, now: float, step: Step) -> None:

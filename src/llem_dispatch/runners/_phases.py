@@ -30,9 +30,10 @@ def phase_times(
 
     start, ready, work, done = at("start"), at("ready"), at("work"), at("done")
     prepare_s = ready - start if start is not None and ready is not None else None
-    gate_wait_s = None
+    gate_wait_s = gate_late_s = None
     if gate is not None:
         gate_wait_s = max(0.0, gate - (ready if ready is not None else launched))
+        gate_late_s = max(0.0, ready - gate) if ready is not None else None
     handed = gate if gate is not None else launched
     rss = (marks.get("ready") or {}).get("rss_bytes")
     return PhaseTimes(
@@ -42,4 +43,5 @@ def phase_times(
         work_started_at=datetime.fromtimestamp(work, UTC) if work is not None else None,
         ready_rss_bytes=int(rss) if isinstance(rss, int) and not isinstance(rss, bool) else None,
         work_ended_at=datetime.fromtimestamp(done, UTC) if done is not None else None,
+        gate_late_s=gate_late_s,
     )

@@ -60,6 +60,9 @@ class PhaseTimes:
     ready_rss_bytes: int | None = None
     #: When its work ended (the `done` mark), before its process exited.
     work_ended_at: datetime | None = None
+    #: Prestarted runs: how long after its gate opened it was ready (its GPU waited for
+    #: its preparation); 0 when it was ready first.
+    gate_late_s: float | None = None
 
 
 @dataclass(slots=True)

@@ -341,7 +341,8 @@ class _StudyRun:
         pool = getattr(placement, "pool", None)
         if not getattr(placement, "prestart", False) or pool is None or not pool.size:
             return False
-        return len(self.in_flight) < 2 * int(pool.size)
+        ahead = 1 + int(getattr(pool, "prestart_depth", 1))
+        return len(self.in_flight) < ahead * int(pool.size)
 
     def _advance(self, config_hash: str) -> None:
         """Decide for this config now if it can, and start what it asks for."""
@@ -587,5 +588,6 @@ def _request(
         check_here=check_here,
         reap_here=reap_here,
         isolation=study.prepare_during_measurement,
+        prestart_depth=study.prestart_depth,
         cpus_per_gpu=study.cpus_per_gpu,
     )

@@ -215,6 +215,12 @@ class Study(BaseModel):
         description='Host memory prestarts must leave available ("32g"; null: 20% of it): '
         "below it, a run is not started early (nor prepared) but waits for its GPUs.",
     )
+    prestart_depth: int | Literal["auto"] = Field(
+        default="auto",
+        description="How many experiments per GPU may be prestarted ahead of the running "
+        "one (1: the next only); `auto` deepens it (up to 4) when preparations outlast the "
+        "time they get, from the measured prepare and run times. The memory reserve bounds it.",
+    )
     prepare_during_measurement: Policy = Field(
         default="pause",
         description="What runs preparing beside a measured window do: `pause` (frozen, "

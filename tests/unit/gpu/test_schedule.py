@@ -221,6 +221,50 @@ def test_a_given_up_promise_frees_its_claim_without_a_cooldown() -> None:
     assert held(ask(schedule, 1, 2.0, early=True)).pending  # promised again
 
 
+def test_with_depth_promises_chain_and_each_waits_for_the_one_before() -> None:
+    schedule = Schedule(["0"], cooldown_s=1.0)
+    schedule.depth = 2
+    first = held(ask(schedule, 1))
+    second = held(ask(schedule, 1, early=True))
+    third = held(ask(schedule, 1, early=True))
+    fourth = ask(schedule, 1, early=True)
+    assert (second.pending, third.pending, fourth.grant) == (True, True, None)  # 2 deep
+    assert first.successor is second
+    assert second.successor is third
+    assert schedule.promised == {"0": second}  # the first in line
+    step = schedule.release(first, 1.0)
+    assert step.promises == [second]
+    # Third is not first in line: nothing to sense, no deadline; second is.
+    assert schedule.promise_to_sense(third, 5.0) == ()
+    assert schedule.ready_deadline(third, 1.0) == math.inf
+    schedule.activate(third, 5.0)
+    assert third.pending
+    schedule.activate(second, 2.0)
+    assert not second.pending
+    assert schedule.promised == {"0": third}
+    # The chain moves up: the fourth, waiting, is promised now, behind third.
+    assert held(fourth).pending
+    assert third.successor is held(fourth)
+    schedule.release(second, 3.0)
+    schedule.activate(third, 4.0)
+    assert not third.pending
+
+
+def test_a_promise_given_up_in_the_middle_closes_the_chain() -> None:
+    schedule = Schedule(["0"])
+    schedule.depth = 3
+    first = held(ask(schedule, 1))
+    second = held(ask(schedule, 1, early=True))
+    third = held(ask(schedule, 1, early=True))
+    step = schedule.release(second, 1.0)  # given up before it was ready
+    assert third in step.promises
+    assert first.successor is third
+    assert schedule.promised == {"0": third}
+    schedule.release(first, 2.0)
+    schedule.activate(third, 2.0)
+    assert not third.pending
+
+
 # -- sensing: readings come in as values ------------------------------------------
 
 
@@ -393,7 +437,9 @@ def test_a_cooldown_counts_from_when_the_work_ended_and_the_ids_free_at_release(
     schedule.enqueue(waiter)
     # Its work ended at 9, its process exited at 10: cooled at 11, not 12.
     assert schedule.release(held(first), 10.0, work_ended=9.0).woken == []
-    assert schedule.last_released["0"] == 9.0
+    assert schedule.cooling_since["0"] == 9.0
+    # Released (what hand-off gaps count from) at its exit, not at the work's end.
+    assert schedule.last_released["0"] == 10.0
     assert schedule.free_ids(10.9) == ()
     assert schedule.dispatch(11.0).woken == [waiter]
 
@@ -401,4 +447,5 @@ def test_a_cooldown_counts_from_when_the_work_ended_and_the_ids_free_at_release(
 def test_a_work_end_after_the_release_counts_as_the_release() -> None:
     schedule = Schedule(["0"], cooldown_s=1.0)
     schedule.release(held(ask(schedule, 1)), 5.0, work_ended=7.0)
+    assert schedule.cooling_since["0"] == 5.0
     assert schedule.last_released["0"] == 5.0
