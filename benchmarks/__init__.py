@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, str] = {
     "cluster_overhead": "benchmarks.cluster_overhead",
     "slow_start": "benchmarks.slow_start",
     "slurm_overhead": "benchmarks.slurm_overhead",
+    "interference": "benchmarks.interference",
 }
 
 
