@@ -24,6 +24,7 @@ import structlog
 
 from llem_dispatch._docker import docker_available
 from llem_dispatch.dispatch import NodeInfo
+from llem_dispatch.dispatch.attempt import AttemptReport
 from llem_dispatch.errors import ClusterError, LlemError
 from llem_dispatch.gpu.discovery import nvml_inventory, nvml_thermal
 from llem_dispatch.gpu.thermal import SettleSpec, ThermalGate
@@ -144,17 +145,7 @@ class _QueueObserver:
                 "node": self._node,
                 "gpu_ids": list(info.gpu_ids),
                 "gpus_at_start": self._at_start,
-                "info": {
-                    "runner_type": info.runner_type,
-                    "started_at": info.started_at,
-                    "container_id": info.container_id,
-                    "process_id": info.process_id,
-                    "exchange_dir": info.exchange_dir,
-                    "log_path": info.log_path,
-                    "image": info.image,
-                    "image_digest": info.image_digest,
-                    "gpu_request": info.gpu_request,
-                },
+                "report": AttemptReport.of(info).to_wire(),
             }
         )
 
@@ -166,8 +157,8 @@ class _QueueObserver:
             {
                 "kind": "exited",
                 "node": self._node,
-                "exited_at": info.exited_at,
-                "exit_code": info.exit_code,
+                # With its phases (prepare, gate, work marks), as a local run records them.
+                "report": AttemptReport.of(info).to_wire(),
             }
         )
 

@@ -37,6 +37,7 @@ from llem_dispatch.cluster.hosts import (
 from llem_dispatch.cluster.node import RunnerFactory, remote_task
 from llem_dispatch.cluster.settings import RaySettings
 from llem_dispatch.dispatch import GpuAtStart, NodeInfo, Placement, PlacementRequest, RecordDraft
+from llem_dispatch.dispatch.attempt import AttemptReport
 from llem_dispatch.errors import (
     ClusterError,
     ClusterNodeLostError,
@@ -192,17 +193,8 @@ async def _drained(stream: Any, timeout_s: float) -> bool:
 
 
 def _note_started(draft: RecordDraft, message: Mapping[str, Any]) -> None:
-    info = message["info"]
     draft.gpu_ids = list(message["gpu_ids"])
-    draft.runner_type = info["runner_type"]
-    draft.started_at = info["started_at"]
-    draft.container_id = info["container_id"]
-    draft.process_id = info["process_id"]
-    draft.exchange_dir = info["exchange_dir"]
-    draft.log_path = info["log_path"]
-    draft.image = info["image"]
-    draft.image_digest = info["image_digest"]
-    draft.gpu_request = info.get("gpu_request")
+    AttemptReport.from_wire(message.get("report")).fill(draft)
     draft.gpus_at_start = [GpuAtStart(**g) for g in message.get("gpus_at_start", [])]
     draft.gpu_uuids = [g.uuid for g in draft.gpus_at_start if g.uuid]
 
@@ -495,7 +487,7 @@ class RayPlacement(Placement):
             _note_started(draft, message)
             on_started()
         elif kind == "exited":
-            draft.exited_at = message["exited_at"]
+            AttemptReport.from_wire(message.get("report")).fill(draft)
         elif kind == "error":
             raise node_error(message["error"], node)
         elif kind == "outcome":

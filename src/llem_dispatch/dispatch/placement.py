@@ -31,6 +31,7 @@ import anyio
 import structlog
 from pydantic import BaseModel
 
+from llem_dispatch.dispatch.attempt import AttemptReport
 from llem_dispatch.dispatch.depth import MAX_AUTO_DEPTH, PrepareDepth
 from llem_dispatch.dispatch.memory import MemoryReserve
 from llem_dispatch.dispatch.quiet import Policy, QuietHost
@@ -361,15 +362,7 @@ class _LeaseObserver:
     def on_started(self, info: RunInfo) -> None:
         self.info = info
         self.started_mono = anyio.current_time()
-        draft = self._draft
-        draft.started_at = info.started_at
-        draft.container_id = info.container_id
-        draft.process_id = info.process_id
-        draft.exchange_dir = info.exchange_dir
-        draft.log_path = info.log_path
-        draft.image = info.image
-        draft.image_digest = info.image_digest
-        draft.gpu_request = info.gpu_request
+        AttemptReport.of(info).fill(self._draft)
         self._on_started()
 
     def on_exited(self, info: RunInfo) -> None:
@@ -543,15 +536,9 @@ class LocalPlacement(Placement):
             if observer.released and observer.started_mono is not None:
                 # From the GPUs' last release to this run's start (its gate) on them.
                 draft.handoff_gap_s = max(0.0, observer.started_mono - max(observer.released))
-            phases = observer.info.phases if observer.info is not None else None
-            if phases is not None:
-                draft.prepare_s = phases.prepare_s
-                draft.gate_wait_s = phases.gate_wait_s
-                draft.gate_to_work_s = phases.gate_to_work_s
-                draft.work_started_at = phases.work_started_at
-                draft.ready_rss_bytes = phases.ready_rss_bytes
-                draft.work_ended_at = phases.work_ended_at
-                draft.gate_late_s = phases.gate_late_s
+            if observer.info is not None:
+                # Its phases too, now that it has exited: the same report every placement uses.
+                AttemptReport.of(observer.info).fill(draft)
 
     async def _deepen(self) -> None:
         """`auto` depth: a prestarted run was late, so start the next ones further ahead."""

@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from llem_dispatch.dispatch import GpuAtStart, NodeInfo, RecordDraft
+from llem_dispatch.dispatch.attempt import AttemptReport
 from llem_dispatch.errors import (
     ClusterJobCancelledError,
     ClusterNodeLostError,
@@ -110,23 +111,7 @@ def fill_started(draft: RecordDraft, attempt: Attempt, node: str | None) -> None
 
 
 def _fill_ended(draft: RecordDraft, info: Mapping[str, Any]) -> None:
-    for name in (
-        "container_id",
-        "image",
-        "image_digest",
-        "log_path",
-        "exchange_dir",
-        "gpu_request",
-    ):
-        if info.get(name):
-            setattr(draft, name, info[name])
-    if info.get("runner_type"):
-        draft.runner_type = info["runner_type"]
-    if info.get("process_id"):
-        draft.process_id = info["process_id"]
-    exited = info.get("exited_at")
-    if isinstance(exited, str):
-        draft.exited_at = datetime.fromisoformat(exited)
+    AttemptReport.from_wire(info.get("report")).fill(draft)
 
 
 def outcome_of(

@@ -12,21 +12,26 @@ the runner removes what it started before the job ends.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
+import re
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
 
 from llem_dispatch.cluster.node import error_payload, gpus_at_start, settle_after_exit
+from llem_dispatch.dispatch.attempt import AttemptReport
 from llem_dispatch.gpu.discovery import nvml_inventory, parse_visible_devices
 from llem_dispatch.gpu.thermal import SettleSpec
 from llem_dispatch.models import ExperimentFailure, HashedConfig
@@ -83,20 +88,11 @@ class _Observer:
         self.info: dict[str, Any] = {}
 
     def on_started(self, info: RunInfo) -> None:
-        self.info.update(
-            runner_type=info.runner_type,
-            run_started_at=info.started_at,
-            container_id=info.container_id,
-            process_id=info.process_id,
-            exchange_dir=info.exchange_dir,
-            log_path=info.log_path,
-            image=info.image,
-            image_digest=info.image_digest,
-            gpu_request=info.gpu_request,
-        )
+        self.info["report"] = AttemptReport.of(info).to_wire()
 
     def on_exited(self, info: RunInfo) -> None:
-        self.info.update(exited_at=info.exited_at, exit_code=info.exit_code)
+        # With its phases (prepare, gate, work marks), as a local run records them.
+        self.info["report"] = AttemptReport.of(info).to_wire()
 
 
 async def _run(runner: Runner, config: HashedConfig, gpus: tuple[str, ...]) -> dict[str, Any]:
@@ -132,18 +128,68 @@ async def _run(runner: Runner, config: HashedConfig, gpus: tuple[str, ...]) -> d
     return {**message, "info": observer.info}
 
 
+def gpu_state_dir() -> Path:
+    """This node's record of when each GPU's last experiment ended its work (per user)."""
+    default = Path(tempfile.gettempdir()) / f"llem-gpu-state-{os.getuid()}"
+    return Path(os.environ.get("LLEM_GPU_STATE_DIR") or default)
+
+
+def _gpu_keys(ids: tuple[str, ...], uuids: dict[str, str]) -> list[str]:
+    """A file name per GPU: its UUID where NVML knows it, else its node-wide index
+    (Slurm's SLURM_STEP_GPUS / SLURM_JOB_GPUS: a job confined to its GPUs may see
+    each of them as 0), else its index here."""
+    node_wide = os.environ.get("SLURM_STEP_GPUS") or os.environ.get("SLURM_JOB_GPUS") or ""
+    indices = [g for g in node_wide.split(",") if g]
+    if len(indices) != len(ids):
+        indices = list(ids)
+    keys = [uuids.get(i) or f"index-{n}" for i, n in zip(ids, indices, strict=True)]
+    return [re.sub(r"[^A-Za-z0-9._-]", "_", key) for key in keys]
+
+
+def last_work_ended(ids: tuple[str, ...], uuids: dict[str, str]) -> float | None:
+    """When the last experiment on any of these GPUs ended its work (epoch s), if recorded."""
+    ends = []
+    for key in _gpu_keys(ids, uuids):
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            ends.append(float(json.loads((gpu_state_dir() / key).read_text())["work_ended"]))
+    return max(ends, default=None)
+
+
+def record_work_ended(ids: tuple[str, ...], uuids: dict[str, str], ended: float) -> None:
+    """Note on this node that these GPUs' experiment ended its work at `ended` (epoch s)."""
+    folder = gpu_state_dir()
+    with contextlib.suppress(OSError):
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for key in _gpu_keys(ids, uuids):
+            write_json(folder / key, {"work_ended": ended, "job": os.environ.get("SLURM_JOB_ID")})
+
+
+def _ended_at(message: Mapping[str, Any]) -> float:
+    """The end of the attempt's work (its `done` mark), else its exit, else now."""
+    report = (message.get("info") or {}).get("report") or {}
+    for name in ("work_ended_at", "exited_at"):
+        with contextlib.suppress(TypeError, ValueError):
+            return datetime.fromisoformat(str(report[name])).timestamp()
+    return time.time()
+
+
 def _settle(
     spec: Mapping[str, Any], ids: tuple[str, ...], uuids: dict[str, str], virtual: bool
 ) -> None:
     """The cooldown, then the thermal gate, on this job's own GPUs, before the workload.
 
     Slurm, not we, chose the GPUs, and the job before ours on them may have just
-    ended: the gap is kept here, where the GPUs are known."""
+    ended: the gap is kept here, where the GPUs are known, and counts from the end of
+    that job's work (its `done` mark, recorded on this node), as on this host."""
     if not ids:
         return
     cooldown = float(spec.get("cooldown_s") or 0)
     if cooldown > 0:
-        time.sleep(cooldown)
+        ended = last_work_ended(ids, uuids)
+        # Unknown (the first on them, or the record is gone): the whole cooldown.
+        wait = cooldown if ended is None else ended + cooldown - time.time()
+        if wait > 0:
+            time.sleep(min(wait, cooldown))
     if spec.get("settle") is not None and not virtual:
         gate = SettleSpec.model_validate(spec["settle"])
         settle_after_exit(ids, uuids, gate, time.monotonic())
@@ -180,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         config = HashedConfig(spec["config"], spec["config_hash"])
         # Handed over by UUID where NVML knows it: never a guessable index.
         message = anyio.run(_run, runner, config, tuple(uuids.get(i, i) for i in ids))
+        record_work_ended(ids, uuids, _ended_at(message))
     except Exception as exc:  # noqa: BLE001 - the driver gets every failure as data
         message = {"kind": "error", "error": error_payload(exc), "info": {}}
     message["node"] = started["node"]

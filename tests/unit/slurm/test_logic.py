@@ -140,10 +140,14 @@ def test_slurm_ends_map_to_neutral_errors(
 
 def test_the_job_outcome_file_decides_a_completed_job(tmp_path: Path) -> None:
     result = {"config_hash": "abcd", "data": {"x": 1}, "runner": {"runner_type": "local"}}
-    ok = _attempt(tmp_path, {"kind": "result", "result": result, "info": {"process_id": 7}})
+    report = {"process_id": 7, "prepare_s": 1.5, "work_ended_at": "2026-12-07T10:00:00Z"}
+    ok = _attempt(tmp_path, {"kind": "result", "result": result, "info": {"report": report}})
     draft = _draft()
     assert isinstance(outcome_of(ok, "COMPLETED", draft, ExperimentResult), ExperimentResult)
     assert draft.process_id == 7
+    # The phases travel in the one attempt report, as from a local run.
+    assert draft.prepare_s == 1.5
+    assert draft.work_ended_at is not None
     failure = {"config_hash": "abcd", "type": "ValueError", "message": "bad"}
     failed = _attempt(tmp_path, {"kind": "failure", "failure": failure, "info": {}})
     assert isinstance(outcome_of(failed, "FAILED", _draft(), ExperimentResult), ExperimentFailure)
