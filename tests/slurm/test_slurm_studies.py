@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 
 import anyio
@@ -317,3 +318,50 @@ async def test_a_node_failure_is_retried_by_our_policy(tmp_path: Path, study_nam
     assert [e["error"] for e in retried] == ["ClusterNodeLostError"]
     ended = [e["state"] for e in ledger(out) if e["event"] == "ended"]
     assert ended == ["NODE_FAIL", "COMPLETED"]
+
+
+SLOW_EXIT = """
+import atexit, time
+
+# The interpreter's exit (CUDA teardown, in a real one) outlasts the work by 3 s.
+atexit.register(time.sleep, 3)
+
+def run(config):
+    yield  # prepared
+    yield  # measuring
+    start = time.time()
+    time.sleep(0.3)
+    return {"work_start": start}
+"""
+
+
+@pytest.mark.timeout(300)
+async def test_a_job_counts_its_cooldown_from_the_previous_jobs_done_on_its_gpu(
+    tmp_path: Path, study_name: str
+) -> None:
+    """Two jobs, one after the other, on the same GPU: the second's gate is the
+    cooldown after the first's `done`, not after its (slow) exit; and the records
+    carry the phases, as a local run's do."""
+    (tmp_path / "slowexit.py").write_text(SLOW_EXIT)
+    cooldown = 4.0
+    data = study_dict(study_name, 2, experiment_gap_s=cooldown, max_concurrency=1)
+    del data["command"]
+    data.update(function="slowexit:run", gpus_per_experiment=1)
+    out = tmp_path / "out"
+    with anyio.fail_after(240):
+        done = await anyio.run_process(
+            run_argv(write_study(tmp_path / "study.yaml", data), out), check=False
+        )
+    assert done.returncode == 0, (done.stdout + done.stderr).decode()
+    first, second = sorted(records(out).values(), key=lambda r: r["started_at"])
+    assert first["gpu_ids"] == second["gpu_ids"], "Slurm gave them different GPUs"
+
+    def at(record: dict[str, object], name: str) -> float:
+        return datetime.fromisoformat(str(record[name])).timestamp()
+
+    for record in (first, second):
+        for name in ("prepare_s", "gate_to_work_s", "work_started_at", "work_ended_at"):
+            assert record[name] is not None, (name, record)
+    assert at(first, "exited_at") - at(first, "work_ended_at") > 2.5, "the exit was not slow"
+    assert at(second, "started_at") >= at(first, "work_ended_at") + cooldown - 0.05
+    assert at(second, "started_at") < at(first, "exited_at") + cooldown
