@@ -14,9 +14,11 @@ Prestart variant: the same 2 GPUs, `function:` runs on a python image that work
 WORK_S each (longer than a container start, the case prestart is for), with and
 without `prestart=True`. With it, the next container is started while its GPU is
 busy and held at its gate: the gap is exit -> gate. Target: median exit-to-gate
-gap at most 0.2x the floor, measured in the same run. Command variant: the same
-with `command:` runs on the busybox image (no python: its own command held behind
-the shell gate), same target.
+gap at most 0.05x the floor, measured in the same run (a guard: it was 0.02x, and a
+gap counted from the `done` mark rather than the exit, or one timer or engine call
+between the exit and the gate, is more). Command variant: the same with `command:`
+runs on the busybox image (no python: its own command held behind the shell gate),
+same target.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ PARTS = (
 )
 #: Seconds each prestart-variant experiment works (sleeps) after its gate.
 WORK_S = 1.0
+#: The prestart variants' target: median exit-to-gate gap / floor.
+PRESTART_TARGET = 0.05
 WORK_MODULE = f"""
 import time
 
@@ -198,8 +202,8 @@ def report_prestart(
         f"median exit-to-gate gap (prestart, {'command' if command else 'function'}) "
         "/ docker run floor",
         f"{gap / floor:.3f}",
-        "<= 0.2",
-        gap <= 0.2 * floor,
+        f"<= {PRESTART_TARGET}",
+        gap <= PRESTART_TARGET * floor,
     )
 
 

@@ -93,7 +93,9 @@ async def run_lifecycle(
             await follower.enter("starting")
         await _start(settings, backend, run)
         if gate is not None:
-            await follower.enter("preparing")
+            # A `command:` run is held whole behind the shell gate: nothing of it runs
+            # before the gate, so it waits (no pause, and no resume at its gate).
+            await follower.enter("preparing" if settings.function is not None else "waiting")
             run.gate_opened = await _pass_gate(settings, backend, run, gate, follower)
         run.capture = LogCapture(run.exchange.log_path)
         error = await supervise(settings, backend, run, run.capture, observer, follower)

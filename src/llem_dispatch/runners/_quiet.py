@@ -127,6 +127,8 @@ class PhaseFollower:
         if self.observer is None:
             return
         while True:  # a file another process writes: nothing to wait on but the clock
+            if self.phase not in ("starting", "preparing"):
+                return  # its gate is opening (`loading`): never back to `waiting`
             if "ready" in self.run.exchange.read_marks():
                 await self.enter("waiting")
                 return
