@@ -58,9 +58,15 @@ async def test_sweep_uses_every_gpu_of_both_nodes_and_never_shares_one(
 ) -> None:
     cluster, _ = ray_cluster
     cooldown = 1.0
-    study = Study.model_validate(
-        study_dict(test_labels, "sleep 2; " + RESULT, n=16, experiment_gap_s=cooldown)
-    )
+
+    # Timing marks as any program may write them: the phases come back from the node.
+    def mark(name: str) -> str:
+        json_line = '{"mark": "' + name + '", "t": %s}\\n'
+        return "printf '" + json_line + '\' "$(date +%s)" >> "$LLEM_MARKS_PATH"; '
+
+    marks = "".join(mark(name) for name in ("start", "ready", "work"))
+    script = marks + "sleep 2; " + mark("done") + RESULT
+    study = Study.model_validate(study_dict(test_labels, script, n=16, experiment_gap_s=cooldown))
     out = tmp_path / "out"
     summary = await run_study(study, out, cluster=cluster.address)
 
@@ -79,6 +85,10 @@ async def test_sweep_uses_every_gpu_of_both_nodes_and_never_shares_one(
         assert r["image_digest"], "every record names the image digest"
         assert r["runner_type"] == "docker"
         assert r["node"]["hostname"]
+        # The same phase fields as a local run's, through the one attempt report.
+        assert r["prepare_s"] is not None
+        assert r["work_started_at"] is not None
+        assert r["work_ended_at"] is not None
         by_gpu.setdefault((r["node"]["node_id"], r["gpu_ids"][0]), []).append(
             (_t(r["started_at"]), _t(r["exited_at"]))
         )
