@@ -26,17 +26,16 @@ from pydantic import (
 from llem_dispatch._cdi import check_kind
 from llem_dispatch._docker import ApiDeadlines
 from llem_dispatch.cluster.settings import RaySettings
-from llem_dispatch.dispatch.quiet import Policy
 from llem_dispatch.dispatch.registry import placement_names, unknown_placement_message
 from llem_dispatch.errors import ConfigError
 from llem_dispatch.gpu import SettleSpec
 from llem_dispatch.slurm.settings import SlurmSettings
+from llem_dispatch.study.host import HostSchedule
 from llem_dispatch.study.runner_value import RunnerSpec, check_image, parse_runner_value
 from llem_dispatch.study.sections import (
     BuildSpec,
     CycleSpec,
     ReportSpec,
-    SizeText,
     TelemetrySpec,
     UntilSpec,
     problems,
@@ -77,7 +76,7 @@ def interpolate(value: str) -> str:
     return _ENV_REF.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), value)
 
 
-class Study(BaseModel):
+class Study(HostSchedule):
     """A sweep: what to run, over which parameters, on which runner and GPUs.
 
     Every field is documented by its `description` (the README's study-file
@@ -201,38 +200,6 @@ class Study(BaseModel):
         description="Per-GPU cooldown between experiments (thermal settling), seconds: "
         "from the end of the previous one's work (its `done` mark), else from its exit; "
         "the GPUs are handed on no earlier than the exit.",
-    )
-    prestart: bool = Field(
-        default=False,
-        description="Warm hand-off (local GPUs): start the next experiment's container "
-        "while its GPUs are still busy and hold it at a gate (LLEM_GO_PATH; a `command:` "
-        "behind a /bin/sh gate) until they are free and cooled down; its CPU start-up "
-        "(and a generator's prepare part) runs beside the current experiment. Its "
-        "timeout counts from the gate. Off by default.",
-    )
-    prestart_memory_reserve: SizeText | None = Field(
-        default=None,
-        description='Host memory prestarts must leave available ("32g"; null: 20% of it): '
-        "below it, a run is not started early (nor prepared) but waits for its GPUs.",
-    )
-    prestart_depth: int | Literal["auto"] = Field(
-        default="auto",
-        description="How many experiments per GPU may be prestarted ahead of the running "
-        "one (1: the next only); `auto` deepens it (up to 4) when preparations outlast the "
-        "time they get, from the measured prepare and run times. The memory reserve bounds it.",
-    )
-    prepare_during_measurement: Policy = Field(
-        default="pause",
-        description="What runs preparing beside a measured window do: `pause` (frozen, "
-        "SIGSTOP or the engine's pause, from the window's `quiet` mark to its `done`) or "
-        "`run` (not paused; records count the overlap).",
-    )
-    cpus_per_gpu: int | None = Field(
-        default=None,
-        ge=1,
-        description="Host cores each GPU's experiments measure on (preparing runs get the "
-        "rest, at low priority); null: the cores NVML names nearest each GPU, shared out, "
-        "on real GPUs, and no pinning on virtual ones.",
     )
     cycle_gap_s: float = Field(
         default=0.0, ge=0, allow_inf_nan=False, description="Pause between cycles, seconds."
@@ -364,16 +331,6 @@ class Study(BaseModel):
         if value and not {"start", "end"} <= set(value):
             raise ValueError("give both `start` and `end` (result fields, epoch seconds)")
         return {k: v.removeprefix("result.") for k, v in value.items()}
-
-    @field_validator("cpus_per_gpu")
-    @classmethod
-    def _cpus_ok(cls, value: int | None) -> int | None:
-        have = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        if value is not None and have and value > have:
-            raise ValueError(
-                f"{value} cores per GPU, but this host gives us {have}: at most {have}"
-            )
-        return value
 
     @field_validator("cdi_kind")
     @classmethod
