@@ -76,6 +76,7 @@ async def test_sweep_uses_every_gpu_of_both_nodes_and_never_shares_one(
     nodes = {r["node"]["node_id"] for r in recs.values()}
     assert len(nodes) == 2, f"expected both worker nodes used, got {nodes}"
     by_gpu: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    rested: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for r in recs.values():
         assert r["status"] == "succeeded"
         assert len(r["gpu_ids"]) == 1
@@ -92,12 +93,17 @@ async def test_sweep_uses_every_gpu_of_both_nodes_and_never_shares_one(
         by_gpu.setdefault((r["node"]["node_id"], r["gpu_ids"][0]), []).append(
             (_t(r["started_at"]), _t(r["exited_at"]))
         )
+        rested.setdefault((r["node"]["node_id"], r["gpu_ids"][0]), []).append(
+            (_t(r["started_at"]), _t(r["work_ended_at"]))
+        )
     assert len(by_gpu) == 2 * GPUS_PER_NODE, f"all 4 GPUs used: {sorted(by_gpu)}"
     for gpu, spans in by_gpu.items():
         spans.sort()
         for (_, end), (start, _) in itertools.pairwise(spans):
-            # Never shared, and the GPU rested for the cooldown before its next run.
-            assert start >= end + cooldown * 0.95, f"GPU {gpu}: next run {start - end:.2f}s after"
+            assert start >= end, f"GPU {gpu} was shared"
+        # The GPU rested for the cooldown from the end of the work (its `done` mark).
+        for (_, done), (start, _) in itertools.pairwise(sorted(rested[gpu])):
+            assert start >= done + cooldown * 0.95, f"GPU {gpu}: next run {start - done:.2f}s after"
     everything = [span for spans in by_gpu.values() for span in spans]
     assert max_overlap(everything) == 4, "all 4 GPUs busy at once at some point"
     events = [e["event"] for e in journal(out)]
