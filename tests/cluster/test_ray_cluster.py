@@ -340,6 +340,13 @@ async def test_ctrl_c_on_the_cli_driver_stops_every_container_on_the_nodes(
     assert records(out) == {}
 
 
+#: The resumed study: its start-of-study sweep (the placement's own bound) reaps the
+#: orphans, then six short experiments run on 4 GPUs.
+RESUME_BOUND_S = RayPlacement.STUDY_SWEEP_S + 90
+
+
+# The test's limit follows its parts' bounds: containers up (90 s), the resume.
+@pytest.mark.timeout(90 + 30 + RESUME_BOUND_S + 30)
 async def test_driver_killed_then_resume_reaps_and_runs_each_experiment_once(
     ray_cluster: tuple[Any, list[Any]], tmp_path: Path, test_labels: dict[str, str]
 ) -> None:
@@ -363,7 +370,7 @@ async def test_driver_killed_then_resume_reaps_and_runs_each_experiment_once(
     assert len(orphans) >= 4, "the killed driver could not clean up: its containers remain"
 
     write_study_file(study_file, {**data, "env": {"SLEEP": "0"}})
-    with anyio.fail_after(180):
+    with anyio.fail_after(RESUME_BOUND_S):
         again = await anyio.run_process([*cli, "--resume"], check=False)
     text = (again.stdout + again.stderr).decode()
     assert again.returncode == 0, text

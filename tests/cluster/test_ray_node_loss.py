@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import pytest
 
-from llem_dispatch import Study, run_study
+from llem_dispatch import RayPlacement, Study, run_study
 from tests.cluster.conftest import (
     RESULT,
     journal,
@@ -28,6 +28,9 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.usefixtures("no_leaked_containers"),
 ]
+
+#: A resumed study: its start-of-study sweep (the placement's own bound), then the runs.
+RESUME_BOUND_S = RayPlacement.STUDY_SWEEP_S + 90
 
 
 @pytest.fixture
@@ -101,6 +104,9 @@ async def test_node_lost_mid_study_every_result_exactly_once_and_no_container_le
     )
 
 
+# The limit follows the parts' bounds: both nodes started (90 s), the study giving up
+# (120 s, its retries and placement timeout within it), a node added back, the resume.
+@pytest.mark.timeout(90 + 120 + 60 + RESUME_BOUND_S + 30)
 async def test_when_no_node_can_hold_an_experiment_it_fails_and_resume_runs_it_later(
     fresh_cluster: tuple[Any, list[Any]], tmp_path: Path, test_labels: dict[str, str]
 ) -> None:
@@ -148,7 +154,10 @@ async def test_when_no_node_can_hold_an_experiment_it_fails_and_resume_runs_it_l
     cluster.add_node(num_cpus=4, num_gpus=2)
     cluster.wait_for_nodes()
     data["env"] = {"SLEEP": "0"}
-    again = await run_study(Study.model_validate(data), out, cluster=cluster.address, resume=True)
+    with anyio.fail_after(RESUME_BOUND_S):
+        again = await run_study(
+            Study.model_validate(data), out, cluster=cluster.address, resume=True
+        )
     assert (again.succeeded, again.errored, again.skipped) == (4, 0, 0)
     assert all(r["status"] == "succeeded" for r in records(out).values())
     assert len(records(out)) == 4
