@@ -7,13 +7,11 @@ llem-dispatch's own classes here, once.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import shutil
 import socket
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,6 +19,7 @@ import aiodocker
 import aiohttp
 import anyio
 
+from llem_dispatch._deadlines import DEFAULT_DEADLINES, ApiDeadlines
 from llem_dispatch._labels import LABEL_PROBE, base_labels
 from llem_dispatch.errors import (
     DockerContainerError,
@@ -93,44 +92,6 @@ def docker_available(timeout: float = 3.0, *, url: str | None = None) -> bool:
         return False
     finally:
         sock.close()
-
-
-@dataclass(frozen=True, slots=True)
-class ApiDeadlines:
-    """Seconds each Docker API call may take before the daemon counts as hung.
-
-    A healthy daemon answers these in well under a second, and in a few seconds
-    at worst under heavy container churn on 2 cores (the 1,000-container load
-    test); the defaults leave a wide margin over that. A call past its deadline
-    raises `DockerDaemonHungError` (transient: the study retries it).
-    """
-
-    create: float = 60.0
-    attach: float = 30.0
-    start: float = 60.0
-    inspect: float = 30.0
-    kill: float = 15.0
-    #: Beyond the stop grace period, for `docker stop` to return.
-    stop: float = 15.0
-    delete: float = 30.0
-    image: float = 30.0
-    list: float = 30.0
-    logs: float = 60.0
-    #: While a container runs, one bounded inspect this often proves the daemon answers.
-    liveness_every: float = 30.0
-
-    def __post_init__(self) -> None:
-        for name in self.__slots__:
-            value = getattr(self, name)
-            if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"ApiDeadlines.{name} must be a positive number, got {value!r}")
-
-    def of(self, call: str) -> float:
-        """The deadline of a call by name (`create`, `start`, ...)."""
-        return float(getattr(self, call))
-
-
-DEFAULT_DEADLINES = ApiDeadlines()
 
 
 def hung_error(call: str, deadline: float, **context: Any) -> DockerDaemonHungError:

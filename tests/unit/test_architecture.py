@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "src" / "llem_dispatch"
 
 #: Bottom to top. A module may import its own layer or any layer below it.
 LAYERS: list[set[str]] = [
-    {"errors", "models", "container"},
+    {"errors", "models", "container", "_deadlines", "_sizes"},
     {"_labels", "_logging", "_logcapture", "_exchange", "_docker", "_cdi"},
     {"gpu"},
     {"runners", "reap", "testing"},
@@ -280,7 +280,9 @@ def test_the_placement_name_check_can_fail() -> None:
     assert list(_placement_name_comparisons(tree)) == [1]
 
 
-@pytest.mark.parametrize("module", ["llem_dispatch", "llem_dispatch.testing"])
+@pytest.mark.parametrize(
+    "module", ["llem_dispatch", "llem_dispatch.testing", "llem_dispatch.study.loading"]
+)
 def test_importing_pays_for_no_docker_client(module: str) -> None:
     # aiodocker + aiohttp cost about half a second to import: the package and
     # the FakeRunner must not load them; only DockerRunner's first use does.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -36,6 +35,7 @@ from llem_dispatch._exchange import (
     DEFAULT_MAX_RESULT_BYTES,
     ExchangeDir,
 )
+from llem_dispatch._sizes import parse_size
 from llem_dispatch.runners._backend import (
     LOG_DRAIN_S,
     Gate,
@@ -72,22 +72,8 @@ HELPER_CONTAINER_PATH = "/opt/llem/llem_container.py"
 PENDING_RETRY_S = 5.0
 #: Where `source_dir` is mounted (read-only) and put on PYTHONPATH.
 SOURCE_CONTAINER_PATH = "/opt/llem/src"
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.I)
-_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 log = structlog.get_logger("llem_dispatch.docker")
-
-
-def parse_size(value: int | str) -> int:
-    """'8g' / '512m' / 1024 -> bytes (binary units, as `docker run --shm-size`)."""
-    if isinstance(value, int):
-        if value <= 0:
-            raise ValueError(f"size must be positive, got {value}")
-        return value
-    match = _SIZE_RE.match(value)
-    if not match:
-        raise ValueError(f"cannot parse size {value!r}; use e.g. '8g', '512m' or bytes")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
 class DockerRunner:

@@ -1,4 +1,13 @@
-"""Studies: the study file, its expansion into experiments, runner choice, results, run_study."""
+"""Studies: the study file, its expansion into experiments, runner choice, results, run_study.
+
+`run_study` is exported lazily: loading a study file (`study.loading`, `study.schema`)
+imports no engine client; running one brings what its kinds need when first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from llem_dispatch.study.loading import load_study
 from llem_dispatch.study.plan import expand_study
@@ -9,7 +18,6 @@ from llem_dispatch.study.results import (
     completed_keys,
     iter_records,
 )
-from llem_dispatch.study.run import run_study
 from llem_dispatch.study.runner_choice import (
     StudyRunnerFactory,
     build_pool,
@@ -59,3 +67,17 @@ __all__ = [
     "runner_choice",
     "study_images",
 ]
+
+_HOMES = {"run_study": "run"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'llem_dispatch.study' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"llem_dispatch.study.{_HOMES[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from llem_dispatch.study.run import run_study

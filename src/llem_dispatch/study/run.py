@@ -23,7 +23,7 @@ import structlog
 import yaml
 
 from llem_dispatch import _labels
-from llem_dispatch._docker import ApiDeadlines
+from llem_dispatch._deadlines import ApiDeadlines
 from llem_dispatch._exchange import remove_stale_secrets
 from llem_dispatch.dispatch import (
     Dispatcher,

@@ -16,7 +16,6 @@ from typing import Literal
 
 import structlog
 
-from llem_dispatch._docker import build_image, image_present
 from llem_dispatch.dispatch import HostContext, HostGpus
 from llem_dispatch.errors import ConfigError, DockerImagePullError
 from llem_dispatch.gpu import GpuPool
@@ -302,6 +301,10 @@ def ensure_image(
     study: Study, image: str, *, study_dir: Path, output: Callable[[str], None] = print
 ) -> bool:
     """Build `image` from the study's `build:` context if missing; True if it was built."""
+    # The Docker client only when an image is asked for: loading or planning a study
+    # (and a local one's run) never pays for it.
+    from llem_dispatch._docker import build_image, image_present
+
     if image_present(image):
         return False
     if study.build is None:

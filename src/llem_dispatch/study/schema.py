@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from llem_dispatch._cdi import check_kind
-from llem_dispatch._docker import ApiDeadlines
+from llem_dispatch._deadlines import ApiDeadlines
 from llem_dispatch.cluster.settings import RaySettings
 from llem_dispatch.dispatch.registry import placement_names, unknown_placement_message
 from llem_dispatch.errors import ConfigError

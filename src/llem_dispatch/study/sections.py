@@ -17,7 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from llem_dispatch.runners.docker import parse_size
+from llem_dispatch._sizes import parse_size
 
 __all__ = [
     "BuildSpec",
