@@ -124,3 +124,33 @@ def check_quiet(done: Sequence[Mapping[str, Any]], policy: str) -> None:
         assert any(r["window_disturbed"] for r in done)
         assert max(r["window_prepare_overlap_s"] for r in done) > 0.1
         assert all(r["neighbours_paused_s"] == 0 for r in done)
+
+
+CORES_EXPERIMENT = (
+    "import os, time\n"
+    "def run(config):\n"
+    "    start = time.time()\n"
+    "    time.sleep(0.3)\n"
+    "    status = open('/proc/self/status').read().splitlines()\n"
+    "    allowed = [l.split(':', 1)[1].strip() for l in status\n"
+    "               if l.startswith('Cpus_allowed_list')][0]\n"
+    "    return {'allowed': allowed, 'start': start, 'end': time.time(),\n"
+    "            'omp': os.environ.get('OMP_NUM_THREADS')}\n"
+)
+
+
+def write_cores_study(folder: Path, **extra: Any) -> Path:
+    """Four 1-GPU experiments on 2 virtual GPUs, one core per GPU, reporting their cores."""
+    (folder / "cores.py").write_text(CORES_EXPERIMENT)
+    study = {
+        "name": "cores",
+        "function": "cores:run",
+        "virtual_gpus": 2,
+        "gpus_per_experiment": 1,
+        "cpus_per_gpu": 1,
+        "grid": {"i": [0, 1, 2, 3]},
+        **extra,
+    }
+    path = folder / "study.yaml"
+    path.write_text(json.dumps(study, indent=1))
+    return path

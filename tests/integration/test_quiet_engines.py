@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import PODMAN_URL, PYTHON_IMAGE, fail_on_leaks
 from tests.integration.test_cli import cli
-from tests.quiet_study import check_quiet, records, write_quiet_study
+from tests.quiet_study import check_quiet, records, write_cores_study, write_quiet_study
 
 pytestmark = [pytest.mark.docker]
 
@@ -69,24 +69,7 @@ def test_a_preparing_container_is_frozen_for_each_measured_window(
 def test_each_container_measures_on_its_gpus_cores(
     tmp_path: Path, engine: str, test_labels: dict[str, str]
 ) -> None:
-    (tmp_path / "cores.py").write_text(
-        "import os\n"
-        "def run(config):\n"
-        "    status = open('/proc/self/status').read().splitlines()\n"
-        "    allowed = [l.split(':', 1)[1].strip() for l in status\n"
-        "               if l.startswith('Cpus_allowed_list')][0]\n"
-        "    return {'allowed': allowed, 'omp': os.environ.get('OMP_NUM_THREADS')}\n"
-    )
-    study = {
-        "name": "cores",
-        "function": "cores:run",
-        "virtual_gpus": 2,
-        "gpus_per_experiment": 1,
-        "cpus_per_gpu": 1,
-        "grid": {"i": [0, 1, 2, 3]},
-        **_container_header(engine, test_labels),
-    }
-    (tmp_path / "study.yaml").write_text(json.dumps(study))
+    write_cores_study(tmp_path, **_container_header(engine, test_labels))
     out = tmp_path / "out"
     proc = cli("run", str(tmp_path / "study.yaml"), "--results", str(out), timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr

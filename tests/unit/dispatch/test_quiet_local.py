@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.quiet_study import check_quiet, records, write_quiet_study
+from tests.quiet_study import check_quiet, records, write_cores_study, write_quiet_study
 
 CLI = [sys.executable, "-m", "llem_dispatch.cli"]
 
@@ -40,29 +40,7 @@ def test_a_preparing_neighbour_makes_no_progress_inside_a_measured_window(
 
 
 def _cores_study(tmp_path: Path, **extra: Any) -> Path:
-    (tmp_path / "cores.py").write_text(
-        "import os, time\n"
-        "def run(config):\n"
-        "    start = time.time()\n"
-        "    time.sleep(0.3)\n"
-        "    status = open('/proc/self/status').read().splitlines()\n"
-        "    allowed = [l.split(':', 1)[1].strip() for l in status\n"
-        "               if l.startswith('Cpus_allowed_list')][0]\n"
-        "    return {'allowed': allowed, 'start': start, 'end': time.time(),\n"
-        "            'omp': os.environ.get('OMP_NUM_THREADS')}\n"
-    )
-    study = {
-        "name": "cores",
-        "function": "cores:run",
-        "virtual_gpus": 2,
-        "gpus_per_experiment": 1,
-        "cpus_per_gpu": 1,
-        "grid": {"i": [0, 1, 2, 3]},
-        **extra,
-    }
-    path = tmp_path / "study.yaml"
-    path.write_text(json.dumps(study))
-    return path
+    return write_cores_study(tmp_path, **extra)
 
 
 def _cpu_list(text: str) -> set[int]:
