@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import structlog
 import yaml
 from pydantic import ValidationError
 
@@ -19,6 +20,9 @@ __all__ = ["load_study"]
 #: Nodes a study file may expand to once YAML aliases are followed (an alias bomb
 #: of 10 levels expands to 10^10; a real study to a few thousand).
 MAX_EXPANDED_NODES = 1_000_000
+
+
+log = structlog.get_logger("llem_dispatch.study")
 
 
 class _LineLoader(yaml.SafeLoader):
@@ -136,7 +140,7 @@ def load_study(path: str | Path, *, overrides: Mapping[str, Any] | None = None) 
         )
     data.update(overrides or {})
     try:
-        return Study.model_validate(data)
+        study = Study.model_validate(data)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -154,3 +158,23 @@ def load_study(path: str | Path, *, overrides: Mapping[str, Any] | None = None) 
             f"{path}: {len(problems)} problem(s) in the study file:\n" + "\n".join(problems),
             fix_suggestion="Correct each field listed above; nothing was run.",
         ) from exc
+    _warn_gpus_unused(study, data, path, lines)
+    return study
+
+
+def _warn_gpus_unused(
+    study: Study, data: Mapping[str, Any], path: Path, lines: Mapping[tuple[Any, ...], int]
+) -> None:
+    """A study that names GPUs but gives its experiments none: say, at its line, what 0 means."""
+    named = [k for k in ("virtual_gpus", "gpus") if data.get(k) is not None]
+    if not named or "gpus_per_experiment" in data or study.gpus_field is not None:
+        return
+    line = lines.get((named[0],))
+    log.warning(
+        "study_gives_experiments_no_gpus",
+        where=f"{path}:{line}" if line else str(path),
+        message=f"`{named[0]}` names GPUs, but `gpus_per_experiment` is not set: every "
+        "experiment gets 0 GPUs, all of them run at once, and prestart does nothing",
+        fix="Add `gpus_per_experiment: 1` (or the count each experiment needs), or "
+        "`gpus_per_experiment: 0` to say that no experiment uses a GPU.",
+    )

@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 import pytest
+import structlog.testing
 
 from llem_dispatch import ConfigError, GpuRequestError
 from llem_dispatch.gpu import GpuPool
@@ -313,3 +314,20 @@ def test_prestart_memory_reserve_is_a_size_checked_where_it_is_written(tmp_path:
     assert study.prestart_memory_reserve == "32g"
     with pytest.raises(ConfigError, match=r"study\.yaml:5: prestart_memory_reserve: cannot parse"):
         load_study(write(tmp_path, text + "prestart_memory_reserve: lots\ngrid: {a: [1]}\n"))
+
+
+def test_a_study_naming_gpus_without_a_count_is_told_what_zero_means(tmp_path: Path) -> None:
+    path = tmp_path / "study.yaml"
+    path.write_text("name: s\nfunction: m:f\nvirtual_gpus: 2\ngrid: {i: [1]}\n")
+    with structlog.testing.capture_logs() as logs:
+        load_study(path)
+    (warning,) = [e for e in logs if e["event"] == "study_gives_experiments_no_gpus"]
+    assert warning["where"] == f"{path}:3"
+    assert "0 GPUs" in warning["message"]
+    assert "gpus_per_experiment: 1" in warning["fix"]
+    path.write_text(
+        "name: s\nfunction: m:f\nvirtual_gpus: 2\ngpus_per_experiment: 0\ngrid: {i: [1]}\n"
+    )
+    with structlog.testing.capture_logs() as logs:
+        load_study(path)
+    assert not [e for e in logs if e["event"] == "study_gives_experiments_no_gpus"]
