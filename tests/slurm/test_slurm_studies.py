@@ -339,14 +339,16 @@ def run(config):
 async def test_a_job_counts_its_cooldown_from_the_previous_jobs_done_on_its_gpu(
     tmp_path: Path, study_name: str
 ) -> None:
-    """Two jobs, one after the other, on the same GPU: the second's gate is the
+    """Two jobs, one after the other, on the same GPUs: the second's gate is the
     cooldown after the first's `done`, not after its (slow) exit; and the records
-    carry the phases, as a local run's do."""
+    carry the phases, as a local run's do. Each asks for all 4 GPUs: the driver takes
+    the first's result from its outcome file while Slurm still lists it (exiting), so
+    a 1-GPU second job could be given another, idle GPU."""
     (tmp_path / "slowexit.py").write_text(SLOW_EXIT)
     cooldown = 4.0
     data = study_dict(study_name, 2, experiment_gap_s=cooldown, max_concurrency=1)
     del data["command"]
-    data.update(function="slowexit:run", gpus_per_experiment=1)
+    data.update(function="slowexit:run", gpus_per_experiment=4)
     out = tmp_path / "out"
     with anyio.fail_after(240):
         done = await anyio.run_process(

@@ -4,11 +4,14 @@ Slurm does the GPU accounting: a job asks for its number of GPUs (`--gpus=N` or
 `--gres=gpu:N`) and runs `python -m llem_dispatch.slurm.job DIR`, which builds the
 study's runner on the node and writes its outcome into DIR, on the filesystem
 the driver and the nodes share. From a login node every attempt is a job of its
-own, followed by one `squeue` call per interval for the whole study (`JobWatch`);
-inside an allocation (`SLURM_JOB_ID` set) every attempt is a job step, run by
-`srun` (see `slurm.steps`). Cancelling cancels the job (`scancel`) and waits for
-it to leave, bounded; a resumed study adopts the jobs its dead driver left
-queued or running (the ledger in the results dir) instead of submitting again.
+own, followed by one `squeue` call per interval for the whole study and a `stat`
+of its `started.json` and `outcome.json` every `file_poll_interval_s` (`JobWatch`):
+a job that wrote its result is taken at once (it exits 0, which Slurm records as
+COMPLETED), and `squeue` tells how any other end came about. Inside an allocation
+(`SLURM_JOB_ID` set) every attempt is a job step, run by `srun` (see
+`slurm.steps`). Cancelling cancels the job (`scancel`) and waits for it to leave,
+bounded; a resumed study adopts the jobs its dead driver left queued or running
+(the ledger in the results dir) instead of submitting again.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from llem_dispatch.slurm import commands
 from llem_dispatch.slurm.attempts import Attempt, Ledger, fill_started, outcome_of
 from llem_dispatch.slurm.commands import NEVER_STARTS, JobState, gpu_count, time_s
 from llem_dispatch.slurm.doctor import doctor_checks
+from llem_dispatch.slurm.job import OUTCOME_FILE, STARTED_FILE
 from llem_dispatch.slurm.settings import SlurmSettings
 from llem_dispatch.slurm.steps import StepRunner
 from llem_dispatch.slurm.watch import JobWatch
@@ -105,7 +109,11 @@ class SlurmPlacement(Placement):
         self.runner_type = runner_type
         self.result_model = result_model
         self.ledger = Ledger(self.base / "jobs.jsonl")
-        self.watch = JobWatch(self.settings.poll_interval_s, self.settings.max_poll_interval_s)
+        self.watch = JobWatch(
+            self.settings.poll_interval_s,
+            self.settings.max_poll_interval_s,
+            look_interval_s=self.settings.file_poll_interval_s,
+        )
         #: The allocation this driver runs in: attempts are its job steps then.
         self.allocation = commands.in_allocation()
         self.steps = StepRunner(self.settings) if self.allocation else None
@@ -118,6 +126,9 @@ class SlurmPlacement(Placement):
         self._adoptable: dict[str, list[Attempt]] = {}
         #: Jobs submitted (or adopted) and not yet seen to end: cancelled on close.
         self._live: dict[str, Attempt] = {}
+        #: Jobs whose result was taken from their outcome file while Slurm still listed
+        #: them (exiting): the study waits for them to leave the queue before it ends.
+        self._exiting: set[str] = set()
         self._factory_path = self.base / "runner_factory.pkl"
 
     # -- study-level hooks ----------------------------------------------------------
@@ -140,9 +151,10 @@ class SlurmPlacement(Placement):
 
     @classmethod
     def stop_bound_s(cls, stop_grace_s: float, settings: BaseModel | None) -> float:
-        """`scancel` (its own deadline), the jobs' wait to leave the queue, the sweep."""
+        """`scancel` (its own deadline) and the jobs' wait to leave the queue, for the jobs
+        cancelled and for those exiting after their result was taken; the sweep."""
         slurm = SlurmSettings.model_validate(settings) if settings is not None else SlurmSettings()
-        return commands.CALL_TIMEOUT_S + slurm.cancel_timeout_s + cls.STUDY_SWEEP_S
+        return 2 * (commands.CALL_TIMEOUT_S + slurm.cancel_timeout_s) + cls.STUDY_SWEEP_S
 
     @classmethod
     async def doctor_checks(cls, settings: BaseModel | None, folder: Path) -> list[DoctorCheck]:
@@ -231,11 +243,20 @@ class SlurmPlacement(Placement):
             attempt, script, gpus=0, name=f"llem-{self.study_name}-check"
         )
         self._live[attempt.job_id] = attempt
+        seen = False
         try:
             with anyio.move_on_after(self.settings.shared_fs_timeout_s):
-                state = await self.watch.wait(
-                    attempt.job_id, lambda s: not s.active or s.reason in NEVER_STARTS
+                found = await self.watch.wait_or_file(
+                    attempt.job_id, lambda s: not s.active or s.reason in NEVER_STARTS, (marker,)
                 )
+                if not isinstance(found, JobState):
+                    # Seen as the job writes it: it exits by itself (the study waits for
+                    # it to leave the queue before it ends).
+                    seen = True
+                    self._exiting.add(attempt.job_id)
+                    shutil.rmtree(attempt.folder, ignore_errors=True)
+                    return
+                state = found
                 if state.active:
                     raise ConfigError(
                         f"Slurm keeps the study's first job ({attempt.job_id}) pending for a "
@@ -261,7 +282,7 @@ class SlurmPlacement(Placement):
             )
         finally:
             last = self.watch.state(attempt.job_id)
-            if last is None or last.active:
+            if not seen and (last is None or last.active):
                 await self._cancel(attempt)
             self._live.pop(attempt.job_id, None)
             self.watch.forget(attempt.job_id)
@@ -287,6 +308,7 @@ class SlurmPlacement(Placement):
         """After the study: cancel any job of it still in the queue (none normally)."""
         if study_over:
             await self._cancel_all()
+            await self._until_exited()
 
     def describe(self) -> Mapping[str, Any]:
         """Where the study runs: the partition, the allocation, and the GPUs Slurm showed."""
@@ -340,15 +362,14 @@ class SlurmPlacement(Placement):
                 log.info(
                     "slurm_job_adopted", job_id=attempt.job_id, config_hash=attempt.config_hash
                 )
-            state = await self._until_started(attempt)
+            began = await self._until_started(attempt)
             if queued:
                 self._queue.release()
                 queued = False
-            fill_started(draft, attempt, state.node)
+            fill_started(draft, attempt, began.node if began else None)
             if attempt.started is not None:
                 on_started()
-            if state.active:
-                state = await self._until_ended(attempt, draft)
+            state = began if began and not began.active else await self._until_ended(attempt)
             return self._ended(attempt, state, draft)
         except anyio.get_cancelled_exc_class():
             if attempt is not None:
@@ -404,18 +425,23 @@ class SlurmPlacement(Placement):
             self.ledger.ended(attempt, state.state)
         return self._tidy(attempt, draft, outcome)
 
-    async def _until_started(self, attempt: Attempt) -> JobState:
+    async def _until_started(self, attempt: Attempt) -> JobState | None:
         """Until the job has begun the experiment (its started.json), or has ended.
 
-        A job Slurm keeps pending for a reason that never passes (a time limit over the
-        partition's, a wrong account) is cancelled and named, not waited for forever.
+        None when its files said so first (started.json, or outcome.json from a job that
+        failed before it began); else Slurm's state. A job Slurm keeps pending for a
+        reason that never passes (a time limit over the partition's, a wrong account) is
+        cancelled and named, not waited for forever.
         """
         assert attempt.job_id is not None
-        started = attempt.folder / "started.json"
-        state = await self.watch.wait(
+        found = await self.watch.wait_or_file(
             attempt.job_id,
-            lambda s: not s.active or (s.running and started.exists()) or s.reason in NEVER_STARTS,
+            lambda s: not s.active or s.reason in NEVER_STARTS,
+            (attempt.folder / STARTED_FILE, attempt.folder / OUTCOME_FILE),
         )
+        if not isinstance(found, JobState):
+            return None
+        state = found
         if state.active and state.reason in NEVER_STARTS:
             await self._cancel(attempt)
             raise ConfigError(
@@ -427,12 +453,30 @@ class SlurmPlacement(Placement):
             )
         return state
 
-    async def _until_ended(self, attempt: Attempt, draft: RecordDraft) -> JobState:
-        """Until the job ends; past our own bound, cancel it and raise the timeout."""
+    async def _until_ended(self, attempt: Attempt) -> JobState:
+        """Until the job ends; past our own bound, cancel it and raise the timeout.
+
+        A job whose outcome file holds a result ends now: it exits 0 right after
+        writing it, which Slurm records as COMPLETED, so no poll has to say so (the
+        study still waits for it to leave the queue before it ends). Any other outcome
+        (an error, a failure, a stop) is classified by Slurm's state, which may say
+        more (OUT_OF_MEMORY, TIMEOUT, PREEMPTED, cancelled from outside): one poll now,
+        then at the poll interval, as for a job that died without writing.
+        """
         assert attempt.job_id is not None
+        job_id = attempt.job_id
         bound = self._own_bound_s()
         with anyio.move_on_after(bound if bound is not None else math.inf):
-            return await self.watch.wait(attempt.job_id, lambda s: not s.active)
+            found = await self.watch.wait_or_file(
+                job_id, lambda s: not s.active, (attempt.folder / OUTCOME_FILE,)
+            )
+            if isinstance(found, JobState):
+                return found
+            if (attempt.outcome or {}).get("kind") == "result":
+                self._exiting.add(job_id)
+                return JobState(job_id, "COMPLETED")
+            self.watch.hurry()
+            return await self.watch.wait(job_id, lambda s: not s.active)
         await self._cancel(attempt)
         self.ledger.ended(attempt, "TIMEOUT")
         raise ExperimentTimeoutError(
@@ -569,6 +613,31 @@ class SlurmPlacement(Placement):
                 self._live.pop(job_id, None)
                 self.ledger.ended(attempt, "CANCELLED")
 
+    async def _until_exited(self) -> None:
+        """Until the jobs whose result was taken early have left the queue: `squeue`
+        at once, then at gaps that start at `file_poll_interval_s` and double up to
+        `poll_interval_s` (they are exiting: a poll or two); one still there after
+        `cancel_timeout_s`, hung in its exit, is cancelled. Bounded and shielded."""
+        exiting = sorted(self._exiting)
+        self._exiting.clear()
+        gap = self.settings.file_poll_interval_s
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(self.settings.cancel_timeout_s):
+                while exiting:
+                    try:
+                        states = await commands.squeue_states(exiting)
+                    except Exception as exc:  # noqa: BLE001 - cleanup: nothing more to do
+                        log.warning("slurm_poll_failed", error=repr(exc))
+                        return
+                    exiting = [j for j in exiting if states[j].active]
+                    if exiting:
+                        await anyio.sleep(gap)
+                        gap = min(gap * 2, self.settings.poll_interval_s)
+            if exiting:
+                log.warning("slurm_job_exit_hung", jobs=exiting)
+                with anyio.move_on_after(commands.CALL_TIMEOUT_S):
+                    await commands.scancel(exiting)
+
     async def _cancel_all(self) -> None:
         """Every job of the study still live, in one scancel (bounded, shielded)."""
         live = dict(self._live)
@@ -590,3 +659,4 @@ class SlurmPlacement(Placement):
         if self.steps is not None:
             await self.steps.aclose()
         await self._cancel_all()
+        await self._until_exited()

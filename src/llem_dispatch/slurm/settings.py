@@ -71,6 +71,13 @@ class SlurmSettings(BaseModel):
         description="The longest gap between `squeue` calls (reached by back-off when "
         "nothing changes).",
     )
+    file_poll_interval_s: float = Field(
+        default=0.1,
+        gt=0,
+        description="Seconds between looks (a `stat`) at each waited-for job's "
+        "started.json and outcome.json in the results dir: a job that wrote its result "
+        "is taken this soon; `squeue` still finds a job that ended without writing.",
+    )
     cancel_timeout_s: float = Field(
         default=60.0,
         gt=0,
