@@ -75,13 +75,19 @@ def docker_available(timeout: float = 3.0, *, url: str | None = None) -> bool:
     """Whether a Docker daemon (or the engine at `url`) answers here (a quick API ping)."""
     url = url or docker_url()
     if not url.startswith("unix://"):
-        return (
-            shutil.which("docker") is not None
-            and subprocess.run(
-                ["docker", "version"], capture_output=True, timeout=timeout, check=False
-            ).returncode
-            == 0
-        )
+        # Another transport (tcp, ssh): the docker CLI asks that engine, not its default.
+        if shutil.which("docker") is None:
+            return False
+        try:
+            done = subprocess.run(
+                ["docker", "--host", url, "version"],
+                capture_output=True,
+                timeout=timeout,
+                check=False,
+            )
+        except (subprocess.TimeoutExpired, OSError):
+            return False
+        return done.returncode == 0
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:

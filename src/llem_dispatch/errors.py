@@ -86,6 +86,7 @@ __all__ = [
     "ResultsDirBusyError",
     "RunnerError",
     "capture_stderr_snippet",
+    "error_payload",
     "translate_docker_error",
 ]
 
@@ -545,3 +546,14 @@ def translate_docker_error(returncode: int, stderr: str | None, image: str) -> D
         stderr_snippet=snippet,
         exit_code=returncode,
     )
+
+
+def error_payload(exc: BaseException) -> dict[str, Any]:
+    """An exception raised on a node as plain data for the driver.
+
+    Ours travel as `LlemError.to_payload()` (the driver rebuilds them with
+    `LlemError.from_payload`); anything else as a `ClusterError` naming its type.
+    """
+    if not isinstance(exc, LlemError):
+        exc = ClusterError(f"{type(exc).__name__}: {exc}")
+    return exc.to_payload()

@@ -123,6 +123,17 @@ def test_imports_point_down() -> None:
     assert not upward, "\n".join(upward)
 
 
+def test_placements_do_not_import_each_other() -> None:
+    """Slurm's job needs nothing of Ray's: what both use (error payloads, the GPUs a
+    task holds) lives below them."""
+    crossing = [
+        f"{importer}:{line} imports {target}"
+        for importer, target, _, line in _edges()
+        if {_unit(importer), _unit(target)} == {"cluster", "slurm"}
+    ]
+    assert crossing == []
+
+
 def test_no_private_names_across_packages() -> None:
     reach_ins = []
     for importer, target, name, line in _edges():

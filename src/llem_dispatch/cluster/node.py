@@ -25,9 +25,10 @@ import structlog
 from llem_dispatch._docker import docker_available
 from llem_dispatch.dispatch import NodeInfo
 from llem_dispatch.dispatch.attempt import AttemptReport
-from llem_dispatch.errors import ClusterError, LlemError
-from llem_dispatch.gpu.discovery import nvml_inventory, nvml_thermal
-from llem_dispatch.gpu.thermal import SettleSpec, ThermalGate
+from llem_dispatch.errors import ClusterError, LlemError, error_payload
+from llem_dispatch.gpu.discovery import nvml_inventory
+from llem_dispatch.gpu.held import gpus_at_start, settle_after_exit
+from llem_dispatch.gpu.thermal import SettleSpec
 from llem_dispatch.models import ExperimentFailure, HashedConfig
 from llem_dispatch.reap import reap
 from llem_dispatch.runners.kinds import kinds_for
@@ -94,17 +95,6 @@ def this_node() -> NodeInfo:
         node_id=ray.get_runtime_context().get_node_id(),
         ip=node_ip(),
     )
-
-
-def error_payload(exc: BaseException) -> dict[str, Any]:
-    """An exception raised on a node as plain data for the driver.
-
-    Ours travel as `LlemError.to_payload()` (the driver rebuilds them with
-    `LlemError.from_payload`); anything else as a `ClusterError` naming its type.
-    """
-    if not isinstance(exc, LlemError):
-        exc = ClusterError(f"{type(exc).__name__}: {exc}")
-    return exc.to_payload()
 
 
 def _node_gpus(ids: tuple[str, ...]) -> tuple[dict[str, str], bool]:
@@ -245,63 +235,6 @@ def experiment_task(
             time.sleep(min(left, 0.1))
     if observer.exited_mono is not None and settle is not None and not virtual:
         settle_after_exit(ids, uuids, settle, observer.exited_mono)
-
-
-#: Idle (temperature, power) per GPU UUID (or id), learnt by this worker process at the
-#: first task that gets the GPU: Ray hands a GPU on only once its holder let it go.
-_IDLE: dict[str, tuple[float, float]] = {}
-
-
-def gpus_at_start(
-    ids: tuple[str, ...],
-    uuids: Mapping[str, str],
-    sensor: Callable[[str], tuple[float, float] | None] = nvml_thermal,
-) -> list[dict[str, Any]]:
-    """Each assigned GPU's id, UUID, temperature and power as the task begins."""
-    found = []
-    for gpu in ids:
-        reading = sensor(uuids.get(gpu, gpu))
-        if reading is not None:
-            _IDLE.setdefault(uuids.get(gpu, gpu), reading)
-        found.append(
-            {
-                "id": gpu,
-                "uuid": uuids.get(gpu),
-                "temperature_c": reading[0] if reading else None,
-                "power_w": reading[1] if reading else None,
-            }
-        )
-    return found
-
-
-def settle_after_exit(
-    ids: tuple[str, ...],
-    uuids: Mapping[str, str],
-    spec: SettleSpec,
-    exited_at: float,
-    *,
-    sensor: Callable[[str], tuple[float, float] | None] = nvml_thermal,
-    clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], None] = time.sleep,
-) -> bool:
-    """Hold this task (and its GPUs) until they have settled, or `max_s` has passed.
-
-    The same rule as the local pool's (`ThermalGate`), on this node's own GPUs;
-    returns whether they settled before `max_s`.
-    """
-    keys = [uuids.get(gpu, gpu) for gpu in ids]
-    baselines = {
-        k: spec.baselines.get(gpu) or _IDLE.get(k) for gpu, k in zip(ids, keys, strict=True)
-    }
-    known = {k: b for k, b in baselines.items() if b is not None}
-    gate = ThermalGate(spec.model_copy(update={"baselines": known}), sensor)
-    for key in keys:
-        gate.released(key)
-    while True:
-        now = clock()
-        if all(gate.ready(key, exited_at, now) for key in keys):
-            return now - exited_at < spec.max_s
-        sleep(spec.sample_s)
 
 
 def sweep_task(

@@ -30,9 +30,10 @@ from typing import Any
 
 import anyio
 
-from llem_dispatch.cluster.node import error_payload, gpus_at_start, settle_after_exit
 from llem_dispatch.dispatch.attempt import AttemptReport
+from llem_dispatch.errors import error_payload
 from llem_dispatch.gpu.discovery import nvml_inventory, parse_visible_devices
+from llem_dispatch.gpu.held import gpus_at_start, settle_after_exit
 from llem_dispatch.gpu.thermal import SettleSpec
 from llem_dispatch.models import ExperimentFailure, HashedConfig
 from llem_dispatch.runners.protocol import RunInfo, Runner

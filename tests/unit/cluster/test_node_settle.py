@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 import pytest
 
 from llem_dispatch.cluster import node
-from llem_dispatch.cluster.node import gpus_at_start, settle_after_exit
-from llem_dispatch.gpu import SettleSpec
+from llem_dispatch.gpu import SettleSpec, held
+from llem_dispatch.gpu.held import gpus_at_start, settle_after_exit
 from llem_dispatch.runners.protocol import PhaseTimes, RunInfo
 
 IDLE = (35.0, 70.0)
@@ -30,7 +30,7 @@ class Clock:
 
 @pytest.fixture(autouse=True)
 def _fresh_baselines(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(node, "_IDLE", {})
+    monkeypatch.setattr(held, "_IDLE", {})
 
 
 def test_task_start_reports_each_gpu_and_learns_its_idle_baseline() -> None:
@@ -39,14 +39,14 @@ def test_task_start_reports_each_gpu_and_learns_its_idle_baseline() -> None:
         {"id": "0", "uuid": "GPU-a", "temperature_c": 35.0, "power_w": 70.0},
         {"id": "1", "uuid": "GPU-b", "temperature_c": 35.0, "power_w": 70.0},
     ]
-    assert node._IDLE == {"GPU-a": IDLE, "GPU-b": IDLE}
+    assert held._IDLE == {"GPU-a": IDLE, "GPU-b": IDLE}
 
 
 def test_the_task_holds_its_gpus_until_both_have_settled() -> None:
     clock = Clock()
     exited = clock.now
     cool_at = {"GPU-a": exited + 4, "GPU-b": exited + 9}
-    node._IDLE.update({"GPU-a": IDLE, "GPU-b": IDLE})
+    held._IDLE.update({"GPU-a": IDLE, "GPU-b": IDLE})
 
     def sensor(device: str) -> tuple[float, float]:
         return IDLE if clock.now >= cool_at[device] else HOT
