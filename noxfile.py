@@ -43,12 +43,21 @@ def bench(session: nox.Session) -> None:
     session.run("python", "-m", "benchmarks", *session.posargs)
 
 
-@nox.session(python=PYTHON, venv_backend="venv")
-def standalone(session: nox.Session) -> None:
-    """The base package alone: its wheel in an empty venv, no extras, no test tools.
+#: `standalone` installs the wheel alone, then with each extra alone (`analysis` is
+#: report + data); `nox -s "standalone-3.11(report)"` runs one.
+EXTRAS = ["base", "report", "data", "analysis", "nvml", "ray"]
 
-    Every module imports (only the extras' own modules may be missing), and
-    `--help`, `doctor` and the README's quickstart on the local runner work.
+
+@nox.session(python=PYTHON, venv_backend="venv", reuse_venv=False)
+@nox.parametrize("extra", EXTRAS, ids=EXTRAS)
+def standalone(session: nox.Session, extra: str) -> None:
+    """The wheel in a fresh venv with no extra, or with one extra alone; no test tools.
+
+    Every module imports (only a missing extra's own modules may be missing). The
+    quickstart runs on the local runner; from its results, what the extra is for works
+    (the report with plotly alone, `load_results` and Parquet with `data`, the Ray
+    placement, NVML) and what it is not for fails naming the extra to install
+    (.ci/standalone_check.py). The base install also runs `--help` and `doctor`.
     """
     root = Path(__file__).parent.resolve()
     wheels = Path(session.create_tmp()) / "wheels"
@@ -56,12 +65,17 @@ def standalone(session: nox.Session) -> None:
         "python", "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(wheels), str(root)
     )
     (wheel,) = glob.glob(str(wheels / "llem_dispatch-*.whl"))
-    session.install("--force-reinstall", wheel)
-    session.run("python", str(root / ".ci" / "standalone_check.py"))
-    session.run("python", "-c", "import llem_dispatch; print(llem_dispatch.__name__, 'imports')")
-    session.run("llem-dispatch", "--help", silent=True)
-    # doctor: exit 0 or 1 (a failed check, e.g. no daemon) but never a crash.
-    session.run("llem-dispatch", "doctor", success_codes=[0, 1])
+    session.install(wheel if extra == "base" else f"{wheel}[{extra}]")
+    check = ["python", str(root / ".ci" / "standalone_check.py")]
+    if extra == "base":
+        session.run(
+            "python", "-c", "import llem_dispatch; print(llem_dispatch.__name__, 'imports')"
+        )
+        session.run("llem-dispatch", "--help", silent=True)
+        # doctor: exit 0 or 1 (a failed check, e.g. no daemon) but never a crash.
+        session.run("llem-dispatch", "doctor", success_codes=[0, 1])
+    else:
+        check += ["--extra", extra]
     work = Path(session.create_tmp()) / "quickstart"
     session.chdir(str(root))
     session.run(
@@ -74,3 +88,4 @@ def standalone(session: nox.Session) -> None:
         str(work),
         env={"PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "")},
     )
+    session.run(*check, "--results", str(work))

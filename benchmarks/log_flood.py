@@ -10,7 +10,14 @@ runner's log file as soon as it appears, so its final size (after the runner has
 removed the exchange dir of the successful run) shows how much output really came
 through: a low RSS only counts if nothing was dropped.
 
-Target: RSS growth < 20 MB (and, as a sanity check, all output captured).
+The log file is capped (`DEFAULT_MAX_LOG_BYTES`, 32 MB: the first and last 16 MB,
+with a marker that says how many characters were left out between them), so a
+200 MB flood keeps 32 MB. The sanity checks compare with what the cap should
+give: the log holds exactly min(output, cap), and what it kept plus what its
+marker says it left out is every byte printed (nothing dropped on the way).
+
+Target: RSS growth < 20 MB (and, as sanity checks, the log as the cap says and
+all output seen).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import contextlib
 import gc
 import math
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass
@@ -38,6 +46,7 @@ from benchmarks._common import (
     table,
 )
 from llem_dispatch import DockerRunner, ExperimentFailure, RunInfo
+from llem_dispatch._logcapture import DEFAULT_MAX_LOG_BYTES
 from llem_dispatch.runners.docker import LOG_DRAIN_S
 
 NAME = "log_flood"
@@ -48,6 +57,8 @@ NETWORK = "none"
 LINE = "llem log flood 0123456789abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 TARGET_MB = 20.0
 MB = 1024 * 1024
+#: The cut `LogCapture` writes between the kept head and tail of a capped log.
+CUT_MARKER = re.compile(rb"\n\[\.\.\. (\d+) characters of output omitted \.\.\.\]\n")
 
 
 def flood_script(size: int, *, sink: str | None) -> str:
@@ -76,6 +87,22 @@ class LogLink:
         except OSError:
             return 0
 
+    def kept(self) -> tuple[int, int]:
+        """(bytes of output the log holds, bytes its cut marker says were left out).
+
+        The marker sits right after the kept head (the output is ASCII: a character
+        is a byte); a log under the cap has none.
+        """
+        size = self.size()
+        if size == 0:
+            return 0, 0
+        with self.link.open("rb") as handle:
+            handle.seek(DEFAULT_MAX_LOG_BYTES // 2)
+            match = CUT_MARKER.match(handle.read(200))
+        if match is None:
+            return size, 0
+        return size - len(match.group(0)), int(match.group(1))
+
 
 class ExitClock:
     """A RunObserver noting when the container started and exited."""
@@ -96,7 +123,9 @@ class FloodRun:
     wall_s: float
     container_s: float
     growth_mb: float
-    captured_mb: float
+    #: Output bytes the log file kept, and those plus what its cut marker says it left out.
+    kept: int
+    seen: int
 
 
 async def through_runner(ctx: Context, size: int, *, sink: str | None, index: int) -> FloodRun:
@@ -124,7 +153,8 @@ async def through_runner(ctx: Context, size: int, *, sink: str | None, index: in
     if isinstance(outcome, ExperimentFailure):
         raise BenchmarkError(f"flood experiment failed: {outcome.message}")
     growth = (max(sampler.peak_kb, status_kb("VmRSS")) - before) / 1024
-    return FloodRun(wall, clock.exited - clock.started, growth, link.size() / MB)
+    kept, omitted = link.kept()
+    return FloodRun(wall, clock.exited - clock.started, growth, kept, kept + omitted)
 
 
 async def through_cli(size: int) -> float:
@@ -159,23 +189,27 @@ async def run(ctx: Context) -> None:
                 f"{res.wall_s:.2f}",
                 f"{res.container_s:.2f}",
                 f"{res.growth_mb:.1f}",
-                f"{res.captured_mb:.1f}",
+                f"{res.kept / MB:.1f}",
+                f"{res.seen / MB:.1f}",
             ]
         )
     rows.append(
-        ["docker run --rm > /dev/null (CLI)", f"{cli_wall:.2f}", "-", "-", f"{size / MB:.1f}"]
+        ["docker run --rm > /dev/null (CLI)", f"{cli_wall:.2f}", "-", "-", "-", f"{size / MB:.1f}"]
     )
     print(
         f"  {size // MB} MB of output (`yes | head -c`), network={NETWORK}, RSS sampled every 50 ms"
     )
-    table(["variant", "wall s", "container ran s", "RSS growth MB", "output captured MB"], rows)
+    table(
+        ["variant", "wall s", "container ran s", "RSS growth MB", "log kept MB", "output seen MB"],
+        rows,
+    )
     flood = results["runner, output to logs"]
-    flood_wall, flood_growth, captured = flood.wall_s, flood.growth_mb, flood.captured_mb
+    flood_wall, flood_growth = flood.wall_s, flood.growth_mb
     quiet_wall = results["runner, output to /dev/null"].wall_s
     print(
         f"  wall flood/devnull = {flood_wall / quiet_wall:.2f}; "
         f"flood through runner / through CLI = {flood_wall / cli_wall:.2f}; "
-        f"captured {captured / (size / MB):.1%} of the output at {captured / flood_wall:.1f} MB/s"
+        f"saw {flood.seen / size:.1%} of the output at {flood.seen / MB / flood_wall:.1f} MB/s"
     )
     ctx.check(
         "RSS growth MB (flood)",
@@ -183,16 +217,24 @@ async def run(ctx: Context) -> None:
         f"< {TARGET_MB:.0f}",
         flood_growth < TARGET_MB,
     )
+    # What the cap should give: all of it under the cap, the cap's worth over it.
+    expected = min(size, DEFAULT_MAX_LOG_BYTES)
     ctx.check(
         "output captured / printed (sanity)",
-        f"{captured / (size / MB):.3f}",
-        "== 1.000",
-        abs(captured - size / MB) < 1 / MB,
+        f"{flood.kept / size:.3f}",
+        f"== {expected / size:.3f}: min(output, the {DEFAULT_MAX_LOG_BYTES // MB} MB log cap)",
+        flood.kept == expected,
     )
-    if captured < size / MB:
+    ctx.check(
+        "output kept + marked omitted / printed (sanity)",
+        f"{flood.seen / size:.3f}",
+        "== 1.000",
+        flood.seen == size,
+    )
+    if flood.seen < size:
         print(
-            f"  {size / MB - captured:.1f} MB of output were dropped: the container exited after "
-            f"{flood.container_s:.1f} s, the runner drains the log streams for at most "
+            f"  {(size - flood.seen) / MB:.1f} MB of output were dropped: the container exited "
+            f"after {flood.container_s:.1f} s, the runner drains the log streams for at most "
             f"LOG_DRAIN_S ({LOG_DRAIN_S:.0f} s) after exit and then cancels them, and it reads "
             "the logs slower than the daemon stores them."
         )

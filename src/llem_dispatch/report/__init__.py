@@ -1,11 +1,13 @@
 """Reading a results dir for people: the results table's columns, pandas, the HTML report.
 
 Between `study` (which writes results dirs) and `cli` (which shows them).
-pandas, pyarrow and plotly come with the `analysis` extra and are imported only
-by the functions that need them.
+Optional packages are imported only by the functions that need them: plotly (the
+`report` extra) by the HTML report, pandas and pyarrow (the `data` extra) by
+`load_results`, `load_stats` and Parquet; `analysis` brings both extras.
 """
 
 from llem_dispatch.report.data import (
+    EXTRA_OF,
     StudyResults,
     failure_info,
     flat_row,
@@ -26,6 +28,7 @@ from llem_dispatch.report.stats import numeric_fields, stats_rows
 from llem_dispatch.report.timeline import Bar, Session, Timeline, build_timeline
 
 __all__ = [
+    "EXTRA_OF",
     "Bar",
     "PlotAxes",
     "ReportData",

@@ -1,7 +1,7 @@
 """A results dir read for people: its study, records and journal, flattened into rows.
 
-Pure Python (no pandas): the `results` table, `load_results` and the HTML report
-all start here, so they agree on what each column is called and holds.
+Pure Python (no pandas, no plotly): the `results` table, `load_results` and the HTML
+report all start here, so they agree on what each column is called and holds.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from types import ModuleType
+from types import MappingProxyType, ModuleType
 from typing import Any
 
 import yaml
@@ -24,6 +24,7 @@ from llem_dispatch.errors import ConfigError
 from llem_dispatch.study import ReportSpec, iter_records
 
 __all__ = [
+    "EXTRA_OF",
     "PARAM",
     "RESULT",
     "StudyResults",
@@ -52,15 +53,25 @@ WINDOW_FIELDS = (
 SELF_REPORTED_FIX = "The experiment reported this itself; see its traceback in the record."
 
 
+#: The extra that brings each optional package (pyproject.toml's optional-dependencies):
+#: the report needs plotly alone; `load_results` and Parquet need pandas and pyarrow.
+#: `analysis` is both.
+EXTRA_OF: Mapping[str, str] = MappingProxyType(
+    {"plotly": "report", "pandas": "data", "pyarrow": "data"}
+)
+
+
 def require_extra(module: str, purpose: str) -> ModuleType:
-    """Import an optional dependency of the `analysis` extra, or say how to install it."""
+    """Import an optional package (`EXTRA_OF`), or say which extra to install."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
+        package = module.partition(".")[0]
+        extra = EXTRA_OF.get(package, "analysis")
         raise ModuleNotFoundError(
-            f"{purpose} needs {module}, which comes with the `analysis` extra: "
-            "pip install 'llem-dispatch[analysis]'",
-            name=module,
+            f"{purpose} needs {package}, which comes with the `{extra}` extra: "
+            f"pip install 'llem-dispatch[{extra}]' (`analysis` brings report and data)",
+            name=package,
         ) from exc
 
 

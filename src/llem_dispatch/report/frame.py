@@ -1,4 +1,4 @@
-"""A results dir as a pandas DataFrame, and as a Parquet file (the `analysis` extra).
+"""A results dir as a pandas DataFrame, and as a Parquet file (the `data` extra).
 
 One row per experiment with the columns of `llem-dispatch results --format csv`,
 typed: timestamps as UTC datetimes, `gpu_ids` and result lists as lists.
@@ -34,7 +34,7 @@ def load_results(results_dir: str | Path, *, stats: bool = False) -> pd.DataFram
     `window_disturbed` (see `flat_row`),
     `error` (the error class), `error_message`, `fix`, `exchange_dir`. Rows are
     ordered by parameters, then cycle. `df.attrs["study"]` is the study as run.
-    Needs pandas (`pip install 'llem-dispatch[analysis]'`).
+    Needs pandas (`pip install 'llem-dispatch[data]'`).
     """
     if stats:
         return load_stats(results_dir)
@@ -59,7 +59,8 @@ def load_stats(results_dir: str | Path, *, exclude_disturbed: bool = False) -> p
     field (`duration_s`, `result.*`, `energy.*`), as `results --stats` writes them.
 
     Only succeeded cycles count (with `exclude_disturbed`, only those whose measured
-    window no neighbour's preparation overlapped); `runs` counts every record. Needs pandas.
+    window no neighbour's preparation overlapped); `runs` counts every record. Needs pandas
+    (the `data` extra).
     """
     pandas = require_extra("pandas", "load_stats")
     results = read_results(results_dir)
@@ -88,7 +89,7 @@ def _single_type(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_parquet(frame: pd.DataFrame, path: str | Path) -> Path:
-    """Write `load_results`' frame as Parquet (needs pyarrow, in the `analysis` extra)."""
+    """Write `load_results`' frame as Parquet (needs pyarrow, in the `data` extra)."""
     require_extra("pyarrow", "Parquet output")
     target = Path(path)
     _single_type(frame).to_parquet(target, index=False)

@@ -2,7 +2,7 @@
 
 Sections: summary (counts, wall time, GPU utilisation), the per-GPU timeline,
 result fields plotted against a parameter, failures, and every experiment.
-Plotly draws the charts (the `analysis` extra); it is imported only here.
+Plotly draws the charts (the `report` extra, plotly alone); it is imported only here.
 """
 
 from __future__ import annotations
@@ -534,7 +534,7 @@ def render_report(results_dir: str | Path, spec: ReportSpec | None = None) -> st
     """The report of a results dir as one self-contained HTML document.
 
     `spec` overrides the study's `report:` section (columns, x, group). Needs
-    plotly (`pip install 'llem-dispatch[analysis]'`).
+    plotly (`pip install 'llem-dispatch[report]'`).
     """
     require_extra("plotly", "The HTML report")
     go = require_extra("plotly.graph_objects", "The HTML report")

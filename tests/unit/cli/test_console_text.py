@@ -74,7 +74,7 @@ def test_report_without_the_analysis_extra_names_the_extra(tmp_path: Path) -> No
         env=env,
     )
     assert proc.returncode == 2, proc.stderr
-    assert "pip install 'llem-dispatch[analysis]'" in proc.stderr
+    assert "pip install 'llem-dispatch[report]'" in proc.stderr
 
 
 def test_a_closed_stdout_does_not_end_the_study(tmp_path: Path) -> None:

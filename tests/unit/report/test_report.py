@@ -31,7 +31,7 @@ from llem_dispatch.report.timeline import EXPERIMENT_KINDS
 from llem_dispatch.study import Study, expand_study, load_study
 from tests.conftest import QUICKSTART_STUDY, make_quickstart_results
 
-pandas = pytest.importorskip("pandas", reason="the `analysis` extra is not installed")
+pandas = pytest.importorskip("pandas", reason="the `data` extra is not installed")
 
 
 def cli(*args: str, columns: int = 100) -> Any:
@@ -219,7 +219,7 @@ def test_load_results_without_pandas_names_the_extra(
     from llem_dispatch import load_results
 
     monkeypatch.setitem(sys.modules, "pandas", None)
-    with pytest.raises(ModuleNotFoundError, match=r"llem-dispatch\[analysis\]"):
+    with pytest.raises(ModuleNotFoundError, match=r"llem-dispatch\[data\]"):
         load_results(quickstart)
 
 
