@@ -1,17 +1,22 @@
-"""Test doubles shipped with the library: a FakeRunner for scheduler tests and benchmarks.
+"""Test doubles shipped with the library: a FakeRunner for scheduler tests and benchmarks,
+and a telemetry reader of known power for machines without NVML.
 
 `FakeRunner(handler)` implements the Runner protocol in-process, so a
 Dispatcher or study can be exercised in microseconds without Docker.
+`constant_power_reader` is what the test switch `LLEM_TELEMETRY_READER` names
+(`llem_dispatch.testing:constant_power_reader`) to sample every placement in CI.
 """
 
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel
 
+from llem_dispatch.gpu.telemetry import Sample
 from llem_dispatch.models import (
     ExperimentFailure,
     ExperimentResult,
@@ -21,7 +26,7 @@ from llem_dispatch.models import (
 )
 from llem_dispatch.runners.protocol import Outcome, RunInfo, RunObserver, utcnow
 
-__all__ = ["FakeRunner", "Handler"]
+__all__ = ["ConstantPowerReader", "FakeRunner", "Handler", "constant_power_reader"]
 
 Handler = Callable[[dict[str, Any], tuple[str, ...]], Any]
 
@@ -81,3 +86,28 @@ class FakeRunner:
 
     async def aclose(self) -> None:
         self.closed = True
+
+
+class ConstantPowerReader:
+    """A telemetry reader whose GPUs each draw `watts`, always: energy over any window is
+    `watts` x its seconds. The energy counter is `watts` x epoch seconds, so readers in
+    different processes (a driver, Ray nodes, Slurm jobs) agree."""
+
+    def __init__(self, gpus: Sequence[str], watts: float = 100.0) -> None:
+        self.gpus = tuple(gpus)
+        self.watts = watts
+
+    def read(self, detail: bool) -> list[Sample]:
+        """One sample per GPU, now."""
+        t = time.time()
+        extra = {"temperature_c": 40.0, "sm_util_pct": 50.0} if detail else {}
+        return [
+            Sample(t=t, gpu=g, power_w=self.watts, energy_j=self.watts * t, **extra)
+            for g in self.gpus
+        ]
+
+
+def constant_power_reader(gpus: Sequence[str]) -> ConstantPowerReader:
+    """100 W per GPU: what the test switch names as
+    `LLEM_TELEMETRY_READER=llem_dispatch.testing:constant_power_reader`."""
+    return ConstantPowerReader(gpus)

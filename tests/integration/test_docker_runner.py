@@ -29,7 +29,7 @@ from llem_dispatch import (
     compute_config_hash,
 )
 from llem_dispatch.errors import ConfigError
-from llem_dispatch.runners.podman_kind import PodmanRunner
+from llem_dispatch.runners.podman import PodmanRunner
 from tests.conftest import (
     BUSYBOX_IMAGE,
     CDI_TEST_KIND,
@@ -284,8 +284,10 @@ async def test_missing_image_is_image_pull_error(make_runner: MakeRunner) -> Non
     runner = make_runner("llem-test/does-not-exist:1.0", command=["true"])
     with pytest.raises(DockerImagePullError) as info:
         await runner.run({"x": 10})
-    assert "docker build" in info.value.fix_suggestion
-    assert "llem-test/does-not-exist:1.0" in info.value.fix_suggestion
+    # Named on the engine that lacks it, with that engine's own commands.
+    assert f"not present on {runner.engine}" in info.value.message
+    cli = runner.engine.name.lower()
+    assert f"{cli} build -t llem-test/does-not-exist:1.0" in info.value.fix_suggestion
 
 
 async def test_gpu_request_without_nvidia_runtime_is_gpu_access_error(

@@ -19,7 +19,7 @@ from llem_dispatch import (
     LocalRunner,
     Runner,
 )
-from llem_dispatch.runners.podman_kind import PodmanRunner
+from llem_dispatch.runners.podman import PodmanRunner
 from tests.conftest import (
     BUSYBOX_IMAGE,
     PYTHON_IMAGE,

@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "src" / "llem_dispatch"
 
 #: Bottom to top. A module may import its own layer or any layer below it.
 LAYERS: list[set[str]] = [
-    {"errors", "models", "container", "_deadlines", "_sizes"},
+    {"errors", "models", "container", "_deadlines", "_sizes", "_engine"},
     {"_labels", "_logging", "_logcapture", "_exchange", "_docker", "_cdi"},
     {"gpu"},
     {"runners", "reap", "testing"},
@@ -238,7 +238,8 @@ def test_no_kind_name_comparisons_outside_the_registry() -> None:
     found = [
         f"{_module_name(path)}:{line} compares with a runner kind's name: ask the registry"
         for path in _sources()
-        if _module_name(path) not in KIND_MODULES | set(KIND_NAME_ALLOWED)
+        # The kinds' own modules need no comparison either: each is its own class.
+        if _module_name(path) not in {"llem_dispatch.runners.kinds", *KIND_NAME_ALLOWED}
         for line in _kind_name_comparisons(ast.parse(path.read_text()), names)
     ]
     assert not found, "\n".join(found)
@@ -291,6 +292,60 @@ def test_the_placement_name_check_can_fail() -> None:
     assert list(_placement_name_comparisons(tree)) == [1]
 
 
+#: Modules whose literals happen to equal a placement's name, and why that is no placement.
+PLACEMENT_NAME_ALLOWED = {
+    **dict.fromkeys(KIND_MODULES, "the runner kind 'local' (a kind's name, not a placement's)"),
+    "llem_dispatch.cluster.connection": "Ray's own address 'local' (start a local Ray)",
+}
+
+
+def _placement_name_literals(tree: ast.AST, names: set[str]) -> Iterator[int]:
+    """Lines comparing with a placement's name, or passing one to `on_placement`."""
+    yield from _kind_name_comparisons(tree, names)
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute | ast.Name)
+            and (node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id)
+            in {"on_placement", "placement_class", "placement_settings_model"}
+            and any(isinstance(a, ast.Constant) and a.value in names for a in node.args)
+        ):
+            yield node.lineno
+
+
+def test_no_placement_name_outside_the_registry_and_its_own_package() -> None:
+    from llem_dispatch.dispatch.registry import known_placements
+
+    # Each built-in placement's home: the package of its class (Ray's `cluster`).
+    homes = {
+        name: entry.path.partition(":")[0].rpartition(".")[0]
+        for name, entry in known_placements.items()
+    }
+    assert {"local", "ray", "slurm"} <= set(homes)
+    found = []
+    for path in _sources():
+        module = _module_name(path)
+        if module == "llem_dispatch.dispatch.registry" or module in PLACEMENT_NAME_ALLOWED:
+            continue
+        names = {n for n, home in homes.items() if not module.startswith(home + ".")}
+        found += [
+            f"{module}:{line} names a placement: ask the registry (or the placement)"
+            for line in _placement_name_literals(ast.parse(path.read_text()), names)
+        ]
+    assert not found, "\n".join(found)
+
+
+def test_the_placement_literal_check_catches_each_form() -> None:
+    source = """
+if value != "ray":
+    pass
+study.on_placement("ray", {"address": a})
+placement_class("slurm")
+fine = {"ray": 1} or f("ray") or value == "auto"
+"""
+    assert list(_placement_name_literals(ast.parse(source), {"ray", "slurm"})) == [2, 4, 5]
+
+
 @pytest.mark.parametrize(
     "module", ["llem_dispatch", "llem_dispatch.testing", "llem_dispatch.study.loading"]
 )
@@ -305,6 +360,100 @@ def test_importing_pays_for_no_docker_client(module: str) -> None:
         "from llem_dispatch.runners import DockerRunner\n"
         "assert DockerRunner.__module__ == 'llem_dispatch.runners.docker'\n"
         "assert 'aiodocker' in sys.modules\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+#: The container edge: the only modules that may talk to a Docker Engine API (aiodocker,
+#: `_docker`, the container runner and reaper), each kind's own or below the kinds.
+CONTAINER_EDGE = {
+    "llem_dispatch._docker": "the Docker edge: URL, probe, images, API error mapping",
+    "llem_dispatch.reap": "removes labelled containers through an engine's API",
+    "llem_dispatch.runners.docker": "the container runner (one engine object: Docker or Podman)",
+    "llem_dispatch.runners._container_run": "one container's run, for that runner",
+    "llem_dispatch.runners.docker_kind": "the docker kind",
+    "llem_dispatch.runners.podman_kind": "the podman kind",
+    "llem_dispatch.runners.podman": "PodmanRunner, for library use",
+    # PEP 562 lazy exports: `DockerRunner` is imported on first attribute access only.
+    "llem_dispatch": "lazy public export",
+    "llem_dispatch.runners": "lazy public export",
+}
+_CONTAINER_TARGETS = (
+    "llem_dispatch._docker",
+    "llem_dispatch.reap",
+    "llem_dispatch.runners.docker",
+    "llem_dispatch.runners._container_run",
+    "llem_dispatch.runners.podman",
+)
+
+
+def _docker_calls(path: Path) -> Iterator[tuple[str, int]]:
+    """(what, line) for each import of aiodocker/aiohttp or of a container-edge module."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    skip = _type_checking_nodes(tree)
+    for node in ast.walk(tree):
+        if id(node) in skip or not isinstance(node, ast.Import | ast.ImportFrom):
+            continue
+        names = (
+            [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+        )
+        for name in names:
+            if name.split(".")[0] in {"aiodocker", "aiohttp"} or name in _CONTAINER_TARGETS:
+                yield name, node.lineno
+                break
+    if path.is_relative_to(PACKAGE):  # relative imports, resolved
+        for target, _, line in _imports(path):
+            if target in _CONTAINER_TARGETS:
+                yield target, line
+
+
+def test_no_docker_call_outside_the_kinds_and_the_container_edge() -> None:
+    """Nothing else asks a Docker engine: the CLI, study, placements and nodes go
+    through a kind (`RunnerKind`: its images, reaping, doctor lines)."""
+    found = sorted(
+        {
+            f"{_module_name(path)}:{line} imports {what}: ask the runner kind instead"
+            for path in _sources()
+            if _module_name(path) not in CONTAINER_EDGE
+            for what, line in _docker_calls(path)
+        }
+    )
+    assert not found, "\n".join(found)
+
+
+def test_the_docker_call_check_can_fail(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "import aiodocker\n"
+        "def f():\n    from llem_dispatch._docker import image_present\n"
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from llem_dispatch.reap import ReapedContainer\n"
+    )
+    assert [line for _, line in _docker_calls(sample)] == [1, 3]
+
+
+def test_loading_a_study_with_an_image_pays_for_no_docker_client(tmp_path: Path) -> None:
+    # Its image reference is checked by the kinds that would run it (Docker's under
+    # auto), which costs no Docker client: that comes only once an engine is asked.
+    study = tmp_path / "study.yaml"
+    study.write_text("image: llem-test/busybox:latest\ncommand: ['true']\ngrid: {x: [1]}\n")
+    probe = (
+        "import sys\n"
+        "from llem_dispatch.study.loading import load_study\n"
+        f"assert load_study({str(study)!r}).image == 'llem-test/busybox:latest'\n"
+        "loaded = sorted(m for m in ('aiodocker', 'aiohttp') if m in sys.modules)\n"
+        "assert not loaded, loaded\n"
     )
     env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}
     done = subprocess.run(

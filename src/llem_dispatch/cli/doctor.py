@@ -100,9 +100,10 @@ def _cluster_checks(address: str, study_file: Path | None) -> list[Check]:
 def _doctor_checks(study_file: Path | None) -> list[Check]:
     """This host's checks: the runner kinds registered, each kind's own, then the GPUs.
 
-    A study given (or LLEM_RUNNER) that names a kind makes only that kind's
-    failures fail; under `auto` every kind's do. Its images are checked by the
-    kinds that run images.
+    A study given (or LLEM_RUNNER) that names a kind gets only that kind's lines
+    (a study on a file-image kind sees nothing of Docker's); under `auto` every
+    kind's, failing for the kinds the auto rule may take. Its images are checked
+    by the kinds that run images, each on its own engine.
     """
     study = load_study(study_file) if study_file is not None else None
     spec = runner_choice(None, study) if study is not None else None
@@ -110,7 +111,7 @@ def _doctor_checks(study_file: Path | None) -> list[Check]:
     names = registered_names()
     listing = ", ".join(f"{name} ({kind_origin(name)})" for name in names)
     checks = [Check("runner kinds", True, listing)]
-    for name in names:
+    for name in [chosen.name] if chosen is not None else names:
         try:
             kind = get_runner_kind(name)
         except LlemError as exc:
@@ -122,6 +123,8 @@ def _doctor_checks(study_file: Path | None) -> list[Check]:
         # under `auto`, those of the kinds the auto rule may take.
         required = chosen is kind or (chosen is None and name in AUTO_ORDER)
         images = _study_images(study, kind, explicit=chosen is kind) if study else []
+        if study_file is not None:
+            images = [kind.resolve_image(i, study_file.parent.resolve()) for i in images]
         buildable = study is not None and study.build is not None
         checks += anyio.run(
             functools.partial(kind.doctor_checks, images, required=required, buildable=buildable)

@@ -1,9 +1,13 @@
-"""`llem-dispatch reap`: remove containers of dispatchers that are gone, keep their logs."""
+"""`llem-dispatch reap`: remove containers of dispatchers that are gone, keep their logs.
+
+Each runner kind reaps its own leftovers, on its own engine (`RunnerKind.reap`).
+"""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import anyio
 import typer
@@ -17,7 +21,10 @@ from llem_dispatch.cli.app import (
 )
 from llem_dispatch.cluster import sweep_cluster
 from llem_dispatch.errors import LlemError
-from llem_dispatch.reap import reap as do_reap
+from llem_dispatch.runners.kinds import AUTO, get_runner_kind, kinds_for
+
+if TYPE_CHECKING:
+    from llem_dispatch.reap import ReapedContainer
 
 __all__ = ["reap"]
 
@@ -37,7 +44,16 @@ def reap(
         typer.Option(
             "--engine-url",
             metavar="URL",
-            help="Reap on this engine's API instead of Docker's (a Podman socket, say).",
+            help="Reap on this engine's API instead of the kind's own (a Podman socket, say).",
+        ),
+    ] = None,
+    runner: Annotated[
+        str | None,
+        typer.Option(
+            "--runner",
+            metavar="KIND",
+            help="Reap what this runner kind left (on its engine); default: the auto "
+            "rule's container kinds (Docker).",
         ),
     ] = None,
 ) -> None:
@@ -46,15 +62,19 @@ def reap(
     if ray_address is not None:
         _reap_cluster(ray_address, results_dir, dry_run, console)
         return
+    found: list[ReapedContainer] = []
     try:
-        found = anyio.run(
-            lambda: do_reap(
-                results_dir=results_dir,
-                dry_run=dry_run,
-                logs_dir=Path("llem-orphan-logs"),
-                docker_host=engine_url,
+        kinds = [get_runner_kind(runner)] if runner else kinds_for(AUTO)
+        for kind in (k for k in kinds if k.reapable):
+            found += anyio.run(
+                functools.partial(
+                    kind.reap,
+                    results_dir=results_dir,
+                    dry_run=dry_run,
+                    logs_dir=Path("llem-orphan-logs"),
+                    engine_url=engine_url,
+                )
             )
-        )
     except LlemError as exc:
         raise fail_usage(exc.message, exc.fix_suggestion) from exc
     if not found:

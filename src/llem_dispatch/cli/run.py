@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -34,16 +35,17 @@ from llem_dispatch.cli.app import (
 )
 from llem_dispatch.cli.progress import LiveDisplay, ProgressState, resumed_count
 from llem_dispatch.dispatch import Event, RunRecord, placement_class
+from llem_dispatch.dispatch.registry import CLUSTER_ADDRESS
 from llem_dispatch.errors import LlemError
 from llem_dispatch.gpu import GpuPool
-from llem_dispatch.runners import Runner, set_force_kill
-from llem_dispatch.runners.docker import DockerRunner
-from llem_dispatch.runners.local import LocalRunner
+from llem_dispatch.runners import ForceKill, Runner
+from llem_dispatch.runners.kinds import RunnerKind
 from llem_dispatch.runners.protocol import GpuCheckingRunner
 from llem_dispatch.study import (
     Experiment,
     RunnerSpec,
     Study,
+    StudyRequest,
     StudySummary,
     build_pool,
     cluster_runner_spec,
@@ -112,7 +114,7 @@ def _print_dry_run(
     if experiments:
         first = experiments[0]
         ids = handed[: first.gpu_count] or [str(i) for i in range(first.gpu_count)]
-        _print_first_experiment(runner, first, ids, console)
+        _print_first_experiment(spec.runner_kind(), runner, first, ids, console)
 
 
 def _gpu_policy(study: Study, virtual: bool) -> str:
@@ -136,23 +138,16 @@ def _gpu_policy(study: Study, virtual: bool) -> str:
 
 
 def _print_first_experiment(
-    runner: Runner, first: Experiment, gpu_ids: list[str], console: Console
+    kind: RunnerKind, runner: Runner, first: Experiment, gpu_ids: list[str], console: Console
 ) -> None:
-    """What the runner would start for `first`: a container body or a process."""
+    """What the runner would start for `first`, as its kind describes it (a container
+    body, a process, a file image's command line)."""
     placeholder = ExchangeDir(Path("/tmp/llem-XXXXXXXX"), first.config_hash)
-    if isinstance(runner, DockerRunner):
-        body = runner.container_spec(placeholder, gpu_ids, config_hash=first.config_hash)
-        console.print("container spec of the first experiment (Engine API create body):")
+    described = kind.describe_launch(runner, placeholder, gpu_ids, config_hash=first.config_hash)
+    if described is not None:
+        title, body = described
+        console.print(title)
         console.print_json(json.dumps(body))
-    elif isinstance(runner, LocalRunner):
-        env = runner.process_env(placeholder, gpu_ids)
-        process = {
-            "argv": runner.command,
-            "cwd": str(runner.cwd),
-            "env": {k: v for k, v in env.items() if k.startswith(("LLEM_", "CUDA_"))},
-        }
-        console.print("process of the first experiment:")
-        console.print_json(json.dumps(process))
 
 
 _ResultsOption = Annotated[
@@ -215,8 +210,7 @@ def run(
     except LlemError as exc:
         raise fail_usage(exc.message, exc.fix_suggestion) from exc
     results_dir = results or Path("llem-results") / plan.study.name
-    study_run = functools.partial(
-        run_study,
+    request = StudyRequest(
         plan.study,
         results_dir,
         pool=plan.pool,
@@ -228,7 +222,7 @@ def run(
     interactive = console.is_terminal and not plain and not json_logs
     started = time.monotonic()
     skipped = resumed_count(plan.experiments, results_dir) if resume else 0
-    summary = _run_with_progress(plan, study_run, console, interactive=interactive, skipped=skipped)
+    summary = _run_with_progress(plan, request, console, interactive=interactive, skipped=skipped)
     if summary is None:
         console.print(
             Text(
@@ -269,14 +263,13 @@ def _load_plan(
     overrides: dict[str, Any] = {"timeout_s": timeout} if timeout is not None else {}
     study = load_study(study_file, overrides=overrides)
     if ray_address:
-        study = study.on_placement("ray", {"address": ray_address})
+        study = study.on_placement(CLUSTER_ADDRESS.placement, CLUSTER_ADDRESS.settings(ray_address))
     experiments = expand_study(study)
-    if not placement_class(study.placement).on_this_host:
+    placement = placement_class(study.placement)
+    if not placement.on_this_host:
         if gpus is not None or virtual_gpus is not None:
-            raise fail_usage(
-                "--gpus/--virtual-gpus choose GPUs of this host; on a Ray cluster Ray assigns them",
-                "Drop them; set each node's GPUs with `ray start --num-gpus N`.",
-            )
+            why, fix = placement.gpus_assigned_elsewhere
+            raise fail_usage(f"--gpus/--virtual-gpus choose GPUs of this host; {why}", fix)
         return _Plan(study, experiments, None)
     pool = build_pool(study, gpu_ids=_parse_gpus(gpus), virtual_gpus=virtual_gpus)
     pool.check_request(max((e.gpu_count for e in experiments), default=0))
@@ -301,6 +294,7 @@ def _choose_runner_and_build(
             ensure_image(
                 plan.study,
                 image,
+                kind=spec.runner_kind(),
                 study_dir=study_file.parent,
                 output=console.print,
             )
@@ -309,7 +303,7 @@ def _choose_runner_and_build(
 
 def _run_with_progress(
     plan: _Plan,
-    study_run: Callable[..., Awaitable[StudySummary]],
+    request: StudyRequest,
     console: Console,
     *,
     interactive: bool,
@@ -329,12 +323,14 @@ def _run_with_progress(
         if line and not interactive:
             console.print(line)
 
-    with_events = functools.partial(study_run, on_event=on_event)
+    with_events = functools.partial(run_study, dataclasses.replace(request, on_event=on_event))
     study = plan.study
     bound_s = placement_class(study.placement).stop_bound_s(
         study.stop_grace_s, study.placement_settings()
     )
-    main = functools.partial(_run_until_signalled, with_events, console, bound_s)
+    main = functools.partial(
+        _run_until_signalled, with_events, console, bound_s, request.force_kill
+    )
     try:
         if interactive:
             with Live(LiveDisplay(state), console=console, refresh_per_second=8, transient=False):
@@ -349,13 +345,16 @@ def _run_with_progress(
 
 
 async def _run_until_signalled(
-    study_run: Callable[[], Awaitable[StudySummary]], console: Console, bound_s: float
+    study_run: Callable[[], Awaitable[StudySummary]],
+    console: Console,
+    bound_s: float,
+    force_kill: ForceKill,
 ) -> StudySummary | None:
     """Run the study beside a signal watcher; None when a signal stopped it."""
     summary: StudySummary | None = None
     study_scope = anyio.CancelScope()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_watch_signals, study_scope, console, bound_s)
+        tg.start_soon(_watch_signals, study_scope, console, bound_s, force_kill)
         with study_scope:
             summary = await study_run()
         tg.cancel_scope.cancel()
@@ -367,8 +366,11 @@ async def _run_until_signalled(
 EXIT_SLACK_S = 1.0
 
 
-async def _watch_signals(study_scope: anyio.CancelScope, console: Console, bound_s: float) -> None:
-    """First SIGINT/SIGTERM: stop the study (grace periods kept); any later one: force kills.
+async def _watch_signals(
+    study_scope: anyio.CancelScope, console: Console, bound_s: float, force_kill: ForceKill
+) -> None:
+    """First SIGINT/SIGTERM: stop the study (grace periods kept); any later one: force kills
+    (sets the study's `force_kill`, which its placement and runners act on at once).
 
     `bound_s` is how long the placement's clean-up may take (`Placement.stop_bound_s`).
     """
@@ -387,8 +389,8 @@ async def _watch_signals(study_scope: anyio.CancelScope, console: Console, bound
                 study_scope.cancel()
                 _exit_by(bound_s + EXIT_SLACK_S, console)
             else:
-                # Tells the runners' cancellation cleanup to skip the stop grace period.
-                set_force_kill(True)
+                # The study's placement and runners skip the stop grace period now.
+                force_kill.set()
                 console.print(Text("forcing: killing running experiments now", style="red"))
 
 

@@ -2,12 +2,15 @@
 
 An experiment's task builds the runner on its node, runs the attempt in a private
 event loop (the runner portal) and streams 'started', 'exited' and the outcome
-back as plain messages; the per-host sweep and preflight tasks are here too, with
-the Ray remote functions made from them on first use (Ray is imported lazily).
+back as plain messages (with telemetry, 'exited' comes again before the outcome,
+its report carrying the samples of the task's GPUs taken on the node); the
+per-host sweep and preflight tasks are here too, with the Ray remote functions
+made from them on first use (Ray is imported lazily).
 """
 
 from __future__ import annotations
 
+import functools
 import queue
 import socket
 import tempfile
@@ -22,16 +25,15 @@ import anyio
 import anyio.from_thread
 import structlog
 
-from llem_dispatch._docker import docker_available
 from llem_dispatch.dispatch import NodeInfo
 from llem_dispatch.dispatch.attempt import AttemptReport
 from llem_dispatch.errors import ClusterError, LlemError, error_payload
+from llem_dispatch.gpu.attempt_telemetry import AttemptSampling, NodeTelemetry
 from llem_dispatch.gpu.discovery import nvml_inventory
 from llem_dispatch.gpu.held import gpus_at_start, settle_after_exit
 from llem_dispatch.gpu.thermal import SettleSpec
 from llem_dispatch.models import ExperimentFailure, HashedConfig
-from llem_dispatch.reap import reap
-from llem_dispatch.runners.kinds import kinds_for
+from llem_dispatch.runners.kinds import AUTO, kinds_for
 from llem_dispatch.runners.protocol import RunInfo, Runner
 
 __all__ = [
@@ -126,6 +128,8 @@ class _QueueObserver:
         #: Where the GPUs' cooldown counts from: the end of the work (its `done` mark)
         #: where known, else the exit.
         self.cooldown_from_mono: float | None = None
+        #: The report at the exit (None before it).
+        self.exited: AttemptReport | None = None
 
     def on_started(self, info: RunInfo) -> None:
         self.started_mono = time.monotonic()
@@ -143,14 +147,18 @@ class _QueueObserver:
         self.exited_mono = now = time.monotonic()
         held_s = now - self.started_mono if self.started_mono is not None else 0.0
         self.cooldown_from_mono = now - info.work_ended_s_ago(held_s)
-        self._events.put(
-            {
-                "kind": "exited",
-                "node": self._node,
-                # With its phases (prepare, gate, work marks), as a local run records them.
-                "report": AttemptReport.of(info).to_wire(),
-            }
-        )
+        self.exited = AttemptReport.of(info)
+        # With its phases (prepare, gate, work marks), as a local run records them.
+        self._events.put({"kind": "exited", "node": self._node, "report": self.exited.to_wire()})
+
+    async def ship_telemetry(self, sampling: AttemptSampling | None) -> None:
+        """Once the run has exited: the exit's report again, with its GPUs' samples."""
+        if sampling is None or self.exited is None:
+            return
+        exited_at = self.exited.exited_at
+        telemetry = await sampling.finish(exited_at.timestamp() if exited_at else None)
+        report = self.exited.with_telemetry(telemetry)
+        self._events.put({"kind": "exited", "node": self._node, "report": report.to_wire()})
 
 
 async def _run_on_node(
@@ -159,26 +167,36 @@ async def _run_on_node(
     config: HashedConfig,
     events: queue.Queue[Message],
     observer: _QueueObserver,
+    telemetry: NodeTelemetry | None = None,
 ) -> None:
-    """Build the runner here, run the attempt, queue its outcome (or error) as a message."""
+    """Build the runner here, run the attempt, queue its outcome (or error) as a message.
+
+    With `telemetry`, the attempt's GPUs are sampled here from before the run until
+    past its exit; the samples go back ahead of the outcome."""
     node = context.node.model_dump()
     runner: Runner | None = None
+    sampling: AttemptSampling | None = None
     try:
         runner = factory(context)
         # Handed over by UUID where NVML knows it: never a guessable index.
         gpus = tuple(context.gpu_uuids.get(i, i) for i in context.gpu_ids)
+        sampling = AttemptSampling.start(telemetry, gpus)
         outcome = await runner.run(config, gpus=gpus, observer=observer)
     except Exception as exc:
         if not isinstance(exc, LlemError):
             log.exception("node_task_failed", config_hash=config.config_hash)
+        await observer.ship_telemetry(sampling)
         events.put({"kind": "error", "node": node, "error": error_payload(exc)})
     else:
         if isinstance(outcome, ExperimentFailure):
             payload = {"failure": outcome.model_dump(mode="json")}
         else:
             payload = {"result": outcome.model_dump(mode="json")}
+        await observer.ship_telemetry(sampling)
         events.put({"kind": "outcome", "node": node, **payload})
     finally:
+        if sampling is not None:
+            sampling.stop()
         if runner is not None:
             with anyio.move_on_after(30, shield=True):
                 await runner.aclose()
@@ -190,6 +208,7 @@ def _relay(
     config: HashedConfig,
     observer: _QueueObserver,
     events: queue.Queue[Message],
+    telemetry: NodeTelemetry | None = None,
 ) -> Iterator[Message]:
     """Run the attempt in its own event loop (the portal); yield its messages here."""
     # This (main) thread relays the run's progress. `ray.cancel` raises
@@ -197,7 +216,9 @@ def _relay(
     # leaving the portal then cancels the run and waits for its shielded cleanup:
     # the container is gone before the task ends.
     with anyio.from_thread.start_blocking_portal() as portal:
-        future = portal.start_task_soon(_run_on_node, factory, context, config, events, observer)
+        future = portal.start_task_soon(
+            _run_on_node, factory, context, config, events, observer, telemetry
+        )
         while not (future.done() and events.empty()):
             try:
                 item = events.get(timeout=0.1)
@@ -216,8 +237,10 @@ def experiment_task(
     cooldown_s: float,
     driver_host: str,
     settle: SettleSpec | None = None,
+    telemetry: NodeTelemetry | None = None,
 ) -> Iterator[Message]:
-    """The Ray task (a streaming generator): run one attempt on this node."""
+    """The Ray task (a streaming generator): run one attempt on this node (`telemetry`:
+    what to sample of its GPUs here; None: nothing)."""
     ray = require_ray()
     node = this_node()
     ids = tuple(str(i) for i in ray.get_gpu_ids())
@@ -226,7 +249,8 @@ def experiment_task(
     events: queue.Queue[Message] = queue.Queue()
     at_start = [] if virtual else gpus_at_start(ids, uuids)
     observer = _QueueObserver(events, node.model_dump(), at_start)
-    yield from _relay(factory, context, HashedConfig(config, config_hash), observer, events)
+    hashed = HashedConfig(config, config_hash)
+    yield from _relay(factory, context, hashed, observer, events, telemetry)
     # Hold the GPUs (this task's Ray resources) past the exit until the cooldown from
     # the end of the work is over, then, with a thermal gate, until they have settled.
     if observer.cooldown_from_mono is not None and cooldown_s > 0:
@@ -246,16 +270,30 @@ def sweep_task(
 ) -> dict[str, Any]:
     """The Ray task run once per host by the cluster sweep: `reap` there."""
     node = this_node()
-    if not docker_available():
-        return {"node": node.model_dump(), "reaped": [], "skipped": "no Docker daemon here"}
+    # Each container kind of the auto rule reaps its own leftovers, on its own engine.
+    kinds = [k for k in kinds_for(AUTO) if k.reapable]
+    if not any(k.available() for k in kinds):
+        engines = " or ".join(k.engine for k in kinds) or "container engine"
+        return {"node": node.model_dump(), "reaped": [], "skipped": f"no {engines} here"}
     if logs_dir is not None and node.hostname != driver_host:
         logs_dir = str(Path(tempfile.gettempdir()) / "llem-orphan-logs")
+    logs = Path(logs_dir) if logs_dir is not None else None
+    results = Path(results_dir) if results_dir is not None else None
     try:
-        found = anyio.run(
-            lambda: reap(
-                results_dir=results_dir, logs_dir=logs_dir, dry_run=dry_run, study_over=study_over
+        found = [
+            reaped
+            for kind in kinds
+            if kind.available()
+            for reaped in anyio.run(
+                functools.partial(
+                    kind.reap,
+                    results_dir=results,
+                    logs_dir=logs,
+                    dry_run=dry_run,
+                    study_over=study_over,
+                )
             )
-        )
+        ]
     except LlemError as exc:
         return {"node": node.model_dump(), "reaped": [], "skipped": exc.message}
     return {"node": node.model_dump(), "reaped": [asdict(r) for r in found], "skipped": None}

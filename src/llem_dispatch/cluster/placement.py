@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import anyio.to_thread
@@ -46,8 +46,9 @@ from llem_dispatch.errors import (
     ResultError,
 )
 from llem_dispatch.gpu import SettleSpec
+from llem_dispatch.gpu.attempt_telemetry import NodeTelemetry
 from llem_dispatch.models import ExperimentFailure, ExperimentResult, HashedConfig
-from llem_dispatch.runners import force_kill_requested, wait_until_forced
+from llem_dispatch.runners import ForceKill, current_force_kill
 from llem_dispatch.runners.kinds import AUTO
 from llem_dispatch.runners.protocol import Outcome
 
@@ -168,7 +169,7 @@ class PlacementWatcher:
                     ray.cancel(pending.stream)
 
 
-async def _drained(stream: Any, timeout_s: float) -> bool:
+async def _drained(stream: Any, timeout_s: float, force_kill: ForceKill) -> bool:
     """Wait for a cancelled task's stream to end: False on timeout or a forced stop."""
     finished = False
     with anyio.move_on_after(timeout_s):
@@ -184,12 +185,21 @@ async def _drained(stream: Any, timeout_s: float) -> bool:
                 tg.cancel_scope.cancel()
 
             async def forced() -> None:
-                await wait_until_forced()
+                await force_kill.wait()
                 tg.cancel_scope.cancel()
 
             tg.start_soon(drain)
             tg.start_soon(forced)
     return finished
+
+
+def _ray_settings(settings: BaseModel | None) -> RaySettings:
+    """The study's `ray:` block, as validated at load (the defaults when there is none)."""
+    if settings is None:
+        return RaySettings()
+    if not isinstance(settings, RaySettings):
+        raise TypeError(f"the Ray placement's settings are RaySettings, not {type(settings)}")
+    return settings
 
 
 def _note_started(draft: RecordDraft, message: Mapping[str, Any]) -> None:
@@ -214,6 +224,11 @@ class RayPlacement(Placement):
 
     #: Each node decides `runner: auto` for itself and builds the runner there.
     on_this_host = False
+    settings_model: ClassVar[type[BaseModel] | None] = RaySettings
+    gpus_assigned_elsewhere: ClassVar[tuple[str, str]] = (
+        "on a Ray cluster Ray assigns them",
+        "Drop them; set each node's GPUs with `ray start --num-gpus N`.",
+    )
 
     def __init__(
         self,
@@ -229,6 +244,8 @@ class RayPlacement(Placement):
         placement_timeout_s: float = 300.0,
         init_options: Mapping[str, Any] | None = None,
         settle: SettleSpec | None = None,
+        telemetry: NodeTelemetry | None = None,
+        force_kill: ForceKill | None = None,
     ) -> None:
         if cooldown_s < 0:
             raise ValueError(f"cooldown_s must be >= 0, got {cooldown_s}")
@@ -237,12 +254,16 @@ class RayPlacement(Placement):
         self.cooldown_s = cooldown_s
         #: The thermal gate, applied by each task on its node's GPUs after the exit.
         self.settle = settle
+        #: GPU telemetry each task samples on its node (its samples come back in its report).
+        self.telemetry = telemetry
         self.result_model = result_model
         self.runner_type = runner_type
         self.num_cpus = num_cpus
         self.runtime_env = dict(runtime_env) if runtime_env else None
         self.cancel_timeout_s = cancel_timeout_s
         self.watcher = PlacementWatcher(self.connection, placement_timeout_s)
+        #: Set (a second Ctrl-C), tasks being cancelled are killed without their drain.
+        self.force_kill = force_kill or current_force_kill()
         self._factory_ref: Any = None
 
     def connect(self) -> ModuleType:
@@ -261,8 +282,7 @@ class RayPlacement(Placement):
 
     @staticmethod
     def _cancel_timeout_s(stop_grace_s: float, settings: BaseModel | None) -> float:
-        ray = RaySettings.model_validate(settings) if settings is not None else RaySettings()
-        cancel_s = ray.cancel_timeout_s
+        cancel_s = _ray_settings(settings).cancel_timeout_s
         return cancel_s if cancel_s is not None else stop_grace_s + 30
 
     @classmethod
@@ -275,19 +295,21 @@ class RayPlacement(Placement):
     @classmethod
     def for_study(cls, request: PlacementRequest, settings: BaseModel | None) -> RayPlacement:
         """The study's runner factory shipped to the cluster its `ray:` block names."""
-        ray = RaySettings.model_validate(settings) if settings is not None else RaySettings()
+        ray = _ray_settings(settings)
         return cls(
             request.runner_factory,
             address=ray.address,
             cooldown_s=request.cooldown_s,
             # The thermal gate runs in each task, on its node's own GPUs.
             settle=request.settle,
+            telemetry=request.telemetry,
             runner_type=request.runner_kind,
             num_cpus=ray.num_cpus,
             runtime_env=ray.runtime_env,
             cancel_timeout_s=cls._cancel_timeout_s(request.stop_grace_s, settings),
             placement_timeout_s=ray.placement_timeout_s,
             init_options=ray.init_options,
+            force_kill=request.force_kill,
         )
 
     async def prepare(self, request: PlacementRequest) -> None:
@@ -473,6 +495,7 @@ class RayPlacement(Placement):
                 self.cooldown_s,
                 _labels.HOSTNAME,
                 self.settle,
+                self.telemetry,
             )
         )
 
@@ -509,14 +532,14 @@ class RayPlacement(Placement):
     async def _cancel(self, ray: ModuleType, stream: Any, draft: RecordDraft) -> None:
         """Cancel the task and wait (bounded) until its node has cleaned up."""
         ray.cancel(stream)
-        if await _drained(stream, self.cancel_timeout_s):
+        if await _drained(stream, self.cancel_timeout_s, self.force_kill):
             return
         ray.cancel(stream, force=True)
         log.warning(
             "cluster_task_killed",
             config_hash=draft.config_hash,
             node=draft.node.label if draft.node is not None else None,
-            reason="forced" if force_kill_requested() else "cleanup took too long",
+            reason="forced" if self.force_kill.is_set() else "cleanup took too long",
             fix="its container is removed by the end-of-study sweep or "
             "`llem-dispatch reap --ray ADDRESS`",
         )

@@ -3,7 +3,9 @@
 A runner's `RunInfo` (its ids, times, image, and its phases once it has exited)
 becomes an `AttemptReport` where the attempt ran (this host, a Ray node, a Slurm
 job); it travels as JSON (`to_wire` / `from_wire`) and `fill` is the one place it
-goes into a record draft, so every placement records the same fields.
+goes into a record draft, so every placement records the same fields. Where the
+attempt ran away from the driver, it carries the samples of its GPUs taken there
+(`telemetry`), from which the study computes the record's energy as for a local run.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from llem_dispatch.dispatch.records import RecordDraft
+from llem_dispatch.gpu.attempt_telemetry import AttemptTelemetry
 from llem_dispatch.runners.protocol import RunInfo
 
 __all__ = ["AttemptReport"]
@@ -65,6 +68,8 @@ class AttemptReport(BaseModel):
     work_ended_at: datetime | None = None
     ready_rss_bytes: int | None = None
     gate_late_s: float | None = None
+    #: Its GPUs' samples over the attempt, taken where it ran (Ray node, Slurm job).
+    telemetry: AttemptTelemetry | None = None
 
     @classmethod
     def of(cls, info: RunInfo) -> AttemptReport:
@@ -106,3 +111,9 @@ class AttemptReport(BaseModel):
             value = getattr(self, name)
             if value is not None:
                 setattr(draft, name, value)
+        if self.telemetry is not None:
+            draft.node_telemetry = self.telemetry
+
+    def with_telemetry(self, telemetry: AttemptTelemetry | None) -> AttemptReport:
+        """This report, carrying the samples taken where the attempt ran."""
+        return self if telemetry is None else self.model_copy(update={"telemetry": telemetry})

@@ -21,37 +21,33 @@ prepared and waiting cannot push the host into swap.
 from __future__ import annotations
 
 import abc
-import os
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
-import anyio
 import structlog
 from pydantic import BaseModel
 
 from llem_dispatch.dispatch.attempt import AttemptReport
 from llem_dispatch.dispatch.depth import MAX_AUTO_DEPTH, PrepareDepth
+from llem_dispatch.dispatch.lease_observer import LeaseObserver, host_cores
 from llem_dispatch.dispatch.memory import MemoryReserve
 from llem_dispatch.dispatch.quiet import Policy, QuietHost
 from llem_dispatch.dispatch.records import GpuAtStart, RecordDraft
 from llem_dispatch.errors import ConfigError
 from llem_dispatch.gpu import GpuLease, GpuPool, SettleSpec
-from llem_dispatch.gpu.cores import CorePlan, plan_cores
-from llem_dispatch.gpu.discovery import nvml_cpu_affinity, nvml_thermal
+from llem_dispatch.gpu.attempt_telemetry import NodeTelemetry
+from llem_dispatch.gpu.cores import CorePlan
+from llem_dispatch.gpu.discovery import nvml_thermal
 from llem_dispatch.models import HashedConfig
-from llem_dispatch.runners import CANCEL_SLACK_S
+from llem_dispatch.runners import CANCEL_SLACK_S, ForceKill, current_force_kill
 from llem_dispatch.runners.kinds import DoctorCheck
 from llem_dispatch.runners.protocol import (
-    CpuPlacement,
     GatedRunner,
     GpuCheckingRunner,
     Outcome,
-    RunControl,
-    RunInfo,
     Runner,
-    RunPhase,
     utcnow,
 )
 
@@ -177,6 +173,12 @@ class PlacementRequest:
     #: Cores each GPU's experiments measure on (None: NVML's nearest share on real GPUs,
     #: no pinning on virtual ones).
     cpus_per_gpu: int | None = None
+    #: The study's force-kill switch (a second Ctrl-C): set, a placement ends the
+    #: attempts it is cancelling at once, not within their stop grace.
+    force_kill: ForceKill = field(default_factory=current_force_kill)
+    #: GPU telemetry each attempt samples where it runs, for placements that run them
+    #: away from this host (this host's own is sampled by `run_study`); None: off.
+    telemetry: NodeTelemetry | None = None
 
 
 class Placement(abc.ABC):
@@ -200,13 +202,23 @@ class Placement(abc.ABC):
     runner_type: str | None = None
     #: How long `run_study`'s end-of-study sweep may take (it is cut there).
     STUDY_SWEEP_S: ClassVar[float] = 90.0
+    #: The model of its settings block in a study (`NAME: {...}`, named after the
+    #: placement), validated at load with each problem at its line; None: no block.
+    settings_model: ClassVar[type[BaseModel] | None] = None
+    #: Why `--gpus`/`--virtual-gpus` (GPUs of this host) mean nothing here, and the fix
+    #: (for a placement whose attempts run elsewhere).
+    gpus_assigned_elsewhere: ClassVar[tuple[str, str]] = (
+        "this placement assigns each experiment's GPUs itself",
+        "Drop them.",
+    )
 
     @classmethod
     def for_study(cls, request: PlacementRequest, settings: BaseModel | None) -> Placement:
         """Build the placement for a study: `request`, and the study's settings block.
 
-        `settings` is the study's block named after the placement (`ray: {...}`),
-        already validated at load; None when the study has none.
+        `settings` is the study's block named after the placement (`ray: {...}`), an
+        instance of `settings_model` already validated at load (its defaults when the
+        study gives no block); None for a placement without settings.
         """
         raise ConfigError(
             f"{cls.__name__} cannot be chosen from a study (it has no `for_study`)",
@@ -285,113 +297,6 @@ class Placement(abc.ABC):
         """Real GPUs of this host that `run_study`'s telemetry samples (none by default:
         virtual ids, or GPUs on other hosts, which a sampler there would have to read)."""
         return ()
-
-
-class _LeaseObserver:
-    """Fills the draft as one run progresses; frees its GPUs the moment it exits.
-
-    It also follows the run's phases for its host's quiet windows (`quiet`) and
-    places it on its cores (`cores`): the spare ones at low priority while it
-    prepares, its GPUs' own once they are its.
-    """
-
-    def __init__(
-        self,
-        lease: GpuLease,
-        draft: RecordDraft,
-        on_started: Callable[[], None],
-        quiet: QuietHost | None = None,
-        cores: CorePlan | None = None,
-        on_late: Callable[[], Awaitable[None]] | None = None,
-    ) -> None:
-        self._lease = lease
-        #: Called when its gate opens while it still prepares (its GPU waits for it).
-        self._on_late = on_late
-        self._phase: RunPhase | None = None
-        self._draft = draft
-        self._on_started = on_started
-        self._quiet = quiet
-        self._cores = cores
-        self._moved = False
-        self.started_mono: float | None = None
-        #: When the GPUs were last released before this run got them (known ones).
-        self.released: list[float] = []
-        self.info: RunInfo | None = None
-
-    def _measuring(self) -> CpuPlacement | None:
-        cpus = self._cores.measuring(list(self._lease)) if self._cores is not None else ()
-        return CpuPlacement(cpus, threads=len(cpus)) if cpus else None
-
-    def cpu_placement(self, gated: bool) -> CpuPlacement | None:
-        """Its GPUs' cores; while it prepares held at a gate, the spare ones, low priority."""
-        measuring = self._measuring()
-        if measuring is None or self._cores is None:
-            return None
-        self._draft.cpus = list(measuring.cpus)
-        if not gated:
-            self._moved = True
-            return measuring
-        return CpuPlacement(self._cores.preparing(), low_priority=True, threads=measuring.threads)
-
-    async def on_phase(self, phase: RunPhase, control: RunControl) -> None:
-        """Tell the host's quiet windows; onto its own cores once its GPUs are its."""
-        before, self._phase = self._phase, phase
-        if before == "preparing" and phase in ("loading", "measuring") and self._on_late:
-            await self._on_late()
-        if self._quiet is not None:
-            await self._quiet.on_phase(self, phase, control)
-        if phase in ("loading", "measuring") and not self._moved:
-            self._moved = True
-            measuring = self._measuring()
-            if measuring is not None:
-                await control.place(measuring)
-
-    async def finish(self) -> None:
-        """The run has ended: what overlapped its measured window goes into the record."""
-        if self._quiet is None:
-            return
-        share = await self._quiet.finish(self)
-        draft = self._draft
-        draft.isolation = self._quiet.policy
-        if share is not None and share.opened:
-            draft.window_prepare_overlap_s = round(share.prepare_s, 3)
-            draft.window_work_overlap_s = round(share.work_s, 3)
-            draft.neighbours_paused_s = round(share.paused_s, 3)
-            draft.window_disturbed = share.disturbed
-
-    def on_started(self, info: RunInfo) -> None:
-        self.info = info
-        self.started_mono = anyio.current_time()
-        AttemptReport.of(info).fill(self._draft)
-        self._on_started()
-
-    def on_exited(self, info: RunInfo) -> None:
-        self._draft.exited_at = info.exited_at
-        ago = 0.0
-        if self.started_mono is not None:
-            # The cooldown counts from the end of its work (never before it got the
-            # GPUs): the exit's own teardown (CUDA, the interpreter) overlaps it.
-            ago = info.work_ended_s_ago(anyio.current_time() - self.started_mono)
-        self._lease.release(work_ended_s_ago=ago)
-
-
-def host_cores(pool: GpuPool, per_gpu: int | None, *, keep_spare: bool) -> CorePlan | None:
-    """This host's cores split among the pool's GPUs (None: virtual GPUs with no
-    `per_gpu`, or no GPUs: nothing is pinned)."""
-    if not pool.devices or (pool.virtual and per_gpu is None):
-        return None
-    affinity = {}
-    if not pool.virtual:
-        for gpu in pool.devices:
-            near = nvml_cpu_affinity(gpu)
-            if near is not None:
-                affinity[gpu] = near
-    host = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if not host:
-        return None
-    return plan_cores(
-        host, list(pool.devices), per_gpu=per_gpu, affinity=affinity, keep_spare=keep_spare
-    )
 
 
 class LocalPlacement(Placement):
@@ -496,7 +401,7 @@ class LocalPlacement(Placement):
         until `wait_ready` says they are its own.
         """
         async with self.pool.acquire(gpus, early=self.prestart) as lease:
-            observer = _LeaseObserver(
+            observer = LeaseObserver(
                 lease, draft, on_started, self.quiet, self.cores, on_late=self._deepen
             )
             if lease.pending and not self.memory_reserve.allows_prestart():
@@ -521,7 +426,7 @@ class LocalPlacement(Placement):
         config: HashedConfig,
         lease: GpuLease,
         draft: RecordDraft,
-        observer: _LeaseObserver,
+        observer: LeaseObserver,
         gate: Callable[[], Awaitable[None]] | None,
     ) -> Outcome:
         try:
@@ -539,6 +444,30 @@ class LocalPlacement(Placement):
             if observer.info is not None:
                 # Its phases too, now that it has exited: the same report every placement uses.
                 AttemptReport.of(observer.info).fill(draft)
+                await self._learn_depth(draft)
+
+    async def _learn_depth(self, draft: RecordDraft) -> None:
+        """`auto` depth: as deep as this run's measured preparation and hold need."""
+        if self.depth is None or not self.prestart or draft.gate_to_work_s is None:
+            return
+        window_s = 0.0
+        if draft.work_started_at is not None and draft.work_ended_at is not None:
+            window_s = (draft.work_ended_at - draft.work_started_at).total_seconds()
+        # gate_to_work_s counts from the gate, or from the start for an unprestarted run.
+        held_s = draft.gate_to_work_s + window_s
+        if not draft.prestarted:
+            held_s -= draft.prepare_s or 0.0
+        before = self.pool.prestart_depth
+        depth = self.depth.observe(
+            prepare_s=draft.prepare_s,
+            held_s=held_s,
+            cooldown_s=self.pool.cooldown_s,
+            window_s=window_s,
+            frozen_in_windows=self.quiet.policy == "pause" and not draft.prestarted,
+        )
+        if depth != before:
+            await self.pool.deepen(depth)
+            log.info("prestart_deeper", depth=depth, prepare_s=draft.prepare_s, held_s=held_s)
 
     async def _deepen(self) -> None:
         """`auto` depth: a prestarted run was late, so start the next ones further ahead."""
@@ -548,7 +477,7 @@ class LocalPlacement(Placement):
             if self.pool.prestart_depth != before:
                 log.info("prestart_deeper", depth=self.pool.prestart_depth)
 
-    def _hand_on(self, lease: GpuLease, draft: RecordDraft, observer: _LeaseObserver) -> None:
+    def _hand_on(self, lease: GpuLease, draft: RecordDraft, observer: LeaseObserver) -> None:
         """The GPUs are the attempt's now: describe them, note when they were released."""
         self._describe(lease, draft)
         known = (self.pool.last_released(i) for i in lease)

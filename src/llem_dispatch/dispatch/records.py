@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llem_dispatch._logging import redact, truncate
 from llem_dispatch.errors import LlemError
+from llem_dispatch.gpu.attempt_telemetry import AttemptTelemetry
 from llem_dispatch.models import ExperimentFailure
 
 __all__ = [
@@ -209,6 +210,13 @@ class RunRecord(BaseModel):
         description="Batch-scheduler runs: the job (Slurm: JOBID, or JOBID.STEP in an "
         "allocation) of the attempt that made this record.",
     )
+    node_telemetry: AttemptTelemetry | None = Field(
+        default=None,
+        exclude=True,
+        repr=False,
+        description="Placements that run it elsewhere (Ray, Slurm): its GPUs' samples taken "
+        "there; the study turns them into the record's `telemetry` block and its file.",
+    )
     outcome: Any = Field(default=None, exclude=True, repr=False)
     exception: Any = Field(default=None, exclude=True, repr=False)
 
@@ -274,6 +282,7 @@ class RecordDraft:
     window_disturbed: bool | None = None
     node: NodeInfo | None = None
     job_id: str | None = None
+    node_telemetry: AttemptTelemetry | None = None
     outcome: Any = None
     exception: BaseException | None = None
 

@@ -5,6 +5,11 @@ and the hint to show when it cannot be imported, so a placement's heavy imports
 happen only when a study uses it; `register_placement` adds one (a class or a
 dotted path), and packages add theirs through the entry-point group
 `llem_dispatch.placements`. Nothing else compares placement names.
+
+A placement's settings block (`ray: {...}` in a study file) is validated by the
+model its class declares (`Placement.settings_model`); `placement_settings_model`
+finds it, from the dotted path a built-in entry names when its class is heavy to
+import (Ray's imports the Docker client), else from the class itself.
 """
 
 from __future__ import annotations
@@ -22,14 +27,20 @@ from llem_dispatch.errors import ConfigError
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from pydantic import BaseModel
+
     from llem_dispatch.dispatch.placement import Placement
 
 __all__ = [
+    "CLUSTER_ADDRESS",
+    "DEFAULT_PLACEMENT",
     "ENTRY_POINT_GROUP",
+    "AddressShorthand",
     "PlacementEntry",
     "known_placements",
     "placement_class",
     "placement_names",
+    "placement_settings_model",
     "register_placement",
     "unknown_placement_message",
 ]
@@ -48,17 +59,46 @@ class PlacementEntry:
     install_hint: str | None = None
     #: Modules it needs at run time (checked when it is looked up, not at import).
     requires: tuple[str, ...] = ()
+    #: `package.module:Model` of its settings block, so a study loads without importing
+    #: the class; None: the class's own `settings_model` (imported when asked for).
+    settings: str | None = None
 
+
+@dataclass(frozen=True, slots=True)
+class AddressShorthand:
+    """A study key (and a run option) short for one placement with one setting given."""
+
+    #: The placement it chooses.
+    placement: str
+    #: The setting of that placement's block it fills.
+    setting: str
+
+    def settings(self, value: str) -> dict[str, str]:
+        """The settings block it stands for."""
+        return {self.setting: value}
+
+
+#: A study that names no placement runs here.
+DEFAULT_PLACEMENT = "local"
+#: `cluster: ADDRESS` (`--ray ADDRESS`, `run_study(cluster=...)`): `placement: ray`
+#: with `ray: {address: ADDRESS}`.
+CLUSTER_ADDRESS = AddressShorthand("ray", "address")
 
 _RAY_HINT = "pip install 'llem-dispatch[ray]' on the driver and on every node"
 
 _known: dict[str, PlacementEntry] = {
     "local": PlacementEntry("llem_dispatch.dispatch.placement:LocalPlacement"),
     "ray": PlacementEntry(
-        "llem_dispatch.cluster.placement:RayPlacement", _RAY_HINT, requires=("ray",)
+        "llem_dispatch.cluster.placement:RayPlacement",
+        _RAY_HINT,
+        requires=("ray",),
+        settings="llem_dispatch.cluster.settings:RaySettings",
     ),
     # Slurm's own command-line tools (sbatch, squeue, ...) are checked when it prepares.
-    "slurm": PlacementEntry("llem_dispatch.slurm.placement:SlurmPlacement"),
+    "slurm": PlacementEntry(
+        "llem_dispatch.slurm.placement:SlurmPlacement",
+        settings="llem_dispatch.slurm.settings:SlurmSettings",
+    ),
 }
 _classes: dict[str, type[Placement]] = {}
 _entry_points_loaded = False
@@ -140,3 +180,19 @@ def placement_class(name: str) -> type[Placement]:
         ) from exc
     _classes[name] = cls
     return cls
+
+
+def placement_settings_model(name: str) -> type[BaseModel] | None:
+    """The model of placement `name`'s settings block (None: it takes no settings).
+
+    For a built-in, imported from the path its entry names (light: no Ray, no Docker
+    client); for any other, its class's `settings_model`. Unknown names raise as
+    `placement_class` does.
+    """
+    _load_entry_points()
+    entry = _known.get(name)
+    if entry is not None and entry.settings is not None and name not in _classes:
+        module_name, _, attribute = entry.settings.partition(":")
+        model: type[BaseModel] = getattr(importlib.import_module(module_name), attribute)
+        return model
+    return placement_class(name).settings_model

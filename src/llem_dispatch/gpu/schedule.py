@@ -468,36 +468,47 @@ class Schedule:
 
     def _promise_successors(self, step: Step) -> None:
         """Promise running grants' ids to early requests of their size, FIFO, bounded:
-        each running grant has at most `depth` promises queued behind it, in a chain."""
-        open_grants = []
+        each running grant has at most `depth` promises queued behind it, in a chain.
+
+        A chain is filled to its depth in one step (a depth raised while runs are
+        under way takes effect at once, not one promise per later step)."""
+        # Each open chain: its tail and how many promises are behind its running grant.
+        open_chains: list[tuple[Grant, int]] = []
         for live in self.live:
             tail, behind = live, 0
             while tail.successor is not None:
                 tail, behind = tail.successor, behind + 1
             if behind < self.depth:
-                open_grants.append(tail)
-        head = self.queue[0]
-        promised: list[tuple[Request, Grant]] = []
+                open_chains.append((tail, behind))
+        head: Request | None = self.queue[0]
+        promised: list[Request] = []
         for request in self.queue:
-            if not open_grants or (request is not head and head.jumps >= self.max_backfill):
+            if head is None:
+                head = request  # the oldest not yet served: the one others may jump
+            jumping = request is not head
+            if not open_chains or (jumping and head.jumps >= self.max_backfill):
                 break
             if not request.early:
                 continue
-            grant = next((g for g in open_grants if len(g.ids) == request.k), None)
-            if grant is None:
+            at = next((i for i, (g, _) in enumerate(open_chains) if len(g.ids) == request.k), None)
+            if at is None:
                 continue
-            open_grants.remove(grant)
-            if request is not head:
+            predecessor, behind = open_chains.pop(at)
+            if jumping:
                 head.jumps += 1
-            promised.append((request, grant))
-        for request, predecessor in promised:
-            self.queue.remove(request)
+            else:
+                head = None  # served in its turn: the next one waiting is the oldest
             grant = Grant(predecessor.ids, pending=True)
             predecessor.successor = grant
             for d in grant.ids:
                 self.promised.setdefault(d, grant)  # the first pending one is next in line
             request.grant = grant
             request.deadline = NEVER
+            promised.append(request)
+            if behind + 1 < self.depth:
+                open_chains.append((grant, behind + 1))
+        for request in promised:
+            self.queue.remove(request)
             step.woken.append(request)
 
     def _abandon(self, grant: Grant, now: float) -> Step:

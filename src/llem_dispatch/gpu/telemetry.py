@@ -30,8 +30,10 @@ __all__ = [
     "EnergyWindow",
     "NvmlTelemetry",
     "Sample",
+    "SampleSource",
     "TelemetryReader",
     "TelemetrySampler",
+    "append_samples",
     "counter_at",
     "window_energy",
 ]
@@ -70,6 +72,15 @@ class TelemetryReader(Protocol):
 
     def read(self, detail: bool) -> list[Sample]:
         """One sample per device."""
+        ...
+
+
+class SampleSource(Protocol):
+    """Where energy over a window is read from: the sampler here, or an attempt's samples
+    shipped back from the node that ran it."""
+
+    def samples_of(self, gpu: str, start: float, end: float, margin: float = 1.0) -> list[Sample]:
+        """This GPU's samples from `start - margin` to `end + margin`, by time."""
         ...
 
 
@@ -267,6 +278,11 @@ class TelemetrySampler:
             history = list(self._history.get(gpu, ()))
         return [s for s in history if start - margin <= s.t <= end + margin]
 
+    def history(self) -> list[Sample]:
+        """Every sample kept, GPU by GPU, each GPU's by time."""
+        with self._lock:
+            return [s for samples in self._history.values() for s in samples]
+
     def _run(self) -> None:
         started_wall, started_cpu = time.monotonic(), time.thread_time()
         last_flush = started_wall
@@ -309,14 +325,7 @@ class TelemetrySampler:
             return
         with self._lock:
             lines, self._pending = self._pending, []
-        if not lines:
-            return
-        header = "" if self.path.exists() else ",".join(CSV_COLUMNS) + "\n"
-        try:
-            with gzip.open(self.path, "at", encoding="utf-8") as out:
-                out.write(header + "".join(lines))
-        except OSError as exc:
-            log.warning("gpu_telemetry_write_failed", path=str(self.path), error=repr(exc))
+        _append_lines(self.path, lines)
 
     def cost(self) -> dict[str, float | int]:
         """What sampling cost: CPU seconds, the share of one core, per sample."""
@@ -330,6 +339,27 @@ class TelemetrySampler:
             "cpu_share": round(self.cpu_s / self.wall_s, 5) if self.wall_s else 0.0,
             "cpu_ms_per_read": round(1000 * self.cpu_s / per_read, 4) if per_read else 0.0,
         }
+
+
+#: One writer at a time per process: the sampler's thread and samples shipped from nodes.
+_WRITING = threading.Lock()
+
+
+def append_samples(path: Path, samples: Sequence[Sample]) -> None:
+    """Append `samples` to the telemetry file at `path` (one gzip member; header if new)."""
+    _append_lines(path, [_csv_line(s) for s in samples])
+
+
+def _append_lines(path: Path, lines: list[str]) -> None:
+    if not lines:
+        return
+    with _WRITING:
+        header = "" if path.exists() else ",".join(CSV_COLUMNS) + "\n"
+        try:
+            with gzip.open(path, "at", encoding="utf-8") as out:
+                out.write(header + "".join(lines))
+        except OSError as exc:
+            log.warning("gpu_telemetry_write_failed", path=str(path), error=repr(exc))
 
 
 def _csv_line(sample: Sample) -> str:

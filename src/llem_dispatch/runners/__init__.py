@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from llem_dispatch.runners._cancel import (
     CANCEL_SLACK_S,
+    ForceKill,
+    current_force_kill,
     force_kill_requested,
     set_force_kill,
     wait_until_forced,
@@ -34,6 +36,7 @@ __all__ = [
     "CANCEL_SLACK_S",
     "DockerRunner",
     "DoctorCheck",
+    "ForceKill",
     "GatedRunner",
     "LocalRunner",
     "LocalRunnerKind",
@@ -44,6 +47,7 @@ __all__ = [
     "Runner",
     "RunnerKind",
     "RunnerOptions",
+    "current_force_kill",
     "force_kill_requested",
     "get_runner_kind",
     "register_runner_kind",

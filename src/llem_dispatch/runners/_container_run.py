@@ -13,6 +13,7 @@ import math
 import os
 import secrets as _secrets_mod
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import aiodocker
@@ -73,11 +74,12 @@ class ContainerRun:
     """One run's container: the `RunBackend` that `run_lifecycle` drives for DockerRunner."""
 
     noun = "container"
-    errors = DOCKER_ERRORS
 
     def __init__(self, runner: DockerRunner) -> None:
         self.runner = runner
-        self.log = log.bind(image=runner.image)
+        self.engine = runner.engine
+        self.errors = replace(DOCKER_ERRORS, slow_start=f" ({self.engine} is slow or stuck)")
+        self.log = log.bind(image=runner.image, engine=str(self.engine))
         self.image_digest: str | None = None
         self.container: Any = None
         self.stream: Any = None
@@ -86,8 +88,8 @@ class ContainerRun:
         return CONTAINER_EXCHANGE_DIR
 
     async def prepare(self) -> None:
-        if self.runner._pending_removal:
-            await self.runner._remove_pending()
+        if self.runner.pending_removal:
+            await self.runner.remove_pending()
         self.image_digest = await self.runner.image_digest()
 
     async def start(self, run: Run) -> None:
@@ -109,7 +111,7 @@ class ContainerRun:
         name = f"llem-{exchange.config_hash}-{_secrets_mod.token_hex(3)}"
 
         async def create() -> Any:
-            return await runner._client().containers.create(spec, name=name)
+            return await runner.client().containers.create(spec, name=name)
 
         # Shielded: a create cancelled mid-request can still make a container whose
         # id we would never learn. Let it finish (bounded), then clean up; one that
@@ -118,7 +120,7 @@ class ContainerRun:
             with anyio.CancelScope(shield=True):
                 self.container = await self._call("create", run, create)
         except DockerDaemonHungError:
-            runner._pending_removal.add(name)
+            runner.pending_removal.add(name)
             raise
         run.info.container_id = self.container.id
         run.context["container_id"] = self.container.id
@@ -137,7 +139,12 @@ class ContainerRun:
     async def _call(self, phase: str, run: Run, call: Callable[[], Awaitable[Any]]) -> Any:
         """One API call of this run, under its deadline (`DockerDaemonHungError` past it)."""
         return await bounded(
-            phase, self.runner.deadlines.of(phase), call, image=self.runner.image, **run.context
+            phase,
+            self.runner.deadlines.of(phase),
+            call,
+            image=self.runner.image,
+            engine=self.engine,
+            **run.context,
         )
 
     def pumps(self, capture: LogCapture) -> Sequence[Pump]:
@@ -157,7 +164,13 @@ class ContainerRun:
                 await self.container.wait()
             except Exception as exc:  # noqa: BLE001 - translated, then raised below
                 errors.append(
-                    translate_api_error(exc, image=self.runner.image, phase="wait", **run.context)
+                    translate_api_error(
+                        exc,
+                        image=self.runner.image,
+                        phase="wait",
+                        engine=self.engine,
+                        **run.context,
+                    )
                 )
             tg.cancel_scope.cancel()
         if errors:
@@ -264,7 +277,7 @@ class ContainerRun:
             with anyio.CancelScope(shield=True, deadline=limit), contextlib.suppress(Exception):
                 await self.stream.close()
         if self.container is not None:
-            await self.runner._remove(self.container, run.bound, by=run.cleanup_deadline)
+            await self.runner.remove_container(self.container, run.bound, by=run.cleanup_deadline)
 
 
 async def _pump(stream: Any, capture: LogCapture) -> None:

@@ -21,14 +21,17 @@ import structlog
 from pydantic import BaseModel
 
 from llem_dispatch import _labels
-from llem_dispatch._cdi import DEFAULT_CDI_KIND, check_kind, read_specs
+from llem_dispatch._cdi import DEFAULT_CDI_KIND, DEFAULT_SPEC_DIRS, check_kind, read_specs
 from llem_dispatch._docker import (
     DEFAULT_DEADLINES,
     ApiDeadlines,
-    docker_url,
+    ContainerEngine,
+    docker_engine,
     engine_info,
+    engine_version_of,
     image_missing_error,
     inspect_image,
+    version_info,
 )
 from llem_dispatch._exchange import (
     CONTAINER_EXCHANGE_DIR,
@@ -36,6 +39,7 @@ from llem_dispatch._exchange import (
     ExchangeDir,
 )
 from llem_dispatch._sizes import parse_size
+from llem_dispatch.errors import ConfigError
 from llem_dispatch.runners._backend import (
     LOG_DRAIN_S,
     Gate,
@@ -76,10 +80,33 @@ SOURCE_CONTAINER_PATH = "/opt/llem/src"
 log = structlog.get_logger("llem_dispatch.docker")
 
 
+def _engine_gpu_devices(
+    engine: ContainerEngine, asked: GpuDevices, passthrough: bool
+) -> GpuDevices:
+    """How GPUs are asked of `engine`: as asked, or by CDI name on an engine that knows no other."""
+    if engine.cdi_only and passthrough and asked == "nvidia":
+        raise ValueError(f"{engine.name} asks for GPUs by CDI name only: gpu_devices='cdi'")
+    return "cdi" if engine.cdi_only else asked
+
+
+def _without_secrets(env: Mapping[str, str] | None, secret_env: Sequence[str]) -> dict[str, str]:
+    """`env` as given, refused when it holds a secret (those go as a 0600 file instead)."""
+    secrets = {n.upper() for n in secret_env}
+    for key in env or {}:
+        if key.upper() in secrets:
+            raise ValueError(
+                f"env {key} is a secret: it would be visible in docker "
+                "inspect; set it on the host instead (passed as a file)"
+            )
+    return dict(env or {})
+
+
 class DockerRunner:
-    """Runs each experiment in its own ephemeral container on the local Docker Engine.
+    """Runs each experiment in its own ephemeral container on a Docker Engine API.
 
     Args:
+        engine: the engine it talks to (Docker, or Podman's compatible API), with
+            its URL and quirks; default Docker at `docker_host` (else DOCKER_HOST).
         image: the image to run (never pulled implicitly: build or pull it first).
         timeout: seconds from start before the container is killed (`DockerTimeoutError`).
         source: how the runner was chosen (recorded in every result).
@@ -107,8 +134,6 @@ class DockerRunner:
     """
 
     runner_type = "docker"
-    #: What the engine is called in messages and facts.
-    engine_name = "Docker"
 
     def __init__(
         self,
@@ -132,6 +157,7 @@ class DockerRunner:
         exchange_base: str | Path | None = None,
         max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
         docker_host: str | None = None,
+        engine: ContainerEngine | None = None,
         stop_grace_s: float = 10.0,
         log_driver: str = "none",
         source_dir: str | Path | None = None,
@@ -144,19 +170,17 @@ class DockerRunner:
         check_run_options(timeout=timeout, silence_timeout=silence_timeout, function=function)
         if not image or any(ch.isspace() for ch in image):
             raise ValueError(f"invalid image reference {image!r}")
+        #: The engine it talks to, with its URL: named in every error and log.
+        self.engine = engine if engine is not None else docker_engine(docker_host)
+        gpu_devices = _engine_gpu_devices(self.engine, gpu_devices, gpu_passthrough)
+        self.runner_type = self.engine.runner_type
         self.image = image
         self.timeout = timeout
         self.source = source
         self.result_model = result_model
         self.command = list(command) if command is not None else None
         self.function = function
-        self.env = dict(env or {})
-        for key in self.env:
-            if key.upper() in {n.upper() for n in secret_env}:
-                raise ValueError(
-                    f"env {key} is a secret: it would be visible in docker "
-                    "inspect; set it on the host instead (passed as a file)"
-                )
+        self.env = _without_secrets(env, secret_env)
         self.shm_size = parse_size(shm_size)
         self.gpu_passthrough = gpu_passthrough
         self.secret_env = tuple(secret_env)
@@ -168,7 +192,6 @@ class DockerRunner:
         self.labels = dict(labels or {})
         self.exchange_base = exchange_base
         self.max_result_bytes = max_result_bytes
-        self._docker_host = docker_host
         self.stop_grace_s = stop_grace_s
         self.log_driver = log_driver
         self.source_dir = Path(source_dir).resolve() if source_dir is not None else None
@@ -184,7 +207,8 @@ class DockerRunner:
         self._docker: aiodocker.Docker | None = None
         self._digest: str | None = None
         self._image_config: dict[str, Any] | None = None
-        self._pending_removal: set[str] = set()
+        #: Containers whose removal failed (engine down or stuck): retried, else left to reap.
+        self.pending_removal: set[str] = set()
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------------
@@ -202,17 +226,18 @@ class DockerRunner:
 
     async def aclose(self) -> None:
         """Remove any container still pending removal, close the API client; idempotent."""
-        if self._pending_removal and self._docker is not None and not self._closed:
-            # Only removals that already failed are pending: the daemon is down or
+        if self.pending_removal and self._docker is not None and not self._closed:
+            # Only removals that already failed are pending: the engine is down or
             # stuck, so a short try, then the ids are named for `reap`.
             with anyio.CancelScope(shield=True), anyio.move_on_after(PENDING_RETRY_S):
-                await self._remove_pending()
-        if self._pending_removal:
+                await self.remove_pending()
+        if self.pending_removal:
             log.warning(
                 "containers_left_for_reap",
-                containers=sorted(c[:12] for c in self._pending_removal),
-                fix="The Docker daemon did not remove them; once it answers again, run "
-                "`llem-dispatch reap` (their logs are kept).",
+                engine=str(self.engine),
+                containers=sorted(c[:12] for c in self.pending_removal),
+                fix=f"{self.engine} did not remove them; once it answers again, run "
+                f"`llem-dispatch reap --engine-url {self.engine.url}` (their logs are kept).",
             )
         self._closed = True
         if self._docker is not None:
@@ -220,11 +245,12 @@ class DockerRunner:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await docker.close()
 
-    def _client(self) -> aiodocker.Docker:
+    def client(self) -> aiodocker.Docker:
+        """The API client of its engine (made on first use; closed by `aclose`)."""
         if self._closed:
             raise RuntimeError("DockerRunner is closed")
         if self._docker is None:
-            self._docker = aiodocker.Docker(url=self._engine_url())
+            self._docker = aiodocker.Docker(url=self.engine.url)
         return self._docker
 
     # -- image -------------------------------------------------------------------
@@ -232,9 +258,11 @@ class DockerRunner:
     async def image_digest(self) -> str:
         """The image's repo digest (or id when it has none); looked up once."""
         if self._digest is None:
-            info = await inspect_image(self._client(), self.image, deadline=self.deadlines.image)
+            info = await inspect_image(
+                self.client(), self.image, deadline=self.deadlines.image, engine=self.engine
+            )
             if info is None:
-                raise image_missing_error(self.image)
+                raise image_missing_error(self.image, engine=self.engine)
             repo_digests = info.get("RepoDigests") or []
             self._digest = str(repo_digests[0] if repo_digests else info["Id"])
             self._image_config = info.get("Config") or {}
@@ -243,29 +271,52 @@ class DockerRunner:
     # -- GPUs ----------------------------------------------------------------------
 
     async def gpu_facts(self) -> EngineGpuFacts:
-        """Is CDI on in the engine, and what its spec dirs offer (asked once)."""
-        if self._gpu_facts is None:
-            info = await engine_info(url=self._engine_url())
-            dirs = tuple(str(d) for d in info.get("CDISpecDirs") or ())
-            specs = await anyio.to_thread.run_sync(read_specs, dirs)
-            self._gpu_facts = EngineGpuFacts(self.engine_name, bool(dirs), dirs, specs)
-        return self._gpu_facts
+        """Is CDI on in the engine, and what its spec dirs offer (asked once).
 
-    def _engine_url(self) -> str:
-        return self._docker_host or docker_url()
+        An engine that reads CDI natively (Podman) always has it, from the default dirs.
+        """
+        if self._gpu_facts is None:
+            if self.engine.cdi_native:
+                dirs: tuple[str, ...] = DEFAULT_SPEC_DIRS
+            else:
+                info = await engine_info(engine=self.engine)
+                dirs = tuple(str(d) for d in info.get("CDISpecDirs") or ())
+            specs = await anyio.to_thread.run_sync(read_specs, dirs)
+            self._gpu_facts = EngineGpuFacts(self.engine.name, bool(dirs), dirs, specs)
+        return self._gpu_facts
 
     async def check_gpus(self, gpus: Sequence[str]) -> None:
         """Before anything runs: decide how the study's `gpus` are asked for, once.
 
         Raises `ConfigError` (with the fix) when `gpu_devices: cdi` cannot name
-        them; `auto` settles on CDI or NVIDIA requests here, for every run.
+        them, or when the engine is too old to honour device requests; `auto`
+        settles on CDI or NVIDIA requests here, for every run.
         """
+        if self.engine.min_gpu_version is not None:
+            await self._check_engine_version(gpus)
         if not gpus or not self.gpu_passthrough:
             return
         facts = None if self.gpu_devices == "nvidia" else await self.gpu_facts()
         mode, why = decide_mode(self.gpu_devices, self.cdi_kind, gpus, facts)
         self._gpu_mode, self._checked_gpus = mode, frozenset(gpus)
         log.info("gpu_request_mode", mode=mode, asked=self.gpu_devices, why=why, gpus=list(gpus))
+
+    async def _check_engine_version(self, gpus: Sequence[str]) -> None:
+        """It answers (said with how to start it); with GPUs, it honours device requests."""
+        info = await version_info(engine=self.engine)
+        if not gpus or not self.gpu_passthrough:
+            return
+        text, version = engine_version_of(info, self.engine.name)
+        assert self.engine.min_gpu_version is not None
+        if version is None or version < self.engine.min_gpu_version:
+            wanted = ".".join(str(n) for n in self.engine.min_gpu_version)
+            raise ConfigError(
+                f"{self.engine.name} {text or '(version unknown)'} at {self.engine.url}: its "
+                f"Docker-compatible API ignores device requests before {wanted}, so every "
+                "container would see every GPU; nothing was run",
+                fix_suggestion=f"Upgrade {self.engine.name} to {wanted} or later, or run this "
+                "study with `runner: docker`; for a CPU-only study, set `virtual_gpus: N`.",
+            )
 
     async def gpu_mode_for(self, gpus: Sequence[str]) -> GpuRequestMode:
         """How this run's `gpus` are asked for (decided by `check_gpus`, else now)."""
@@ -431,7 +482,14 @@ class DockerRunner:
             self, ContainerRun(self), config, gpus=gpus, observer=observer, gate=gate
         )
 
-    async def _remove(self, container: Any, bound: Any, *, by: float = math.inf) -> None:
+    def describe_launch(
+        self, exchange: ExchangeDir, gpu_ids: Sequence[str], *, config_hash: str
+    ) -> tuple[str, dict[str, Any]]:
+        """For --dry-run: what it would ask its engine to create for one experiment."""
+        body = self.container_spec(exchange, gpu_ids, config_hash=config_hash)
+        return f"container spec of the first experiment ({self.engine}, create body):", body
+
+    async def remove_container(self, container: Any, bound: Any, *, by: float = math.inf) -> None:
         """Force-remove the container; shielded from cancellation and bounded.
 
         If the daemon cannot be reached (restarting), the id is kept and removal is
@@ -442,21 +500,21 @@ class DockerRunner:
             with anyio.CancelScope(deadline=limit) as scope:
                 try:
                     await container.delete(force=True, v=True)
-                    self._pending_removal.discard(container.id)
+                    self.pending_removal.discard(container.id)
                     return
                 except aiodocker.DockerError as exc:
                     if exc.status == 404:
-                        self._pending_removal.discard(container.id)
+                        self.pending_removal.discard(container.id)
                         return
                     bound.warning("container_remove_failed", error=str(exc))
                 except (aiohttp.ClientError, OSError) as exc:
                     bound.warning("container_remove_failed", error=repr(exc))
             if scope.cancelled_caught:
                 bound.warning("container_remove_timed_out")
-            self._pending_removal.add(container.id)
+            self.pending_removal.add(container.id)
 
-    async def _remove_pending(self) -> None:
-        """Retry removals that failed while the daemon was unreachable."""
-        for container_id in list(self._pending_removal):
-            container = self._client().containers.container(container_id)
-            await self._remove(container, log.bind(container_id=container_id[:12]))
+    async def remove_pending(self) -> None:
+        """Retry removals that failed while the engine was unreachable."""
+        for container_id in list(self.pending_removal):
+            container = self.client().containers.container(container_id)
+            await self.remove_container(container, log.bind(container_id=container_id[:12]))

@@ -3,9 +3,12 @@
 A kind is one class registered under its name: it says what it needs (an image,
 an engine answering on the host), how it hands GPUs to an experiment, whether it
 is available here, how to build its runner from a study's plain values, and its
-own `doctor` checks. `runner:` in a study, `--runner`, `LLEM_RUNNER`, doctor,
-runner choice and the Ray nodes all ask this registry; no other module compares
-kind names.
+own `doctor` checks. A kind that runs images owns them: it checks their references
+(`check_image`), says which are missing, builds them on its own engine
+(`ensure_image`), reaps its own leftovers and describes its own launch for
+`--dry-run`, so no other module asks any engine for another kind. `runner:` in a
+study, `--runner`, `LLEM_RUNNER`, doctor, runner choice and the Ray nodes all ask
+this registry; no other module compares kind names.
 
 Built-in kinds (`local`, `docker`) are registered as dotted paths and imported
 the first time they are used, so naming a kind costs no heavy import. Kinds from
@@ -29,13 +32,15 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import structlog
 
-from llem_dispatch.errors import ConfigError
+from llem_dispatch.errors import ConfigError, ImageError, LlemError
 
 if TYPE_CHECKING:
+    from llem_dispatch._exchange import ExchangeDir
+    from llem_dispatch.reap import ReapedContainer
     from llem_dispatch.runners.protocol import Runner
 
 __all__ = [
@@ -43,6 +48,7 @@ __all__ = [
     "AUTO_ORDER",
     "ENTRY_POINT_GROUP",
     "DoctorCheck",
+    "ImageBuild",
     "RunnerKind",
     "RunnerOptions",
     "choose_auto",
@@ -126,6 +132,18 @@ class RunnerOptions:
     cdi_kind: str = "nvidia.com/gpu"
 
 
+@dataclass(frozen=True, slots=True)
+class ImageBuild:
+    """How to make a missing image: its build context (a folder), Dockerfile and args.
+
+    Plain values (the study's `build:` resolved against its folder, args interpolated).
+    """
+
+    context: Path
+    dockerfile: str | None = None
+    args: Mapping[str, str] = field(default_factory=dict)
+
+
 class RunnerKind:
     """One runner engine, registered under a name; subclass it for a new engine.
 
@@ -166,9 +184,80 @@ class RunnerKind:
         """The runner for a study's experiments (`image` when the kind `needs_image`)."""
         raise NotImplementedError(f"runner kind {self.name!r} does not build a runner")
 
-    async def missing_images(self, images: Sequence[str]) -> list[str]:
+    def check_image(self, reference: str) -> str:
+        """`reference` if it names an image this kind can run, else a `ValueError` saying
+        what one looks like (raised at the study's line by the schema)."""
+        raise ValueError(f"the {self.name} runner runs no image")
+
+    def resolve_image(self, reference: str, study_dir: Path) -> str:
+        """What a study's `reference` names from its folder (a file kind: an absolute
+        path); a registry reference is itself."""
+        return reference
+
+    async def missing_images(
+        self, images: Sequence[str], *, study_dir: Path | None = None
+    ) -> list[str]:
         """Those of `images` that are not on this host's engine (kinds that need one)."""
         return []
+
+    def missing_image_error(self, image: str) -> LlemError:
+        """The error for an image this kind would run that is not here, with how to get it."""
+        return ImageError(
+            f"image {image!r} is not present for the {self.name} runner and the study has "
+            "no `build:` context",
+            fix_suggestion="Make the image available on this host, then run again.",
+        )
+
+    async def build_image(
+        self, image: str, build: ImageBuild, *, output: Callable[[str], None] = print
+    ) -> None:
+        """Build `image` from `build` on this kind's own engine."""
+        raise ConfigError(
+            f"the {self.name} runner cannot build images (`build:` is for kinds that do)",
+            fix_suggestion="Drop `build:` and make the image available yourself.",
+        )
+
+    async def ensure_image(
+        self,
+        image: str,
+        *,
+        build: ImageBuild | None,
+        study_dir: Path,
+        output: Callable[[str], None] = print,
+    ) -> bool:
+        """Before anything runs: `image` is here, or is built from `build`; True if built.
+
+        Without a `build:` a missing image is refused (`missing_image_error`).
+        """
+        if not await self.missing_images([image], study_dir=study_dir):
+            return False
+        if build is None:
+            raise self.missing_image_error(image)
+        await self.build_image(image, build, output=output)
+        return True
+
+    async def reap(
+        self,
+        *,
+        results_dir: Path | None = None,
+        logs_dir: Path | None = None,
+        dry_run: bool = False,
+        study_over: bool = False,
+        engine_url: str | None = None,
+        api_deadlines: Mapping[str, float] | None = None,
+    ) -> list[ReapedContainer]:
+        """Remove what crashed runs of this kind left (kinds that are `reapable`)."""
+        return []
+
+    def describe_launch(
+        self, runner: Runner, exchange: ExchangeDir, gpu_ids: Sequence[str], *, config_hash: str
+    ) -> tuple[str, Any] | None:
+        """For --dry-run: a title and what the runner would start for one experiment."""
+        describe = getattr(runner, "describe_launch", None)
+        if describe is None:
+            return None
+        title, body = describe(exchange, gpu_ids, config_hash=config_hash)
+        return str(title), body
 
     async def check_study(self, options: RunnerOptions, images: Sequence[str]) -> None:
         """Before anything runs: raise a `ConfigError` for what would fail in every run."""

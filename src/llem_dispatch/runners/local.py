@@ -126,6 +126,17 @@ class LocalRunner:
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
+    def describe_launch(
+        self, exchange: ExchangeDir, gpu_ids: Sequence[str], *, config_hash: str
+    ) -> tuple[str, dict[str, Any]]:
+        """For --dry-run: the process it would start for one experiment (argv, cwd, env)."""
+        env = self.process_env(exchange, gpu_ids)
+        return "process of the first experiment:", {
+            "argv": self.command,
+            "cwd": str(self.cwd),
+            "env": {k: v for k, v in env.items() if k.startswith(("LLEM_", "CUDA_"))},
+        }
+
     @property
     def speaks_gate(self) -> bool:
         """Runs can be held at a gate: the helper waits (`function:`), or a shell gate
@@ -261,7 +272,13 @@ class _ProcessRun:
             os.killpg(self.process.pid, signal.SIGTERM)
         with anyio.move_on_after(grace):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(wait_until_forced)
+
+                async def forced() -> None:
+                    # A second Ctrl-C mid-grace: stop waiting (the clean-up SIGKILLs).
+                    await wait_until_forced()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(forced)
                 await self.process.wait()
                 tg.cancel_scope.cancel()
 

@@ -1,12 +1,14 @@
 """The `podman` runner kind: Podman's Docker-compatible API, GPUs by CDI name only.
 
-Podman speaks the Docker Engine API on its own socket, so the Docker runner
-drives it unchanged (labels and `reap`, timeouts, logs, cancellation, prestart,
-the exchange dir, the container user); only where the engine is and how GPUs
-are asked for differ. Podman reads CDI specs natively, and GPUs go to its
+Podman speaks the Docker Engine API on its own socket, so the Docker kind's
+runner drives it unchanged (labels and `reap`, timeouts, logs, cancellation,
+prestart, the exchange dir, the container user), on another engine object: its
+URL, and its quirks. Podman reads CDI specs natively, and GPUs go to its
 containers by `<cdi_kind>=<UUID>` only. Before Podman 5.4 its compatible API
 silently ignores device requests (a GPU container would see every GPU), so a
-GPU study on an older Podman is refused before anything runs.
+GPU study on an older Podman is refused before anything runs. Its images are
+looked up and built through its own API, never Docker's. (`PodmanRunner`, for
+library use, is in `runners.podman`.)
 
 Where the engine is: `LLEM_ENGINE_URL` (`--engine-url`), else the rootless
 socket `$XDG_RUNTIME_DIR/podman/podman.sock` when it exists, else the rootful
@@ -16,24 +18,23 @@ socket `$XDG_RUNTIME_DIR/podman/podman.sock` when it exists, else the rootful
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from llem_dispatch._cdi import DEFAULT_SPEC_DIRS, read_specs
-from llem_dispatch._docker import docker_available, version_info
+from llem_dispatch._engine import ContainerEngine
 from llem_dispatch.errors import ConfigError, EngineUnavailableError, LlemError
-from llem_dispatch.runners.docker import DockerRunner
 from llem_dispatch.runners.docker_kind import DockerRunnerKind, cdi_checks, image_checks
-from llem_dispatch.runners.gpu_request import EngineGpuFacts
 from llem_dispatch.runners.kinds import DoctorCheck, RunnerOptions
+
+if TYPE_CHECKING:
+    from llem_dispatch.runners.docker import DockerRunner
 
 __all__ = [
     "ENGINE_URL_ENV",
     "MIN_GPU_VERSION",
-    "PodmanRunner",
     "PodmanRunnerKind",
+    "podman_engine",
     "podman_url",
     "podman_version",
     "require_podman",
@@ -44,7 +45,6 @@ ENGINE_URL_ENV = "LLEM_ENGINE_URL"
 ROOTFUL_SOCKET = "/run/podman/podman.sock"
 #: The first Podman whose Docker-compatible API honours device requests.
 MIN_GPU_VERSION = (5, 4)
-_VERSION_RE = re.compile(r"^v?(\d+)\.(\d+)")
 _START_PODMAN = (
     "Start Podman's API service: `systemctl --user start podman.socket` (rootless) or "
     "`sudo systemctl start podman.socket`, or name its socket with --engine-url / "
@@ -62,60 +62,35 @@ def podman_url() -> str:
     return f"unix://{ROOTFUL_SOCKET}"
 
 
+def podman_engine(url: str | None = None) -> ContainerEngine:
+    """Podman at `url` (default `podman_url()`): CDI only, 5.4+ for GPUs, builds by its API."""
+    return ContainerEngine(
+        "Podman",
+        url or podman_url(),
+        runner_type="podman",
+        cdi_native=True,
+        cdi_only=True,
+        min_gpu_version=MIN_GPU_VERSION,
+        start_hint=_START_PODMAN,
+        builds_through_api=True,
+    )
+
+
 async def podman_version(url: str) -> tuple[str, tuple[int, int] | None]:
     """Podman's version as it says it (`5.4.2`), and (major, minor) when it parses."""
-    info = await version_info(url=url)
-    components = info.get("Components") or []
-    text = next(
-        (str(c.get("Version")) for c in components if "podman" in str(c.get("Name", "")).lower()),
-        str(info.get("Version", "")),
-    )
-    match = _VERSION_RE.match(text)
-    return text, (int(match.group(1)), int(match.group(2))) if match else None
+    from llem_dispatch._docker import engine_version_of, version_info
+
+    return engine_version_of(await version_info(engine=podman_engine(url)), "podman")
 
 
 def require_podman(url: str) -> None:
     """Raise `EngineUnavailableError` (with how to start it) when nothing answers at `url`."""
+    from llem_dispatch._docker import docker_available
+
     if not docker_available(url=url):
         raise EngineUnavailableError(
             f"Podman's API service does not answer at {url}", fix_suggestion=_START_PODMAN
         )
-
-
-class PodmanRunner(DockerRunner):
-    """A DockerRunner on Podman's Docker-compatible API; GPUs by CDI name only."""
-
-    runner_type = "podman"
-    engine_name = "Podman"
-
-    def __init__(self, image: str, **kwargs: Any) -> None:
-        if kwargs.get("gpu_devices") == "nvidia" and kwargs.get("gpu_passthrough", True):
-            raise ValueError("PodmanRunner asks for GPUs by CDI name only: gpu_devices='cdi'")
-        super().__init__(image, **{**kwargs, "gpu_devices": "cdi"})
-        if self._docker_host is None:
-            self._docker_host = podman_url()
-
-    async def gpu_facts(self) -> EngineGpuFacts:
-        """Podman always has CDI: what the specs in its default dirs offer."""
-        if self._gpu_facts is None:
-            specs = read_specs(DEFAULT_SPEC_DIRS)
-            self._gpu_facts = EngineGpuFacts("Podman", True, DEFAULT_SPEC_DIRS, specs)
-        return self._gpu_facts
-
-    async def check_gpus(self, gpus: Sequence[str]) -> None:
-        """Refuse a GPU study on a Podman that would ignore the device requests, then decide."""
-        require_podman(self._engine_url())
-        if gpus and self.gpu_passthrough:
-            text, version = await podman_version(self._engine_url())
-            if version is None or version < MIN_GPU_VERSION:
-                raise ConfigError(
-                    f"Podman {text or '(version unknown)'} at {self._engine_url()}: its "
-                    "Docker-compatible API ignores device requests before 5.4, so every "
-                    "container would see every GPU; nothing was run",
-                    fix_suggestion="Upgrade Podman to 5.4 or later, or run this study with "
-                    "`runner: docker`; for a CPU-only study, set `virtual_gpus: N`.",
-                )
-        await super().check_gpus(gpus)
 
 
 class PodmanRunnerKind(DockerRunnerKind):
@@ -126,11 +101,22 @@ class PodmanRunnerKind(DockerRunnerKind):
 
     engine = "Podman API service"
     summary = "Podman containers"
-    runner_class = PodmanRunner
 
     def engine_url(self) -> str:
         """LLEM_ENGINE_URL, else the rootless socket when it exists, else the rootful one."""
         return podman_url()
+
+    def container_engine(self, url: str | None = None) -> ContainerEngine:
+        """Podman at `url` (default `engine_url()`), with its quirks."""
+        return podman_engine(url or self.engine_url())
+
+    async def missing_images(
+        self, images: Sequence[str], *, study_dir: Path | None = None
+    ) -> list[str]:
+        """Those of `images` Podman does not have (asked on its socket, said how to start it)."""
+        if images:
+            require_podman(self.engine_url())
+        return await super().missing_images(images, study_dir=study_dir)
 
     async def check_study(self, options: RunnerOptions, images: Sequence[str]) -> None:
         """Podman's API answers (said with how to start it), then Docker's checks."""
@@ -138,7 +124,7 @@ class PodmanRunnerKind(DockerRunnerKind):
         await super().check_study(options, images)
 
     def build(self, options: RunnerOptions, image: str | None = None) -> DockerRunner:
-        """A PodmanRunner; `gpu_devices: nvidia` is refused (Podman names GPUs by CDI)."""
+        """A runner on Podman; `gpu_devices: nvidia` is refused (Podman names GPUs by CDI)."""
         if options.gpu_devices == "nvidia" and not options.virtual:
             raise ConfigError(
                 "gpu_devices: nvidia, but runner podman hands GPUs over by CDI name only",
@@ -175,7 +161,8 @@ class PodmanRunnerKind(DockerRunnerKind):
                 optional=True,
             ),
         ]
-        checks += await cdi_checks(url, cdi_native=True, engine="Podman")
+        engine = self.container_engine(url)
+        checks += await cdi_checks(engine, cdi_native=True)
         for image in images:
-            checks += await image_checks(image, buildable, url=url)
+            checks += await image_checks(image, buildable, engine=engine)
         return checks

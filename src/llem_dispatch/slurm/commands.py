@@ -206,11 +206,19 @@ async def _scontrol_state(job_id: str) -> JobState:
     )
 
 
-async def scancel(job_ids: Iterable[str], *, timeout_s: float = CALL_TIMEOUT_S) -> None:
-    """Cancel these jobs (one call); jobs already ended are no error."""
+async def scancel(
+    job_ids: Iterable[str], *, timeout_s: float = CALL_TIMEOUT_S, signal: str | None = None
+) -> None:
+    """Cancel these jobs (one call); jobs already ended are no error.
+
+    `signal` (TERM, KILL): only send it to every process of the running jobs, the
+    batch step included, and leave them to end by themselves; a job cancelled
+    outright gets SIGTERM and, Slurm's `KillWait` later, SIGKILL.
+    """
     ids = sorted(set(job_ids), key=lambda i: int(i.split(".")[0]))
     if ids:
-        await slurm_call(["scancel", *ids], timeout_s=timeout_s, check=False)
+        how = [f"--signal={signal}", "--full"] if signal else []
+        await slurm_call(["scancel", *how, *ids], timeout_s=timeout_s, check=False)
 
 
 async def study_jobs(name_prefix: str) -> dict[str, str]:

@@ -5,9 +5,10 @@ The attempt dir (on the filesystem the driver and the nodes share) holds
 factory beside it. The job sees the GPUs Slurm gave it (`CUDA_VISIBLE_DEVICES`),
 waits out the cooldown and the thermal gate on those GPUs, then writes
 `started.json` (node, job id, GPUs, their UUIDs and state), runs the attempt with
-the study's runner kind, and writes `outcome.json` (the result, the failure or
-the error) atomically. SIGTERM (scancel, Slurm's time limit) cancels the run, so
-the runner removes what it started before the job ends.
+the study's runner kind (sampling its GPUs' telemetry meanwhile, when the spec
+asks), and writes `outcome.json` (the result, the failure or the error, and the
+attempt's report with those samples) atomically. SIGTERM (scancel, Slurm's time
+limit) cancels the run, so the runner removes what it started before the job ends.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import anyio
 
 from llem_dispatch.dispatch.attempt import AttemptReport
 from llem_dispatch.errors import error_payload
+from llem_dispatch.gpu.attempt_telemetry import AttemptSampling, NodeTelemetry
 from llem_dispatch.gpu.discovery import nvml_inventory, parse_visible_devices
 from llem_dispatch.gpu.held import gpus_at_start, settle_after_exit
 from llem_dispatch.gpu.thermal import SettleSpec
@@ -87,17 +89,33 @@ class _Observer:
 
     def __init__(self) -> None:
         self.info: dict[str, Any] = {}
+        self.exited: AttemptReport | None = None
 
     def on_started(self, info: RunInfo) -> None:
         self.info["report"] = AttemptReport.of(info).to_wire()
 
     def on_exited(self, info: RunInfo) -> None:
         # With its phases (prepare, gate, work marks), as a local run records them.
-        self.info["report"] = AttemptReport.of(info).to_wire()
+        self.exited = AttemptReport.of(info)
+        self.info["report"] = self.exited.to_wire()
+
+    async def add_telemetry(self, sampling: AttemptSampling | None) -> None:
+        """Once the run has exited: its report carries its GPUs' samples taken here."""
+        if sampling is None or self.exited is None:
+            return
+        exited_at = self.exited.exited_at
+        telemetry = await sampling.finish(exited_at.timestamp() if exited_at else None)
+        self.info["report"] = self.exited.with_telemetry(telemetry).to_wire()
 
 
-async def _run(runner: Runner, config: HashedConfig, gpus: tuple[str, ...]) -> dict[str, Any]:
-    """Run the attempt; its outcome as plain data. SIGTERM cancels it (cleanly)."""
+async def _run(
+    runner: Runner,
+    config: HashedConfig,
+    gpus: tuple[str, ...],
+    telemetry: NodeTelemetry | None = None,
+) -> dict[str, Any]:
+    """Run the attempt (its GPUs sampled meanwhile, with `telemetry`); its outcome as
+    plain data. SIGTERM cancels it (cleanly)."""
     observer = _Observer()
     message: dict[str, Any] = {"kind": "cancelled"}
     async with anyio.create_task_group() as tg:
@@ -110,16 +128,21 @@ async def _run(runner: Runner, config: HashedConfig, gpus: tuple[str, ...]) -> d
 
         async def attempt() -> None:
             nonlocal message
+            sampling = AttemptSampling.start(telemetry, gpus)
             try:
                 outcome = await runner.run(config, gpus=gpus, observer=observer)
             except Exception as exc:  # noqa: BLE001 - every error goes to the driver as data
                 message = {"kind": "error", "error": error_payload(exc)}
+                await observer.add_telemetry(sampling)
             else:
                 if isinstance(outcome, ExperimentFailure):
                     message = {"kind": "failure", "failure": outcome.model_dump(mode="json")}
                 else:
                     message = {"kind": "result", "result": outcome.model_dump(mode="json")}
+                await observer.add_telemetry(sampling)
             finally:
+                if sampling is not None:
+                    sampling.stop()
                 with anyio.move_on_after(30, shield=True):
                     await runner.aclose()
             tg.cancel_scope.cancel()
@@ -226,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         runner = factory(host)
         config = HashedConfig(spec["config"], spec["config_hash"])
         # Handed over by UUID where NVML knows it: never a guessable index.
-        message = anyio.run(_run, runner, config, tuple(uuids.get(i, i) for i in ids))
+        telemetry = NodeTelemetry.from_wire(spec.get("telemetry"))
+        gpus = tuple(uuids.get(i, i) for i in ids)
+        message = anyio.run(_run, runner, config, gpus, telemetry)
         record_work_ended(ids, uuids, _ended_at(message))
     except Exception as exc:  # noqa: BLE001 - the driver gets every failure as data
         message = {"kind": "error", "error": error_payload(exc), "info": {}}

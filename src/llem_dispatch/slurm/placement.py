@@ -17,12 +17,9 @@ bounded; a resumed study adopts the jobs its dead driver left queued or running
 from __future__ import annotations
 
 import math
-import os
 import pickle
 import shlex
 import shutil
-import socket
-import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -45,14 +42,18 @@ from llem_dispatch.errors import (
     GpuRequestError,
 )
 from llem_dispatch.gpu import SettleSpec
+from llem_dispatch.gpu.attempt_telemetry import NodeTelemetry
 from llem_dispatch.models import ExperimentFailure, ExperimentResult, HashedConfig
+from llem_dispatch.runners import ForceKill, current_force_kill
 from llem_dispatch.runners.kinds import DoctorCheck
 from llem_dispatch.runners.protocol import Outcome, Runner
 from llem_dispatch.slurm import commands
 from llem_dispatch.slurm.attempts import Attempt, Ledger, fill_started, outcome_of
-from llem_dispatch.slurm.commands import NEVER_STARTS, JobState, gpu_count, time_s
+from llem_dispatch.slurm.commands import NEVER_STARTS, JobState, gpu_count
 from llem_dispatch.slurm.doctor import doctor_checks
 from llem_dispatch.slurm.job import OUTCOME_FILE, STARTED_FILE
+from llem_dispatch.slurm.jobspec import JobTemplate
+from llem_dispatch.slurm.live import LiveJobs
 from llem_dispatch.slurm.settings import SlurmSettings
 from llem_dispatch.slurm.steps import StepRunner
 from llem_dispatch.slurm.watch import JobWatch
@@ -61,9 +62,14 @@ __all__ = ["SlurmPlacement"]
 
 log = structlog.get_logger("llem_dispatch.slurm")
 
-#: Beyond the experiment's own timeout: the job's Python start, the cooldown and
-#: the thermal gate, and the runner's clean-up.
-_MARGIN_S = 120.0
+
+def _slurm_settings(settings: BaseModel | None) -> SlurmSettings:
+    """The study's `slurm:` block, as validated at load (the defaults when there is none)."""
+    if settings is None:
+        return SlurmSettings()
+    if not isinstance(settings, SlurmSettings):
+        raise TypeError(f"the Slurm placement's settings are SlurmSettings, not {type(settings)}")
+    return settings
 
 
 def _no_runner(host: HostContext) -> Runner:
@@ -82,6 +88,11 @@ class SlurmPlacement(Placement):
     #: Each job builds the runner on its node (`auto` decided there).
     on_this_host = False
     STUDY_SWEEP_S: ClassVar[float] = 60.0
+    settings_model: ClassVar[type[BaseModel] | None] = SlurmSettings
+    gpus_assigned_elsewhere: ClassVar[tuple[str, str]] = (
+        "under Slurm each job gets the GPUs Slurm assigns it",
+        "Drop them; give each experiment's GPU count with `gpus_per_experiment`.",
+    )
 
     def __init__(
         self,
@@ -92,20 +103,30 @@ class SlurmPlacement(Placement):
         study_name: str = "study",
         cooldown_s: float = 0.0,
         settle: SettleSpec | None = None,
+        telemetry: NodeTelemetry | None = None,
         timeout_s: float | None = None,
         runner_type: str = "slurm",
         result_model: type[BaseModel] = ExperimentResult,
         cpus_per_gpu: int | None = None,
+        stop_grace_s: float = 10.0,
+        force_kill: ForceKill | None = None,
     ) -> None:
         self.runner_factory = runner_factory
-        #: The study's cores per GPU: each job asks for them and its step is bound to them.
-        self.cpus_per_gpu = cpus_per_gpu
         self.settings = settings or SlurmSettings()
         self.base = Path(results_dir) / "slurm"
         self.study_name = study_name
-        self.cooldown_s = cooldown_s
-        self.settle = settle
-        self.timeout_s = timeout_s
+        self._factory_path = self.base / "runner_factory.pkl"
+        #: What every job of the study asks for and runs.
+        self.jobs = JobTemplate(
+            self.settings,
+            study_name,
+            self._factory_path,
+            cooldown_s=cooldown_s,
+            settle=settle,
+            timeout_s=timeout_s,
+            cpus_per_gpu=cpus_per_gpu,
+            telemetry=telemetry,
+        )
         self.runner_type = runner_type
         self.result_model = result_model
         self.ledger = Ledger(self.base / "jobs.jsonl")
@@ -124,42 +145,49 @@ class SlurmPlacement(Placement):
         self._largest_node: int | None = None
         self._total_gpus = 0
         self._adoptable: dict[str, list[Attempt]] = {}
-        #: Jobs submitted (or adopted) and not yet seen to end: cancelled on close.
-        self._live: dict[str, Attempt] = {}
-        #: Jobs whose result was taken from their outcome file while Slurm still listed
-        #: them (exiting): the study waits for them to leave the queue before it ends.
-        self._exiting: set[str] = set()
-        self._factory_path = self.base / "runner_factory.pkl"
+        #: The study's jobs in the queue; a forced stop (`force_kill`) kills them at once.
+        self.queue = LiveJobs(
+            self.settings,
+            self.watch,
+            self.ledger,
+            force_kill or current_force_kill(),
+            grace_s=stop_grace_s,
+        )
+        self._live = self.queue.live
+        self._exiting = self.queue.exiting
 
     # -- study-level hooks ----------------------------------------------------------
 
     @classmethod
     def for_study(cls, request: PlacementRequest, settings: BaseModel | None) -> SlurmPlacement:
         """The study's runner factory, run by jobs of the study's name."""
-        slurm = SlurmSettings.model_validate(settings) if settings is not None else None
         return cls(
             request.runner_factory,
             request.results_dir,
-            settings=slurm,
+            settings=_slurm_settings(settings),
             study_name=request.study_name or request.results_dir.name,
             cooldown_s=request.cooldown_s,
             settle=request.settle,
+            telemetry=request.telemetry,
             timeout_s=request.timeout_s,
             runner_type=request.runner_kind,
             cpus_per_gpu=request.cpus_per_gpu,
+            stop_grace_s=request.stop_grace_s,
+            force_kill=request.force_kill,
         )
 
     @classmethod
     def stop_bound_s(cls, stop_grace_s: float, settings: BaseModel | None) -> float:
-        """`scancel` (its own deadline) and the jobs' wait to leave the queue, for the jobs
-        cancelled and for those exiting after their result was taken; the sweep."""
-        slurm = SlurmSettings.model_validate(settings) if settings is not None else SlurmSettings()
-        return 2 * (commands.CALL_TIMEOUT_S + slurm.cancel_timeout_s) + cls.STUDY_SWEEP_S
+        """The jobs cancelled stopping within their grace (or cancelled outright after it),
+        those exiting after their result was taken leaving the queue; the sweep."""
+        slurm = _slurm_settings(settings)
+        exiting_s = commands.CALL_TIMEOUT_S + slurm.cancel_timeout_s
+        return LiveJobs.bound_s(slurm, stop_grace_s) + exiting_s + cls.STUDY_SWEEP_S
 
     @classmethod
     async def doctor_checks(cls, settings: BaseModel | None, folder: Path) -> list[DoctorCheck]:
         """Slurm answers; its partitions and their GPUs; a job can write into `folder`."""
-        slurm = SlurmSettings.model_validate(settings) if settings is not None else None
+        slurm = _slurm_settings(settings)
         return await doctor_checks(
             lambda scratch: cls(_no_runner, scratch, settings=slurm, study_name="doctor"), folder
         )
@@ -283,7 +311,7 @@ class SlurmPlacement(Placement):
         finally:
             last = self.watch.state(attempt.job_id)
             if not seen and (last is None or last.active):
-                await self._cancel(attempt)
+                await self.queue.cancel(attempt)
             self._live.pop(attempt.job_id, None)
             self.watch.forget(attempt.job_id)
 
@@ -307,8 +335,8 @@ class SlurmPlacement(Placement):
     async def sweep(self, request: PlacementRequest, *, study_over: bool) -> None:
         """After the study: cancel any job of it still in the queue (none normally)."""
         if study_over:
-            await self._cancel_all()
-            await self._until_exited()
+            await self.queue.cancel_all()
+            await self.queue.until_exited()
 
     def describe(self) -> Mapping[str, Any]:
         """Where the study runs: the partition, the allocation, and the GPUs Slurm showed."""
@@ -356,7 +384,7 @@ class SlurmPlacement(Placement):
                 await self._queue.acquire()
                 queued = True
                 attempt = Attempt.new(self.base, config.config_hash)
-                attempt.write_spec(self._spec(config))
+                attempt.write_spec(self.jobs.spec(config))
                 await self._submit(attempt, gpus, config)
             else:
                 log.info(
@@ -373,7 +401,7 @@ class SlurmPlacement(Placement):
             return self._ended(attempt, state, draft)
         except anyio.get_cancelled_exc_class():
             if attempt is not None:
-                await self._cancel(attempt)
+                await self.queue.cancel(attempt)
             raise
         finally:
             if queued:
@@ -391,18 +419,18 @@ class SlurmPlacement(Placement):
         """Inside an allocation: the attempt as one of its job steps."""
         assert self.steps is not None
         attempt = Attempt.new(self.base, config.config_hash)
-        attempt.write_spec(self._spec(config))
+        attempt.write_spec(self.jobs.spec(config))
         argv = [
             "srun",
             "--exact",
             "--nodes=1",
             "--ntasks=1",
-            *self.sbatch_options(gpus, self._job_name(config), step=True),
+            *self.sbatch_options(gpus, self.jobs.job_name(config), step=True),
             f"--output={attempt.folder}/slurm-%j.%s.out",
-            *self.job_command(attempt),
+            *self.jobs.command(attempt.folder),
         ]
         outcome = await self.steps.run(
-            attempt, argv, draft, on_started, self.result_model, self._own_bound_s()
+            attempt, argv, draft, on_started, self.result_model, self.jobs.own_bound_s()
         )
         return self._tidy(attempt, draft, outcome)
 
@@ -443,7 +471,7 @@ class SlurmPlacement(Placement):
             return None
         state = found
         if state.active and state.reason in NEVER_STARTS:
-            await self._cancel(attempt)
+            await self.queue.cancel(attempt)
             raise ConfigError(
                 f"Slurm keeps job {attempt.job_id} pending for a reason that will not pass: "
                 f"{state.reason}",
@@ -465,7 +493,7 @@ class SlurmPlacement(Placement):
         """
         assert attempt.job_id is not None
         job_id = attempt.job_id
-        bound = self._own_bound_s()
+        bound = self.jobs.own_bound_s()
         with anyio.move_on_after(bound if bound is not None else math.inf):
             found = await self.watch.wait_or_file(
                 job_id, lambda s: not s.active, (attempt.folder / OUTCOME_FILE,)
@@ -477,7 +505,7 @@ class SlurmPlacement(Placement):
                 return JobState(job_id, "COMPLETED")
             self.watch.hurry()
             return await self.watch.wait(job_id, lambda s: not s.active)
-        await self._cancel(attempt)
+        await self.queue.cancel(attempt)
         self.ledger.ended(attempt, "TIMEOUT")
         raise ExperimentTimeoutError(
             f"Slurm job {attempt.job_id} ran past {bound:g}s (the study's timeout and its "
@@ -489,91 +517,14 @@ class SlurmPlacement(Placement):
 
     # -- Slurm calls ----------------------------------------------------------------
 
-    def _own_bound_s(self) -> float | None:
-        """How long a started job may run before we cancel it ourselves."""
-        limit = time_s(self.settings.time_limit) if self.settings.time_limit else None
-        if self.timeout_s is None and limit is None:
-            return None
-        settle = self.settle.max_s if self.settle is not None else 0.0
-        ours = self.timeout_s + self.cooldown_s + settle if self.timeout_s else math.inf
-        return min(ours, limit or math.inf) + _MARGIN_S
-
-    def time_limit(self) -> str | None:
-        """The `--time` of each job: the setting, else the study's timeout plus margins."""
-        if self.settings.time_limit:
-            return self.settings.time_limit
-        if self.timeout_s is None:
-            return None
-        settle = self.settle.max_s if self.settle is not None else 0.0
-        minutes = math.ceil((self.timeout_s + self.cooldown_s + settle + _MARGIN_S) / 60)
-        return str(minutes)
-
-    def _job_name(self, config: HashedConfig) -> str:
-        return f"llem-{self.study_name}-{config.config_hash[:8]}"
-
-    def _spec(self, config: HashedConfig) -> dict[str, Any]:
-        return {
-            "config": dict(config),
-            "config_hash": config.config_hash,
-            "factory": str(self._factory_path),
-            "cooldown_s": self.cooldown_s,
-            "settle": self.settle.model_dump() if self.settle is not None else None,
-            "driver_host": socket.gethostname(),
-        }
-
-    def job_command(self, attempt: Attempt) -> list[str]:
-        """What the job runs: the entry of this package, with the driver's Python."""
-        python = self.settings.python or sys.executable
-        argv = [python, "-m", "llem_dispatch.slurm.job", str(attempt.folder)]
-        path = os.environ.get("PYTHONPATH")
-        if path:
-            # The job starts in its attempt dir: a relative entry must name what it
-            # names here (e.g. a source checkout's `src`).
-            entries = [str(Path(p).resolve()) if p else p for p in path.split(os.pathsep)]
-            argv = ["env", f"PYTHONPATH={os.pathsep.join(entries)}", *argv]
-        return argv
-
     def sbatch_options(self, gpus: int, name: str, *, step: bool = False) -> list[str]:
         """The options every job of this study gets (a step: those within an allocation)."""
-        s = self.settings
-        argv = [f"--job-name={name}"]
-        if gpus:
-            argv.append(f"--gpus={gpus}" if s.gpu_option == "gpus" else f"--gres=gpu:{gpus}")
-        # A step lives in the allocation's partition, account and QOS.
-        where = (
-            ()
-            if step
-            else (
-                ("--partition", s.partition),
-                ("--account", s.account),
-                ("--qos", s.qos),
-                ("--constraint", s.constraint),
-            )
-        )
-        cpus = s.cpus_per_task
-        if cpus is None and self.cpus_per_gpu is not None and gpus:
-            # The study's cores per GPU, for the job's GPUs (`slurm.cpus_per_task` wins).
-            cpus = self.cpus_per_gpu * gpus
-        for flag, value in (
-            *where,
-            ("--time", self.time_limit()),
-            ("--cpus-per-task", cpus),
-            ("--mem", s.mem),
-        ):
-            if value is not None:
-                argv.append(f"{flag}={value}")
-        if step and cpus is not None:
-            argv.append("--cpu-bind=cores")  # the step's task on its own cores
-        if not step:
-            # Slurm would requeue a job whose node failed and run it again unseen: our
-            # retry policy decides instead, so each retry is journalled and bounded.
-            argv.append("--no-requeue")
-        return [*argv, *s.sbatch_args]
+        return self.jobs.sbatch_options(gpus, name, step=step)
 
     async def _submit(self, attempt: Attempt, gpus: int, config: HashedConfig) -> None:
-        command = shlex.join(["exec", *self.job_command(attempt)])
+        command = shlex.join(["exec", *self.jobs.command(attempt.folder)])
         attempt.job_id = await self._submit_script(
-            attempt, command, gpus=gpus, name=self._job_name(config)
+            attempt, command, gpus=gpus, name=self.jobs.job_name(config)
         )
         # In the ledger before anything waits on it: a driver killed now leaves it adoptable.
         self.ledger.submitted(attempt, gpus)
@@ -594,69 +545,9 @@ class SlurmPlacement(Placement):
                 job_id = await commands.sbatch(argv)
         return job_id
 
-    async def _cancel(self, attempt: Attempt) -> None:
-        """scancel the job and wait (bounded) until it has left the queue; shielded."""
-        if attempt.job_id is None:
-            return
-        attempt.cancelled_by_us = True
-        job_id = attempt.job_id
-        with (
-            anyio.CancelScope(shield=True),
-            anyio.move_on_after(commands.CALL_TIMEOUT_S + self.settings.cancel_timeout_s),
-        ):
-            try:
-                await commands.scancel([job_id])
-                await self.watch.wait(job_id, lambda s: not s.active)
-            except Exception as exc:  # noqa: BLE001 - cleanup: the sweep tries again
-                log.warning("slurm_cancel_failed", job_id=job_id, error=repr(exc))
-            else:
-                self._live.pop(job_id, None)
-                self.ledger.ended(attempt, "CANCELLED")
-
-    async def _until_exited(self) -> None:
-        """Until the jobs whose result was taken early have left the queue: `squeue`
-        at once, then at gaps that start at `file_poll_interval_s` and double up to
-        `poll_interval_s` (they are exiting: a poll or two); one still there after
-        `cancel_timeout_s`, hung in its exit, is cancelled. Bounded and shielded."""
-        exiting = sorted(self._exiting)
-        self._exiting.clear()
-        gap = self.settings.file_poll_interval_s
-        with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(self.settings.cancel_timeout_s):
-                while exiting:
-                    try:
-                        states = await commands.squeue_states(exiting)
-                    except Exception as exc:  # noqa: BLE001 - cleanup: nothing more to do
-                        log.warning("slurm_poll_failed", error=repr(exc))
-                        return
-                    exiting = [j for j in exiting if states[j].active]
-                    if exiting:
-                        await anyio.sleep(gap)
-                        gap = min(gap * 2, self.settings.poll_interval_s)
-            if exiting:
-                log.warning("slurm_job_exit_hung", jobs=exiting)
-                with anyio.move_on_after(commands.CALL_TIMEOUT_S):
-                    await commands.scancel(exiting)
-
-    async def _cancel_all(self) -> None:
-        """Every job of the study still live, in one scancel (bounded, shielded)."""
-        live = dict(self._live)
-        if not live:
-            return
-        log.warning("slurm_jobs_cancelled", jobs=sorted(live))
-        with (
-            anyio.CancelScope(shield=True),
-            anyio.move_on_after(commands.CALL_TIMEOUT_S + self.settings.cancel_timeout_s),
-        ):
-            await commands.scancel(live)
-            for job_id in live:
-                await self.watch.wait(job_id, lambda s: not s.active)
-                self.watch.forget(job_id)
-                self._live.pop(job_id, None)
-
     async def aclose(self) -> None:
         """Cancel any job still live (attempts cancel their own; this is the backstop)."""
         if self.steps is not None:
             await self.steps.aclose()
-        await self._cancel_all()
-        await self._until_exited()
+        await self.queue.cancel_all()
+        await self.queue.until_exited()

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from llem_dispatch.study.loading import load_study
 from llem_dispatch.study.plan import expand_study
+from llem_dispatch.study.request import StudyRequest
 from llem_dispatch.study.results import (
     Journal,
     ResultsDir,
@@ -48,6 +49,7 @@ __all__ = [
     "ResultsDir",
     "RunnerSpec",
     "Study",
+    "StudyRequest",
     "StudyRunnerFactory",
     "StudySummary",
     "build_pool",

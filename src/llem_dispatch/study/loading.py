@@ -116,8 +116,8 @@ def _unknown_field(name: str, depth: int) -> str:
     """'unknown field', with the nearest known name when there is one."""
     if depth > 1:
         return "unknown field"
-    # The keys a study file uses: `gpus`, not the attribute's name `gpu_ids`.
-    known = sorted(field.alias or name for name, field in Study.model_fields.items())
+    # The keys a study file uses: `gpus`, not the attribute's name `gpu_ids`; `ray:`.
+    known = Study.file_keys()
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]!r}? " if close else ""
     return f"unknown field; {hint}(allowed: {', '.join(known)})"

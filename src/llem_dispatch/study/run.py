@@ -13,18 +13,18 @@ import functools
 import os
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import anyio
 import structlog
 import yaml
 
 from llem_dispatch import _labels
-from llem_dispatch._deadlines import ApiDeadlines
 from llem_dispatch._exchange import remove_stale_secrets
+from llem_dispatch._sizes import parse_size
 from llem_dispatch.dispatch import (
     Dispatcher,
     Event,
@@ -41,15 +41,13 @@ from llem_dispatch.dispatch import (
 )
 from llem_dispatch.dispatch.fanout import fan_out
 from llem_dispatch.errors import ConfigError, EngineHungError
-from llem_dispatch.gpu import GpuPool
-from llem_dispatch.gpu.telemetry import TelemetryReader, TelemetrySampler
-from llem_dispatch.reap import reap
+from llem_dispatch.gpu.telemetry import TelemetrySampler
 from llem_dispatch.runners import Runner
-from llem_dispatch.runners.docker import parse_size
 from llem_dispatch.runners.kinds import find_runner_kind
 from llem_dispatch.study.adaptive import CycleHistory, Unresolved
 from llem_dispatch.study.chains import CycleChains
 from llem_dispatch.study.plan import cycle_experiments, expand_study, unique_configs
+from llem_dispatch.study.request import StudyOptions, StudyRequest
 from llem_dispatch.study.results import Journal, ResultsDir, StudySummary, iter_records
 from llem_dispatch.study.runner_choice import (
     StudyRunnerFactory,
@@ -60,9 +58,9 @@ from llem_dispatch.study.runner_choice import (
     resolve_runner,
 )
 from llem_dispatch.study.schema import Experiment, RunnerSpec, Study
-from llem_dispatch.study.telemetry import energy_block, start_telemetry, wait_for_samples
+from llem_dispatch.study.telemetry import node_telemetry, record_energy, start_telemetry
 
-__all__ = ["run_study"]
+__all__ = ["StudyOptions", "StudyRequest", "run_study"]
 
 log = structlog.get_logger("llem_dispatch.study")
 
@@ -80,95 +78,68 @@ class _Placed:
 
 
 async def run_study(
-    study: Study,
-    results_dir: str | Path,
-    *,
-    runner: Runner | None = None,
-    pool: GpuPool | None = None,
-    resume: bool = False,
-    on_event: Callable[[Event], None] | None = None,
-    max_concurrency: int | None = None,
-    study_dir: str | Path | None = None,
-    runner_value: str | None = None,
-    runner_spec: RunnerSpec | None = None,
-    retry_policy: RetryPolicy | None = None,
-    reap_orphans: bool = True,
-    cluster: str | None = None,
-    cluster_options: Mapping[str, Any] | None = None,
-    telemetry_reader: TelemetryReader | None = None,
+    request: StudyRequest | Study,
+    results_dir: str | Path | None = None,
+    **options: Unpack[StudyOptions],
 ) -> StudySummary:
-    """Run every experiment of `study`, writing records and a journal to `results_dir`.
+    """Run every experiment of a study, writing records and a journal to its results dir.
 
-    With `resume=True`, experiments that already succeeded there are skipped and
-    failed or interrupted ones run again; each experiment ends with one record file.
-    The study's `placement:` says where experiments run (this host's GPUs by default).
-    `cluster` (a Ray cluster's address) runs it on that cluster's nodes, as
-    `placement: ray` with `ray: {address: ...}` would, and `cluster_options` go over
-    the placement's settings block (`RaySettings`, e.g. `placement_timeout_s`); records and the
-    journal are still written here only. GPU telemetry (`telemetry:`) samples this host's
-    real GPUs through NVML, or `telemetry_reader` (tests). The runner is `runner` (with `pool`, this
-    host only), else `runner_spec` (a choice already made, recorded with its
-    source), else chosen from `runner_value` > LLEM_RUNNER > the study > auto.
-    The results dir is held exclusively for the whole run: a second run on it is
-    refused at once with `ResultsDirBusyError`.
+    Takes a `StudyRequest`, or a `Study`, the results dir and the request's fields as
+    keywords (`StudyRequest.of`). With `resume`, experiments that already succeeded
+    there are skipped and failed or interrupted ones run again; each experiment ends
+    with one record file. The study's `placement:` says where experiments run (this
+    host's GPUs by default); records and the journal are written here only. GPU
+    telemetry (`telemetry:`) samples this host's real GPUs; on Ray and Slurm each
+    attempt's GPUs are sampled where it runs. The results dir is held exclusively for
+    the whole run: a second run on it is refused at once with `ResultsDirBusyError`.
+    Everything the run opens is closed by one exit stack, in reverse order, each
+    close bounded; its `force_kill` is current for all it runs.
     """
-    if cluster is not None:
-        study = study.on_placement("ray", {"address": cluster, **(cluster_options or {})})
-    elif cluster_options:
-        # Over the settings block of the study's own placement (`ray:`).
-        study = study.on_placement(study.placement, cluster_options)
+    if isinstance(request, Study):
+        if results_dir is None:
+            raise TypeError("run_study(study, results_dir, ...): the results dir is missing")
+        request = StudyRequest.of(request, results_dir, **options)
+    elif results_dir is not None or options:
+        raise TypeError("run_study(request): give every option in the StudyRequest")
     started = time.monotonic()
+    study = request.study
     if study.cycle_order == "shuffled" and study.seed is None:
         # Record the seed (in study.yaml) so the order can be reproduced.
         study = study.model_copy(update={"seed": random.SystemRandom().randrange(2**31)})
     experiments = expand_study(study)
-    with ResultsDir.open(results_dir, resume=resume) as results:
-        journal_box: list[Journal] = []
-        placed = await _place(
-            study,
-            experiments,
-            results,
-            runner=runner,
-            pool=pool,
-            study_dir=Path(study_dir) if study_dir is not None else Path.cwd(),
-            runner_value=runner_value,
-            runner_spec=runner_spec,
-        )
-        dispatcher = Dispatcher(
-            placement=placed.placement,
-            max_concurrency=max_concurrency or study.max_concurrency,
-            retries=retry_policy or RetryPolicy(max_attempts=study.retries + 1),
-            on_event=_journalling(journal_box, on_event),
-        )
-        try:
-            if reap_orphans:
-                await placed.placement.sweep(placed.request, study_over=False)
-            for path in remove_stale_secrets(results.exchange):
-                # A killed run's kept exchange dirs: plaintext secrets must not stay there.
-                log.warning("stale_secrets_removed", path=str(path))
-            done = results.done_keys(study, experiments) if resume else set()
-            todo = [e for e in experiments if e.key not in done]
-            _write_study(results, study, placed, len(experiments))
-            journal_box.append(results.start())
-            skipped = len(experiments) - len(todo)
-            _journal_start(results.journal, study, placed, len(experiments), skipped, resume)
-        except BaseException:
-            # Not yet handed to the run, which closes it: close the placement here.
-            with anyio.move_on_after(30, shield=True):
-                await dispatcher.aclose()
-            raise
-        run = _StudyRun(study, placed, dispatcher, results, reap_orphans)
-        run.planned = len(experiments)
-        run.done = done
-        run.skipped = len(experiments) - len(todo)
+    async with contextlib.AsyncExitStack() as stack:
+        stack.enter_context(request.force_kill.current())
+        results = stack.enter_context(ResultsDir.open(request.results_dir, resume=request.resume))
+        placed, dispatcher = await _place(stack, study, experiments, results, request)
+        if request.reap_orphans:
+            await placed.placement.sweep(placed.request, study_over=False)
+        for path in remove_stale_secrets(results.exchange):
+            # A killed run's kept exchange dirs: plaintext secrets must not stay there.
+            log.warning("stale_secrets_removed", path=str(path))
+        done = results.done_keys(study, experiments) if request.resume else set()
+        todo = [e for e in experiments if e.key not in done]
+        _write_study(results, study, placed, len(experiments))
+        journal = results.start()
+        stack.callback(dispatcher.subscribe(_journalling(journal)))
+        skipped = len(experiments) - len(todo)
+        _journal_start(journal, study, placed, len(experiments), skipped, request.resume)
         devices = placed.placement.telemetry_devices()
-        run.sampler = start_telemetry(study, devices, results.path, reader=telemetry_reader)
-        try:
-            await run.all(todo)
-        finally:
-            if run.sampler is not None:
-                # Bounded (the thread wakes every interval); the last samples are written.
-                run.sampler.stop(timeout=2.0)
+        sampler = start_telemetry(study, devices, results.path, reader=request.telemetry_reader)
+        if sampler is not None:
+            # Bounded (the thread wakes every interval); the last samples are written.
+            stack.callback(sampler.stop, timeout=2.0)
+        run = _StudyRun(
+            study,
+            placed,
+            dispatcher,
+            results,
+            reap_orphans=request.reap_orphans,
+            planned=len(experiments),
+            done=done,
+            skipped=skipped,
+            sampler=sampler,
+        )
+        await run.all(todo)
         return run.finish(started=started)
 
 
@@ -204,7 +175,12 @@ class _StudyRun:
         placed: _Placed,
         dispatcher: Dispatcher,
         results: ResultsDir,
+        *,
         reap_orphans: bool,
+        planned: int,
+        done: set[str],
+        skipped: int,
+        sampler: TelemetrySampler | None,
     ) -> None:
         self.study = study
         self.placed = placed
@@ -216,16 +192,16 @@ class _StudyRun:
         self.stopped: str | None = None
         self.stopped_fix: str | None = None
         self._stop_scope = anyio.CancelScope()
-        #: Experiments planned so far (an adaptive study adds cycles as it goes).
-        self.planned = 0
         #: Keys that had succeeded before this run (resume), and how many were skipped.
-        self.done: set[str] = set()
-        self.skipped = 0
+        self.done = done
+        self.skipped = skipped
+        #: Experiments planned so far (an adaptive study adds cycles as it goes).
+        self.planned = planned
         self.unresolved: list[Unresolved] = []
         #: Adaptive: each config's cycles, and where their next ones are started.
         self.chains: CycleChains | None = None
         self._more: anyio.abc.TaskGroup | None = None
-        self.sampler: TelemetrySampler | None = None
+        self.sampler = sampler
         spec = study.adaptive
         self.history = CycleHistory(spec.until.field) if spec is not None else None
         if self.history is not None:
@@ -236,17 +212,16 @@ class _StudyRun:
     async def all(self, todo: list[Experiment]) -> None:
         """Run `todo`; the journal says `interrupted` or `crashed` if it does not end."""
         try:
-            async with self.dispatcher:
-                try:
-                    with self._stop_scope:
-                        await self._cycles(todo)
-                finally:
-                    if self.reap_orphans:
-                        # Every experiment has its final record (or was cancelled and
-                        # waited for): whatever container of this study is left on a
-                        # node is abandoned, e.g. by a worker of a node that left.
-                        with anyio.move_on_after(Placement.STUDY_SWEEP_S, shield=True):
-                            await self.placed.placement.sweep(self.placed.request, study_over=True)
+            try:
+                with self._stop_scope:
+                    await self._cycles(todo)
+            finally:
+                if self.reap_orphans:
+                    # Every experiment has its final record (or was cancelled and
+                    # waited for): whatever container of this study is left on a
+                    # node is abandoned, e.g. by a worker of a node that left.
+                    with anyio.move_on_after(Placement.STUDY_SWEEP_S, shield=True):
+                        await self.placed.placement.sweep(self.placed.request, study_over=True)
         except BaseException as exc:
             interrupted = isinstance(exc, anyio.get_cancelled_exc_class() | KeyboardInterrupt)
             self.results.journal.write(
@@ -394,12 +369,10 @@ class _StudyRun:
         # Written by the task that ran it: a cancel or crash right after loses
         # nothing that finished.
         extra: dict[str, Any] = {}
-        if self.sampler is not None and record.exited_at is not None:
-            await wait_for_samples(self.sampler, record.exited_at.timestamp())
-            payload = record.model_dump(mode="json")
-            block = energy_block(self.sampler, record, self.study.measure, payload)
-            if block is not None:
-                extra["telemetry"] = block
+        # From this host's sampler, or the samples taken where the attempt ran.
+        block = await record_energy(self.sampler, record, self.study.measure, self.results.path)
+        if block is not None:
+            extra["telemetry"] = block
         payload = self.results.record(exp, record, extra)
         if self.history is not None:
             self.history.add(payload)
@@ -407,7 +380,9 @@ class _StudyRun:
             self._advance(exp.config_hash)
         # The summary keeps the record, not the exception (its frames) nor the
         # validated outcome object beside its JSON form.
-        self.records.append(record.model_copy(update={"outcome": None, "exception": None}))
+        self.records.append(
+            record.model_copy(update={"outcome": None, "exception": None, "node_telemetry": None})
+        )
         self.in_flight.discard(exp.key)
         # A class check (any engine's hang), on the exception the record was made from.
         hung = isinstance(record.exception, EngineHungError)
@@ -428,14 +403,11 @@ class _StudyRun:
         self._stop_scope.cancel()
 
 
-def _journalling(
-    journal_box: list[Journal], on_event: Callable[[Event], None] | None
-) -> Callable[[Event], None]:
-    """The dispatcher's event hook: starts and retries go to the journal, all to `on_event`."""
+def _journalling(journal: Journal) -> Callable[[Event], None]:
+    """A subscriber of the dispatcher's events: starts and retries go to the journal."""
 
     def handle(event: Event) -> None:
-        journal = journal_box[0] if journal_box else None
-        if journal is not None and isinstance(event, ExperimentStarted):
+        if isinstance(event, ExperimentStarted):
             where: dict[str, Any] = {"node": event.node} if event.node else {}
             journal.write(
                 "started",
@@ -446,7 +418,7 @@ def _journalling(
                 pid=event.process_id,
                 **where,
             )
-        elif journal is not None and isinstance(event, ExperimentRetried):
+        elif isinstance(event, ExperimentRetried):
             journal.write(
                 "retried",
                 key=event.tags.get("key"),
@@ -454,8 +426,6 @@ def _journalling(
                 error=event.error,
                 delay_s=event.delay_s,
             )
-        if on_event is not None:
-            on_event(event)
 
     return handle
 
@@ -478,20 +448,24 @@ def _write_study(results: ResultsDir, study: Study, placed: _Placed, total: int)
     results.write_text("study.yaml", yaml.safe_dump(dump, sort_keys=False))
 
 
+async def _closed(dispatcher: Dispatcher, bound_s: float) -> None:
+    """Close the dispatcher, and with it the placement and its runner: shielded, and
+    within the placement's own bound for stopping (`Placement.stop_bound_s`)."""
+    with anyio.move_on_after(bound_s, shield=True):
+        await dispatcher.aclose()
+
+
 async def _place(
+    stack: contextlib.AsyncExitStack,
     study: Study,
     experiments: list[Experiment],
     results: ResultsDir,
-    *,
-    runner: Runner | None,
-    pool: GpuPool | None,
-    study_dir: Path,
-    runner_value: str | None,
-    runner_spec: RunnerSpec | None,
-) -> _Placed:
-    """The study's placement, built from one typed request and prepared (checked)."""
+    request: StudyRequest,
+) -> tuple[_Placed, Dispatcher]:
+    """The study's placement, built from one typed request, handed to the dispatcher
+    (closed by `stack` from then on), and prepared (checked)."""
     cls = placement_class(study.placement)
-    if (runner is not None or pool is not None) and not cls.on_this_host:
+    if (request.runner is not None or request.pool is not None) and not cls.on_this_host:
         raise ConfigError(
             f"placement {study.placement!r} builds its runners on each host: runner= and "
             "pool= cannot be used with it",
@@ -499,26 +473,24 @@ async def _place(
             "this host (placement: local).",
         )
     spec: RunnerSpec | None = None
-    if runner is None:
+    if request.runner is None:
         # Where attempts run here, `auto` is decided now; elsewhere, on each host.
         choose = resolve_runner if cls.on_this_host else cluster_runner_spec
-        spec = runner_spec or choose(runner_value, study)
-    request = _request(study, experiments, results, spec, runner, pool, study_dir)
-    placement = cls.for_study(request, study.placement_settings())
-    try:
-        await placement.prepare(request)
-    except BaseException:
-        with anyio.move_on_after(30, shield=True):
-            await placement.aclose()
-        raise
-    name = spec.kind if spec else (placement.runner_type or "custom")
-    return _Placed(
-        placement,
-        request,
-        name,
-        spec.source if spec else "explicit",
-        dict(placement.describe()),
+        spec = request.runner_spec or choose(request.runner_value, study)
+    wanted = _request(study, experiments, results, spec, request)
+    settings = study.placement_settings()
+    placement = cls.for_study(wanted, settings)
+    dispatcher = Dispatcher(
+        placement=placement,
+        max_concurrency=request.max_concurrency or study.max_concurrency,
+        retries=request.retry_policy or RetryPolicy(max_attempts=study.retries + 1),
+        on_event=request.on_event,
     )
+    stack.push_async_callback(_closed, dispatcher, cls.stop_bound_s(study.stop_grace_s, settings))
+    await placement.prepare(wanted)
+    name = spec.kind if spec else (placement.runner_type or "custom")
+    source = spec.source if spec else "explicit"
+    return _Placed(placement, wanted, name, source, dict(placement.describe())), dispatcher
 
 
 def _request(
@@ -526,11 +498,10 @@ def _request(
     experiments: list[Experiment],
     results: ResultsDir,
     spec: RunnerSpec | None,
-    runner: Runner | None,
-    pool: GpuPool | None,
-    study_dir: Path,
+    request: StudyRequest,
 ) -> PlacementRequest:
     """What the study asks of its placement, as typed values."""
+    runner, study_dir = request.runner, request.study_dir or Path.cwd()
     labels = {_labels.LABEL_RESULTS_DIR: str(results.path)}
     factory: HostRunnerFactory
     needs = HostNeeds()
@@ -561,12 +532,12 @@ def _request(
     # `auto` names no kind yet (on a cluster each host decides, and the placement reaps).
     kind = find_runner_kind(spec.kind if spec else str(getattr(runner, "runner_type", "")))
     if kind is not None and kind.reapable:
+        # The kind reaps its own leftovers, on its own engine.
         reap_here = functools.partial(
-            reap,
-            docker_host=kind.engine_url(),
+            kind.reap,
             results_dir=results.path,
             logs_dir=results.path / "orphans",
-            deadlines=ApiDeadlines(**study.docker_deadlines),
+            api_deadlines=study.docker_deadlines,
         )
     return PlacementRequest(
         runner_factory=factory,
@@ -576,7 +547,7 @@ def _request(
         cooldown_s=study.experiment_gap_s,
         settle=study.settle,
         host_gpus=host_gpus(study),
-        pool=pool,
+        pool=request.pool,
         prestart=study.prestart,
         prestart_memory_reserve=parse_size(study.prestart_memory_reserve)
         if study.prestart_memory_reserve is not None
@@ -590,4 +561,6 @@ def _request(
         isolation=study.prepare_during_measurement,
         prestart_depth=study.prestart_depth,
         cpus_per_gpu=study.cpus_per_gpu,
+        force_kill=request.force_kill,
+        telemetry=node_telemetry(study),
     )

@@ -2,11 +2,13 @@
 
 explicit > LLEM_RUNNER > the study's `runner:` > the auto rule; per-backend
 images; the study's image built when missing; the GPU pool from options. What
-each kind needs and how it builds its runner is the kind's (`runners.kinds`).
+each kind needs, how it builds its runner, and its images (their references,
+presence and build, on its own engine) are the kind's (`runners.kinds`).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -14,18 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import anyio
 import structlog
 
 from llem_dispatch.dispatch import HostContext, HostGpus
-from llem_dispatch.errors import ConfigError, DockerImagePullError
+from llem_dispatch.errors import ConfigError
 from llem_dispatch.gpu import GpuPool
-from llem_dispatch.runners import RoutingRunner, Runner, RunnerOptions
-from llem_dispatch.runners.kinds import AUTO, choose_auto, kinds_for
+from llem_dispatch.runners import RoutingRunner, Runner, RunnerKind, RunnerOptions
+from llem_dispatch.runners.kinds import AUTO, ImageBuild, choose_auto, kinds_for
 from llem_dispatch.study.schema import (
     Experiment,
     RunnerSpec,
     Study,
-    check_image,
     interpolate,
     parse_runner_value,
 )
@@ -65,9 +67,24 @@ def runner_choice(
             spec = parse_runner_value(value)
             if spec.auto:
                 return None
-            image = spec.image or study.image if spec.runner_kind().needs_image else None
+            kind = spec.runner_kind()
+            image = spec.image or study.image if kind.needs_image else None
+            if image is not None and spec.image is None:
+                _check_reference(kind, image, f"the study's `image: {image}`")
             return RunnerSpec(spec.kind, image, source)
     return None
+
+
+def _check_reference(kind: RunnerKind, image: str, what: str) -> str:
+    """`image` as `kind` takes it, or a `ConfigError` naming what gave it and the fix."""
+    try:
+        return kind.check_image(image)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{what} cannot run on the {kind.name} runner: {exc}",
+            fix_suggestion=f"Give an image the {kind.name} runner runs, or choose the kind "
+            "this image is for (--runner / LLEM_RUNNER / `runner:`).",
+        ) from exc
 
 
 def resolve_runner(
@@ -122,12 +139,20 @@ def get_default_image(
     backend: str,
     images: Mapping[str, str] | None = None,
     environ: Mapping[str, str] | None = None,
+    *,
+    kind: RunnerKind | None = None,
 ) -> str:
-    """The image for a backend: LLEM_IMAGE_<BACKEND> > the study's `images:` > error."""
+    """The image for a backend: LLEM_IMAGE_<BACKEND> > the study's `images:` > error.
+
+    An image from the environment is checked by `kind` (default: the auto rule's).
+    """
     env = os.environ if environ is None else environ
     var = "LLEM_IMAGE_" + re.sub(r"\W", "_", backend).upper()
     if env.get(var):
-        return check_image(env[var])
+        kinds = [kind] if kind is not None else [k for k in kinds_for(AUTO) if k.needs_image]
+        for checker in kinds:
+            _check_reference(checker, env[var], f"{var}={env[var]}")
+        return env[var]
     if images and backend in images:
         return images[backend]
     raise ConfigError(
@@ -141,8 +166,9 @@ def study_images(study: Study, spec: RunnerSpec, experiments: Iterable[Experimen
     if spec.image:
         return [spec.image]
     if study.images:
+        kind = None if spec.auto else spec.runner_kind()
         backends = sorted({str(e.config.get(study.image_field)) for e in experiments})
-        return [get_default_image(b, study.images) for b in backends]
+        return [get_default_image(b, study.images, kind=kind) for b in backends]
     if study.image:
         return [study.image]
     raise ConfigError(
@@ -241,7 +267,10 @@ def make_runner(
         backends = sorted({str(e.config.get(study.image_field)) for e in experiments})
         return RoutingRunner(
             study.image_field,
-            {b: kind.build(options, get_default_image(b, study.images)) for b in backends},
+            {
+                b: kind.build(options, get_default_image(b, study.images, kind=kind))
+                for b in backends
+            },
         )
     images = study_images(study, spec, experiments)
     return kind.build(options, images[0])
@@ -298,30 +327,28 @@ async def check_function_importable(
 
 
 def ensure_image(
-    study: Study, image: str, *, study_dir: Path, output: Callable[[str], None] = print
+    study: Study,
+    image: str,
+    *,
+    kind: RunnerKind,
+    study_dir: Path,
+    output: Callable[[str], None] = print,
 ) -> bool:
-    """Build `image` from the study's `build:` context if missing; True if it was built."""
-    # The Docker client only when an image is asked for: loading or planning a study
-    # (and a local one's run) never pays for it.
-    from llem_dispatch._docker import build_image, image_present
+    """Build `image` from the study's `build:` context if `kind` lacks it; True if it was built.
 
-    if image_present(image):
-        return False
-    if study.build is None:
-        raise DockerImagePullError(
-            f"image {image!r} is not present on this Docker host and the study has no "
-            "`build:` context",
-            fix_suggestion=f"Build it (`docker build -t {image} DIR`), pull it "
-            f"(`docker pull {image}`), or add `build: {{context: DIR}}` to the study.",
+    The kind asks its own engine (Podman through its API, a file kind its files),
+    never another kind's; a missing image without `build:` is refused by it.
+    """
+    build = None
+    if study.build is not None:
+        build = ImageBuild(
+            context=(study_dir / study.build.context).resolve(),
+            dockerfile=study.build.dockerfile,
+            args={key: interpolate(value) for key, value in study.build.args.items()},
         )
-    build_image(
-        image,
-        context=(study_dir / study.build.context).resolve(),
-        dockerfile=study.build.dockerfile,
-        args={key: interpolate(value) for key, value in study.build.args.items()},
-        output=output,
+    return anyio.run(
+        functools.partial(kind.ensure_image, image, build=build, study_dir=study_dir, output=output)
     )
-    return True
 
 
 def host_gpus(

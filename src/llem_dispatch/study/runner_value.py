@@ -1,31 +1,36 @@
-"""The runner value (`NAME | NAME:IMAGE | auto`, NAME a registered kind) and image references."""
+"""The runner value (`NAME | NAME:IMAGE | auto`, NAME a registered kind) and its images.
+
+An image reference is checked by the kind that runs it (`RunnerKind.check_image`):
+a registry reference for Docker and Podman, a file path for a file-image kind.
+"""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from llem_dispatch.errors import ConfigError
-from llem_dispatch.runners.kinds import AUTO, RunnerKind, get_runner_kind
+from llem_dispatch.runners.images import check_registry_reference
+from llem_dispatch.runners.kinds import AUTO, RunnerKind, get_runner_kind, kinds_for
 from llem_dispatch.runners.kinds import parse_runner_value as parse_kind_value
 
-__all__ = ["RunnerSpec", "check_image", "parse_runner_value"]
+__all__ = ["RunnerSpec", "check_image", "check_image_for", "parse_runner_value"]
 
-_IMAGE_RE = re.compile(
-    r"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-    r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*(?::[\w][\w.-]{0,127})?"
-    r"(?:@sha256:[a-f0-9]{64})?$"
-)
+#: A registry reference (`name:tag`, ...): the container kinds' form, kept under its old name.
+check_image = check_registry_reference
 
 
-def check_image(value: str) -> str:
-    """`value` if it is a valid image reference, else a ValueError saying what one looks like."""
-    if not _IMAGE_RE.match(value):
-        raise ValueError(
-            f"{value!r} is not a valid image reference (e.g. 'name:tag' or "
-            "'registry/name@sha256:...'; lowercase name)"
-        )
-    return value
+def check_image_for(runner: str | None, reference: str) -> str:
+    """`reference` checked by the kinds that would run it: the study's runner value's
+    (under `auto` or none, the auto rule's image kinds); a `ValueError` from the first
+    that refuses it. A kind that runs no image leaves it to the auto rule's."""
+    value = runner.split(":", 1)[0].strip() if runner else AUTO
+    try:
+        kinds = [k for k in kinds_for(value) if k.needs_image]
+    except ConfigError:
+        return reference  # the runner value is wrong: said once, at its own line
+    for kind in kinds or [k for k in kinds_for(AUTO) if k.needs_image]:
+        kind.check_image(reference)
+    return reference
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +63,7 @@ def parse_runner_value(value: str) -> RunnerSpec:
     try:
         kind, image = parse_kind_value(value)
         if image is not None:
-            check_image(image)
+            get_runner_kind(kind).check_image(image)
     except ValueError as exc:
         raise ConfigError(
             f"runner {value!r}: {exc}",

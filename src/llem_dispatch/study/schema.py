@@ -17,21 +17,34 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
+from pydantic_core import InitErrorDetails
 
 from llem_dispatch._cdi import check_kind
 from llem_dispatch._deadlines import ApiDeadlines
-from llem_dispatch.cluster.settings import RaySettings
-from llem_dispatch.dispatch.registry import placement_names, unknown_placement_message
+from llem_dispatch.dispatch.registry import (
+    placement_names,
+    placement_settings_model,
+)
 from llem_dispatch.errors import ConfigError
 from llem_dispatch.gpu import SettleSpec
-from llem_dispatch.slurm.settings import SlurmSettings
 from llem_dispatch.study.host import HostSchedule
-from llem_dispatch.study.runner_value import RunnerSpec, check_image, parse_runner_value
+from llem_dispatch.study.placement_block import chosen_placement, placement_block, raised_again
+from llem_dispatch.study.runner_value import (
+    RunnerSpec,
+    check_image,
+    check_image_for,
+    parse_runner_value,
+)
 from llem_dispatch.study.sections import (
     BuildSpec,
     CycleSpec,
@@ -57,10 +70,6 @@ __all__ = [
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _ENV_REF = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
-
-#: The study fields that are a placement's settings block, by placement name (a
-#: placement with settings adds its block here and a field of that name to `Study`).
-_PLACEMENT_BLOCKS: dict[str, type[BaseModel]] = {"ray": RaySettings, "slurm": SlurmSettings}
 
 
 def _check_gpu_count(value: Any, where: str) -> None:
@@ -105,21 +114,9 @@ class Study(HostSchedule):
         default="",
         validate_default=True,
         description="Where experiments run: local (this host's GPUs, the default) | ray (a Ray "
-        "cluster, set in `ray:`) | slurm (Slurm jobs, set in `slurm:`); `cluster: ADDRESS` "
-        "implies ray.",
-    )
-    ray: RaySettings | None = Field(
-        default=None,
-        validate_default=True,
-        description="Settings of `placement: ray`: {address: auto | HOST:6379 | "
-        "ray://HOST:10001, placement_timeout_s: 300, num_cpus: 1, runtime_env: {...}}.",
-    )
-    slurm: SlurmSettings | None = Field(
-        default=None,
-        validate_default=True,
-        description="Settings of `placement: slurm`: {partition, account, qos, constraint, "
-        "time_limit: 2:00:00, gpu_option: gpus | gres, sbatch_args: [...], max_queued: 64, "
-        "poll_interval_s: 1}.",
+        "cluster, set in `ray:`) | slurm (Slurm jobs, set in `slurm:`) | a registered one; "
+        "its settings go in a block named after it, checked by the placement's own model "
+        "(`ray: {address: ...}`); `cluster: ADDRESS` implies ray.",
     )
     image: str | None = Field(default=None, description="The image every experiment runs in.")
     images: dict[str, str] = Field(
@@ -339,14 +336,15 @@ class Study(HostSchedule):
 
     @field_validator("image")
     @classmethod
-    def _image_ok(cls, value: str | None) -> str | None:
-        return check_image(value) if value is not None else None
+    def _image_ok(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # The kind that runs it checks the reference: a registry name, or a .sif file.
+        return check_image_for(info.data.get("runner"), value) if value is not None else None
 
     @field_validator("images")
     @classmethod
-    def _images_ok(cls, value: dict[str, str]) -> dict[str, str]:
+    def _images_ok(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
         for image in value.values():
-            check_image(image)
+            check_image_for(info.data.get("runner"), image)
         return value
 
     @field_validator("name")
@@ -435,60 +433,65 @@ class Study(HostSchedule):
     @classmethod
     def _placement_ok(cls, value: str, info: ValidationInfo) -> str:
         """A registered placement; `cluster: ADDRESS` is the Ray form (placement inferred)."""
-        cluster = info.data.get("cluster")
-        if not value:
-            return "ray" if cluster else "local"
-        if value not in placement_names():
-            raise ValueError(unknown_placement_message(value))
-        if cluster and value != "ray":
-            raise ValueError(
-                f"`cluster: {cluster}` runs on a Ray cluster, but `placement: {value}` was given: "
-                "drop `cluster:`, or use `placement: ray` with `ray: {address: ...}`"
-            )
-        return value
+        return chosen_placement(value, info.data.get("cluster"))
 
-    @field_validator(*_PLACEMENT_BLOCKS)
+    #: The settings block of the study's placement, validated by its own model (None:
+    #: the placement takes no settings). Set once, by `_with_placement_block`.
+    _placement_settings: BaseModel | None = PrivateAttr(default=None)
+
+    @model_validator(mode="wrap")
     @classmethod
-    def _block_ok(cls, value: BaseModel | None, info: ValidationInfo) -> BaseModel | None:
-        """A placement's block goes with that placement; `cluster:` fills in Ray's address."""
-        owner = str(info.field_name)
-        placement = info.data.get("placement")
-        if placement is None:
-            return value  # the placement itself was wrong: said once, there
-        if placement != owner:
-            if value is not None:
-                raise ValueError(
-                    f"a `{owner}:` block, but the study runs on `placement: {placement}`: "
-                    f"add `placement: {owner}`, or drop the block"
-                )
-            return None
-        block = _PLACEMENT_BLOCKS[owner]
-        settings = block.model_validate(value) if value is not None else block()
-        cluster = info.data.get("cluster")
-        if cluster and owner == "ray":
-            # The older, shorter Ray form: `cluster: ADDRESS`.
-            given = settings.model_fields_set
-            if "address" in given and getattr(settings, "address", None) != cluster:
-                raise ValueError(
-                    f"`cluster: {cluster}` and `ray: {{address: ...}}` disagree: "
-                    "give the address once, in `ray:`"
-                )
-            settings = settings.model_copy(update={"address": cluster})
-        return settings
+    def _with_placement_block(cls, data: Any, handler: ModelWrapValidatorHandler[Study]) -> Study:
+        """The block named after the study's placement (`ray: {...}`), validated by the
+        model that placement declares; every problem at its key, with the rest's."""
+        if not isinstance(data, Mapping):
+            return handler(data)
+        names = set(placement_names()) - cls.model_fields.keys() - {"gpus"}
+        blocks = {key: value for key, value in data.items() if key in names}
+        errors: list[InitErrorDetails] = []
+        study: Study | None = None
+        try:
+            study = handler({k: v for k, v in data.items() if k not in blocks})
+        except ValidationError as exc:
+            errors += [raised_again(e) for e in exc.errors()]
+        try:
+            placement = chosen_placement(data.get("placement") or "", data.get("cluster"))
+        except ValueError:
+            placement = None  # said once, at `placement:`
+        settings: BaseModel | None = None
+        if placement is not None:
+            settings = placement_block(placement, blocks, data.get("cluster"), errors)
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        assert study is not None
+        study._placement_settings = settings
+        return study
+
+    @model_serializer(mode="wrap")
+    def _dump_with_block(
+        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> dict[str, Any]:
+        """The placement's block under its name, as the study file gives it."""
+        data: dict[str, Any] = handler(self)
+        excluded = info.exclude if isinstance(info.exclude, Mapping | set) else ()
+        block = self._placement_settings
+        if block is not None and self.placement not in excluded:
+            data[self.placement] = block.model_dump(mode=info.mode)
+        return data
 
     def on_placement(self, name: str, settings: Mapping[str, Any] | None = None) -> Study:
         """This study on placement `name`, `settings` over its block; validated again.
 
         How `--ray ADDRESS` and `run_study(cluster=...)` override the study file.
         """
-        if settings and name not in _PLACEMENT_BLOCKS:
+        if settings and placement_settings_model(name) is None:
             raise ConfigError(
                 f"placement {name!r} takes no settings, but {dict(settings)} were given",
                 fix_suggestion="Drop them, or choose a placement they belong to.",
             )
-        data = self.model_dump(by_alias=True, exclude={"cluster", "placement", *_PLACEMENT_BLOCKS})
+        data = self.model_dump(by_alias=True, exclude={"cluster", "placement", self.placement})
         data["placement"] = name
-        current = self.placement_settings() if name == self.placement else None
+        current = self._placement_settings if name == self.placement else None
         if current is not None or settings:
             data[name] = {**(current.model_dump() if current else {}), **(settings or {})}
         try:
@@ -504,8 +507,17 @@ class Study(HostSchedule):
             ) from exc
 
     def placement_settings(self) -> BaseModel | None:
-        """The settings block named after the study's placement (`ray:`), if it has one."""
-        return getattr(self, self.placement) if self.placement in _PLACEMENT_BLOCKS else None
+        """The settings block of the study's placement (`ray: {...}`), typed by the model
+        that placement declares (its defaults when the file gives none); None when the
+        placement takes no settings."""
+        return self._placement_settings
+
+    @classmethod
+    def file_keys(cls) -> list[str]:
+        """Every top-level key a study file may use: its fields (by the file's names),
+        and the settings block of each registered placement."""
+        fields = {field.alias or name for name, field in cls.model_fields.items()}
+        return sorted(fields | set(placement_names()))
 
     def planned_experiments(self) -> int:
         """How many (config, cycle) runs the study asks for, counted without expanding it."""

@@ -250,6 +250,24 @@ def test_with_depth_promises_chain_and_each_waits_for_the_one_before() -> None:
     assert not third.pending
 
 
+def test_a_depth_raised_while_runs_wait_fills_the_chain_in_one_step() -> None:
+    """`auto` depth learns mid-sweep: the deeper chain is promised at the next step,
+    all of it, not one promise per later release (the GPU would wait for each)."""
+    schedule = Schedule(["0"])
+    first = held(ask(schedule, 1))
+    waiting = [ask(schedule, 1, early=True) for _ in range(5)]
+    assert [r.grant is not None for r in waiting] == [True, False, False, False, False]
+    schedule.depth = 4
+    step = schedule.dispatch(1.0)
+    assert [r.grant is not None for r in waiting] == [True, True, True, True, False]
+    assert step.woken == waiting[1:4]
+    chain, tail = [], first
+    while tail.successor is not None:
+        tail = tail.successor
+        chain.append(tail)
+    assert chain == [r.grant for r in waiting[:4]]
+
+
 def test_a_promise_given_up_in_the_middle_closes_the_chain() -> None:
     schedule = Schedule(["0"])
     schedule.depth = 3

@@ -130,8 +130,9 @@ def test_doctor_lists_the_kind_and_needs_no_daemon_for_it(
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "echo (llem-echo-runner)" in text
     assert "PASS runner echo: runs experiments as host processes" in text
-    # The study runs on echo: the missing daemon is worth a warning, not a failure.
-    assert "WARN Docker daemon: not reachable" in text
+    # The study runs on echo: doctor shows that kind's lines, nothing of Docker's.
+    assert "Docker" not in text
+    assert "NVIDIA" not in text
 
 
 def test_a_misspelt_kind_names_the_registered_ones(

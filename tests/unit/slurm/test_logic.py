@@ -57,7 +57,8 @@ def test_study_takes_a_slurm_block_only_with_the_slurm_placement() -> None:
     settings = study.placement_settings()
     assert isinstance(settings, SlurmSettings)
     assert settings.partition == "gpu"
-    assert isinstance(Study.model_validate({**base, "placement": "slurm"}).slurm, SlurmSettings)
+    default = Study.model_validate({**base, "placement": "slurm"}).placement_settings()
+    assert isinstance(default, SlurmSettings)
     with pytest.raises(ValidationError, match="add `placement: slurm`"):
         Study.model_validate({**base, "slurm": {"partition": "gpu"}})
 
@@ -83,7 +84,7 @@ def test_job_options_follow_the_settings_and_the_study_timeout(tmp_path: Path) -
     step = placement.sbatch_options(1, "n", step=True)
     assert not any(a.startswith(("--partition", "--account", "--qos", "--no-re")) for a in step)
     assert "--gpus=0" not in placement.sbatch_options(0, "n")
-    assert SlurmPlacement(_factory, tmp_path).time_limit() is None
+    assert SlurmPlacement(_factory, tmp_path).jobs.time_limit() is None
 
 
 def test_cores_per_gpu_become_the_jobs_cpus_and_a_steps_binding(tmp_path: Path) -> None:

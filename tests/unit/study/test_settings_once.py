@@ -95,7 +95,7 @@ def test_a_good_study_dry_runs(tmp_path: Path) -> None:
 
 def test_the_default_placement_is_local_with_no_settings_block() -> None:
     study = Study.model_validate({"grid": {"x": [1]}})
-    assert (study.placement, study.ray, study.placement_settings()) == ("local", None, None)
+    assert (study.placement, study.placement_settings()) == ("local", None)
 
 
 def test_an_unknown_placement_is_a_located_error_naming_the_known_ones(tmp_path: Path) -> None:
@@ -111,22 +111,23 @@ def test_an_unknown_placement_is_a_located_error_naming_the_known_ones(tmp_path:
 def test_cluster_address_is_the_ray_form(tmp_path: Path) -> None:
     study = load_study(write(tmp_path, BASE + "cluster: 10.0.0.5:6379\n"))
     assert study.placement == "ray"
-    assert isinstance(study.ray, RaySettings)
-    assert study.ray.address == "10.0.0.5:6379"
-    assert study.placement_settings() is study.ray
+    ray = study.placement_settings()
+    assert isinstance(ray, RaySettings)
+    assert ray.address == "10.0.0.5:6379"
 
 
 def test_cluster_keeps_the_other_ray_settings(tmp_path: Path) -> None:
     text = BASE + "cluster: auto\nray: {placement_timeout_s: 5, num_cpus: 2}\n"
-    study = load_study(write(tmp_path, text))
-    assert study.ray is not None
-    assert (study.ray.address, study.ray.placement_timeout_s, study.ray.num_cpus) == ("auto", 5, 2)
+    ray = load_study(write(tmp_path, text)).placement_settings()
+    assert isinstance(ray, RaySettings)
+    assert (ray.address, ray.placement_timeout_s, ray.num_cpus) == ("auto", 5, 2)
 
 
 def test_the_ray_block_names_the_address(tmp_path: Path) -> None:
     study = load_study(write(tmp_path, BASE + "placement: ray\nray: {address: 'h:6379'}\n"))
-    assert study.ray is not None
-    assert study.ray.address == "h:6379"
+    ray = study.placement_settings()
+    assert isinstance(ray, RaySettings)
+    assert ray.address == "h:6379"
     assert study.cluster is None
 
 
@@ -137,7 +138,18 @@ def test_the_ray_block_names_the_address(tmp_path: Path) -> None:
         ("ray: {address: h:1}\n", 4, "a `ray:` block, but the study runs on `placement: local`"),
         ("cluster: h:1\nray: {address: h:2}\n", 5, "disagree: give the address once"),
         ("placement: ray\nray: {placement_timeout_s: .inf}\n", 5, "Input should be a finite"),
-        ("placement: ray\nray: {adress: h:1}\n", 5, "ray.adress: unknown field"),
+        (
+            "placement: ray\nray: {adress: h:1}\n",
+            5,
+            "ray.adress: unknown field; did you mean 'address'?",
+        ),
+        (
+            "placement: ray\nray: {num_cpus: many}\n",
+            5,
+            "ray.num_cpus: Input should be a valid number",
+        ),
+        ("placement: local\nlocal: {x: 1}\n", 5, "local: placement 'local' takes no settings"),
+        ("rya: {address: h:1}\n", 4, "rya: unknown field; did you mean 'ray'?"),
     ],
 )
 def test_placement_settings_that_contradict_are_located(
@@ -150,11 +162,18 @@ def test_placement_settings_that_contradict_are_located(
     assert said in info.value.message
 
 
+def test_a_null_block_of_another_placement_is_no_block(tmp_path: Path) -> None:
+    # What the study.yaml of older results dirs says for a local study.
+    study = load_study(write(tmp_path, BASE + "ray: null\nslurm: null\n"))
+    assert (study.placement, study.placement_settings()) == ("local", None)
+    assert "ray" not in study.model_dump(by_alias=True)
+
+
 def test_on_placement_overrides_the_file_and_checks_again() -> None:
     study = Study.model_validate({"grid": {"x": [1]}, "ray": {"num_cpus": 2}, "placement": "ray"})
-    moved = study.on_placement("ray", {"address": "h:7"})
-    assert moved.ray is not None
-    assert (moved.ray.address, moved.ray.num_cpus) == ("h:7", 2)
+    moved = study.on_placement("ray", {"address": "h:7"}).placement_settings()
+    assert isinstance(moved, RaySettings)
+    assert (moved.address, moved.num_cpus) == ("h:7", 2)
     with pytest.raises(ConfigError, match="placement_timeout_s"):
         study.on_placement("ray", {"placement_timeout_s": -1})
     with pytest.raises(ConfigError, match="unknown placement 'slurmm'"):
