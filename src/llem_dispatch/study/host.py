@@ -35,8 +35,10 @@ class HostSchedule(BaseModel):
     prestart_depth: int | Literal["auto"] = Field(
         default="auto",
         description="How many experiments per GPU may be prestarted ahead of the running "
-        "one (1: the next only); `auto` starts at 1 and goes one deeper (up to 4) each time "
-        "a prestarted one is still preparing when its gate opens. The memory reserve bounds it.",
+        "one (1: the next only); `auto` starts at 1 and goes as deep as the measured "
+        "preparations need (each finished run's preparation against its hold of the GPU, "
+        "with a 25% margin; one deeper when a prestarted run is still preparing at its "
+        "gate), up to 4. The memory reserve bounds it.",
     )
     prepare_during_measurement: Policy = Field(
         default="pause",
