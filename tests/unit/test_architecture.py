@@ -465,3 +465,34 @@ def test_loading_a_study_with_an_image_pays_for_no_docker_client(tmp_path: Path)
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
+
+
+#: A module says what it owns in its first lines and stays readable whole; a function
+#: fits on a screen or two.
+MAX_MODULE_LINES = 600
+MAX_FUNCTION_LINES = 80
+
+
+def _oversized(root: Path) -> list[str]:
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text()
+        lines = text.count("\n")
+        if lines > MAX_MODULE_LINES:
+            found.append(f"{path.relative_to(root)}: {lines} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    found.append(f"{path.relative_to(root)}:{node.lineno} {node.name}: {length}")
+    return found
+
+
+def test_no_module_over_600_lines_and_no_function_over_80() -> None:
+    assert _oversized(PACKAGE) == []
+
+
+def test_the_size_check_can_fail(tmp_path: Path) -> None:
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "big.py").write_text(f"def long():\n{body}\n" + "\n" * MAX_MODULE_LINES)
+    assert [line.split(":")[0] for line in _oversized(tmp_path)] == ["big.py", "big.py"]
