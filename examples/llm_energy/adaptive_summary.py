@@ -164,21 +164,25 @@ def main(argv: list[str] | None = None) -> int:
                 f"SMs idle beyond the cooldown, done to next work (NVML, 0.1 s): median "
                 f"{statistics.median(sm):.2f} s, max {max(sm):.2f} s"
             )
-    print("\n| config | batch | cycles | J/token mean | cv | rel. 95% CI | tokens/s mean | cv |")
-    print("|---|---|---|---|---|---|---|---|")
-    by_config: dict[str, list[dict[str, Any]]] = {}
-    for record in records:
-        by_config.setdefault(record["config_hash"], []).append(record)
-    for config_hash, runs in sorted(
-        by_config.items(), key=lambda kv: kv[1][0]["config"]["batch_size"]
-    ):
-        data = [r["result"]["data"] for r in runs]
-        j_mean, j_cv, j_ci = _spread([float(d["j_per_token"]) for d in data])
-        s_mean, s_cv, _ = _spread([float(d["tokens_per_s"]) for d in data])
+    if all("j_per_token" in (r.get("result") or {}).get("data", {}) for r in records):
         print(
-            f"| {config_hash} | {runs[0]['config']['batch_size']} | {len(runs)} | {j_mean:.4f} | "
-            f"{j_cv:.3f} | {j_ci:.3f} | {s_mean:.1f} | {s_cv:.3f} |"
+            "\n| config | batch | cycles | J/token mean | cv | rel. 95% CI | tokens/s mean | cv |"
         )
+        print("|---|---|---|---|---|---|---|---|")
+        by_config: dict[str, list[dict[str, Any]]] = {}
+        for record in records:
+            by_config.setdefault(record["config_hash"], []).append(record)
+        for config_hash, runs in sorted(
+            by_config.items(), key=lambda kv: kv[1][0]["config"]["batch_size"]
+        ):
+            data = [r["result"]["data"] for r in runs]
+            j_mean, j_cv, j_ci = _spread([float(d["j_per_token"]) for d in data])
+            s_mean, s_cv, _ = _spread([float(d["tokens_per_s"]) for d in data])
+            print(
+                f"| {config_hash} | {runs[0]['config']['batch_size']} | {len(runs)} "
+                f"| {j_mean:.4f} | "
+                f"{j_cv:.3f} | {j_ci:.3f} | {s_mean:.1f} | {s_cv:.3f} |"
+            )
     journal = args.results / "journal.jsonl"
     if journal.exists():
         for line in journal.read_text().splitlines():
