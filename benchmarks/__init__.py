@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, str] = {
     "log_flood": "benchmarks.log_flood",
     "cluster_overhead": "benchmarks.cluster_overhead",
     "slow_start": "benchmarks.slow_start",
+    "prepare_depth": "benchmarks.prepare_depth",
     "slurm_overhead": "benchmarks.slurm_overhead",
     "interference": "benchmarks.interference",
 }

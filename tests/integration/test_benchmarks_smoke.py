@@ -22,6 +22,7 @@ BENCHMARKS = (
     "log_flood",
     "cluster_overhead",
     "slow_start",
+    "prepare_depth",
 )
 BENCH_LABEL = "label=llem.bench=1"
 
