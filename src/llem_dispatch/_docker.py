@@ -1,7 +1,8 @@
 """The Docker edge: where the daemon is, whether it answers, what it runs, images, API errors.
 
 Every other module asks here; aiodocker's and aiohttp's errors become
-llem-dispatch's own classes here, once.
+llem-dispatch's own classes here, once: the engine's own (`PodmanTimeoutError` on
+Podman, each below its Docker class), chosen by `DockerError.for_engine`.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def hung_error(
     engine = engine or docker_engine()
     container = context.get("container_id")
     what = f" of container {str(container)[:12]}" if container else ""
-    return DockerDaemonHungError(
+    return DockerDaemonHungError.for_engine(engine.name)(
         f"{engine} did not answer `{call}`{what} within {deadline:g}s: "
         "it is stuck (it may still answer `version` and `ps`)",
         **context,
@@ -275,7 +276,7 @@ async def run_probe(
     """
     exit_code, stderr, container_id = await run_once(image, ["true"], url=url, engine=engine)
     if exit_code != 0:
-        raise DockerContainerError(
+        raise DockerContainerError.for_engine(_engine(url, engine).name)(
             f"the probe container of {image} exited with {exit_code}",
             stderr=stderr,
             container_id=container_id,
@@ -319,7 +320,7 @@ async def run_once(
                 stderr = "" if exit_code == 0 else "".join(await container.log(stderr=True))
                 return exit_code, stderr, container.id
         except TimeoutError as exc:
-            raise DockerTimeoutError(
+            raise DockerTimeoutError.for_engine(asked.name)(
                 f"the probe container of {image} did not finish within {PROBE_TIMEOUT_S:g}s "
                 f"(stuck at {phase})",
                 fix_suggestion=f"Check {asked}'s `info` and its log; the engine is slow "
@@ -366,7 +367,7 @@ def build_image(
     else:
         code, tail = _build_with_cli(image, context, dockerfile, args, output, engine)
     if code != 0:
-        raise DockerImagePullError(
+        raise DockerImagePullError.for_engine(engine.name)(
             f"building {image} from {context} on {engine} failed ({code})",
             fix_suggestion="Fix the Dockerfile or its base image (set build args such as "
             f"BASE_IMAGE to an image present on {engine.name}); the build output is above.",
@@ -410,7 +411,7 @@ async def _build_through_api(
     engine: ContainerEngine,
 ) -> tuple[int | str, list[str]]:
     """`POST /build` with the context as a tar; each streamed line shown, errors kept."""
-    archive = await anyio.to_thread.run_sync(_tar_context, context)
+    archive = await anyio.to_thread.run_sync(_tar_context, context, engine)
     tail: list[str] = []
     failure: int | str = 0
     async with _client(engine.url) as docker:
@@ -442,10 +443,10 @@ async def _build_through_api(
     return failure, tail
 
 
-def _tar_context(context: Path) -> io.BytesIO:
+def _tar_context(context: Path, engine: ContainerEngine) -> io.BytesIO:
     """The build context as an uncompressed tar in memory (what `POST /build` takes)."""
     if not context.is_dir():
-        raise DockerImagePullError(
+        raise DockerImagePullError.for_engine(engine.name)(
             f"the build context {context} is not a folder",
             fix_suggestion="Point `build: {context: DIR}` at the folder with the Dockerfile.",
         )
@@ -463,7 +464,7 @@ def image_missing_error(
     engine = engine or docker_engine()
     detail = detail or f"No such image: {image}"
     cli = engine.name.lower()
-    return DockerImagePullError(
+    return DockerImagePullError.for_engine(engine.name)(
         f"image {image!r} is not present on {engine} ({detail})",
         fix_suggestion=f"Build it there (`{cli} build -t {image} .`, or give the study a "
         f"`build:` context) or pull it (`{cli} pull {image}`) on a host that can "
@@ -492,10 +493,10 @@ def translate_api_error(
         if status == 404 and ("no such image" in message.lower() or phase in {"create", "image"}):
             return image_missing_error(image, message, engine=engine, **context)
         if "could not select device driver" in message or "nvidia-container" in message:
-            return DockerGPUAccessError(
+            return DockerGPUAccessError.for_engine(engine.name)(
                 f"{engine} cannot give GPUs to containers: {message}", **context
             )
-        return DockerError(
+        return DockerError.for_engine(engine.name)(
             f"{engine.name} API error at {phase} (HTTP {status}, {engine.url}): {message}",
             transient=status >= 500,
             **context,
@@ -503,12 +504,14 @@ def translate_api_error(
     if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ClientOSError | OSError):
         return _connection_error(exc, phase, context, engine)
     if isinstance(exc, aiohttp.ClientError | ConnectionError):
-        return DockerUnavailableError(
+        return DockerUnavailableError.for_engine(engine.name)(
             f"{engine} unavailable: connection lost during {phase} ({exc!r})",
             fix_suggestion=engine.start_hint,
             **context,
         )
-    return DockerError(f"unexpected error from {engine} during {phase}: {exc!r}", **context)
+    return DockerError.for_engine(engine.name)(
+        f"unexpected error from {engine} during {phase}: {exc!r}", **context
+    )
 
 
 def _connection_error(
@@ -523,10 +526,10 @@ def _connection_error(
         any(isinstance(e, PermissionError) for e in chain)
         or "permission denied" in str(exc).lower()
     ):
-        return DockerPermissionError(
+        return DockerPermissionError.for_engine(engine.name)(
             f"permission denied on {engine.name}'s socket {engine.url} ({exc})", **context
         )
-    return DockerUnavailableError(
+    return DockerUnavailableError.for_engine(engine.name)(
         f"{engine} is unavailable (nothing answers there) during {phase}: {exc}",
         fix_suggestion=engine.start_hint,
         **context,

@@ -32,11 +32,24 @@ a one-line fix suggestion and the context a user needs to act on it::
             ├── DockerPermissionError     (EnginePermissionError) socket permission denied
             ├── DockerUnavailableError    (EngineUnavailableError) daemon down / unreachable
             │   └── DockerDaemonHungError (EngineHungError) one API call never returns
-            └── DockerContainerError      (ExperimentExitError)
+            ├── DockerContainerError      (ExperimentExitError)
+            └── PodmanError               a Podman run's failures, each below its
+                │                         Docker class too (in brackets):
+                ├── PodmanImagePullError  (DockerImagePullError)
+                ├── PodmanGPUAccessError  (DockerGPUAccessError)
+                ├── PodmanOOMError        (DockerOOMError)
+                ├── PodmanTimeoutError    (DockerTimeoutError)
+                │   └── PodmanHangError   (DockerHangError)
+                ├── PodmanPermissionError (DockerPermissionError)
+                ├── PodmanUnavailableError (DockerUnavailableError)
+                │   └── PodmanServiceHungError (DockerDaemonHungError)
+                └── PodmanContainerError  (DockerContainerError)
 
 Catch the neutral class to handle a failure whatever ran it (`except
 ExperimentTimeoutError` catches a local run's timeout and `DockerTimeoutError`);
-catch `DockerError` or a Docker class for the Docker runner's own. Each Docker
+catch `DockerError` or a Docker class for the container runner's own, whatever
+its engine (`except DockerTimeoutError` catches `PodmanTimeoutError`); the edge
+picks the engine's class with `DockerError.for_engine`. Each Docker
 class lists its neutral base first: `DockerTimeoutError(ExperimentTimeoutError,
 DockerError)` has the MRO DockerTimeoutError, ExperimentTimeoutError,
 DockerError, RunnerError, LlemError, so the Docker class's own `default_fix`
@@ -50,10 +63,11 @@ they come back as `ExperimentFailure` values.
 from __future__ import annotations
 
 import inspect
-import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
+
+from llem_dispatch._stderr_text import TIMEOUT_CODES, capture_stderr_snippet, class_named_by
 
 __all__ = [
     "ClusterError",
@@ -82,6 +96,16 @@ __all__ = [
     "GpuRequestError",
     "ImageError",
     "LlemError",
+    "PodmanContainerError",
+    "PodmanError",
+    "PodmanGPUAccessError",
+    "PodmanHangError",
+    "PodmanImagePullError",
+    "PodmanOOMError",
+    "PodmanPermissionError",
+    "PodmanServiceHungError",
+    "PodmanTimeoutError",
+    "PodmanUnavailableError",
     "ResultError",
     "ResultsDirBusyError",
     "RunnerError",
@@ -386,6 +410,16 @@ class DockerError(RunnerError):
     default_fix = "Check `docker info` and the container log kept in the exchange dir."
     #: Worth retrying: the daemon was unreachable or answered 5xx (not the GPU error).
     transient: bool = False
+    #: The engine (`ContainerEngine.name`) whose runs raise this class.
+    engine_name: ClassVar[str] = "Docker"
+
+    @classmethod
+    def for_engine(cls, engine: str) -> type[Self]:
+        """This class as a run on `engine` raises it (`PodmanTimeoutError` for "Podman"):
+        its subclass of that engine, else itself."""
+        if engine == cls.engine_name:
+            return cls
+        return next((sub for sub in cls.__subclasses__() if sub.engine_name == engine), cls)
 
 
 class DockerImagePullError(ImageError, DockerError):
@@ -469,62 +503,66 @@ class DockerContainerError(ExperimentExitError, DockerError):
     default_fix = "Read the container log kept in the exchange dir; the stderr tail is below."
 
 
-def capture_stderr_snippet(stderr: str | bytes | Iterable[str], max_lines: int = 20) -> str:
-    """Return the last `max_lines` non-empty lines of `stderr` as one string."""
-    if isinstance(stderr, bytes):
-        stderr = stderr.decode("utf-8", errors="replace")
-    lines = stderr.splitlines() if isinstance(stderr, str) else [s.rstrip("\n") for s in stderr]
-    kept = [line for line in lines if line.strip()]
-    return "\n".join(kept[-max_lines:]) if max_lines > 0 else ""
+# -- Podman's twins: `except DockerX` still catches them; records and logs say Podman ------
 
 
-# Ordered: the first pattern that matches the stderr text wins. Text is the last
-# resort; structured facts (status codes, State.OOMKilled) are checked first by
-# the runners and never reach this table.
-_STDERR_PATTERNS: tuple[tuple[re.Pattern[str], type[DockerError]], ...] = (
-    (
-        re.compile(
-            r"could not select device driver|nvidia-container-cli|unknown runtime.*nvidia|"
-            r"no nvidia devices|libnvidia-ml",
-            re.I,
-        ),
-        DockerGPUAccessError,
-    ),
-    (
-        re.compile(
-            r"permission denied.*docker\.sock|docker\.sock.*permission denied|"
-            r"permission denied while trying to connect to the docker (daemon|api)",
-            re.I,
-        ),
-        DockerPermissionError,
-    ),
-    (
-        re.compile(
-            r"cannot connect to the docker daemon|is the docker daemon running|"
-            r"error during connect",
-            re.I,
-        ),
-        DockerUnavailableError,
-    ),
-    (
-        re.compile(
-            r"unable to find image|no such image|pull access denied|manifest unknown|"
-            r"repository does not exist|manifest for .* not found|failed to resolve reference|"
-            r"(image|reference|repository|manifest|tag)\b[^\n]*\bnot found",
-            re.I,
-        ),
-        DockerImagePullError,
-    ),
-    (
-        re.compile(r"out of memory|oom-?kill|cannot allocate memory|CUDA out of memory", re.I),
-        DockerOOMError,
-    ),
-)
+class PodmanError(DockerError):
+    """A Podman container could not be created, started, or did not finish cleanly."""
+
+    engine_name = "Podman"
+    default_fix = "Check `podman info` and the container log kept in the exchange dir."
 
 
-#: timeout(1)'s exit code, and the signals `subprocess.run(timeout=...)` kills with
-#: (a negative return code is the signal number).
-_TIMEOUT_CODES = frozenset({124, -9, -15})
+class PodmanImagePullError(DockerImagePullError, PodmanError):
+    """The image is not in Podman's store and could not be built or pulled."""
+
+    default_fix = "Build the image with Podman (`podman build -t IMAGE .`) or pull it there."
+
+
+class PodmanGPUAccessError(DockerGPUAccessError, PodmanError):
+    """Podman cannot hand GPUs to containers (no CDI spec for them)."""
+
+    default_fix = (
+        "Generate the NVIDIA CDI spec (`sudo nvidia-ctk cdi generate --output="
+        "/etc/cdi/nvidia.yaml`), or run without GPU passthrough on a host without GPUs."
+    )
+
+
+class PodmanOOMError(DockerOOMError, PodmanError):
+    """The Podman container was killed for exceeding its memory limit."""
+
+
+class PodmanTimeoutError(DockerTimeoutError, PodmanError):
+    """The Podman container outran its timeout and was killed by the dispatcher."""
+
+
+class PodmanHangError(DockerHangError, PodmanTimeoutError):
+    """The Podman container printed nothing for longer than the silence limit."""
+
+
+class PodmanPermissionError(DockerPermissionError, PodmanError):
+    """Podman's API socket refused us (permission denied)."""
+
+    default_fix = "Use a Podman socket you may open (--engine-url), e.g. your user's own."
+
+
+class PodmanUnavailableError(DockerUnavailableError, PodmanError):
+    """Podman's API service is not running or cannot be reached."""
+
+    default_fix = (
+        "Start Podman's API service (`podman system service --time=0 unix:///PATH &` or "
+        "`systemctl --user start podman.socket`) and check --engine-url."
+    )
+
+
+class PodmanServiceHungError(DockerDaemonHungError, PodmanUnavailableError):
+    """A Podman API call passed its deadline: the service is stuck (transient, retried)."""
+
+    default_fix = "Restart Podman's API service, then continue with --resume."
+
+
+class PodmanContainerError(DockerContainerError, PodmanError):
+    """The Podman container exited non-zero, or exited 0 without writing a result."""
 
 
 def translate_docker_error(returncode: int, stderr: str | None, image: str) -> DockerError:
@@ -535,9 +573,10 @@ def translate_docker_error(returncode: int, stderr: str | None, image: str) -> D
     """
     stderr = stderr or ""
     snippet = capture_stderr_snippet(stderr) or None
-    matched = [cls for pattern, cls in _STDERR_PATTERNS if pattern.search(stderr)]
-    cls = matched[0] if matched else (DockerOOMError if returncode == 137 else DockerContainerError)
-    if returncode in _TIMEOUT_CODES and cls is DockerContainerError:
+    named = class_named_by(stderr)
+    default = DockerOOMError if returncode == 137 else DockerContainerError
+    cls: type[DockerError] = globals()[named] if named else default
+    if returncode in TIMEOUT_CODES and cls is DockerContainerError:
         cls = DockerTimeoutError
     fix = cls.default_fix.replace("IMAGE", image) if cls is DockerImagePullError else None
     return cls(

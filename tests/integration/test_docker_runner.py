@@ -253,6 +253,10 @@ async def test_timeout_kills_and_removes_within_bound(make_runner: MakeRunner) -
     assert info.value.container_id is not None
     assert not container_exists(info.value.container_id)
     assert recorder.exited, "observer saw the exit"
+    # The engine's own class and its name with the URL, in the error and the run info.
+    engine = runner.engine
+    assert type(info.value).__name__ == f"{engine.name}TimeoutError"
+    assert recorder.exited[0].engine == f"{engine.name} at {engine.url}"
 
 
 async def test_timeout_exit_137_is_not_oom(make_runner: MakeRunner) -> None:

@@ -269,3 +269,50 @@ def test_doctor_names_each_podman_its_version_and_cdi() -> None:
     old = " ".join(cli("doctor", "--engine-url", PODMAN43_URL).stdout.split())
     assert "PASS Podman API: Podman 4.3" in old, old
     assert "WARN Podman GPU requests: 4.3.1 ignores device requests" in old
+
+
+def _sleep_study(tmp_path: Path, labels: dict[str, str], runner: str, timeout_s: int) -> Path:
+    """One experiment that sleeps past `timeout_s` on `runner`'s engine."""
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        f"name: slow\nrunner: {runner}\nimage: {BUSYBOX_IMAGE}\n"
+        'command: ["sleep", "600"]\nnetwork: none\nshm_size: 16m\n'
+        f"timeout_s: {timeout_s}\nlabels: {json.dumps(labels)}\ngrid:\n  i: [1]\n"
+    )
+    return study
+
+
+def test_a_podman_timeout_is_recorded_as_podmans_with_its_url(
+    tmp_path: Path, test_labels: dict[str, str]
+) -> None:
+    """The record of a Podman run that timed out names Podman's class, and the engine
+    with the URL it ran on: nothing in it says Docker."""
+    out = tmp_path / "out"
+    study = _sleep_study(tmp_path, test_labels, "podman", timeout_s=2)
+    proc = cli("run", str(study), "--results", str(out), timeout=120)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    [record] = records(out)
+    assert record["status"] == "error"
+    assert record["error"]["type"] == "PodmanTimeoutError"
+    assert record["engine"] == f"Podman at {PODMAN_URL}"
+    assert record["runner_type"] == "podman"
+    assert "Docker" not in json.dumps(record["error"])
+
+
+def test_a_docker_run_is_recorded_with_docker_and_its_url(
+    tmp_path: Path, test_labels: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLEM_ENGINE_URL", DOCKER_URL)
+    monkeypatch.setenv("DOCKER_HOST", DOCKER_URL)
+    out = tmp_path / "out"
+    study = _sleep_study(tmp_path, test_labels, "docker", timeout_s=2)
+    try:
+        proc = cli("run", str(study), "--results", str(out), timeout=120)
+    finally:
+        fail_on_leaks(f"llem.test.node={test_labels['llem.test.node']}")
+        monkeypatch.setenv("DOCKER_HOST", PODMAN_URL)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    [record] = records(out)
+    assert record["error"]["type"] == "DockerTimeoutError"
+    assert record["engine"] == f"Docker at {DOCKER_URL}"
+    assert record["runner_type"] == "docker"

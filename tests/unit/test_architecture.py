@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "src" / "llem_dispatch"
 
 #: Bottom to top. A module may import its own layer or any layer below it.
 LAYERS: list[set[str]] = [
-    {"errors", "models", "container", "_deadlines", "_sizes", "_engine"},
+    {"errors", "models", "container", "_deadlines", "_sizes", "_engine", "_stderr_text"},
     {"_labels", "_logging", "_logcapture", "_exchange", "_docker", "_cdi"},
     {"gpu"},
     {"runners", "reap", "testing"},

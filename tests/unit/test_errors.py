@@ -87,8 +87,39 @@ def test_each_docker_class_is_its_neutral_class_and_a_docker_error(
 
 
 def test_every_docker_class_is_listed() -> None:
-    docker = {c for c in every_error_class() if issubclass(c, DockerError)} - {DockerError}
-    assert docker == {d for d, _ in DOCKER_AND_NEUTRAL}
+    docker = {
+        c for c in every_error_class() if issubclass(c, DockerError) and c.engine_name == "Docker"
+    }
+    assert docker - {DockerError} == {d for d, _ in DOCKER_AND_NEUTRAL}
+
+
+@pytest.mark.parametrize("docker", [DockerError, *(d for d, _ in DOCKER_AND_NEUTRAL)])
+def test_each_docker_class_has_a_podman_twin_below_it(docker: type[DockerError]) -> None:
+    podman = docker.for_engine("Podman")
+    assert podman is not docker
+    assert issubclass(podman, docker)
+    assert issubclass(podman, errors.PodmanError)
+    assert podman.engine_name == "Podman"
+    assert podman.__name__.startswith("Podman")
+    assert podman.__name__ in errors.__all__
+    assert podman("x").transient == docker("x").transient
+    # What Podman's users are told to do names no Docker command or daemon.
+    assert "docker" not in podman("x").fix_suggestion.lower()
+    assert docker.for_engine("Docker") is docker
+    assert docker.for_engine("Nerdctl") is docker  # an engine without classes: Docker's
+
+
+def test_except_docker_class_catches_podmans() -> None:
+    with pytest.raises(DockerTimeoutError) as caught:
+        raise DockerTimeoutError.for_engine("Podman")("slow")
+    assert type(caught.value).__name__ == "PodmanTimeoutError"
+    assert isinstance(caught.value, ExperimentTimeoutError)
+    hang = DockerHangError.for_engine("Podman")("quiet")
+    assert isinstance(hang, errors.PodmanTimeoutError)
+    assert isinstance(hang, DockerHangError)
+    hung = DockerDaemonHungError.for_engine("Podman")("stuck")
+    assert isinstance(hung, errors.PodmanUnavailableError)
+    assert isinstance(hung, EngineHungError)
 
 
 @pytest.mark.parametrize("neutral", NEUTRAL)
@@ -108,6 +139,8 @@ def test_transience_is_unchanged() -> None:
         EngineHungError,
         DockerUnavailableError,
         DockerDaemonHungError,
+        errors.PodmanUnavailableError,
+        errors.PodmanServiceHungError,
     }
 
 

@@ -28,6 +28,7 @@ _FIELDS = (
     "runner_type",
     "image",
     "image_digest",
+    "engine",
     "container_id",
     "process_id",
     "exchange_dir",
@@ -53,6 +54,7 @@ class AttemptReport(BaseModel):
     runner_type: str | None = None
     image: str | None = None
     image_digest: str | None = None
+    engine: str | None = None
     container_id: str | None = None
     process_id: int | None = None
     exchange_dir: str | None = None
@@ -79,6 +81,7 @@ class AttemptReport(BaseModel):
             runner_type=info.runner_type,
             image=info.image,
             image_digest=info.image_digest,
+            engine=info.engine,
             container_id=info.container_id,
             process_id=info.process_id,
             exchange_dir=info.exchange_dir,

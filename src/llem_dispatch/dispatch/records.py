@@ -105,6 +105,11 @@ class RunRecord(BaseModel):
     runner_type: str | None = None
     image: str | None = None
     image_digest: str | None = None
+    engine: str | None = Field(
+        default=None,
+        description='The container engine that ran it, with its URL ("Podman at '
+        'unix:///..."); None for a local process.',
+    )
     container_id: str | None = None
     process_id: int | None = None
     exchange_dir: str | None = None
@@ -252,6 +257,7 @@ class RecordDraft:
     error: ErrorInfo | None = None
     image: str | None = None
     image_digest: str | None = None
+    engine: str | None = None
     container_id: str | None = None
     process_id: int | None = None
     exchange_dir: str | None = None

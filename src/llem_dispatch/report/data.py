@@ -196,7 +196,7 @@ def flat_row(data: Mapping[str, Any], *, lists: bool = False) -> dict[str, Any]:
         row["node"] = NodeInfo.model_validate(node).label
     gpu_ids = [str(g) for g in data.get("gpu_ids") or []]
     row["gpu_ids"] = gpu_ids if lists else ",".join(gpu_ids)
-    for field in ("runner_type", "image", "image_digest", "attempts", "handoff_gap_s"):
+    for field in ("runner_type", "engine", "image", "image_digest", "attempts", "handoff_gap_s"):
         row[field] = data.get(field)
     # Where the GPU's idle gap went (prepare, gate, first measured work).
     for field in ("prestarted", "prepare_s", "gate_wait_s", "gate_to_work_s", "prestart_held"):

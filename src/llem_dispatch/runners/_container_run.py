@@ -13,7 +13,6 @@ import math
 import os
 import secrets as _secrets_mod
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import aiodocker
@@ -22,6 +21,7 @@ import anyio
 import structlog
 
 from llem_dispatch._docker import bounded, translate_api_error
+from llem_dispatch._engine import ContainerEngine
 from llem_dispatch._exchange import CONTAINER_EXCHANGE_DIR, ExchangeDir
 from llem_dispatch._logcapture import LogCapture
 from llem_dispatch.errors import (
@@ -40,7 +40,7 @@ from llem_dispatch.runners.protocol import CpuPlacement
 if TYPE_CHECKING:
     from llem_dispatch.runners.docker import DockerRunner
 
-__all__ = ["DOCKER_ERRORS", "ContainerRun", "cpu_update"]
+__all__ = ["DOCKER_ERRORS", "ContainerRun", "cpu_update", "engine_errors"]
 
 log = structlog.get_logger("llem_dispatch.docker")
 
@@ -54,6 +54,19 @@ DOCKER_ERRORS = ErrorClasses(
     other=DockerError,
     slow_start=" (the Docker daemon is slow or stuck)",
 )
+
+
+def engine_errors(engine: ContainerEngine) -> ErrorClasses:
+    """`DOCKER_ERRORS` as a run on `engine` raises them: that engine's own subclasses
+    (`PodmanTimeoutError` on Podman), naming it and its URL when a start is slow."""
+    return ErrorClasses(
+        timeout=DockerTimeoutError.for_engine(engine.name),
+        hang=DockerHangError.for_engine(engine.name),
+        oom=DockerOOMError.for_engine(engine.name),
+        bad_exit=DockerContainerError.for_engine(engine.name),
+        other=DockerError.for_engine(engine.name),
+        slow_start=f" ({engine} is slow or stuck)",
+    )
 
 
 #: A preparing container's CPU weight (cgroup `cpu.shares`; the default is 1024).
@@ -78,7 +91,7 @@ class ContainerRun:
     def __init__(self, runner: DockerRunner) -> None:
         self.runner = runner
         self.engine = runner.engine
-        self.errors = replace(DOCKER_ERRORS, slow_start=f" ({self.engine} is slow or stuck)")
+        self.errors = engine_errors(self.engine)
         self.log = log.bind(image=runner.image, engine=str(self.engine))
         self.image_digest: str | None = None
         self.container: Any = None
@@ -95,6 +108,7 @@ class ContainerRun:
     async def start(self, run: Run) -> None:
         """Create, attach, start; every Docker error translated with the run's context."""
         runner, exchange = self.runner, run.exchange
+        run.info.engine = str(self.engine)
         if runner.user is not None and os.geteuid() == 0:
             uid, _, gid = runner.user.partition(":")
             if uid.isdigit():

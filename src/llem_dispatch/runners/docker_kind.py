@@ -125,7 +125,7 @@ class DockerRunnerKind(RunnerKind):
         """Not on this kind's engine, and nothing to build it from: how to get it there."""
         engine = self.container_engine()
         cli = engine.name.lower()
-        return DockerImagePullError(
+        return DockerImagePullError.for_engine(engine.name)(
             f"image {image!r} is not present on {engine} and the study has no `build:` context",
             fix_suggestion=f"Build it there (`{cli} build -t {image} DIR`), pull it "
             f"(`{cli} pull {image}`), or add `build: {{context: DIR}}` to the study.",

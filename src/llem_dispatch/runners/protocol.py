@@ -76,6 +76,8 @@ class RunInfo:
     runner_type: str
     image: str | None = None
     image_digest: str | None = None
+    #: The engine that ran it, with its URL ("Podman at unix:///..."); None for a process.
+    engine: str | None = None
     container_id: str | None = None
     process_id: int | None = None
     started_at: datetime | None = None

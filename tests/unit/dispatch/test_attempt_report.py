@@ -20,6 +20,7 @@ def _info() -> RunInfo:
         runner_type="docker",
         image="img:1",
         image_digest="sha256:1",
+        engine="Podman at unix:///run/llem-podman/podman.sock",
         container_id="c1",
         gpu_request="cdi",
     )
@@ -46,6 +47,7 @@ def test_every_phase_and_run_fact_reaches_the_record_through_the_wire() -> None:
     assert record.gate_to_work_s == 0.5
     assert record.work_ended_at == datetime(2026, 12, 7, 10, 0, 59, tzinfo=UTC)
     assert record.ready_rss_bytes == 123
+    assert record.engine == "Podman at unix:///run/llem-podman/podman.sock"
     assert (record.image_digest, record.container_id, record.gpu_request) == (
         "sha256:1",
         "c1",
@@ -68,3 +70,17 @@ def test_a_missing_fact_leaves_what_the_placement_wrote() -> None:
     draft.exchange_dir = "/shared/attempt"
     AttemptReport.from_wire(None).fill(draft)
     assert draft.exchange_dir == "/shared/attempt"
+
+
+def test_a_local_run_names_no_engine() -> None:
+    info = RunInfo(
+        config_hash="abcd",
+        gpu_ids=(),
+        exchange_dir="/tmp/x",
+        log_path="/tmp/x/process.log",
+        runner_type="local",
+    )
+    draft = RecordDraft(config_hash="abcd", config={}, queued_at=datetime.now(UTC))
+    AttemptReport.from_wire(AttemptReport.of(info).to_wire()).fill(draft)
+    assert draft.build().engine is None
+    assert "engine" in _FIELDS
