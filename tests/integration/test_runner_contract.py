@@ -104,8 +104,11 @@ async def test_error_payload(make: MakeRunner, exchange_base: Path) -> None:
 
 
 def exit_error_class(runner: Runner) -> type[ExperimentExitError]:
-    """The Docker runner keeps its Docker class; the local runner raises the neutral one."""
-    return DockerContainerError if isinstance(runner, DockerRunner) else ExperimentExitError
+    """A container runner raises its engine's class (`DockerContainerError`, Podman's
+    `PodmanContainerError` under it); the local runner raises the neutral one."""
+    if isinstance(runner, DockerRunner):
+        return DockerContainerError.for_engine(runner.engine.name)
+    return ExperimentExitError
 
 
 async def test_nonzero_exit(make: MakeRunner) -> None:
