@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tomllib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,32 +23,16 @@ import pytest
 from llem_dispatch.dispatch import registry
 from llem_dispatch.errors import ConfigError
 from llem_dispatch.study import load_study
+from tests.plugin_site import install_plugin
 
 REPO = Path(__file__).resolve().parents[3]
 PLUGIN = REPO / "tests" / "plugins" / "llem_pool_placement"
 
 
-def _install_on_path(target: Path) -> Path:
-    """The plugin's package and a dist-info with its entry points, in `target`."""
-    project = tomllib.loads((PLUGIN / "pyproject.toml").read_text())["project"]
-    shutil.copytree(PLUGIN / "llem_pool_placement", target / "llem_pool_placement")
-    dist = target / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text(
-        f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n"
-    )
-    lines = []
-    for group, points in project["entry-points"].items():
-        lines.append(f"[{group}]")
-        lines += [f"{name} = {value}" for name, value in points.items()]
-    (dist / "entry_points.txt").write_text("\n".join(lines) + "\n")
-    return target
-
-
 @pytest.fixture
 def on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """The plugin found through its entry point in this process; the registry restored."""
-    site = _install_on_path(tmp_path / "site")
+    site = install_plugin(PLUGIN, tmp_path / "site")
     monkeypatch.syspath_prepend(str(site))
     known, classes = dict(registry._known), dict(registry._classes)
     monkeypatch.setattr(registry, "_entry_points_loaded", False)
@@ -83,7 +65,7 @@ def _journal(out: Path) -> list[dict[str, Any]]:
 
 @pytest.mark.slow
 def test_a_placement_from_another_distribution_runs_a_whole_study(tmp_path: Path) -> None:
-    site = _install_on_path(tmp_path / "site")
+    site = install_plugin(PLUGIN, tmp_path / "site")
     env = {k: v for k, v in os.environ.items() if k != "LLEM_RUNNER"}
     env["DOCKER_HOST"] = f"unix://{tmp_path}/no-daemon.sock"  # no daemon is asked
     path = [str(site), str(REPO / "src"), os.environ.get("PYTHONPATH", "")]

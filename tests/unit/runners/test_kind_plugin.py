@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tomllib
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.plugin_site import install_plugin
 
 REPO = Path(__file__).resolve().parents[3]
 PLUGIN = REPO / "tests" / "plugins" / "llem_echo_runner"
@@ -27,27 +27,10 @@ PLUGIN = REPO / "tests" / "plugins" / "llem_echo_runner"
 pytestmark = pytest.mark.slow
 
 
-def _install_on_path(target: Path) -> Path:
-    """The plugin's package and a dist-info with its entry points, in `target`."""
-    project = tomllib.loads((PLUGIN / "pyproject.toml").read_text())["project"]
-    shutil.copytree(PLUGIN / "llem_echo_runner", target / "llem_echo_runner")
-    dist = target / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text(
-        f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n"
-    )
-    lines = []
-    for group, points in project["entry-points"].items():
-        lines.append(f"[{group}]")
-        lines += [f"{name} = {value}" for name, value in points.items()]
-    (dist / "entry_points.txt").write_text("\n".join(lines) + "\n")
-    return target
-
-
 @pytest.fixture
 def plugin_env(tmp_path: Path) -> dict[str, str]:
     """The environment of a CLI that finds the echo kind (and no Docker daemon)."""
-    site = _install_on_path(tmp_path / "site")
+    site = install_plugin(PLUGIN, tmp_path / "site")
     path = [str(site), str(REPO / "src"), os.environ.get("PYTHONPATH", "")]
     env = {k: v for k, v in os.environ.items() if k != "LLEM_RUNNER"}
     # Nothing here may ask the machine's daemon: a socket nobody listens on.
