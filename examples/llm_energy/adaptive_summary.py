@@ -19,33 +19,17 @@ cv, relative 95% interval) and the journal's decisions.
 from __future__ import annotations
 
 import argparse
-import csv
-import gzip
 import itertools
 import json
 import statistics
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+# The same record times and NVML samples as idle_gaps.py (this folder).
+from idle_gaps import _sm_samples, _t
+
 # Student's t at 97.5% by degrees of freedom (n - 1), for the relative 95% interval.
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
-
-
-def _t(value: str | None) -> float | None:
-    return datetime.fromisoformat(value).timestamp() if value else None
-
-
-def _sm_samples(results: Path) -> list[tuple[float, float]]:
-    path = results / "telemetry.csv.gz"
-    if not path.exists():
-        return []
-    with gzip.open(path, "rt") as handle:
-        return [
-            (float(row["t"]), float(row["sm_util_pct"]))
-            for row in csv.DictReader(handle)
-            if row.get("sm_util_pct") not in (None, "")
-        ]
 
 
 def _sm_idle_s(samples: list[tuple[float, float]], start: float, end: float) -> float | None:
